@@ -1,0 +1,5 @@
+"""batchrunner: batch jobs for OpenAI-compatible chat-completions gateways."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

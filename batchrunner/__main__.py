@@ -1,0 +1,5 @@
+"""python -m batchrunner"""
+
+from batchrunner.cli import main
+
+main()

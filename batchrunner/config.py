@@ -1,0 +1,138 @@
+"""Run settings: options, job files and environment folded into one frozen RunConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "RunConfig",
+    "resolve_api_key",
+    "resolve_base_url",
+]
+
+DEFAULT_BASE_URL = "https://api.ru-llm.relay2.xyz/v1"
+API_KEY_ENVS = ("RU_LLM_API_KEY", "OPENAI_API_KEY")
+BASE_URL_ENVS = ("RU_LLM_BASE_URL", "OPENAI_BASE_URL")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, with the defaults of SPEC sections 5-8 and 13.
+
+    The API key is deliberately absent: only the name of the variable that holds it is kept,
+    so a config can be printed, logged or pickled without leaking it.
+
+    >>> RunConfig(input=Path("prompts.jsonl"), output=Path("out.parquet"), model="gpt-4o")
+    """
+
+    input: Path
+    output: Path
+    model: str | None = None
+    # request building (SPEC 5)
+    system: str | None = None
+    template: str | None = None
+    # None means the SPEC's default: "prompt"; "messages" where present; "id", else
+    # "custom_id", else the 0-based row number. A column named explicitly must exist.
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    id_column: str | None = None
+    # request body fields (temperature, top_p, max_tokens, stop, n, seed and any --param)
+    params: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    limit: int | None = None
+    # flow control (SPEC 6)
+    concurrency: int = 16
+    rpm: float | None = None
+    tpm: float | None = None
+    max_attempts: int = 6
+    timeout: float = 120.0
+    max_cost: float | None = None
+    deadline: str | None = None
+    # checkpoint and resume (SPEC 8)
+    checkpoint_every: int = 100
+    restart: bool = False
+    retry_failed: bool = False
+    # endpoint and credentials (SPEC 3)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    local: bool = False
+    # cost (SPEC 9)
+    prices: Path | None = None
+    # progress and logs (SPEC 13)
+    quiet: bool = False
+    log_format: str = "text"
+    summary_json: Path | None = None
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    engine: str = "local"
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise UsageError(f"--concurrency must be at least 1, not {self.concurrency}")
+        if self.max_attempts < 1:
+            raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
+        if self.checkpoint_every < 1:
+            raise UsageError(f"--checkpoint-every must be at least 1, not {self.checkpoint_every}")
+        if self.limit is not None and self.limit < 0:
+            raise UsageError(f"--limit must not be negative, not {self.limit}")
+        if self.timeout <= 0:
+            raise UsageError(f"--timeout must be positive, not {self.timeout}")
+        for name in ("rpm", "tpm", "max_cost"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        if self.log_format not in ("text", "json"):
+            raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.restart and self.retry_failed:
+            raise UsageError("--restart and --retry-failed cannot be used together")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def request_settings(self) -> dict[str, Any]:
+        """Every setting that changes what is sent: the checkpoint fingerprint covers these."""
+        return {
+            "model": self.model,
+            "system": self.system,
+            "template": self.template,
+            "prompt_column": self.prompt_column,
+            "messages_column": self.messages_column,
+            "id_column": self.id_column,
+            "params": self.params,
+            "stream": self.stream,
+        }
+
+
+def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None) -> str:
+    """--base-url, else RU_LLM_BASE_URL, else OPENAI_BASE_URL, else the ru-llm gateway."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return explicit.rstrip("/")
+    for name in BASE_URL_ENVS:
+        if environ.get(name):
+            return environ[name].rstrip("/")
+    return DEFAULT_BASE_URL
+
+
+def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = None) -> str:
+    """The key from the named variable, else RU_LLM_API_KEY, else OPENAI_API_KEY.
+
+    The error names the variables, never a value.
+    """
+    environ = os.environ if environ is None else environ
+    names = (api_key_env,) if api_key_env else API_KEY_ENVS
+    for name in names:
+        if environ.get(name):
+            return environ[name]
+    wanted = " or ".join(names)
+    raise UsageError(
+        f"no API key: set {wanted} in the environment (or use --local to try the built-in gateway)"
+    )

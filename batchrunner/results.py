@@ -1,0 +1,76 @@
+"""Values that flow through a run: a row to send, its usage, its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Result", "Row", "Usage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input row, ready to send: its position, its id and its request body.
+
+    `error` is set (and `body` is None) for a row that cannot be sent; it starts with `input:`.
+    """
+
+    index: int
+    id: str
+    body: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The model this row asks for."""
+        return None if self.body is None else self.body.get("model")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as the gateway reported them; None where it did not."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+
+    @classmethod
+    def from_json(cls, usage: dict[str, Any] | None) -> Usage:
+        """Read an OpenAI `usage` object (None gives an empty Usage)."""
+        if not usage:
+            return cls()
+        details = usage.get("prompt_tokens_details") or {}
+        return cls(
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            cached_tokens=details.get("cached_tokens"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one row: what SPEC section 7 writes, less the carried input columns."""
+
+    index: int
+    id: str
+    status: str  # "ok" or "error"
+    model: str | None
+    content: str | None = None
+    choices: tuple[str | None, ...] | None = None
+    finish_reason: str | None = None
+    response_model: str | None = None
+    usage: Usage = Usage()
+    cost_usd: float | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    http_status: int | None = None
+    error: str | None = None
+    response_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the row got an answer."""
+        return self.status == "ok"
