@@ -1,0 +1,314 @@
+"""One HTTP attempt against a chat-completions gateway: send, parse (JSON or SSE), classify.
+
+The only module that speaks aiohttp's client API. Every failure leaves as one of the classes of
+`batchrunner.errors`; aiohttp's own exception types never cross this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .errors import (
+    AttemptTimeout,
+    AuthRefused,
+    ConnectionFailed,
+    InvalidResponse,
+    PermanentError,
+    RateLimited,
+    RequestError,
+    ServerError,
+)
+from .results import Usage
+
+__all__ = ["Answer", "Client"]
+
+_RETRYABLE_4XX = frozenset({408, 409})
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A successful chat completion, reduced to what a result row needs."""
+
+    choices: tuple[str | None, ...]
+    finish_reason: str | None
+    response_model: str | None
+    response_id: str | None
+    usage: Usage
+    http_status: int
+    latency_ms: float
+    ttft_ms: float | None = None
+    rate_headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def content(self) -> str | None:
+        """The first choice's content."""
+        return self.choices[0] if self.choices else None
+
+
+class Client:
+    """A pooled aiohttp session for one gateway; use as an async context manager.
+
+    >>> async with Client("http://127.0.0.1:8000/v1", key, concurrency=16) as client:
+    ...     answer = await client.complete({"model": "gpt-4o", "messages": [...]})
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str, *, concurrency: int = 16, timeout: float = 120.0
+    ) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._models_url = base_url.rstrip("/") + "/models"
+        # The key lives only in the session's default headers: never in an attribute that a
+        # repr, a log line or a traceback's locals would show.
+        self._headers = _AuthHeaders(api_key)
+        self._concurrency = concurrency
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"Client({self._url!r})"
+
+    async def __aenter__(self) -> Client:
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency, limit_per_host=self._concurrency, keepalive_timeout=30
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers.as_dict(),
+            timeout=self._timeout,
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def complete(self, body: dict[str, Any]) -> Answer:
+        """Send one request; return its Answer or raise a RequestError subclass."""
+        assert self._session is not None, "use Client as an async context manager"
+        streaming = bool(body.get("stream"))
+        started = time.perf_counter()
+        try:
+            async with self._session.post(self._url, data=_dumps(body)) as response:
+                if response.status != 200:
+                    raise await _error_for(response)
+                if streaming:
+                    return await _read_stream(response, started)
+                raw = await response.read()
+                return _parse_completion(raw, response, started)
+        except RequestError:
+            raise
+        except asyncio.TimeoutError as exc:
+            raise AttemptTimeout(f"no answer within {self._timeout.total:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise ConnectionFailed(f"connection failed: {_describe(exc)}") from None
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The `data` list of GET /models."""
+        assert self._session is not None, "use Client as an async context manager"
+        try:
+            async with self._session.get(self._models_url) as response:
+                if response.status != 200:
+                    raise await _error_for(response)
+                payload = await response.json(content_type=None)
+        except RequestError:
+            raise
+        except asyncio.TimeoutError:
+            raise AttemptTimeout(f"no answer within {self._timeout.total:g} s") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise ConnectionFailed(f"GET /models failed: {_describe(exc)}") from None
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list):
+            raise InvalidResponse("GET /models: no `data` list in the answer")
+        return data
+
+
+class _AuthHeaders:
+    """Holds the Authorization header so that printing it shows no key."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "_AuthHeaders(<redacted>)"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+async def _error_for(response: aiohttp.ClientResponse) -> RequestError | AuthRefused:
+    """The error class for a non-200 answer, with the gateway's message."""
+    status = response.status
+    try:
+        raw = await response.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        raw = b""
+    message = _error_message(raw) or response.reason or "no message"
+    text = f"HTTP {status}: {message}"
+    if status in (401, 403):
+        return AuthRefused(text, http_status=status)
+    if status == 429:
+        return RateLimited(text, retry_after=parse_retry_after(response.headers))
+    if status >= 500 or status in _RETRYABLE_4XX:
+        return ServerError(
+            text, http_status=status, retry_after=parse_retry_after(response.headers)
+        )
+    return PermanentError(text, http_status=status)
+
+
+def _error_message(raw: bytes) -> str | None:
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        text = raw.decode("utf-8", "replace").strip()
+        return text[:300] or None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return None
+
+
+def _parse_completion(
+    raw: bytes, response: aiohttp.ClientResponse, started: float
+) -> Answer:
+    latency_ms = (time.perf_counter() - started) * 1000
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        raise InvalidResponse(
+            f"answer is not JSON ({len(raw)} bytes)", http_status=response.status
+        ) from None
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise InvalidResponse("answer has no `choices` list", http_status=response.status)
+    contents: list[str | None] = []
+    finish_reasons: list[str | None] = []
+    for choice in sorted(choices, key=_choice_index):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            raise InvalidResponse("a choice has no `message`", http_status=response.status)
+        contents.append(message.get("content"))
+        finish_reasons.append(choice.get("finish_reason"))
+    usage = payload.get("usage")
+    return Answer(
+        choices=tuple(contents),
+        finish_reason=finish_reasons[0],
+        response_model=payload.get("model"),
+        response_id=payload.get("id"),
+        usage=Usage.from_json(usage if isinstance(usage, dict) else None),
+        http_status=response.status,
+        latency_ms=latency_ms,
+        rate_headers=_rate_headers(response.headers),
+    )
+
+
+def _choice_index(choice: Any) -> int:
+    return choice.get("index", 0) if isinstance(choice, dict) else 0
+
+
+async def _read_stream(response: aiohttp.ClientResponse, started: float) -> Answer:
+    """Assemble an SSE stream of chat.completion.chunk events into one Answer."""
+    parts: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+    response_id = response_model = None
+    usage: dict[str, Any] | None = None
+    ttft_ms: float | None = None
+    done = False
+    async for line in response.content:
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue  # blank separators, comments, `event:` lines
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise InvalidResponse("a stream event is not JSON", http_status=200) from None
+        if not isinstance(chunk, dict):
+            raise InvalidResponse("a stream event is not an object", http_status=200)
+        if isinstance(chunk.get("error"), dict):
+            raise ServerError(f"stream error: {chunk['error'].get('message')}", http_status=200)
+        response_id = response_id or chunk.get("id")
+        response_model = response_model or chunk.get("model")
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1000
+                parts.setdefault(index, []).append(text)
+            else:
+                parts.setdefault(index, [])
+            if choice.get("finish_reason") is not None:
+                finish[index] = choice["finish_reason"]
+    if not done:
+        raise InvalidResponse("stream ended before data: [DONE]", http_status=200)
+    if not parts:
+        raise InvalidResponse("stream carried no choices", http_status=200)
+    indexes = sorted(parts)
+    return Answer(
+        choices=tuple("".join(parts[i]) for i in indexes),
+        finish_reason=finish.get(indexes[0]),
+        response_model=response_model,
+        response_id=response_id,
+        usage=Usage.from_json(usage),
+        http_status=response.status,
+        latency_ms=(time.perf_counter() - started) * 1000,
+        ttft_ms=ttft_ms,
+        rate_headers=_rate_headers(response.headers),
+    )
