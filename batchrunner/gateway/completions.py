@@ -1,0 +1,561 @@
+"""Chat completions without a server: check a request body as the real API does, and answer it.
+
+`complete(body)` is a pure function: the same body always gives the same texts, finish reasons
+and usage, so tests anywhere can compute what the simulator will answer. The answer depends on
+the model, the messages, `temperature`, `top_p` and `seed`; `n`, `max_tokens` and `stop` only
+choose how many answers and where they end, so choice 0 of `n=3` is the answer of `n=1`.
+
+Answers are sentences built from a small vocabulary and the longer words of the prompt, 10 to
+about 150 tokens long (40 to 80 on average, longer for longer prompts); token counts follow the
+rule of `batchrunner.gateway.tokens`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import random
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .config import MODELS
+from .tokens import (
+    WORD_CHARS_PER_TOKEN as _WORD_CHARS_PER_TOKEN,
+    count_prompt_tokens,
+    count_tokens,
+    message_text,
+    truncate_tokens,
+)
+
+__all__ = ["ApiError", "ChatRequest", "Completion", "Usage", "answer", "complete", "parse_request"]
+
+ROLES = ("system", "user", "assistant", "developer", "tool", "function")
+MAX_N = 128
+MAX_STOP_SEQUENCES = 4
+
+
+class ApiError(Exception):
+    """A request the simulator refuses, with the HTTP status and OpenAI error body to send.
+
+    Server side only: this is the simulator's answer, not part of batchrunner's error tree.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked request body: what the simulator needs to answer it."""
+
+    model: str
+    messages: tuple[dict[str, Any], ...]
+    n: int = 1
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one answer, as the simulator reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        """The OpenAI `usage` object."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The answer to a request: one text and finish reason per choice, and the usage.
+
+    `usage.cached_tokens` is 0 here: prompt caching depends on what the server saw before.
+    """
+
+    model: str  # the dated snapshot that answers, as a response's `model` names it
+    texts: tuple[str, ...]
+    finish_reasons: tuple[str, ...]
+    usage: Usage
+
+
+def complete(body: Any) -> Completion:
+    """Check a request body and compute the simulator's answer, without any server.
+
+    Raises ApiError for a body the real API would refuse (400, or 404 for an unknown model).
+
+    >>> complete({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}).usage
+    """
+    return answer(parse_request(body))
+
+
+# -- checking ------------------------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "decimal"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _missing(param: str) -> ApiError:
+    return ApiError(
+        400,
+        f"Missing required parameter: '{param}'.",
+        param=param,
+        code="missing_required_parameter",
+    )
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> ApiError:
+    return ApiError(
+        400,
+        f"Invalid type for '{param}': expected {expected}, "
+        f"but got {_a(_json_type(value))} instead.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong_type(name, "a decimal", value)
+    if value < low:
+        raise ApiError(
+            400,
+            f"Invalid '{name}': decimal below minimum value. "
+            f"Expected a value >= {low:g}, but got {value} instead.",
+            param=name,
+            code="decimal_below_min_value",
+        )
+    if value > high:
+        raise ApiError(
+            400,
+            f"Invalid '{name}': decimal above maximum value. "
+            f"Expected a value <= {high:g}, but got {value} instead.",
+            param=name,
+            code="decimal_above_max_value",
+        )
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong_type(name, "an integer", value)
+    if value < low:
+        raise ApiError(
+            400,
+            f"Invalid '{name}': integer below minimum value. "
+            f"Expected a value >= {low}, but got {value} instead.",
+            param=name,
+            code="integer_below_min_value",
+        )
+    if high is not None and value > high:
+        raise ApiError(
+            400,
+            f"Invalid '{name}': integer above maximum value. "
+            f"Expected a value <= {high}, but got {value} instead.",
+            param=name,
+            code="integer_above_max_value",
+        )
+    return value
+
+
+def _check_message(message: Any, index: int) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _wrong_type(where, "an object", message)
+    role = message.get("role")
+    if role is None:
+        raise _missing(f"{where}.role")
+    if role not in ROLES:
+        supported = ", ".join(f"'{r}'" for r in ROLES[:-1]) + f", and '{ROLES[-1]}'"
+        raise ApiError(
+            400,
+            f"Invalid value: '{role}'. Supported values are: {supported}.",
+            param=f"{where}.role",
+            code="invalid_value",
+        )
+    content = message.get("content")
+    if content is None:
+        if role != "assistant":
+            raise _missing(f"{where}.content")
+    elif isinstance(content, list):
+        if not content:
+            raise ApiError(
+                400,
+                f"Invalid '{where}.content': empty array. Expected an array with minimum "
+                "length 1, but got an empty array instead.",
+                param=f"{where}.content",
+                code="empty_array",
+            )
+        for number, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _wrong_type(f"{where}.content[{number}]", "an object with a type", part)
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise _missing(f"{where}.content[{number}].text")
+    elif not isinstance(content, str):
+        raise _wrong_type(f"{where}.content", "one of a string or array of objects", content)
+    return message
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """Check a chat-completions body like the real API; raise ApiError where it would refuse."""
+    if not isinstance(body, dict):
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request: expected a JSON object.",
+        )
+    model = body.get("model")
+    if model is None:
+        raise _missing("model")
+    if not isinstance(model, str):
+        raise _wrong_type("model", "a string", model)
+    messages = body.get("messages")
+    if messages is None:
+        raise _missing("messages")
+    if not isinstance(messages, list):
+        raise _wrong_type("messages", "an array of objects", messages)
+    if not messages:
+        raise ApiError(
+            400,
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead.",
+            param="messages",
+            code="empty_array",
+        )
+    checked = tuple(_check_message(message, i) for i, message in enumerate(messages))
+    temperature = _number(body, "temperature", 0, 2)
+    top_p = _number(body, "top_p", 0, 1)
+    _number(body, "presence_penalty", -2, 2)
+    _number(body, "frequency_penalty", -2, 2)
+    n = _integer(body, "n", 1, MAX_N) or 1
+    max_tokens = _integer(body, "max_tokens", 1)
+    max_completion_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
+    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise ApiError(
+                400,
+                f"Invalid 'stop': array too long. Expected an array with maximum length "
+                f"{MAX_STOP_SEQUENCES}, but got an array with length {len(stop)} instead.",
+                param="stop",
+                code="array_above_max_length",
+            )
+        stops = tuple(stop)
+    else:
+        raise _wrong_type("stop", "one of a string or array of strings", stop)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _wrong_type("stream", "a boolean", stream)
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise ApiError(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+                code="invalid_value",
+            )
+        if not isinstance(options, dict):
+            raise _wrong_type("stream_options", "an object", options)
+        include_usage = options.get("include_usage") is True
+    if model not in MODELS:
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
+    return ChatRequest(
+        model=model,
+        messages=checked,
+        n=n,
+        max_tokens=max_tokens,
+        stop=tuple(s for s in stops if s),
+        stream=bool(stream),
+        include_usage=include_usage,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+
+
+# -- answering -----------------------------------------------------------------------------
+
+_NOUNS = (
+    "answer", "approach", "balance", "choice", "context", "data", "detail", "effect", "example",
+    "factor", "goal", "idea", "impact", "method", "model", "outcome", "pattern", "point",
+    "process", "question", "reason", "result", "risk", "setting", "signal", "source", "step",
+    "structure", "system", "task", "value", "view", "change", "cost", "level", "rule", "team",
+    "test", "tool", "trend", "version", "design", "problem", "option", "limit", "measure",
+)  # fmt: skip
+_ADJECTIVES = (
+    "clear", "common", "careful", "different", "direct", "early", "familiar", "general",
+    "important", "key", "large", "likely", "main", "natural", "new", "obvious", "practical",
+    "precise", "recent", "reliable", "simple", "small", "specific", "strong", "typical",
+    "useful", "wider", "stable", "basic", "central",
+)  # fmt: skip
+_VERBS = (
+    "affects", "changes", "complements", "connects to", "defines", "depends on", "describes",
+    "explains", "follows", "improves", "includes", "influences", "limits", "matches",
+    "reflects", "requires", "shapes", "supports", "suggests", "outweighs", "builds on",
+    "points to", "relies on", "leads to",
+)  # fmt: skip
+_DETERMINERS = ("the", "the", "the", "this", "each", "every", "that", "one", "any")
+_OPENERS = (
+    "", "", "", "", "In short,", "In practice,", "For example,", "However,", "As a result,",
+    "Overall,", "In most cases,", "Put simply,", "At the same time,", "First,", "Then",
+    "Finally,", "Still,", "Broadly speaking,",
+)  # fmt: skip
+_TAILS = (
+    "", "", "", "over time", "in most cases", "for most readers", "when the {n} changes",
+    "because of the {n}", "with a {a} {n}", "rather than the {n}", "as the {n} grows",
+    "in a {a} way", "and the {n} follows", "so the {n} stays {a}", "unless the {n} is {a}",
+)  # fmt: skip
+_STOPWORDS = frozenset(
+    "about above after again against also because been before being below between both "
+    "could does doing down during each from further have having here into itself just more "
+    "most must only other over same should some such than that their them then there these "
+    "they this those through under until very what when where which while will with would "
+    "your yours please write give tell explain answer make".split()
+)
+_PROMPT_WORD = re.compile(r"[^\W\d_]{4,}")
+_MEAN_TOKENS = 30.0  # mean answer length for a short prompt; longer prompts get longer answers
+_MIN_TOKENS = 10
+_MAX_TARGET_TOKENS = 135  # the last sentence may run over it by a few tokens
+_BANK_SIZE = 2048
+_SLOT = "\x00"  # where a sentence template takes a word of the prompt
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A sentence with slots for prompt words, and the same sentence with vocabulary instead."""
+
+    parts: tuple[str, ...]  # the text around the slots
+    tokens: int  # tokens of `parts`, slots excluded
+    filled: str
+    filled_tokens: int
+
+
+def _sentence(rng: random.Random) -> tuple[str, str]:
+    """One sentence as (template with slots, the same with vocabulary nouns in the slots)."""
+    rand = rng.random
+
+    def pick(words: tuple[str, ...]) -> str:
+        return words[int(rand() * len(words))]
+
+    def noun() -> str:
+        return _SLOT if rand() < 0.45 else pick(_NOUNS)
+
+    subject = f"{pick(_DETERMINERS)} {pick(_ADJECTIVES) + ' ' if rand() < 0.5 else ''}{noun()}"
+    obj = f"{pick(_DETERMINERS)} {pick(_ADJECTIVES) + ' ' if rand() < 0.6 else ''}{noun()}"
+    tail = pick(_TAILS)
+    if tail:
+        tail = " " + tail.format(n=noun(), a=pick(_ADJECTIVES))
+    opener = pick(_OPENERS)
+    text = f"{opener} {subject}" if opener else subject
+    template = f"{text[0].upper()}{text[1:]} {pick(_VERBS)} {obj}{tail}."
+    filled = template
+    while _SLOT in filled:
+        filled = filled.replace(_SLOT, pick(_NOUNS), 1)
+    if filled[0].islower():
+        filled = filled[0].upper() + filled[1:]
+    return template, filled
+
+
+@functools.cache
+def _bank() -> tuple[_Template, ...]:
+    """A fixed bank of sentences that answers are drawn from (built once, on first use)."""
+    rng = random.Random(20241022)
+    bank = []
+    for _ in range(_BANK_SIZE):
+        template, filled = _sentence(rng)
+        parts = tuple(template.split(_SLOT))
+        bank.append(
+            _Template(
+                parts=parts,
+                tokens=sum(count_tokens(part) for part in parts),
+                filled=filled,
+                filled_tokens=count_tokens(filled),
+            )
+        )
+    return tuple(bank)
+
+
+def _topic_words(messages: tuple[dict[str, Any], ...]) -> tuple[str, ...]:
+    """Up to 12 distinct longer words of the user's messages, to weave into the answer."""
+    seen: dict[str, None] = {}
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        for word in _PROMPT_WORD.findall(message_text(message)):
+            word = word.lower()
+            if word not in _STOPWORDS:
+                seen[word] = None
+                if len(seen) == 12:
+                    return tuple(seen)
+    return tuple(seen)
+
+
+def _request_seed(request: ChatRequest) -> bytes:
+    """Seed material from what decides the answer: model, messages, temperature, top_p, seed."""
+    return "\x1e".join(
+        [
+            request.model,
+            repr((request.temperature, request.top_p, request.seed)),
+            *(
+                f"{message.get('role')}\x1f{message.get('name', '')}\x1f{message_text(message)}"
+                for message in request.messages
+            ),
+        ]
+    ).encode("utf-8", "surrogatepass")
+
+
+def _randomness(seed: bytes, index: int, count: int) -> tuple[int, ...]:
+    """`count` pseudo-random 16-bit numbers for choice `index`, derived from the seed."""
+    stream = hashlib.shake_128(b"%d\x1d%s" % (index, seed)).digest(2 * count)
+    return struct.unpack(f">{count}H", stream)
+
+
+def _generate(seed: bytes, index: int, topics: tuple[str, ...], mean: float) -> tuple[str, int]:
+    """A natural answer (before stop and max_tokens) and its token count."""
+    bank = _bank()
+    values = _randomness(seed, index, 128)
+    # Answer length: an Erlang (gamma, shape 3) draw around `mean`, within the bounds.
+    uniform = ((values[0] + 1) / 65536) * ((values[1] + 1) / 65536) * ((values[2] + 1) / 65536)
+    target = min(max(int(-mean / 3 * math.log(uniform)), _MIN_TOKENS), _MAX_TARGET_TOKENS)
+    position = 3
+    sentences: list[str] = []
+    tokens = 0
+    while tokens < target:
+        if position + 4 > len(values):  # long answers with many prompt words: draw more
+            values = _randomness(seed, index, 128 + len(values))
+        template = bank[values[position] & (_BANK_SIZE - 1)]
+        position += 1
+        slots = len(template.parts) - 1
+        if topics and slots:
+            pieces = [template.parts[0]]
+            for part in template.parts[1:]:
+                word = topics[values[position] % len(topics)]
+                position += 1
+                pieces += (word, part)
+                tokens += -(-len(word) // _WORD_CHARS_PER_TOKEN)  # a prompt word is all letters
+            sentence = "".join(pieces)
+            sentences.append(sentence[0].upper() + sentence[1:])
+            tokens += template.tokens
+        else:
+            sentences.append(template.filled)
+            tokens += template.filled_tokens
+    return " ".join(sentences), tokens
+
+
+def _cut(text: str, tokens: int, request: ChatRequest) -> tuple[str, int, str]:
+    """Apply the stop sequences, then max_tokens, as a model generating left to right would."""
+    if request.stop:
+        ends = [i for i in (text.find(s) for s in request.stop) if i >= 0]
+        if ends:
+            text = text[: min(ends)]
+            tokens = count_tokens(text)
+    if request.max_tokens is not None and tokens > request.max_tokens:
+        return truncate_tokens(text, request.max_tokens), request.max_tokens, "length"
+    return text, tokens, "stop"
+
+
+def answer(request: ChatRequest) -> Completion:
+    """The simulator's deterministic answer to a checked request."""
+    prompt_tokens = count_prompt_tokens(request.messages)
+    seed = _request_seed(request)
+    topics = _topic_words(request.messages)
+    mean = _MEAN_TOKENS + min(prompt_tokens, 500) / 10
+    texts: list[str] = []
+    reasons: list[str] = []
+    completion_tokens = 0
+    for index in range(request.n):
+        text, tokens, reason = _cut(*_generate(seed, index, topics, mean), request)
+        texts.append(text)
+        reasons.append(reason)
+        completion_tokens += tokens
+    return Completion(
+        model=MODELS[request.model].snapshot,
+        texts=tuple(texts),
+        finish_reasons=tuple(reasons),
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+    )

@@ -1,0 +1,138 @@
+"""The faults the simulator injects: latency, 500/503 errors, dropped connections, 429 limits.
+
+Random faults come from one `random.Random(fault_seed)` that draws the same five numbers for
+every request that gets that far, whichever faults fire, so a seed replays the same faults for
+the same sequence of requests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import GatewayConfig
+
+__all__ = ["FaultPlan", "Faults", "RateLimiter", "format_duration"]
+
+WINDOW_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What happens to one request: a delay, then an error status or a drop, or neither."""
+
+    delay_s: float = 0.0
+    error_status: int | None = None  # 500 or 503
+    drop_at: float | None = None  # fraction of the answer sent before the connection drops
+
+
+NO_FAULTS = Faults()
+
+
+class FaultPlan:
+    """Draws the faults of each request from the config's rates and seed."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._config = config
+        self._rng = random.Random(config.fault_seed)
+        self.active = bool(
+            config.latency_ms or config.jitter_ms or config.error_rate or config.drop_rate
+        )
+
+    def draw(self) -> Faults:
+        """The faults of the next request."""
+        if not self.active:
+            return NO_FAULTS
+        config = self._config
+        rand = self._rng.random
+        u_delay, u_error, u_status, u_drop, u_cut = rand(), rand(), rand(), rand(), rand()
+        delay_ms = config.latency_ms + (2 * u_delay - 1) * config.jitter_ms
+        return Faults(
+            delay_s=max(delay_ms, 0.0) / 1000,
+            error_status=(500 if u_status < 0.5 else 503) if u_error < config.error_rate else None,
+            drop_at=u_cut if u_drop < config.drop_rate else None,
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as OpenAI writes `x-ratelimit-reset-*`: `120ms`, `1.5s`, `1m0s`."""
+    if seconds < 1:
+        return f"{max(math.ceil(seconds * 1000), 0)}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 1000) / 1000:g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{math.ceil(rest * 1000) / 1000:g}s"
+
+
+class RateLimiter:
+    """Requests and tokens per sliding 60-second window; what is refused is not counted.
+
+    `acquire` admits a request or says how long to wait. `x-ratelimit-reset-*` is the time
+    until the window next frees capacity (its oldest entry leaves it).
+    """
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self._clock = clock
+        self._window: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def _expire(self, now: float) -> None:
+        window = self._window
+        horizon = now - WINDOW_SECONDS
+        while window and window[0][0] <= horizon:
+            self._tokens -= window.popleft()[1]
+
+    def acquire(self, tokens: int) -> tuple[str, float] | None:
+        """Admit a request of `tokens` tokens, or return (kind, seconds to wait) if over a limit.
+
+        `kind` is "requests" or "tokens", the limit that refused it.
+        """
+        now = self._clock()
+        self._expire(now)
+        window = self._window
+        if self.rpm is not None and len(window) >= self.rpm:
+            return "requests", window[len(window) - self.rpm][0] + WINDOW_SECONDS - now
+        if self.tpm is not None and self._tokens + tokens > self.tpm:
+            if tokens > self.tpm:
+                return "tokens", WINDOW_SECONDS
+            freed = self._tokens + tokens - self.tpm
+            for moment, spent in window:
+                freed -= spent
+                if freed <= 0:
+                    return "tokens", moment + WINDOW_SECONDS - now
+            return "tokens", WINDOW_SECONDS  # unreachable: an empty window admits it
+        window.append((now, tokens))
+        self._tokens += tokens
+        return None
+
+    def used(self) -> tuple[int, int]:
+        """Requests and tokens in the current window."""
+        self._expire(self._clock())
+        return len(self._window), self._tokens
+
+    def headers(self) -> dict[str, str]:
+        """The `x-ratelimit-*` headers of the current window."""
+        now = self._clock()
+        self._expire(now)
+        reset = format_duration(self._window[0][0] + WINDOW_SECONDS - now if self._window else 0)
+        headers = {}
+        if self.rpm is not None:
+            headers["x-ratelimit-limit-requests"] = str(self.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(self.rpm - len(self._window), 0))
+            headers["x-ratelimit-reset-requests"] = reset
+        if self.tpm is not None:
+            headers["x-ratelimit-limit-tokens"] = str(self.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(self.tpm - self._tokens, 0))
+            headers["x-ratelimit-reset-tokens"] = reset
+        return headers
