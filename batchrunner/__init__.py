@@ -1,5 +1,53 @@
-"""batchrunner: batch jobs for OpenAI-compatible chat-completions gateways."""
+"""batchrunner: batch jobs for OpenAI-compatible chat-completions gateways.
+
+>>> import batchrunner
+>>> report = batchrunner.run(batchrunner.RunConfig(
+...     input=Path("sample_data/prompts.jsonl"), output=Path("out/r.parquet"),
+...     model="gpt-4o-mini", local=True))
+"""
 
 from __future__ import annotations
 
+from .checkpoint import CheckpointStatus, read_status
+from .config import RunConfig
+from .engine import RunControl, RunReport, arun, check_job, list_models, run
+from .errors import (
+    AuthRefused,
+    BatchrunnerError,
+    CheckpointMismatch,
+    InputError,
+    OutputLocked,
+    UsageError,
+)
+from .jobs import build_config, load_job
+from .pricing import PriceTable
+from .reports import estimate, summarize
+from .results import Result, Row, Usage
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AuthRefused",
+    "BatchrunnerError",
+    "CheckpointMismatch",
+    "CheckpointStatus",
+    "InputError",
+    "OutputLocked",
+    "PriceTable",
+    "Result",
+    "Row",
+    "RunConfig",
+    "RunControl",
+    "RunReport",
+    "Usage",
+    "UsageError",
+    "arun",
+    "build_config",
+    "check_job",
+    "estimate",
+    "list_models",
+    "load_job",
+    "read_status",
+    "run",
+    "summarize",
+]

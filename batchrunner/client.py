@@ -107,7 +107,7 @@ class Client:
                 return _parse_completion(raw, response, started)
         except RequestError:
             raise
-        except asyncio.TimeoutError as exc:
+        except asyncio.TimeoutError:
             raise AttemptTimeout(f"no answer within {self._timeout.total:g} s") from None
         except aiohttp.ClientError as exc:
             raise ConnectionFailed(f"connection failed: {_describe(exc)}") from None
@@ -195,7 +195,11 @@ async def _error_for(response: aiohttp.ClientResponse) -> RequestError | AuthRef
     if status in (401, 403):
         return AuthRefused(text, http_status=status)
     if status == 429:
-        return RateLimited(text, retry_after=parse_retry_after(response.headers))
+        return RateLimited(
+            text,
+            retry_after=parse_retry_after(response.headers),
+            rate_headers=_rate_headers(response.headers),
+        )
     if status >= 500 or status in _RETRYABLE_4XX:
         return ServerError(
             text, http_status=status, retry_after=parse_retry_after(response.headers)

@@ -70,8 +70,6 @@ class RunConfig:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
-    engine: str = "local"
-    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

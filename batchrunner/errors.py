@@ -97,10 +97,16 @@ class RateLimited(RetryableError):
     """HTTP 429; `retry_after` is the wait the gateway asked for, in seconds, if it said."""
 
     def __init__(
-        self, message: str, *, http_status: int | None = 429, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        http_status: int | None = 429,
+        retry_after: float | None = None,
+        rate_headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message, http_status=http_status)
         self.retry_after = retry_after
+        self.rate_headers = rate_headers or {}
 
 
 class ServerError(RetryableError):

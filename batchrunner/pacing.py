@@ -491,11 +491,17 @@ class HeaderPacer:
     headers replace older ones, except that a hold is never shortened.
     """
 
+    PROBE_GAP = 0.2  # seconds between starts after a hold, until fresh headers arrive
+
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._interval = 0.0  # seconds between starts while _interval_until is ahead
         self._interval_until = -math.inf
         self._next = -math.inf  # no start before this
+        # After "nothing left" the limit frees up gradually (a sliding window), not all at
+        # once: releasing every waiting worker at the reset would meet a wall of 429s. So
+        # starts after a hold are probes, PROBE_GAP apart, until an answer says what remains.
+        self._probing = False
 
     @property
     def interval(self) -> float:
@@ -510,6 +516,7 @@ class HeaderPacer:
         until = -math.inf
         now = self._clock.monotonic()
         informed = False
+        hold = False
         for kind, per_request in (("requests", 1.0), ("tokens", max(tokens_per_request, 1.0))):
             remaining = _parse_remaining(headers.get(f"x-ratelimit-remaining-{kind}"))
             if remaining is None:
@@ -524,13 +531,15 @@ class HeaderPacer:
                 continue
             if starts_left < 1:
                 self._next = max(self._next, now + reset)
+                hold = True
             else:
                 interval = max(interval, reset / starts_left)
                 until = max(until, now + reset)
         if informed:  # a response without these headers says nothing about the limits
             self._interval = interval
             self._interval_until = until
-        return self.interval > 0 or self._next > now
+            self._probing = hold
+        return self.interval > 0 or self._next > now or self._probing
 
     def delay(self, now: float) -> float:
         """Seconds until the next start the headers allow."""
@@ -538,7 +547,9 @@ class HeaderPacer:
 
     def take(self, now: float) -> None:
         """Record a start now."""
-        if self._interval and now < self._interval_until:
+        if self._probing:
+            self._next = max(self._next, now + self.PROBE_GAP)
+        elif self._interval and now < self._interval_until:
             self._next = max(self._next, now + self._interval)
 
 
@@ -820,6 +831,12 @@ class Budget:
             self._waiters.append(waiter)
             await waiter
         return True
+
+    def add_spent(self, usd: float) -> None:
+        """Count spending made outside this budget's reservations (earlier sessions of a run)."""
+        self._spent += usd
+        if self._spent > self._ceiling:
+            self._exhausted = True
 
     def settle(self, reserved_usd: float, actual_usd: float | None) -> None:
         """A reserved request ended: release its hold and add what it cost.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -22,7 +23,9 @@ from tenacity.wait import wait_base
 
 from .errors import RetryableError
 
-__all__ = ["retry_policy", "wait_retry_after"]
+__all__ = ["call_with_retries", "retry_policy", "wait_retry_after"]
+
+T = TypeVar("T")
 
 
 class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own waits
@@ -63,3 +66,31 @@ def retry_policy(
         sleep=sleep,
         reraise=True,
     )
+
+
+async def call_with_retries(
+    send: Callable[[], Awaitable[T]],
+    max_attempts: int,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """`await send()` under `retry_policy`, with the first attempt outside tenacity.
+
+    Most rows succeed at once, and tenacity's per-attempt bookkeeping costs more CPU than the
+    rest of a request's handling here, so the first attempt is a plain call. After a retryable
+    failure the policy takes over from the start: its first attempt re-raises that failure
+    (nothing is sent), so waits, stops and the attempt count are exactly the policy's.
+    """
+    try:
+        return await send()
+    except RetryableError as exc:
+        if max_attempts <= 1:
+            raise
+        first_failure: RetryableError | None = exc
+    async for attempt in retry_policy(max_attempts, sleep=sleep):
+        with attempt:
+            if first_failure is not None:
+                failure, first_failure = first_failure, None
+                raise failure
+            return await send()
+    raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover

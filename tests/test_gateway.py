@@ -609,8 +609,8 @@ def test_rate_limiter_window_slides() -> None:
     assert limiter.acquire(10) is None
     now[0] += 20
     assert limiter.acquire(10) is None
-    assert limiter.acquire(10) == ("requests", pytest.approx(40.0))
-    assert limiter.headers()["x-ratelimit-reset-requests"] == "40s"
+    assert limiter.acquire(10) == ("requests", pytest.approx(40.0))  # Retry-After: next free
+    assert limiter.headers()["x-ratelimit-reset-requests"] == "1m0s"  # reset: window empty
     now[0] += 40
     assert limiter.acquire(85) is None  # the first request left the window
     assert limiter.acquire(1) == ("requests", pytest.approx(20.0))

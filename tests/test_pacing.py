@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -586,3 +585,26 @@ def test_estimate_tokens_counts_prompt_and_max_tokens() -> None:
     assert estimate_tokens("x" * 300, max_tokens=200) == 300
     assert estimate_tokens("", None) == 0
     assert estimate_tokens("abcd") == 2
+
+
+def test_after_a_hold_starts_are_probes_until_fresh_headers_arrive() -> None:
+    """A sliding window frees up gradually: the reset must not release every worker at once."""
+    from batchrunner.pacing import HeaderPacer
+
+    clock = FakeClock()
+    pacer = HeaderPacer(clock)
+    pacer.observe({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"},
+                  low_water=32)
+    now = clock.monotonic()
+    assert pacer.delay(now) == pytest.approx(2.0)
+    later = now + 2.0
+    assert pacer.delay(later) <= 0
+    pacer.take(later)  # the probe
+    assert pacer.delay(later) == pytest.approx(HeaderPacer.PROBE_GAP)  # the others wait
+    # the probe's answer says plenty is left: pacing stops
+    pacer.observe({"x-ratelimit-remaining-requests": "500", "x-ratelimit-reset-requests": "1s"},
+                  low_water=32)
+    pacer.take(later)
+    assert pacer.delay(later) == pytest.approx(HeaderPacer.PROBE_GAP)  # the probe gap stands
+    pacer.take(later + 1)
+    assert pacer.delay(later + 1) <= 0

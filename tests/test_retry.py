@@ -89,3 +89,35 @@ def test_retry_after_is_a_minimum() -> None:
     errors = [ServerError("boom", http_status=500)] * 4 + [RateLimited("slow", retry_after=0.1)]
     _, sleeps, _ = run_policy(errors)
     assert sleeps[4] >= 0.5 * 2**4
+
+
+def test_call_with_retries_follows_the_policy_exactly() -> None:
+    from batchrunner.retry import call_with_retries
+
+    sleeps: list[float] = []
+    calls = 0
+    failures = [RateLimited("slow", retry_after=3.0), ServerError("boom", http_status=500),
+                ServerError("boom", http_status=500)]
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def send() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= len(failures):
+            raise failures[calls - 1]
+        return "answer"
+
+    assert asyncio.run(call_with_retries(send, 6, sleep=fake_sleep)) == "answer"
+    assert calls == 4
+    assert sleeps[0] >= 3.0  # the Retry-After of the first failure
+    assert 1.0 <= sleeps[1] <= 1.5 and 2.0 <= sleeps[2] <= 2.5  # the policy's 2nd and 3rd steps
+    calls = 0
+    with pytest.raises(ServerError):
+        asyncio.run(call_with_retries(send, 2, sleep=fake_sleep))
+    assert calls == 2
+    calls = 0
+    with pytest.raises(RateLimited):
+        asyncio.run(call_with_retries(send, 1, sleep=fake_sleep))
+    assert calls == 1

@@ -104,7 +104,7 @@ class Simulator:
         self.stats = GatewayStats()
         self.faults = FaultPlan(config)
         self.limiter = (
-            RateLimiter(config.rpm, config.tpm)
+            RateLimiter(config.rpm, config.tpm, window=config.rate_window_s)
             if config.rpm is not None or config.tpm is not None
             else None
         )

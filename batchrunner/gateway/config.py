@@ -28,6 +28,7 @@ class GatewayConfig:
     rpm: int | None = None  # requests per sliding 60 s window; beyond it, 429
     tpm: int | None = None  # tokens (prompt + completion) per sliding 60 s window
     drop_rate: float = 0.0  # fraction of answers whose connection is dropped midway
+    rate_window_s: float = 60.0  # the rpm/tpm window; shorter only so tests see a limit reset
     fault_seed: int | None = None
     cache_min_tokens: int = 1024  # shortest prompt prefix that is cached
     cache_step_tokens: int = 128  # cached prefixes grow in steps of this many tokens
@@ -44,6 +45,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
+        if self.rate_window_s <= 0:
+            raise ValueError(f"rate_window_s must be positive, not {self.rate_window_s}")
         if self.cache_min_tokens < 1 or self.cache_step_tokens < 1:
             raise ValueError("cache_min_tokens and cache_step_tokens must be at least 1")
         if isinstance(self.keys, str):  # a lone key would otherwise become its characters

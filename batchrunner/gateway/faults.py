@@ -71,8 +71,9 @@ def format_duration(seconds: float) -> str:
 class RateLimiter:
     """Requests and tokens per sliding 60-second window; what is refused is not counted.
 
-    `acquire` admits a request or says how long to wait. `x-ratelimit-reset-*` is the time
-    until the window next frees capacity (its oldest entry leaves it).
+    `acquire` admits a request or says how long to wait (Retry-After: until the window next
+    frees capacity). `x-ratelimit-reset-*` is, as OpenAI documents it, the time until the
+    limit is back to its initial state: until the newest entry leaves the window.
     """
 
     def __init__(
@@ -80,16 +81,18 @@ class RateLimiter:
         rpm: int | None,
         tpm: int | None,
         clock: Callable[[], float] = time.monotonic,
+        window: float = WINDOW_SECONDS,
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
+        self.window = window
         self._clock = clock
         self._window: deque[tuple[float, int]] = deque()
         self._tokens = 0
 
     def _expire(self, now: float) -> None:
         window = self._window
-        horizon = now - WINDOW_SECONDS
+        horizon = now - self.window
         while window and window[0][0] <= horizon:
             self._tokens -= window.popleft()[1]
 
@@ -102,16 +105,16 @@ class RateLimiter:
         self._expire(now)
         window = self._window
         if self.rpm is not None and len(window) >= self.rpm:
-            return "requests", window[len(window) - self.rpm][0] + WINDOW_SECONDS - now
+            return "requests", window[len(window) - self.rpm][0] + self.window - now
         if self.tpm is not None and self._tokens + tokens > self.tpm:
             if tokens > self.tpm:
-                return "tokens", WINDOW_SECONDS
+                return "tokens", self.window
             freed = self._tokens + tokens - self.tpm
             for moment, spent in window:
                 freed -= spent
                 if freed <= 0:
-                    return "tokens", moment + WINDOW_SECONDS - now
-            return "tokens", WINDOW_SECONDS  # unreachable: an empty window admits it
+                    return "tokens", moment + self.window - now
+            return "tokens", self.window  # unreachable: an empty window admits it
         window.append((now, tokens))
         self._tokens += tokens
         return None
@@ -125,7 +128,9 @@ class RateLimiter:
         """The `x-ratelimit-*` headers of the current window."""
         now = self._clock()
         self._expire(now)
-        reset = format_duration(self._window[0][0] + WINDOW_SECONDS - now if self._window else 0)
+        # As OpenAI documents it: the time until the limit is back to its initial state, i.e.
+        # until the newest request leaves the window (Retry-After says when the next one may go).
+        reset = format_duration(self._window[-1][0] + self.window - now if self._window else 0)
         headers = {}
         if self.rpm is not None:
             headers["x-ratelimit-limit-requests"] = str(self.rpm)

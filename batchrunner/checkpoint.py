@@ -1,0 +1,687 @@
+"""Durable progress: checkpoint segments, resume, fingerprint, lock and the final Parquet file.
+
+Layout, beside the output `OUT.parquet`:
+
+    OUT.parquet.checkpoint/
+        manifest.json     what the run is: input fingerprint, request settings, row count
+        lock              flock()ed by the live run; the kernel drops it when the process dies
+        part-00001.arrows results of the first session, an Arrow IPC stream of record batches
+        part-00002.arrows results of the session after the first interruption, and so on
+
+Each session appends record batches to its own segment and fsyncs after every batch, so a
+SIGKILL at any instant loses at most the batch being written; a torn last batch is detected on
+reading (the IPC reader fails on it) and ignored. Results are keyed by row id and row number;
+the final output is assembled in input order from the input and the segments, in chunks, so
+memory stays bounded by the chunk and not by the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import CheckpointMismatch, OutputLocked, UsageError
+from .results import Result
+
+__all__ = [
+    "RESULT_SCHEMA",
+    "Checkpoint",
+    "CheckpointStatus",
+    "DoneSet",
+    "checkpoint_dir",
+    "read_status",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),
+        ("content", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("finish_reason", pa.string()),
+        ("model", pa.string()),
+        ("response_model", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("attempts", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("ttft_ms", pa.float64()),
+        ("http_status", pa.int32()),
+        ("error", pa.string()),
+        ("response_id", pa.string()),
+    ]
+)
+_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
+_SUMMARY_COLUMNS = (
+    "_row",
+    "id",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cost_usd",
+)
+
+
+def checkpoint_dir(output: Path) -> Path:
+    """Where the checkpoint of `output` lives: `OUTPUT.checkpoint/` beside it."""
+    return output.with_name(output.name + ".checkpoint")
+
+
+@dataclass(frozen=True)
+class _BatchRef:
+    """Where one checkpointed record batch lies, and which rows it covers."""
+
+    segment: Path
+    number: int
+    first_row: int
+    last_row: int
+
+
+class DoneSet:
+    """Rows that already have a result and must not be sent again, matched by id.
+
+    Held as the sorted row numbers of the checkpointed results with the id each one had, so a
+    row is done only when the checkpoint has a result for its position *and* its id (the
+    fingerprint already guarantees the input did not change; the id check makes resume exact
+    even so). Memory: two arrays, no Python object per row.
+    """
+
+    def __init__(self, rows: np.ndarray, ids: pa.Array) -> None:
+        order = np.argsort(rows, kind="stable")
+        self._rows = rows[order]
+        self._ids = ids.take(pa.array(order)) if len(order) else ids
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def contains(self, index: int, row_id: str) -> bool:
+        """True when row `index` has a checkpointed result under id `row_id`."""
+        i = int(np.searchsorted(self._rows, index))
+        return i < len(self._rows) and self._rows[i] == index and self._ids[i].as_py() == row_id
+
+    def mask(self, ids: pa.Array, start: int) -> np.ndarray:
+        """For the rows start, start+1, ... with these ids: True where the row is done."""
+        done = np.zeros(len(ids), dtype=bool)
+        lo, hi = np.searchsorted(self._rows, [start, start + len(ids)])
+        if hi > lo:
+            local = self._rows[lo:hi] - start
+            same = pc.equal(ids.take(pa.array(local)), self._ids.slice(lo, hi - lo))
+            done[local[same.to_numpy(zero_copy_only=False)]] = True
+        return done
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """What a checkpoint says of a run, as `batchrunner status` shows it."""
+
+    output: Path
+    rows: int
+    done: int
+    ok: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    cost_usd: float
+    unpriced_rows: int
+    live: bool
+    finished: bool
+    segments: int
+
+    @property
+    def pending(self) -> int:
+        """Rows with no checkpointed result yet."""
+        return max(0, self.rows - self.done)
+
+
+@dataclass
+class _Loaded:
+    """The checkpoint's results, reduced to the last result of each row."""
+
+    batches: list[_BatchRef] = field(default_factory=list)
+    summary: pa.Table = field(
+        default_factory=lambda: pa.table(
+            {name: pa.array([], _SEGMENT_SCHEMA.field(name).type) for name in _SUMMARY_COLUMNS}
+        )
+    )
+
+
+class Checkpoint:
+    """The checkpoint of one output: lock, manifest, segments, final assembly.
+
+    >>> with Checkpoint.open(Path("out.parquet"), fingerprint, rows=1000) as ckpt:
+    ...     done = ckpt.done_set(retry_failed=False)
+    ...     ckpt.append(result); ckpt.write_batch(ckpt.take_batch())
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.directory = checkpoint_dir(output)
+        self._lock_file: Any = None
+        self._manifest: dict[str, Any] = {}
+        self._loaded = _Loaded()
+        self._buffer: list[Result] = []
+        self._segment_path: Path | None = None
+        self._segment_file: Any = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._batches_written = 0
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        output: Path,
+        fingerprint: dict[str, Any],
+        *,
+        rows: int,
+        restart: bool = False,
+    ) -> Checkpoint:
+        """Lock the output, check or write the manifest, and load what is done.
+
+        Raises OutputLocked when another live run holds the output, CheckpointMismatch when
+        the input or settings changed (unless `restart`, which discards everything).
+        """
+        ckpt = cls(output)
+        ckpt._lock()
+        try:
+            if restart:
+                ckpt._discard()
+            ckpt._check_manifest(fingerprint, rows)
+            ckpt._loaded = _load(ckpt.directory)
+        except BaseException:
+            ckpt.close()
+            raise
+        return ckpt
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _lock(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the checkpoint folder {self.directory}: {exc.strerror}")
+        lock_path = self.directory / "lock"
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputLocked(
+                f"{self.output}: another run is writing this output ({holder}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def _discard(self) -> None:
+        for path in self.directory.iterdir():
+            if path.name != "lock":
+                path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.output.unlink()
+
+    def _check_manifest(self, fingerprint: dict[str, Any], rows: int) -> None:
+        path = self.directory / "manifest.json"
+        if path.exists():
+            try:
+                manifest = json.loads(path.read_text())
+            except ValueError:
+                manifest = None  # torn before its atomic rename could complete: start afresh
+            if manifest is not None:
+                changes = describe_changes(manifest.get("fingerprint", {}), fingerprint)
+                if changes:
+                    raise CheckpointMismatch(
+                        f"{self.output}: the checkpoint was made with other settings: "
+                        + "; ".join(changes)
+                        + ". Run with --restart to discard it and start again, "
+                        "or write to another --output."
+                    )
+                manifest["rows"] = rows
+                self._manifest = manifest
+                self._write_manifest()
+                return
+        self._manifest = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": fingerprint,
+            "rows": rows,
+            "finished": False,
+        }
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        _atomic_write_bytes(
+            self.directory / "manifest.json",
+            json.dumps(self._manifest, indent=2, sort_keys=True, default=str).encode(),
+        )
+
+    # -- what is done --------------------------------------------------------------------
+
+    @property
+    def resumed_rows(self) -> int:
+        """Rows that already had a result when this run started."""
+        return self._loaded.summary.num_rows
+
+    def done_set(self, *, retry_failed: bool) -> DoneSet:
+        """Ids never to send again: every checkpointed row, or only the ok ones."""
+        summary = _latest(self._loaded.summary) if self._loaded.summary.num_rows else None
+        if summary is None:
+            return DoneSet(np.zeros(0, dtype=np.int64), pa.array([], pa.string()))
+        if retry_failed:
+            summary = summary.filter(pc.equal(summary["status"], "ok"))
+        return DoneSet(summary["_row"].to_numpy(), summary["id"].combine_chunks())
+
+    def done_totals(self) -> dict[str, Any]:
+        """Counts and token sums over the checkpointed rows (for progress on resume)."""
+        return _totals(self._loaded.summary)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def append(self, result: Result) -> None:
+        """Buffer one result; `take_batch` + `write_batch` make it durable."""
+        self._buffer.append(result)
+
+    @property
+    def buffered(self) -> int:
+        """Results waiting for the next write."""
+        return len(self._buffer)
+
+    def take_batch(self) -> pa.RecordBatch | None:
+        """The buffered results as one record batch (None when there are none)."""
+        if not self._buffer:
+            return None
+        results, self._buffer = self._buffer, []
+        return results_to_batch(results)
+
+    def write_batch(self, batch: pa.RecordBatch | None) -> None:
+        """Append a batch to this session's segment and fsync it (safe to call in a thread)."""
+        if batch is None or not batch.num_rows:
+            return
+        if self._writer is None:
+            self._open_segment()
+            if self._manifest.get("finished"):  # new results: the output must be rebuilt
+                self._manifest["finished"] = False
+                self._write_manifest()
+        assert self._writer is not None
+        self._writer.write_batch(batch)
+        self._segment_file.flush()
+        os.fsync(self._segment_file.fileno())
+        rows = batch.column(0)
+        self._loaded.batches.append(
+            _BatchRef(
+                self._segment_path,  # type: ignore[arg-type]
+                self._batches_written,
+                pc.min(rows).as_py(),
+                pc.max(rows).as_py(),
+            )
+        )
+        self._batches_written += 1
+        self._loaded.summary = pa.concat_tables(
+            [self._loaded.summary, pa.Table.from_batches([batch.select(list(_SUMMARY_COLUMNS))])]
+        )
+
+    def _open_segment(self) -> None:
+        numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
+        path = self.directory / f"part-{max(numbers, default=0) + 1:05d}.arrows"
+        self._segment_file = open(path, "xb")
+        self._writer = pa.ipc.new_stream(self._segment_file, _SEGMENT_SCHEMA)
+        self._segment_file.flush()
+        os.fsync(self._segment_file.fileno())
+        _fsync_dir(self.directory)
+        self._segment_path = path
+
+    def close(self) -> None:
+        """Close the segment and release the lock (buffered results must be written first)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+                self._segment_file.flush()
+                os.fsync(self._segment_file.fileno())
+            self._segment_file.close()
+            self._writer = None
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- the final file ------------------------------------------------------------------
+
+    def complete(self, rows: int) -> bool:
+        """True when every one of the first `rows` rows has a result."""
+        unique = _dedup_rows(self._loaded.summary["_row"])
+        return int(np.count_nonzero(unique < rows)) >= rows
+
+    def exit_status(self) -> tuple[int, int]:
+        """(ok rows, error rows) over the last result of each row."""
+        totals = self.done_totals()
+        return totals["ok"], totals["failed"]
+
+    def finalize(
+        self, input_tables: Iterable[pa.Table], rows: int, *, id_column: str | None = None
+    ) -> None:
+        """Write the output: input columns and results in input order, replaced atomically.
+
+        `id_column` names the input column the ids came from; when it is `id` it becomes the
+        output's `id` column rather than being carried as `input_id` beside it.
+        """
+        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
+        writer: pq.ParquetWriter | None = None
+        start = 0
+        try:
+            for table in input_tables:
+                stop = start + table.num_rows
+                results = self._results_for(start, stop)
+                joined = _join(table, results, id_column)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
+                writer.write_table(joined, row_group_size=65536)
+                start = stop
+            if writer is None:  # an empty input still gets a valid, empty file
+                empty = pa.Table.from_batches([], RESULT_SCHEMA)
+                writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
+            writer.close()
+            writer = None
+            if start != rows:
+                raise UsageError(f"the input has {start} rows now, not {rows}: it changed during the run")
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.output)
+            _fsync_dir(self.output.parent)
+        finally:
+            if writer is not None:
+                writer.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self._manifest["finished"] = True
+        self._write_manifest()
+
+    @property
+    def finished(self) -> bool:
+        """True when a previous run wrote the final output and it is still there."""
+        return bool(self._manifest.get("finished")) and self.output.exists()
+
+    def _results_for(self, start: int, stop: int) -> pa.Table:
+        """The last result of each row in [start, stop), in row order."""
+        refs = [b for b in self._loaded.batches if b.first_row < stop and b.last_row >= start]
+        pieces: list[pa.RecordBatch] = []
+        by_segment: dict[Path, set[int]] = {}
+        for ref in refs:
+            by_segment.setdefault(ref.segment, set()).add(ref.number)
+        # Read segment by segment in the order they were written, so later results win.
+        for segment in sorted(by_segment, key=_segment_number):
+            for batch in _read_batches(segment, wanted=by_segment[segment]):
+                rows = batch.column(0)
+                keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
+                pieces.append(batch.filter(keep))
+        table = pa.Table.from_batches(pieces, _SEGMENT_SCHEMA)
+        row_numbers = table.column("_row").to_numpy()
+        positions = _last_positions(row_numbers)
+        picked = table.take(pa.array(positions, pa.int64()))
+        got = picked.column("_row").to_numpy()
+        if len(got) != stop - start or (len(got) and (got[0] != start or got[-1] != stop - 1)):
+            raise UsageError(f"rows {start}..{stop - 1} are not all checkpointed; cannot finalize")
+        return picked.drop_columns(["_row"])
+
+
+# -- reading segments -----------------------------------------------------------------------
+
+
+def _segment_number(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _read_batches(segment: Path, wanted: set[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """The complete batches of a segment, copied out of the file; a torn tail is skipped."""
+    try:
+        source = pa.memory_map(str(segment))
+    except OSError as exc:
+        log.warning("checkpoint: cannot read %s (%s); ignored", segment.name, exc)
+        return
+    with source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except (pa.ArrowInvalid, OSError):
+            log.warning("checkpoint: %s holds no complete batch; ignored", segment.name)
+            return
+        number = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowInvalid, OSError):
+                log.warning(
+                    "checkpoint: ignored a torn last write in %s (%d complete batches kept)",
+                    segment.name,
+                    number,
+                )
+                return
+            if wanted is None or number in wanted:
+                yield batch
+            number += 1
+
+
+def _load(directory: Path) -> _Loaded:
+    """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
+    loaded = _Loaded()
+    pieces: list[pa.Table] = []
+    for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
+        for number, batch in enumerate(_read_batches(segment)):
+            if batch.schema != _SEGMENT_SCHEMA:
+                log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
+                break
+            rows = batch.column(0)
+            if not batch.num_rows:
+                continue
+            loaded.batches.append(
+                _BatchRef(segment, number, pc.min(rows).as_py(), pc.max(rows).as_py())
+            )
+            # Copy the few summary columns out of the map, so nothing holds the file open.
+            pieces.append(_copy(pa.Table.from_batches([batch.select(list(_SUMMARY_COLUMNS))])))
+    if pieces:
+        loaded.summary = pa.concat_tables(pieces)
+    return loaded
+
+
+def _copy(table: pa.Table) -> pa.Table:
+    return table.combine_chunks().take(pa.array(np.arange(table.num_rows), pa.int64()))
+
+
+def _last_positions(row_numbers: np.ndarray) -> np.ndarray:
+    """Positions of the last occurrence of each row number, in row-number order."""
+    if not len(row_numbers):
+        return np.zeros(0, dtype=np.int64)
+    reversed_rows = row_numbers[::-1]
+    _, first_in_reversed = np.unique(reversed_rows, return_index=True)
+    return (len(row_numbers) - 1 - first_in_reversed).astype(np.int64)
+
+
+def _dedup_rows(rows: pa.ChunkedArray) -> np.ndarray:
+    return np.unique(rows.to_numpy()) if len(rows) else np.zeros(0, dtype=np.int64)
+
+
+def _latest(summary: pa.Table) -> pa.Table:
+    positions = _last_positions(summary.column("_row").to_numpy())
+    return summary.take(pa.array(positions, pa.int64()))
+
+
+def _totals(summary: pa.Table) -> dict[str, Any]:
+    latest = _latest(summary) if summary.num_rows else summary
+    ok = pc.sum(pc.equal(latest["status"], "ok").cast(pa.int64())).as_py() or 0
+
+    def total(name: str) -> int:
+        return int(pc.sum(latest[name]).as_py() or 0)
+
+    cost = pc.sum(latest["cost_usd"]).as_py() or 0.0
+    priced_needed = pc.and_(pc.is_null(latest["cost_usd"]), pc.is_valid(latest["total_tokens"]))
+    return {
+        "done": latest.num_rows,
+        "ok": ok,
+        "failed": latest.num_rows - ok,
+        "prompt_tokens": total("prompt_tokens"),
+        "completion_tokens": total("completion_tokens"),
+        "cached_tokens": total("cached_tokens"),
+        "total_tokens": total("total_tokens"),
+        "cost_usd": float(cost),
+        "unpriced_rows": int(pc.sum(priced_needed.cast(pa.int64())).as_py() or 0),
+    }
+
+
+# -- building batches and the output --------------------------------------------------------
+
+
+def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
+    """Results as one record batch of the segment schema (columnar, no per-cell objects)."""
+    usages = [r.usage for r in results]
+    columns = [
+        [r.index for r in results],
+        [r.id for r in results],
+        [r.status for r in results],
+        [r.content for r in results],
+        [None if r.choices is None else list(r.choices) for r in results],
+        [r.finish_reason for r in results],
+        [r.model for r in results],
+        [r.response_model for r in results],
+        [u.prompt_tokens for u in usages],
+        [u.completion_tokens for u in usages],
+        [u.total_tokens for u in usages],
+        [u.cached_tokens for u in usages],
+        [r.cost_usd for r in results],
+        [r.attempts for r in results],
+        [r.latency_ms for r in results],
+        [r.ttft_ms for r in results],
+        [r.http_status for r in results],
+        [r.error for r in results],
+        [r.response_id for r in results],
+    ]
+    return pa.RecordBatch.from_arrays(
+        [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],
+        schema=_SEGMENT_SCHEMA,
+    )
+
+
+def output_column_names(input_columns: Sequence[str]) -> list[str]:
+    """Output columns: id, the input's (renamed `input_X` where they clash), then results."""
+    result_names = set(RESULT_SCHEMA.names)
+    carried = [f"input_{c}" if c in result_names else c for c in input_columns]
+    return ["id", *carried, *RESULT_SCHEMA.names[1:]]
+
+
+def _join(inputs: pa.Table, results: pa.Table, id_column: str | None) -> pa.Table:
+    if id_column == "id":  # the input's own id column is the output's `id`: not carried twice
+        inputs = inputs.drop_columns(["id"])
+    names = output_column_names(inputs.column_names)
+    columns = [results.column("id"), *inputs.columns, *results.columns[1:]]
+    return pa.Table.from_arrays(columns, names=names)
+
+
+# -- status of a checkpoint, for `batchrunner status` ---------------------------------------
+
+
+def read_status(output: Path) -> CheckpointStatus:
+    """What the checkpoint of `output` says, whether a run is live, interrupted or finished."""
+    directory = checkpoint_dir(output)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        raise UsageError(f"{output}: no checkpoint found at {directory}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
+    loaded = _load(directory)
+    totals = _totals(loaded.summary)
+    return CheckpointStatus(
+        output=output,
+        rows=int(manifest.get("rows", 0)),
+        live=_is_locked(directory / "lock"),
+        finished=bool(manifest.get("finished")) and output.exists(),
+        segments=len(list(directory.glob("part-*.arrows"))),
+        **totals,
+    )
+
+
+def _is_locked(lock_path: Path) -> bool:
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints."""
+    changes: list[str] = []
+    old_input, new_input = before.get("input", {}), after.get("input", {})
+    if old_input.get("blake2b") != new_input.get("blake2b"):
+        changes.append(
+            f"the input file changed ({old_input.get('size')} bytes -> "
+            f"{new_input.get('size')} bytes, other content)"
+        )
+    old_settings, new_settings = before.get("settings", {}), after.get("settings", {})
+    for key in sorted(set(old_settings) | set(new_settings)):
+        if old_settings.get(key) != new_settings.get(key):
+            changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+    return changes
+
+
+def remove_checkpoint(output: Path) -> None:
+    """Delete the checkpoint folder of `output` (used by tests and by users who are done)."""
+    shutil.rmtree(checkpoint_dir(output), ignore_errors=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

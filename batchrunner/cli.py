@@ -1,0 +1,363 @@
+"""The command line: parse options, build one config, call the library, render, map exit codes.
+
+The only module that imports click. Every command body is short: the work is in the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__  # noqa: F401
+from .errors import BatchrunnerError, UsageError
+
+log = logging.getLogger("batchrunner")
+
+
+
+# -- shared plumbing ------------------------------------------------------------------------
+
+
+class _Group(click.Group):
+    """Maps batchrunner's expected errors to one line on stderr and their exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatchrunnerError as exc:
+            click.echo(f"batchrunner: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        payload.update(getattr(record, "fields", {}))
+        return json.dumps(payload)
+
+
+def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("batchrunner: %(levelname)s: %(message)s"))
+    root = logging.getLogger("batchrunner")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # a bare word such as `--param user=alice`
+
+
+def _params(param: tuple[str, ...]) -> dict[str, Any]:
+    """`--param KEY=JSON` options as a dict (a value that is not JSON is taken as a string)."""
+    params: dict[str, Any] = {}
+    for item in param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r}: expected KEY=JSON, e.g. --param seed=7")
+        params[key] = _json_value(value)
+    return params
+
+
+def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The options shared by `run` and `estimate` (SPEC sections 3, 5-9, 13)."""
+    options = [
+        click.argument("job", required=False, type=click.Path(dir_okay=False, path_type=Path)),
+        click.option("-i", "--input", "input_", type=click.Path(path_type=Path),
+                     help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv."),
+        click.option("-o", "--output", type=click.Path(path_type=Path),
+                     help="Results file (Parquet); the checkpoint lives beside it."),
+        click.option("-m", "--model", help="Model for rows without a `model` column."),
+        click.option("--system", help="System message added first to every request."),
+        click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
+        click.option("--prompt-column", help="Column holding the prompt [default: prompt]."),
+        click.option("--messages-column", help="Column holding chat messages [default: messages]."),
+        click.option("--id-column", help="Column holding row ids [default: id, else custom_id]."),
+        click.option("--temperature", type=float),
+        click.option("--top-p", type=float),
+        click.option("--max-tokens", type=int),
+        click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
+        click.option("--n", type=int, help="Choices per request."),
+        click.option("--seed", type=int),
+        click.option("--param", multiple=True, metavar="KEY=JSON",
+                     help="Any other request body field (repeatable)."),
+        click.option("--stream/--no-stream", default=None, help="Ask for SSE streaming."),
+        click.option("--limit", type=int, help="Only the first N rows (a smoke test)."),
+        click.option("-c", "--concurrency", type=int, help="Requests in flight at most [16]."),
+        click.option("--rpm", type=float, help="Requests started per minute, at most."),
+        click.option("--tpm", type=float, help="Estimated tokens started per minute, at most."),
+        click.option("--max-attempts", type=int, help="HTTP attempts per row [6]."),
+        click.option("--timeout", type=float, help="Seconds per attempt [120]."),
+        click.option("--max-cost", type=float, metavar="USD", help="Stop before spending more."),
+        click.option("--deadline", help="Stop sending at a time: '45m', '2h', '06:00'."),
+        click.option("--checkpoint-every", type=int, help="Rows per checkpoint write [100]."),
+        click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL]."),
+        click.option("--api-key-env", metavar="NAME",
+                     help="Environment variable holding the key [RU_LLM_API_KEY, OPENAI_API_KEY]."),
+        click.option("--local", is_flag=True, default=None,
+                     help="Run against the built-in gateway simulator; no key, no network."),
+        click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
+                     help="TOML price table adding or overriding models."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values the user gave, keyed by RunConfig field (request options too)."""
+    params = _params(kwargs.pop("param"))
+    kwargs["input"] = kwargs.pop("input_")
+    stop = kwargs.pop("stop")
+    if stop:
+        kwargs["stop"] = list(stop) if len(stop) > 1 else stop[0]
+    overrides = {k: v for k, v in kwargs.items() if v is not None}
+    if params:
+        overrides["params"] = params
+    return overrides
+
+
+def _config(job: Path | None, kwargs: dict[str, Any]):  # type: ignore[no-untyped-def]
+    from .jobs import build_config, load_job
+
+    return build_config(load_job(job) if job else None, _overrides(kwargs))
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchrunner")
+def main() -> None:
+    """Batch jobs for OpenAI-compatible chat-completions gateways.
+
+    \b
+    Try it with no key and no network:
+      batchrunner run -i sample_data/prompts.jsonl -o out/results.parquet -m gpt-4o-mini --local
+    """
+
+
+@main.command()
+@job_options
+@click.option("--restart", is_flag=True, default=None, help="Discard the checkpoint; send all.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Send error rows again.")
+@click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings and the summary.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines format.")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the final figures, with the exit code, to this JSON file.")
+def run(job: Path | None, **kwargs: Any) -> None:
+    """Send every row of the input and write the results to Parquet.
+
+    \b
+    Examples:
+      batchrunner run -i sample_data/prompts.jsonl -o out/results.parquet -m gpt-4o-mini --local
+      batchrunner run jobs/nightly-eval.toml
+      batchrunner run jobs/nightly-eval.toml --limit 10 -o out/smoke.parquet
+      RU_LLM_API_KEY=sk-ru-... batchrunner run -i qs.parquet -o out/qs.parquet -m gpt-4o \\
+          --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
+
+    Running the same command again resumes: only rows with no result are sent.
+    Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
+    5 stopped by --max-cost/--deadline, 130/143 interrupted.
+    """
+    from . import engine
+    from .progress import ProgressDisplay
+
+    config = _config(job, kwargs)
+    _configure_logging(quiet=config.quiet, log_format=config.log_format)
+    with ProgressDisplay(config) as display:
+        try:
+            report = engine.run(config, on_result=display.update)
+        except BatchrunnerError as exc:
+            if config.summary_json is not None:
+                engine.write_summary_json(
+                    config.summary_json, {"exit_code": exc.exit_code, "error": str(exc)}
+                )
+            raise
+    display.final_summary(report)
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def status(output: Path, fmt: str) -> None:
+    """Rows done, failed and pending, tokens and cost so far, for OUTPUT.
+
+    Works while a run is going on, after an interruption and after the end.
+
+    \b
+    Examples:
+      batchrunner status out/results.parquet
+      batchrunner status out/results.parquet --format json
+    """
+    from .checkpoint import read_status
+
+    state = read_status(output)
+    if fmt == "json":
+        data = {k: getattr(state, k) for k in state.__dataclass_fields__}
+        data.update(output=str(state.output), pending=state.pending)
+        click.echo(json.dumps(data, indent=2))
+        return
+    phase = "running" if state.live else ("finished" if state.finished else "stopped")
+    click.echo(
+        f"{state.output}: {phase}\n"
+        f"  rows     {state.rows:>12,}\n"
+        f"  done     {state.done:>12,}   ok {state.ok:,}, failed {state.failed:,}\n"
+        f"  pending  {state.pending:>12,}\n"
+        f"  tokens   {state.total_tokens:>12,}   prompt {state.prompt_tokens:,}, "
+        f"cached {state.cached_tokens:,}, completion {state.completion_tokens:,}\n"
+        f"  cost     {'$' + format(state.cost_usd, ',.4f'):>12}"
+        + (f"   ({state.unpriced_rows:,} rows of unpriced models)" if state.unpriced_rows else "")
+    )
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recompute cost with this TOML price table.")
+@click.option("--by", default="model", show_default=True, help="Group by this column.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw cost and tokens per model (and per day) to this PNG.")
+def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
+            plot: Path | None) -> None:
+    """Usage and cost of one or many result files (globs too).
+
+    \b
+    Examples:
+      batchrunner summary out/results.parquet
+      batchrunner summary 'out/nightly-*.parquet' --by topic --format csv
+      batchrunner summary out/*.parquet --prices my-prices.toml --plot cost.png
+    """
+    from . import reports
+    from .pricing import PriceTable
+
+    _configure_logging()
+    table = PriceTable.load(prices) if prices else None
+    report = reports.summarize(list(results), by=by, prices=table)
+    render = {"table": reports.render_table, "json": reports.to_json, "csv": reports.to_csv}[fmt]
+    click.echo(render(report))
+    if plot is not None:
+        reports.plot_summary(list(results), plot, by=by, prices=table)
+        click.echo(f"plot written to {plot}", err=True)
+
+
+@main.command()
+@job_options
+@click.option("--calibrate", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Finished result files whose real token counts tighten the estimate.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: Any) -> None:
+    """Estimate rows, tokens and cost of a job before running it; sends nothing.
+
+    \b
+    Examples:
+      batchrunner estimate jobs/nightly-eval.toml
+      batchrunner estimate -i sample_data/prompts.jsonl -o out/x.parquet -m gpt-4o --max-tokens 200
+      batchrunner estimate jobs/nightly-eval.toml --calibrate out/nightly-eval.parquet
+    """
+    from . import reports
+    from .pricing import PriceTable
+
+    _configure_logging()
+    if kwargs.get("output_") is None and kwargs.get("output") is None:
+        kwargs["output"] = Path("estimate.parquet")  # estimate writes nothing; output is moot
+    config = _config(job, kwargs)
+    result = reports.estimate(config, prices=PriceTable.load(config.prices), calibrate=calibrate)
+    click.echo(reports.estimate_to_json(result) if fmt == "json" else reports.render_estimate(result))
+
+
+@main.command()
+@click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL].")
+@click.option("--api-key-env", metavar="NAME", help="Variable holding the key.")
+@click.option("--local", is_flag=True, help="Ask the built-in gateway simulator.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def models(base_url: str | None, api_key_env: str | None, local: bool, fmt: str) -> None:
+    """The models the gateway lists.
+
+    \b
+    Examples:
+      batchrunner models
+      batchrunner models --local --format json
+    """
+    from .engine import list_models
+
+    data = asyncio.run(list_models(base_url=base_url, api_key_env=api_key_env, local=local))
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    for model in data:
+        click.echo(f"{model.get('id', '?'):<40} {model.get('owned_by', '')}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
+def validate(job: Path) -> None:
+    """Check a job file and its input without sending anything (exit 0 or 2).
+
+    \b
+    Examples:
+      batchrunner validate jobs/nightly-eval.toml
+    """
+    from .engine import check_job
+
+    from .jobs import build_config, load_job
+
+    config = build_config(load_job(job), {})
+    info = check_job(config)
+    click.echo(f"{job}: ok: {info.rows:,} rows from {config.input} ({info.format}), "
+               f"results to {config.output}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--key", "keys", multiple=True, help="Accept only this key (repeatable).")
+@click.option("--latency-ms", type=float, default=0.0, help="Added latency, mean.")
+@click.option("--jitter-ms", type=float, default=0.0, help="Added latency, jitter.")
+@click.option("--error-rate", type=float, default=0.0, help="Fraction answered 500/503.")
+@click.option("--rpm", type=int, help="Requests per minute before 429s.")
+@click.option("--tpm", type=int, help="Tokens per minute before 429s.")
+@click.option("--drop-rate", type=float, default=0.0, help="Fraction of connections dropped.")
+@click.option("--rate-window", "rate_window_s", type=float, default=60.0, show_default=True,
+              help="Seconds of the --rpm/--tpm window (shorter for quick tests).")
+@click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
+@click.option("--cache-min-tokens", type=int, default=1024, show_default=True,
+              help="Shortest prompt prefix reported as cached.")
+def gateway(**kwargs: Any) -> None:
+    """Serve the gateway simulator: the ru-llm API on loopback, for tests and demos.
+
+    \b
+    Examples:
+      batchrunner gateway --port 8000
+      batchrunner gateway --latency-ms 50 --jitter-ms 10 --error-rate 0.02 --rpm 600
+      OPENAI_BASE_URL=http://127.0.0.1:8000/v1 RU_LLM_API_KEY=sk-ru-test batchrunner models
+    """
+    from .gateway import GatewayConfig, serve
+
+    kwargs["keys"] = tuple(kwargs["keys"])
+    serve(GatewayConfig(**kwargs))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

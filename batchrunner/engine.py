@@ -1,0 +1,710 @@
+"""The pipeline of one run: read -> skip done -> build -> dispatch -> checkpoint -> output.
+
+The one module that knows the whole run. A feeder streams rows from the input into a bounded
+queue; a fixed set of workers takes rows from it, each row going through the retry policy and
+the pacer to the client; results are buffered and written to the checkpoint by one flusher
+task; when every row has a result the output is assembled. Memory is proportional to the
+concurrency, not to the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import inputs
+from .checkpoint import Checkpoint, DoneSet
+from .client import Answer, Client
+from .config import RunConfig, resolve_api_key, resolve_base_url
+from .errors import (
+    AttemptTimeout,
+    AuthRefused,
+    ConnectionFailed,
+    InvalidResponse,
+    RateLimited,
+    RequestError,
+    RetryableError,
+    UsageError,
+)
+from .pacing import Budget, Pacer, parse_deadline
+from .pricing import PriceTable
+from .requests import RequestBuilder
+from .results import Result, Row
+from .retry import call_with_retries
+
+__all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 2.0  # at most this much finished work waits for the next checkpoint write
+STOP_GRACE_SECONDS = 5.0  # in-flight requests get this long to finish after Ctrl-C or a deadline
+DEFAULT_COMPLETION_GUESS = 256  # tokens, for tpm pacing before any usage has come back
+BUDGET_MAX_TOKENS_GUESS = 4096  # worst case per request for --max-cost when max_tokens is unset
+
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_AUTH, EXIT_STOPPED = 0, 1, 4, 5
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+@dataclass
+class Tally:
+    """Running counts of a run, read by progress displays (mutated only by the engine)."""
+
+    rows: int = 0
+    resumed: int = 0
+    ok: int = 0
+    failed: int = 0
+    sent: int = 0  # HTTP attempts this session
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        """Rows with a result, resumed ones included."""
+        return self.ok + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    def add(self, result: Result) -> None:
+        """Count one result."""
+        if result.ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        usage = result.usage
+        self.prompt_tokens += usage.prompt_tokens or 0
+        self.completion_tokens += usage.completion_tokens or 0
+        self.cached_tokens += usage.cached_tokens or 0
+        self.total_tokens += usage.total_tokens or 0
+        self.cost_usd += result.cost_usd or 0.0
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """How a run ended: the figures of SPEC section 13 and the exit code of section 11."""
+
+    exit_code: int
+    reason: str  # complete, budget, deadline, interrupted, terminated, auth
+    output: Path
+    rows: int
+    ok: int
+    failed: int
+    resumed: int
+    sent: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    cost_usd: float
+    wall_seconds: float
+    message: str = ""
+
+    @property
+    def pending(self) -> int:
+        """Rows with no result yet (resumable)."""
+        return max(0, self.rows - self.ok - self.failed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, as `--summary-json` writes it."""
+        data = dataclasses.asdict(self)
+        data["output"] = str(self.output)
+        data["pending"] = self.pending
+        data["cost_usd"] = round(self.cost_usd, 10)
+        data["wall_seconds"] = round(self.wall_seconds, 3)
+        return data
+
+
+class RunControl:
+    """A handle to stop a run from outside: signals, a UI, a test."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.exit_code: int | None = None
+        self._event: asyncio.Event | None = None
+
+    def bind(self, event: asyncio.Event) -> None:
+        """Attach to the running engine's stop event (done by the engine)."""
+        self._event = event
+        if self.reason is not None:
+            event.set()
+
+    def stop(self, reason: str, exit_code: int) -> None:
+        """Ask the run to stop sending; the first reason given wins."""
+        if self.reason is None:
+            self.reason, self.exit_code = reason, exit_code
+        if self._event is not None:
+            self._event.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked."""
+        return self.reason is not None
+
+
+_MAYBE_BILLED = (AttemptTimeout, ConnectionFailed, InvalidResponse, asyncio.CancelledError)
+
+
+class _Abandon(Exception):
+    """A row given up without a result because the run is stopping; it stays pending."""
+
+
+ResultCallback = Callable[[Result, Tally], None]
+
+
+async def arun(
+    config: RunConfig,
+    *,
+    on_result: ResultCallback | None = None,
+    control: RunControl | None = None,
+) -> RunReport:
+    """Run a job to the end, or until stopped; return its RunReport.
+
+    >>> report = await arun(RunConfig(input=Path("prompts.jsonl"),
+    ...                               output=Path("out.parquet"), model="gpt-4o", local=True))
+    >>> report.exit_code
+    0
+    """
+    control = control or RunControl()
+    if config.local:
+        async with _local_gateway() as (base_url, key):
+            return await _Run(config, base_url, key, on_result, control).execute()
+    base_url = resolve_base_url(config.base_url)
+    key = resolve_api_key(config.api_key_env)
+    return await _Run(config, base_url, key, on_result, control).execute()
+
+
+def run(
+    config: RunConfig,
+    *,
+    on_result: ResultCallback | None = None,
+    control: RunControl | None = None,
+    handle_signals: bool = True,
+) -> RunReport:
+    """Synchronous `arun`: Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
+
+    A second Ctrl-C exits at once; the checkpoint stays readable.
+    """
+    control = control or RunControl()
+
+    async def main() -> RunReport:
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            _install_signal_handlers(control)
+        return await arun(config, on_result=on_result, control=control)
+
+    return asyncio.run(main())
+
+
+def _install_signal_handlers(control: RunControl) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(reason: str, code: int) -> None:
+        if control.stopping and reason == "interrupted":
+            os._exit(code)  # the second Ctrl-C: leave now; segments are fsynced per batch
+        control.stop(reason, code)
+
+    loop.add_signal_handler(signal.SIGINT, on_signal, "interrupted", EXIT_SIGINT)
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "terminated", EXIT_SIGTERM)
+
+
+@contextlib.asynccontextmanager
+async def _local_gateway() -> AsyncIterator[tuple[str, str]]:
+    from .gateway import GatewayConfig, running_gateway  # server side: only for --local
+
+    async with running_gateway(GatewayConfig(port=0)) as gateway:
+        yield gateway.base_url, "sk-ru-local-" + secrets.token_hex(12)
+
+
+class _Run:
+    """The state of one run; lives for one `arun` call."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        base_url: str,
+        api_key: str,
+        on_result: ResultCallback | None,
+        control: RunControl,
+    ) -> None:
+        self.config = config
+        self.base_url = base_url
+        self._api_key = api_key
+        self.on_result = on_result
+        self.control = control
+        self.tally = Tally()
+        self.prices = PriceTable.load(config.prices)
+        self.budget = Budget(config.max_cost) if config.max_cost is not None else None
+        self.pacer = Pacer(config.concurrency, config.rpm, config.tpm)
+        self.stop_event = asyncio.Event()
+        self.flush_event = asyncio.Event()
+        self.busy = 0  # rows being processed right now
+        self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
+        self.id_column: str | None = None
+        self.feed_error: UsageError | None = None
+        self.auth_error: AuthRefused | None = None
+        self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
+        self._warned_budget: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"_Run({self.config.output})"
+
+    # -- the run as a whole --------------------------------------------------------------
+
+    async def execute(self) -> RunReport:
+        config = self.config
+        deadline = self._deadline()
+        info = inputs.scan_input(config)
+        builder = RequestBuilder(config, info.columns)
+        self.id_column = inputs.resolve_columns(config, info.columns).id_column
+        fingerprint = {
+            "input": inputs.fingerprint_input(config.input),
+            "settings": config.request_settings(),
+        }
+        self.tally.rows = info.rows
+        with Checkpoint.open(
+            config.output, fingerprint, rows=info.rows, restart=config.restart
+        ) as ckpt:
+            done = ckpt.done_set(retry_failed=config.retry_failed)
+            self._count_resumed(ckpt, retry_failed=config.retry_failed)
+            if len(done) < info.rows or not ckpt.complete(info.rows):
+                self.control.bind(self.stop_event)
+                await self._dispatch(ckpt, builder, done, deadline)
+            if self.feed_error is not None:
+                raise self.feed_error
+            return self._finish(ckpt, info.rows)
+
+    def _deadline(self) -> float | None:
+        if not self.config.deadline:
+            return None
+        when = parse_deadline(self.config.deadline, datetime.now().astimezone())
+        return time.monotonic() + (when - datetime.now().astimezone()).total_seconds()
+
+    def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
+        totals = ckpt.done_totals()
+        tally = self.tally
+        tally.ok = totals["ok"]
+        tally.failed = 0 if retry_failed else totals["failed"]
+        tally.resumed = tally.ok + tally.failed
+        if not retry_failed:
+            tally.prompt_tokens = totals["prompt_tokens"]
+            tally.completion_tokens = totals["completion_tokens"]
+            tally.cached_tokens = totals["cached_tokens"]
+            tally.total_tokens = totals["total_tokens"]
+            tally.cost_usd = totals["cost_usd"]
+        else:
+            # Only the ok rows are kept; their figures are a lower bound shown until the end.
+            tally.cost_usd = 0.0
+        if self.budget is not None:
+            self.budget.add_spent(totals["cost_usd"])
+
+    async def _dispatch(
+        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: float | None
+    ) -> None:
+        config = self.config
+        queue: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * config.concurrency)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        async with Client(
+            self.base_url, self._api_key, concurrency=config.concurrency, timeout=config.timeout
+        ) as client:
+            self.client = client
+            workers = [
+                asyncio.create_task(self._worker(queue, ckpt)) for _ in range(config.concurrency)
+            ]
+            feeder = asyncio.create_task(self._feed(queue, ckpt, builder, done))
+            flusher = asyncio.create_task(self._flush_loop(ckpt, executor))
+            watchers = [asyncio.create_task(self._watch_stop(workers))]
+            if deadline is not None:
+                watchers.append(asyncio.create_task(self._watch_deadline(deadline)))
+            try:
+                outcomes = await asyncio.gather(*workers, return_exceptions=True)
+                failures = [
+                    o for o in outcomes
+                    if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
+                ]
+                if failures:
+                    raise failures[0]
+            finally:
+                for task in (feeder, *workers, *watchers, flusher):
+                    task.cancel()
+                await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
+                # The last write: everything that finished is made durable before we return.
+                self._writes.append(executor.submit(ckpt.write_batch, ckpt.take_batch()))
+                executor.shutdown(wait=True)
+                for write in self._writes:
+                    write.result()  # a failed checkpoint write is an error, never a silent loss
+
+    async def _feed(
+        self,
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+        builder: RequestBuilder,
+        done: DoneSet,
+    ) -> None:
+        try:
+            for row in _rows_to_send(self.config, builder, done):
+                if self.stop_event.is_set():
+                    return
+                if row.body is None:  # an input error: recorded, never sent
+                    self._record(ckpt, _input_error_result(row, self.config.model))
+                    continue
+                await queue.put(row)
+        except UsageError as exc:  # the input broke part-way: keep what is done, stop
+            self.feed_error = exc
+            self.control.stop("input", exc.exit_code)
+            return
+        for _ in range(self.config.concurrency):
+            await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue[Row | None], ckpt: Checkpoint) -> None:
+        while True:
+            row = await queue.get()
+            if row is None or self.stop_event.is_set():
+                return
+            self.busy += 1
+            try:
+                result = await self._process(row)
+                if result is not None:
+                    self._record(ckpt, result)
+            except Exception:
+                self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
+                raise
+            finally:
+                self.busy -= 1
+
+    async def _flush_loop(self, ckpt: Checkpoint, executor: ThreadPoolExecutor) -> None:
+        """Write the buffered results every `checkpoint_every` rows or FLUSH_SECONDS."""
+        while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the event fires, and this task would then never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_SECONDS):
+                    await self.flush_event.wait()
+            self.flush_event.clear()
+            batch = ckpt.take_batch()
+            if batch is None:
+                continue
+            write = executor.submit(ckpt.write_batch, batch)
+            self._writes.append(write)
+            # Shielded: cancelling this task at the end must not cancel a write whose rows
+            # have already left the buffer (they would be lost); the end waits for it instead.
+            await asyncio.shield(asyncio.wrap_future(write))
+            self._writes = [w for w in self._writes if not w.done() or w.exception()]
+
+    async def _watch_deadline(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        log.warning("deadline reached: no new requests are sent")
+        self.control.stop("deadline", EXIT_STOPPED)
+
+    async def _watch_stop(self, workers: list[asyncio.Task[None]]) -> None:
+        """Once a stop is asked, let in-flight rows finish (within a grace period), then end."""
+        await self.stop_event.wait()
+        if self.control.reason == "budget":
+            grace = math.inf  # what is in flight is being paid for: let it finish
+        elif self.control.reason == "auth":
+            grace = 0.0
+        else:
+            grace = STOP_GRACE_SECONDS
+        limit = time.monotonic() + grace
+        while self.busy and time.monotonic() < limit:
+            await asyncio.sleep(0.05)
+        for task in workers:
+            task.cancel()
+
+    def _record(self, ckpt: Checkpoint, result: Result) -> None:
+        ckpt.append(result)
+        self.tally.add(result)
+        if ckpt.buffered >= self.config.checkpoint_every:
+            self.flush_event.set()
+        if self.on_result is not None:
+            self.on_result(result, self.tally)
+
+    # -- one row ---------------------------------------------------------------------------
+
+    async def _process(self, row: Row) -> Result | None:
+        body = row.body
+        assert body is not None
+        model = row.model
+        estimate, prompt_bound = _prompt_tokens(body)
+        completion_bound = _completion_bound(body)
+        tokens_estimate = estimate + (
+            completion_bound if completion_bound is not None else int(self.completion_guess)
+        )
+        attempts = 0
+        started = time.perf_counter()
+
+        async def send() -> Answer:
+            nonlocal attempts, started, reserved
+            if self.stop_event.is_set():
+                raise _Abandon()
+            reserved = await self._reserve_budget(model, prompt_bound, completion_bound)
+            attempts += 1
+            self.tally.sent += 1
+            started = time.perf_counter()
+            try:
+                return await self._attempt(body, tokens_estimate)
+            except BaseException as exc:
+                if self.budget is not None:
+                    # An answer cut short may still be billed: count the worst case.
+                    billed = None if isinstance(exc, _MAYBE_BILLED) else 0.0
+                    self.budget.settle(reserved, billed)
+                raise
+
+        reserved = 0.0
+        try:
+            answer = await call_with_retries(
+                send, self.config.max_attempts, sleep=self._retry_sleep
+            )
+        except _Abandon:
+            return None
+        except AuthRefused as exc:
+            self.auth_error = exc
+            self.control.stop("auth", EXIT_AUTH)
+            return None
+        except RequestError as exc:
+            return Result(
+                index=row.index,
+                id=row.id,
+                status="error",
+                model=model,
+                attempts=attempts,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                http_status=exc.http_status,
+                error=str(exc),
+            )
+        return self._ok_result(row, answer, attempts, reserved)
+
+    async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
+        async with self.pacer.slot(tokens_estimate) as slot:
+            try:
+                answer = await self.client.complete(body)
+            except RateLimited as exc:
+                slot.rate_limited(exc.retry_after, exc.rate_headers)
+                raise
+            except RetryableError:
+                slot.failed()
+                raise
+            except RequestError:
+                slot.failed()
+                raise
+            slot.succeeded(answer.usage.total_tokens, answer.rate_headers)
+            return answer
+
+    def _ok_result(self, row: Row, answer: Answer, attempts: int, reserved: float) -> Result:
+        usage = answer.usage
+        cost = self.prices.cost(
+            row.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens or 0
+        )
+        if self.budget is not None:
+            self.budget.settle(reserved, cost if cost is not None else 0.0)
+        if usage.completion_tokens is not None:
+            # A slow-moving mean of completion length, for tpm estimates without max_tokens.
+            self.completion_guess += 0.05 * (usage.completion_tokens - self.completion_guess)
+        return Result(
+            index=row.index,
+            id=row.id,
+            status="ok",
+            model=row.model,
+            content=answer.content,
+            choices=answer.choices,
+            finish_reason=answer.finish_reason,
+            response_model=answer.response_model,
+            usage=usage,
+            cost_usd=cost,
+            attempts=attempts,
+            latency_ms=answer.latency_ms,
+            ttft_ms=answer.ttft_ms,
+            http_status=answer.http_status,
+            response_id=answer.response_id,
+        )
+
+    async def _reserve_budget(
+        self, model: str | None, prompt_tokens: int, bound: int | None
+    ) -> float:
+        if self.budget is None:
+            return 0.0
+        if bound is None and "max_tokens" not in self._warned_budget:
+            self._warned_budget.add("max_tokens")
+            log.warning(
+                "--max-cost without max_tokens: assuming at most %d completion tokens a request",
+                BUDGET_MAX_TOKENS_GUESS,
+            )
+        worst = self.prices.worst_case(model, prompt_tokens, bound or BUDGET_MAX_TOKENS_GUESS)
+        if worst is None:
+            if model not in self._warned_budget:
+                self._warned_budget.add(str(model))
+                log.warning("no price for model %s: --max-cost cannot bound its spending", model)
+            worst = 0.0
+        if not await self.budget.acquire(worst):
+            log.warning("budget of $%.4f reached: no new requests are sent", self.config.max_cost)
+            self.control.stop("budget", EXIT_STOPPED)
+            raise _Abandon()
+        return worst
+
+    async def _retry_sleep(self, seconds: float) -> None:
+        """tenacity's sleep: cut short when the run is stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stop_event.wait()
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _finish(self, ckpt: Checkpoint, rows: int) -> RunReport:
+        control = self.control
+        complete = ckpt.complete(rows)
+        reason = control.reason
+        if complete and reason != "auth":
+            if not ckpt.finished:
+                ckpt.finalize(inputs.iter_tables(self.config), rows, id_column=self.id_column)
+            ok, failed = ckpt.exit_status()
+            self.tally.ok, self.tally.failed = ok, failed
+            totals = ckpt.done_totals()
+            self._use_totals(totals)
+            code = EXIT_OK if failed == 0 else EXIT_ROW_ERRORS
+            reason = "complete"
+            message = ""
+        else:
+            totals = ckpt.done_totals()
+            self._use_totals(totals)
+            code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
+            reason = reason or "stopped"
+            message = _stop_message(reason, self.auth_error)
+        report = RunReport(
+            exit_code=code,
+            reason=reason,
+            output=self.config.output,
+            rows=rows,
+            ok=self.tally.ok,
+            failed=self.tally.failed,
+            resumed=self.tally.resumed,
+            sent=self.tally.sent,
+            prompt_tokens=self.tally.prompt_tokens,
+            completion_tokens=self.tally.completion_tokens,
+            cached_tokens=self.tally.cached_tokens,
+            total_tokens=self.tally.total_tokens,
+            cost_usd=self.tally.cost_usd,
+            wall_seconds=self.tally.elapsed,
+            message=message,
+        )
+        if self.config.summary_json is not None:
+            write_summary_json(self.config.summary_json, report)
+        return report
+
+    def _use_totals(self, totals: dict[str, Any]) -> None:
+        tally = self.tally
+        tally.ok, tally.failed = totals["ok"], totals["failed"]
+        tally.prompt_tokens = totals["prompt_tokens"]
+        tally.completion_tokens = totals["completion_tokens"]
+        tally.cached_tokens = totals["cached_tokens"]
+        tally.total_tokens = totals["total_tokens"]
+        tally.cost_usd = totals["cost_usd"]
+
+
+def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
+    """Write the final figures for monitoring, atomically."""
+    data = report.to_dict() if isinstance(report, RunReport) else report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _stop_message(reason: str, auth_error: AuthRefused | None) -> str:
+    if reason == "auth":
+        detail = f" ({auth_error})" if auth_error is not None else ""
+        return f"the gateway refused the API key{detail}; finished rows are checkpointed"
+    if reason == "budget":
+        return "stopped at the --max-cost budget; run again with a larger budget to go on"
+    if reason == "deadline":
+        return "stopped at the --deadline; run the same command again to go on"
+    return "interrupted; run the same command again to resume"
+
+
+def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
+    """Rows with no checkpointed result, built into requests, lazily and in input order."""
+    skip = done.mask if len(done) else None
+    records = inputs.iter_records(config, columns=builder.columns, skip=skip)
+    for index, record, error in records:
+        row = builder.build(index, record, error)
+        if skip is not None and done.contains(index, row.id):
+            continue  # a JSONL row (Parquet and CSV rows were skipped in bulk)
+        yield row
+
+
+def _input_error_result(row: Row, model: str | None) -> Result:
+    return Result(
+        index=row.index, id=row.id, status="error", model=model, attempts=0, error=row.error
+    )
+
+
+def _prompt_tokens(body: dict[str, Any]) -> tuple[int, int]:
+    """An estimate and an upper bound of a request's prompt tokens.
+
+    The estimate (about 4 characters a token, plus framing) paces --tpm; the bound (one token
+    per UTF-8 byte at most, as byte-level tokenizers guarantee) keeps --max-cost a promise.
+    """
+    chars = 0
+    size = 0
+    messages = body.get("messages") or ()
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            content = "" if content is None else json.dumps(content)
+        chars += len(content)
+        size += len(content.encode())
+    framing = 4 * len(messages) + 3
+    return math.ceil(chars / 4) + framing, size + 2 * framing
+
+
+def _completion_bound(body: dict[str, Any]) -> int | None:
+    bound = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(bound, int):
+        return None
+    n = body.get("n") or 1
+    return bound * (n if isinstance(n, int) and n > 0 else 1)
+
+
+def check_job(config: RunConfig) -> inputs.InputInfo:
+    """Everything `run` checks before sending, without sending: the input, template, prices.
+
+    Raises UsageError (or InputError) on the first problem; returns what the input holds.
+    """
+    if config.deadline:
+        parse_deadline(config.deadline, datetime.now().astimezone())
+    PriceTable.load(config.prices)
+    info = inputs.scan_input(config)
+    RequestBuilder(config, info.columns)
+    return info
+
+
+async def list_models(
+    *, base_url: str | None = None, api_key_env: str | None = None, local: bool = False
+) -> list[dict[str, Any]]:
+    """The models the gateway lists (GET /models)."""
+    if local:
+        async with _local_gateway() as (url, key):
+            async with Client(url, key, concurrency=1, timeout=30) as client:
+                return await client.models()
+    async with Client(
+        resolve_base_url(base_url), resolve_api_key(api_key_env), concurrency=1, timeout=30
+    ) as client:
+        return await client.models()

@@ -1,0 +1,146 @@
+"""What a person or a log shipper sees of a run: a tqdm bar, periodic lines, the final summary.
+
+Used by the CLI only; the engine reports through a callback and never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+from .config import RunConfig
+from .engine import RunReport, Tally
+from .results import Result
+
+__all__ = ["ProgressDisplay"]
+
+log = logging.getLogger("batchrunner.progress")
+
+# Seconds between plain progress lines; the environment can shorten it (tests, demos).
+LOG_EVERY_SECONDS = float(os.environ.get("BATCHRUNNER_LOG_SECONDS", "5"))
+
+
+class ProgressDisplay:
+    """A tqdm bar on a terminal; else a plain (or JSON) line every few seconds; quiet: none."""
+
+    def __init__(self, config: RunConfig, stream: TextIO | None = None) -> None:
+        self.config = config
+        self.stream = stream or sys.stderr
+        interactive = self.stream.isatty() if config.progress is None else config.progress
+        self.use_bar = interactive and not config.quiet and config.log_format == "text"
+        self.use_lines = not self.use_bar and not config.quiet
+        self._bar: tqdm | None = None
+        self._next_line = time.monotonic() + LOG_EVERY_SECONDS
+        self._last_done = 0
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def update(self, result: Result, tally: Tally) -> None:
+        """The engine's on_result callback."""
+        if self.use_bar:
+            if self._bar is None:
+                self._bar = tqdm(
+                    total=tally.rows,
+                    initial=tally.resumed,
+                    unit="row",
+                    file=self.stream,
+                    dynamic_ncols=True,
+                    mininterval=0.25,
+                )
+            self._bar.update(tally.done - self._last_done)
+            self._last_done = tally.done
+            self._bar.set_postfix(
+                ok=tally.ok, failed=tally.failed, tokens=tally.total_tokens, refresh=False
+            )
+        elif self.use_lines and time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + LOG_EVERY_SECONDS
+            self._line(tally)
+        if self._last_done == 0 and not self.use_bar:
+            self._last_done = tally.done
+
+    def _line(self, tally: Tally) -> None:
+        elapsed = max(tally.elapsed, 1e-9)
+        new_rows = tally.done - tally.resumed
+        rate = new_rows / elapsed
+        remaining = tally.rows - tally.done
+        eta = remaining / rate if rate > 0 else None
+        fields = {
+            "rows": tally.rows,
+            "done": tally.done,
+            "ok": tally.ok,
+            "failed": tally.failed,
+            "rows_per_s": round(rate, 1),
+            "tokens": tally.total_tokens,
+            "cost_usd": round(tally.cost_usd, 6),
+            "eta_s": None if eta is None else round(eta),
+        }
+        if self.config.log_format == "json":
+            log.info("progress", extra={"fields": fields})
+        else:
+            pct = 100.0 * tally.done / tally.rows if tally.rows else 100.0
+            eta_text = "?" if eta is None else _duration(eta)
+            log.info(
+                "%d/%d rows (%.1f%%), ok %d, failed %d, %.1f rows/s, %d tokens, $%.4f, eta %s",
+                tally.done, tally.rows, pct, tally.ok, tally.failed, rate,
+                tally.total_tokens, tally.cost_usd, eta_text,
+            )
+
+    def close(self) -> None:
+        """Take the bar off the screen."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def final_summary(self, report: RunReport) -> None:
+        """The short summary of SPEC section 13, on stderr (or one JSON line)."""
+        if self.config.log_format == "json":
+            figures = report.to_dict()
+            record = {"time": round(time.time(), 3), "level": "info", "logger": "batchrunner",
+                      "message": "summary", "detail": figures.pop("message"), **figures}
+            print(json.dumps(record), file=self.stream, flush=True)
+            return
+        lines = [
+            f"batchrunner: {_headline(report)}",
+            f"  rows      {report.rows:,}: ok {report.ok:,}, failed {report.failed:,}, "
+            f"pending {report.pending:,} (resumed {report.resumed:,}, requests sent {report.sent:,})",
+            f"  tokens    {report.total_tokens:,} (prompt {report.prompt_tokens:,}, "
+            f"cached {report.cached_tokens:,}, completion {report.completion_tokens:,})",
+            f"  cost      ${report.cost_usd:,.4f}",
+            f"  wall time {_duration(report.wall_seconds)}",
+        ]
+        if report.reason == "complete":
+            lines.append(f"  output    {report.output}")
+        else:
+            lines.append(f"  {report.message}")
+        print("\n".join(lines), file=self.stream, flush=True)
+
+
+def _headline(report: RunReport) -> str:
+    if report.reason == "complete":
+        return "done" if report.failed == 0 else f"done, {report.failed:,} rows failed"
+    return {
+        "budget": "stopped at the budget (exit 5)",
+        "deadline": "stopped at the deadline (exit 5)",
+        "interrupted": "interrupted (exit 130)",
+        "terminated": "terminated (exit 143)",
+        "auth": "the gateway refused the API key (exit 4)",
+    }.get(report.reason, f"stopped ({report.reason})")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,180 @@
+"""The command line as a user runs it: help, exit codes, logs, the summary file, the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batchrunner.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "sk-ru-LEAKCANARY-7d1e5f3a9c2b4d6e8f0a1b3c5d7e9f"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("RU_LLM_API_KEY", "OPENAI_API_KEY", "RU_LLM_BASE_URL",
+                             "OPENAI_BASE_URL")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "batchrunner", *args], env=full_env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output and f"batchrunner {command}" in result.output
+
+
+def test_the_readme_quick_start_job_runs_locally(tmp_path: Path) -> None:
+    out = tmp_path / "quick.parquet"
+    done = cli("run", "-i", "sample_data/prompts.jsonl", "-o", str(out), "-m", "gpt-4o-mini",
+               "--local")
+    assert done.returncode == 0, done.stderr
+    assert "done" in done.stderr and str(out) in done.stderr
+    assert pq.read_table(out).num_rows == 50
+
+
+def test_logs_are_plain_lines_when_stderr_is_not_a_terminal(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(latency_ms=30)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n"
+                              for i in range(400)))
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    done = cli("run", "-i", str(source), "-o", str(out), "-m", "gpt-4o", "--base-url",
+               gw.base_url, "-c", "4", "--summary-json", str(summary),
+               env={"RU_LLM_API_KEY": SECRET, "BATCHRUNNER_LOG_SECONDS": "0.5"})
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b[" not in done.stderr  # no bar, no terminal codes
+    progress = [line for line in done.stderr.splitlines() if "rows/s" in line]
+    assert progress, done.stderr
+    assert all(line.startswith("batchrunner: INFO:") for line in progress)
+    figures = json.loads(summary.read_text())
+    table = pq.read_table(out)
+    assert figures["exit_code"] == 0 and figures["rows"] == 400 and figures["ok"] == 400
+    assert figures["total_tokens"] == sum(table.column("total_tokens").to_pylist())
+    assert figures["cost_usd"] == pytest.approx(sum(table.column("cost_usd").to_pylist()))
+    assert figures["output"] == str(out)
+
+
+def test_json_logs_are_one_object_a_line(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(20)))
+    done = cli("run", "-i", str(source), "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+               "--base-url", gateway.base_url, "--log-format", "json",
+               env={"RU_LLM_API_KEY": SECRET})
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    final = records[-1]
+    assert final["message"] == "summary" and final["exit_code"] == 0 and final["ok"] == 20
+
+
+def test_quiet_prints_only_the_summary(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(20)))
+    done = cli("run", "-i", str(source), "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+               "--base-url", gateway.base_url, "--quiet", env={"RU_LLM_API_KEY": SECRET})
+    assert done.returncode == 0
+    assert done.stderr.startswith("batchrunner: done") and "INFO" not in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-i", "missing.jsonl"], "missing.jsonl"),
+        (["-i", "sample_data/prompts.jsonl", "--template", "Q: {question}"], "question"),
+        (["-i", "sample_data/prompts.jsonl", "--prompt-column", "text"], "text"),
+        (["-i", "sample_data/prompts.txt"], "prompts.txt"),
+    ],
+    ids=["missing-file", "template-column", "prompt-column", "unknown-format"],
+)
+def test_input_errors_exit_2_with_one_line(tmp_path: Path, gateway, args: list[str],  # type: ignore[no-untyped-def]
+                                           message: str) -> None:
+    done = cli("run", *args, "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+               "--base-url", gateway.base_url, env={"RU_LLM_API_KEY": SECRET})
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert gateway.stats.requests == 0
+
+
+def test_no_key_is_a_usage_error_naming_the_variables(tmp_path: Path) -> None:
+    done = cli("run", "-i", "sample_data/prompts.jsonl", "-o", str(tmp_path / "o.parquet"),
+               "-m", "gpt-4o")
+    assert done.returncode == 2 and "RU_LLM_API_KEY" in done.stderr
+
+
+def test_validate(tmp_path: Path) -> None:
+    assert cli("validate", "jobs/nightly-eval.toml").returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('input = "../nowhere.jsonl"\noutput = "o.parquet"\nmodel = "gpt-4o"\n')
+    done = cli("validate", str(bad))
+    assert done.returncode == 2 and "nowhere.jsonl" in done.stderr
+
+
+def test_the_key_never_appears_in_any_file_or_output(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    """Every path a key could leak through: results, checkpoint, summary, logs, errors."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"q{i}"}) + "\n" for i in range(30))
+                      + "not json\n")
+    flaky = start_gateway(error_rate=0.3, drop_rate=0.1, fault_seed=2)
+    refusing = start_gateway(keys=("sk-ru-some-other-key",))
+    env = {"RU_LLM_API_KEY": SECRET}
+    printed = []
+    runs = [
+        ("run", "-i", str(source), "-o", str(tmp_path / "a.parquet"), "-m", "gpt-4o",
+         "--base-url", flaky.base_url, "--summary-json", str(tmp_path / "a.json"),
+         "--max-attempts", "2"),
+        ("run", "-i", str(source), "-o", str(tmp_path / "b.parquet"), "-m", "gpt-4o",
+         "--base-url", flaky.base_url, "--log-format", "json", "--stream"),
+        ("run", "-i", str(source), "-o", str(tmp_path / "c.parquet"), "-m", "gpt-4o",
+         "--base-url", refusing.base_url, "--summary-json", str(tmp_path / "c.json")),
+        ("run", "-i", str(source), "-o", str(tmp_path / "d.parquet"), "-m", "gpt-4o",
+         "--base-url", "http://127.0.0.1:9/v1", "--max-attempts", "1", "--timeout", "2"),
+        ("models", "--base-url", refusing.base_url),
+        ("status", str(tmp_path / "a.parquet")),
+        ("summary", str(tmp_path / "a.parquet"), "--format", "json"),
+    ]
+    codes = []
+    for args in runs:
+        done = cli(*args, env=env)
+        codes.append(done.returncode)
+        printed.append(done.stdout + done.stderr)
+    assert codes[:4] == [1, 1, 4, 1], printed
+    assert codes[4] != 0 and "Traceback" not in printed[4]
+    for text in printed:
+        assert SECRET not in text
+        assert SECRET[10:30] not in text
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 6
+    for path in files:
+        data = path.read_bytes()
+        assert SECRET.encode() not in data, f"the key leaked into {path}"
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.toml")))
+def test_every_job_file_runs_against_the_simulator(tmp_path: Path, gateway, job: str) -> None:  # type: ignore[no-untyped-def]
+    """Each example job, as written, with only its endpoint, output and pace redirected."""
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    done = cli("run", f"jobs/{job}", "-o", str(out), "--summary-json", str(summary),
+               "--base-url", gateway.base_url, "--rpm", "1000000", "--deadline", "1h",
+               env={"RU_LLM_API_KEY": SECRET})
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(summary.read_text())
+    table = pq.read_table(out)
+    assert figures["rows"] == table.num_rows == figures["ok"] > 0
+    if "local" not in job:
+        assert gateway.stats.requests == table.num_rows
+    assert cli("validate", f"jobs/{job}").returncode == 0

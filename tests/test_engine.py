@@ -1,0 +1,292 @@
+"""The main job end to end through the library, against the gateway simulator on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from aioresponses import CallbackResult, aioresponses
+
+import aioresponses_compat  # noqa: F401  (aiohttp 3.14 support)
+import openapi_schema
+from batchrunner import RunConfig, run
+from batchrunner.errors import InputError
+from batchrunner.gateway import complete
+from batchrunner.pricing import PriceTable
+
+KEY = "sk-ru-engine-tests-5f1c2a9e7b3d4c6a8e0f"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    return KEY
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def prompts(n: int) -> list[dict[str, Any]]:
+    topics = ["rivers", "compilers", "bread", "orbits", "tides", "violins", "glaciers"]
+    return [
+        {"id": f"row-{i:03d}", "prompt": f"Tell me about {topics[i % len(topics)]} "
+         f"in {i % 5 + 1} sentences.", "topic": topics[i % len(topics)]}
+        for i in range(n)
+    ]
+
+
+def go(tmp_path: Path, base_url: str, rows: list[Any] | None = None, **settings: Any):  # type: ignore[no-untyped-def]
+    source = write_jsonl(tmp_path / "in.jsonl", rows if rows is not None else prompts(20))
+    settings.setdefault("model", "gpt-4o-mini")
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=base_url,
+                       **settings)
+    report = run(config, handle_signals=False)
+    table = pq.read_table(config.output) if config.output.exists() else None
+    return report, (table.to_pylist() if table is not None else None)
+
+
+def test_usage_order_ids_and_carried_columns(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    rows = prompts(30)
+    for row in rows:
+        row["status"] = "draft"  # clashes with a result column: carried as input_status
+    report, out = go(tmp_path, gateway.base_url, rows, concurrency=8)
+    assert report.exit_code == 0 and report.reason == "complete"
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    prices = PriceTable.load()
+    for source, result in zip(rows, out):
+        expected = complete({"model": "gpt-4o-mini",
+                             "messages": [{"role": "user", "content": source["prompt"]}]})
+        assert result["status"] == "ok" and result["error"] is None
+        assert result["prompt"] == source["prompt"] and result["topic"] == source["topic"]
+        assert result["input_status"] == "draft"
+        assert result["content"] == expected.texts[0]
+        assert result["choices"] == list(expected.texts)
+        assert result["prompt_tokens"] == expected.usage.prompt_tokens
+        assert result["completion_tokens"] == expected.usage.completion_tokens
+        assert result["total_tokens"] == expected.usage.total_tokens
+        assert result["cached_tokens"] == 0
+        assert result["cost_usd"] == pytest.approx(prices.cost(
+            "gpt-4o-mini", expected.usage.prompt_tokens, expected.usage.completion_tokens, 0))
+        assert result["model"] == "gpt-4o-mini"
+        assert result["response_model"].startswith("gpt-4o-mini")
+        assert result["attempts"] == 1 and result["http_status"] == 200
+        assert result["latency_ms"] > 0 and result["ttft_ms"] is None
+        assert result["response_id"]
+    assert report.total_tokens == sum(r["total_tokens"] for r in out)
+    assert gateway.stats.requests == 30
+
+
+def test_the_concurrency_bound_is_held(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(latency_ms=60)
+    report, out = go(tmp_path, gw.base_url, prompts(40), concurrency=5)
+    assert report.exit_code == 0
+    assert gw.stats.max_in_flight == 5
+
+
+def test_5xx_answers_are_retried(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(error_rate=0.3, fault_seed=7)
+    report, out = go(tmp_path, gw.base_url, prompts(30), concurrency=8, max_attempts=10)
+    assert report.exit_code == 0
+    assert all(r["status"] == "ok" for r in out)
+    errors = sum(n for status, n in gw.stats.by_status.items() if status in (500, 503))
+    assert errors > 0
+    assert sum(r["attempts"] for r in out) == 30 + errors
+
+
+def test_dropped_connections_are_retried(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(drop_rate=0.25, fault_seed=3)
+    report, out = go(tmp_path, gw.base_url, prompts(30), concurrency=8, max_attempts=10)
+    assert report.exit_code == 0
+    assert gw.stats.dropped > 0
+    assert sum(r["attempts"] for r in out) == 30 + gw.stats.dropped
+
+
+def test_dropped_streams_are_retried(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(drop_rate=0.25, fault_seed=5)
+    report, out = go(tmp_path, gw.base_url, prompts(30), concurrency=8, max_attempts=10,
+                     stream=True)
+    assert report.exit_code == 0
+    assert gw.stats.dropped > 0
+    assert all(r["status"] == "ok" and r["ttft_ms"] is not None for r in out)
+
+
+def test_a_rate_limited_gateway_gets_every_row_with_few_429s(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    # 20 requests per 2-second window: a fortieth of the real minute, the same shape
+    gw = start_gateway(rpm=20, rate_window_s=2.0)
+    started = time.monotonic()
+    report, out = go(tmp_path, gw.base_url, prompts(40), concurrency=16, max_attempts=20)
+    elapsed = time.monotonic() - started
+    assert report.exit_code == 0 and all(r["status"] == "ok" for r in out)
+    limited = gw.stats.by_status.get(429, 0)
+    assert limited <= 40 * 0.05, f"{limited} answers were 429"
+    assert elapsed >= 2.0  # 40 rows at 20 per 2 s cannot take less than one full window
+
+
+def test_timeouts_are_retried_then_recorded(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(latency_ms=2000)
+    report, out = go(tmp_path, gw.base_url, prompts(2), timeout=0.3, max_attempts=2)
+    assert report.exit_code == 1
+    for r in out:
+        assert r["status"] == "error" and r["attempts"] == 2
+        assert r["http_status"] is None and "no answer within" in r["error"]
+        assert r["content"] is None
+
+
+def test_4xx_is_not_retried_and_keeps_the_gateways_message(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    report, out = go(tmp_path, gateway.base_url, prompts(3), params={"temperature": 5})
+    assert report.exit_code == 1
+    for r in out:
+        assert r["status"] == "error" and r["attempts"] == 1 and r["http_status"] == 400
+        assert "temperature" in r["error"]
+    assert gateway.stats.requests == 3
+
+
+def test_an_unknown_model_is_a_row_error(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    rows = prompts(3)
+    rows[1]["model"] = "gpt-9-imaginary"
+    report, out = go(tmp_path, gateway.base_url, rows)
+    assert report.exit_code == 1
+    assert [r["status"] for r in out] == ["ok", "error", "ok"]
+    assert out[1]["http_status"] == 404 and out[1]["model"] == "gpt-9-imaginary"
+    assert out[1]["input_model"] == "gpt-9-imaginary"
+
+
+def test_401_stops_the_run_with_exit_4(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(keys=("sk-ru-the-only-good-key",))
+    report, out = go(tmp_path, gw.base_url, prompts(200), concurrency=4)
+    assert report.exit_code == 4 and report.reason == "auth"
+    assert out is None  # nothing finished, so no output file
+    assert gw.stats.requests <= 4 + 1
+    assert KEY not in report.message
+
+
+def test_streaming_gives_the_same_results(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, plain = go(tmp_path / "a", gateway.base_url, prompts(12), params={"n": 2, "max_tokens": 30})
+    _, streamed = go(tmp_path / "b", gateway.base_url, prompts(12), stream=True,
+                     params={"n": 2, "max_tokens": 30})
+    keys = ["id", "content", "choices", "finish_reason", "prompt_tokens", "completion_tokens",
+            "total_tokens", "response_model", "cost_usd"]
+    assert [{k: r[k] for k in keys} for r in plain] == [{k: r[k] for k in keys} for r in streamed]
+    assert all(r["ttft_ms"] is not None and r["ttft_ms"] <= r["latency_ms"] for r in streamed)
+
+
+def test_n_choices_and_max_tokens(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    _, out = go(tmp_path, gateway.base_url, prompts(4), params={"n": 3, "max_tokens": 5})
+    for r in out:
+        assert len(r["choices"]) == 3 and len(set(r["choices"])) == 3
+        assert r["finish_reason"] == "length" and r["completion_tokens"] == 15
+
+
+def test_row_input_errors_are_recorded_and_not_sent(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    rows: list[Any] = prompts(3)
+    rows.insert(1, "{this is not json")
+    rows.append({"id": "empty", "prompt": ""})
+    report, out = go(tmp_path, gateway.base_url, rows)
+    assert report.exit_code == 1
+    assert len(out) == 5
+    bad = [r for r in out if r["status"] == "error"]
+    assert len(bad) == 2
+    assert all(r["error"].startswith("input:") and r["attempts"] == 0 for r in bad)
+    assert "line 2" in bad[0]["error"]
+    assert gateway.stats.requests == 3
+
+
+def test_a_missing_column_stops_before_anything_is_sent(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match="question"):
+        go(tmp_path, gateway.base_url, prompts(3), template="Answer: {question}")
+    assert gateway.stats.requests == 0
+
+
+def test_requests_sent_validate_against_the_official_schema(tmp_path: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+    base = "http://schema.test/v1"
+
+    def capture(url: Any, **kwargs: Any) -> CallbackResult:
+        body = json.loads(kwargs["data"])
+        bodies.append(body)
+        answer = complete({k: v for k, v in body.items() if k not in ("stream", "stream_options")})
+        payload = {"id": "c", "object": "chat.completion", "created": 1, "model": answer.model,
+                   "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                                "finish_reason": f, "logprobs": None}
+                               for i, (t, f) in enumerate(zip(answer.texts, answer.finish_reasons))],
+                   "usage": answer.usage.to_json()}
+        return CallbackResult(payload=payload)
+
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "hello there"},
+        {"id": "b", "messages": [{"role": "system", "content": "terse"},
+                                 {"role": "user", "content": "hi"}]},
+        {"id": "c", "prompt": "pick one", "model": "gpt-4o"},
+    ])
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=base,
+                       model="gpt-4o-mini", system="Be brief.",
+                       params={"temperature": 0.2, "top_p": 0.9, "max_tokens": 50,
+                               "stop": ["\n\n"], "n": 2, "seed": 11,
+                               "response_format": {"type": "text"}})
+    with aioresponses() as mocked:
+        mocked.post(base + "/chat/completions", callback=capture, repeat=True)
+        report = run(config, handle_signals=False)
+    assert report.exit_code == 0
+    assert len(bodies) == 3
+    for body in bodies:
+        openapi_schema.validate(body, "CreateChatCompletionRequest")
+    assert bodies[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert bodies[1]["messages"][0]["content"] == "terse"  # its own system message kept
+    assert bodies[2]["model"] == "gpt-4o"
+
+
+@pytest.mark.parametrize("retry_after", [None, "1"], ids=["no-retry-after", "retry-after-1s"])
+def test_429_is_retried_after_the_wait_it_asks_for(tmp_path: Path, retry_after: str | None) -> None:
+    base = "http://ratelimit.test/v1"
+    moments: list[float] = []
+
+    def answer(url: Any, **kwargs: Any) -> CallbackResult:
+        moments.append(time.monotonic())
+        if len(moments) == 1:
+            headers = {"Retry-After": retry_after} if retry_after else {}
+            return CallbackResult(status=429, headers=headers,
+                                  payload={"error": {"message": "slow down"}})
+        c = complete(json.loads(kwargs["data"]))
+        return CallbackResult(payload={
+            "id": "x", "object": "chat.completion", "created": 1, "model": c.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.texts[0]},
+                         "finish_reason": c.finish_reasons[0]}],
+            "usage": c.usage.to_json()})
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "only", "prompt": "hello"}])
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=base,
+                       model="gpt-4o")
+    with aioresponses() as mocked:
+        mocked.post(base + "/chat/completions", callback=answer, repeat=True)
+        report = run(config, handle_signals=False)
+    assert report.exit_code == 0
+    out = pq.read_table(config.output).to_pylist()
+    assert out[0]["attempts"] == 2 and out[0]["status"] == "ok"
+    waited = moments[1] - moments[0]
+    assert waited >= (1.0 if retry_after else 0.5)  # Retry-After, else the first backoff step
+
+
+def test_arun_is_the_async_core(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner import arun
+
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=gateway.base_url,
+                       model="gpt-4o")
+    report = asyncio.run(arun(config))
+    assert report.exit_code == 0 and report.ok == 5 and report.sent == 5
+
+
+def test_local_runs_against_the_built_in_gateway(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("RU_LLM_API_KEY")
+    report, out = go(tmp_path, "http://127.0.0.1:9/v1", prompts(6), local=True)
+    assert report.exit_code == 0 and len(out) == 6

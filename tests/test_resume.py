@@ -1,0 +1,270 @@
+"""Never pay twice: crashes, signals, resume, fingerprints, the lock and `status`.
+
+Runs are real subprocesses of the CLI, stopped with real signals, against the gateway
+simulator on loopback; the simulator's counters say how many requests were really sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrunner.checkpoint import checkpoint_dir
+from batchrunner.gateway import complete
+
+KEY = "sk-ru-resume-tests-0b7e3c9d1f2a4e6b8c0d"
+MODEL = "gpt-4o-mini"
+
+
+def write_input(path: Path, rows: int) -> Path:
+    words = ["harbour", "lattice", "meadow", "quartz", "saffron", "tundra", "vector", "willow"]
+    with open(path, "w") as handle:
+        for i in range(rows):
+            prompt = f"Write about {words[i % 8]} and {words[(i * 3) % 8]}, take {i}."
+            handle.write(json.dumps({"id": f"r{i:05d}", "prompt": prompt}) + "\n")
+    return path
+
+
+def command(source: Path, output: Path, base_url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "batchrunner", "run", "-i", str(source), "-o", str(output),
+            "-m", MODEL, "--base-url", base_url, *extra]
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY",)}
+    env["RU_LLM_API_KEY"] = KEY
+    return env
+
+
+def start(cmd: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, env=environment(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def wait_for_progress(output: Path, at_least_rows: int = 1, timeout: float = 30) -> None:
+    """Block until the checkpoint holds some results (so a kill lands mid-run)."""
+    directory = checkpoint_dir(output)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.stat().st_size > 2000 for p in directory.glob("part-*.arrows")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run made no checkpoint in time")
+
+
+def assert_exact_output(output: Path, source: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    out = pq.read_table(output).to_pylist()
+    assert [r["id"] for r in out] == [r["id"] for r in rows], "one row per input row, in order"
+    for source_row, result in zip(rows, out):
+        expected = complete({"model": MODEL,
+                             "messages": [{"role": "user", "content": source_row["prompt"]}]})
+        assert result["status"] == "ok"
+        assert result["content"] == expected.texts[0]
+        assert result["completion_tokens"] == expected.usage.completion_tokens
+    return out
+
+
+def status(output: Path) -> dict[str, Any]:
+    done = finish([sys.executable, "-m", "batchrunner", "status", str(output), "--format",
+                   "json"])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_repeats_little(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    gw = start_gateway(latency_ms=20, jitter_ms=10)
+    rows, concurrency, every, kills = 600, 8, 20, 4
+    source = write_input(tmp_path / "in.jsonl", rows)
+    output = tmp_path / "out.parquet"
+    cmd = command(source, output, gw.base_url, "--concurrency", str(concurrency),
+                  "--checkpoint-every", str(every))
+    rng = random.Random(11)
+    for _ in range(kills):
+        proc = start(cmd)
+        wait_for_progress(output)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        assert (checkpoint_dir(output) / "lock").exists()  # left behind, and must not block
+    state = status(output)
+    assert not state["live"] and not state["finished"] and state["pending"] > 0
+    done = finish(cmd)
+    assert done.returncode == 0, done.stderr
+    assert_exact_output(output, source)
+    extra = gw.stats.requests - rows
+    assert 0 <= extra <= kills * (concurrency + every), f"{extra} requests sent twice"
+    print(f"SIGKILL x{kills}: {extra} requests repeated (bound {kills * (concurrency + every)})")
+    # run again: nothing is sent, same exit
+    before = gw.stats.requests
+    again = finish(cmd)
+    assert again.returncode == 0 and gw.stats.requests == before
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_checkpoint_and_say_how_to_resume(
+    tmp_path: Path, start_gateway, sig: int, code: int  # type: ignore[no-untyped-def]
+) -> None:
+    gw = start_gateway(latency_ms=40)
+    rows, concurrency = 400, 8
+    source = write_input(tmp_path / "in.jsonl", rows)
+    output = tmp_path / "out.parquet"
+    cmd = command(source, output, gw.base_url, "--concurrency", str(concurrency))
+    proc = start(cmd)
+    wait_for_progress(output)
+    started = time.monotonic()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 8, "stops within a few seconds"
+    assert proc.returncode == code, stderr
+    assert "run the same command again" in stderr
+    assert "Traceback" not in stderr
+    state = status(output)
+    assert 0 < state["done"] < rows and not state["live"]
+    sent_before = gw.stats.requests
+    done = finish(cmd)
+    assert done.returncode == 0, done.stderr
+    assert_exact_output(output, source)
+    # everything answered before the signal was checkpointed: nothing is asked twice
+    assert gw.stats.requests - rows <= concurrency
+    assert gw.stats.requests >= sent_before
+
+
+def test_a_second_ctrl_c_exits_at_once_with_a_readable_checkpoint(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    gw = start_gateway(latency_ms=3000)  # in-flight requests would hold the first Ctrl-C
+    source = write_input(tmp_path / "in.jsonl", 50)
+    output = tmp_path / "out.parquet"
+    cmd = command(source, output, gw.base_url, "--concurrency", "4")
+    proc = start(cmd)
+    deadline = time.monotonic() + 30
+    while gw.stats.in_flight < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=10)
+    assert time.monotonic() - started < 2
+    assert proc.returncode == 130
+    gw.stats.reset()
+    fast = start_gateway()
+    done = finish(command(source, output, fast.base_url))
+    assert done.returncode == 0, done.stderr
+    assert_exact_output(output, source)
+
+
+def test_a_changed_input_or_setting_is_refused_unless_restart(
+    tmp_path: Path, gateway  # type: ignore[no-untyped-def]
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", 20)
+    output = tmp_path / "out.parquet"
+    assert finish(command(source, output, gateway.base_url)).returncode == 0
+    # a changed setting
+    changed = command(source, output, gateway.base_url, "--temperature", "0.5")
+    refused = finish(changed)
+    assert refused.returncode == 2
+    assert "temperature" in refused.stderr and "--restart" in refused.stderr
+    # a changed input
+    with open(source, "a") as handle:
+        handle.write(json.dumps({"id": "extra", "prompt": "one more"}) + "\n")
+    refused = finish(command(source, output, gateway.base_url))
+    assert refused.returncode == 2 and "input file changed" in refused.stderr
+    gateway.stats.reset()
+    restarted = finish(command(source, output, gateway.base_url, "--restart"))
+    assert restarted.returncode == 0, restarted.stderr
+    assert gateway.stats.requests == 21
+    assert pq.read_table(output).num_rows == 21
+
+
+def test_retry_failed_sends_only_the_error_rows(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    broken = start_gateway(error_rate=1.0)
+    source = write_input(tmp_path / "in.jsonl", 30)
+    output = tmp_path / "out.parquet"
+    first = finish(command(source, output, broken.base_url, "--max-attempts", "1"))
+    assert first.returncode == 1
+    assert {r["status"] for r in pq.read_table(output).to_pylist()} == {"error"}
+    healthy = start_gateway()
+    again = finish(command(source, output, healthy.base_url))
+    assert again.returncode == 1 and healthy.stats.requests == 0  # finished: exits as it did
+    retried = finish(command(source, output, healthy.base_url, "--retry-failed"))
+    assert retried.returncode == 0, retried.stderr
+    assert healthy.stats.requests == 30
+    assert_exact_output(output, source)
+
+
+def test_a_second_run_on_the_same_output_is_refused_at_once(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    gw = start_gateway(latency_ms=200)
+    source = write_input(tmp_path / "in.jsonl", 200)
+    output = tmp_path / "out.parquet"
+    cmd = command(source, output, gw.base_url, "--concurrency", "4")
+    first = start(cmd)
+    try:
+        wait_for_progress(output)
+        assert status(output)["live"] is True
+        started = time.monotonic()
+        second = finish(cmd, timeout=30)
+        assert second.returncode == 2
+        assert "another run" in second.stderr
+        assert time.monotonic() - started < 10
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 143
+
+
+def test_a_torn_checkpoint_write_is_ignored(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(latency_ms=20)
+    source = write_input(tmp_path / "in.jsonl", 300)
+    output = tmp_path / "out.parquet"
+    cmd = command(source, output, gw.base_url, "--concurrency", "8", "--checkpoint-every", "10")
+    proc = start(cmd)
+    wait_for_progress(output)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    segment = sorted(checkpoint_dir(output).glob("part-*.arrows"))[-1]
+    data = segment.read_bytes()
+    segment.write_bytes(data[: len(data) - 37])  # the last batch torn mid-write
+    (checkpoint_dir(output) / "part-00099.arrows").write_bytes(b"\xff\xff\xff\xff\x10\x00")
+    state = status(output)
+    assert state["done"] > 0
+    done = finish(cmd)
+    assert done.returncode == 0, done.stderr
+    assert_exact_output(output, source)
+
+
+def test_status_after_the_end(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source = write_input(tmp_path / "in.jsonl", 25)
+    output = tmp_path / "out.parquet"
+    assert finish(command(source, output, gateway.base_url)).returncode == 0
+    state = status(output)
+    assert state["finished"] and not state["live"]
+    assert (state["rows"], state["done"], state["ok"], state["pending"]) == (25, 25, 25, 0)
+    table = pq.read_table(output)
+    assert state["total_tokens"] == sum(table.column("total_tokens").to_pylist())
+    text = finish([sys.executable, "-m", "batchrunner", "status", str(output)])
+    assert "finished" in text.stdout and "25" in text.stdout
+    missing = finish([sys.executable, "-m", "batchrunner", "status", str(tmp_path / "no.parquet")])
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
