@@ -425,20 +425,25 @@ def _parquet_batches(
     limit: int | None,
     use_threads: bool = True,
 ) -> Iterator[pa.RecordBatch]:
-    remaining = limit
-    if remaining == 0:
+    if limit == 0:
         return
     try:
         batches = pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=use_threads)
-        for batch in batches:
-            if remaining is not None:
-                if batch.num_rows >= remaining:
-                    yield batch.slice(0, remaining)
-                    return
-                remaining -= batch.num_rows
-            yield batch
+        yield from _first_rows(batches, limit)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+
+
+def _first_rows(batches: Iterable[pa.RecordBatch], limit: int | None) -> Iterator[pa.RecordBatch]:
+    """The batches, cut after `limit` rows in all (None: every row)."""
+    remaining = limit
+    for batch in batches:
+        if remaining is not None:
+            if batch.num_rows >= remaining:
+                yield batch.slice(0, remaining)
+                return
+            remaining -= batch.num_rows
+        yield batch
 
 
 _CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
@@ -472,7 +477,6 @@ def _csv_batches(
         null_values=[""],
         quoted_strings_can_be_null=False,
     )
-    remaining = limit
     try:
         reader = pacsv.open_csv(
             path,
@@ -481,13 +485,7 @@ def _csv_batches(
             convert_options=convert,
         )
         with reader:
-            for batch in reader:
-                if remaining is not None:
-                    if batch.num_rows >= remaining:
-                        yield batch.slice(0, remaining)
-                        return
-                    remaining -= batch.num_rows
-                yield batch
+            yield from _first_rows(reader, limit)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable CSV file ({_first_line(exc)})") from None
 
