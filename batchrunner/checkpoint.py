@@ -303,9 +303,12 @@ class Checkpoint:
             summary = summary.filter(pc.equal(summary["status"], "ok"))
         return DoneSet(summary["_row"].to_numpy(), summary["id"].combine_chunks())
 
-    def done_totals(self) -> dict[str, Any]:
-        """Counts and token sums over the checkpointed rows (for progress on resume)."""
-        return _totals(self._loaded.summary)
+    def done_totals(self, rows: int | None = None) -> dict[str, Any]:
+        """Counts and token sums over the checkpointed rows (of the first `rows` rows)."""
+        summary = self._loaded.summary
+        if rows is not None and summary.num_rows:
+            summary = summary.filter(pc.less(summary["_row"], rows))
+        return _totals(summary)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -383,11 +386,6 @@ class Checkpoint:
         """True when every one of the first `rows` rows has a result."""
         unique = _dedup_rows(self._loaded.summary["_row"])
         return int(np.count_nonzero(unique < rows)) >= rows
-
-    def exit_status(self) -> tuple[int, int]:
-        """(ok rows, error rows) over the last result of each row."""
-        totals = self.done_totals()
-        return totals["ok"], totals["failed"]
 
     def finalize(
         self, input_tables: Iterable[pa.Table], rows: int, *, id_column: str | None = None

@@ -314,7 +314,7 @@ class _Run:
         return time.monotonic() + (when - datetime.now().astimezone()).total_seconds()
 
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
-        totals = ckpt.done_totals()
+        totals = ckpt.done_totals(self.tally.rows)
         tally = self.tally
         tally.ok = totals["ok"]
         tally.failed = 0 if retry_failed else totals["failed"]
@@ -589,16 +589,12 @@ class _Run:
         if complete and reason != "auth":
             if not ckpt.finished:
                 ckpt.finalize(inputs.iter_tables(self.config), rows, id_column=self.id_column)
-            ok, failed = ckpt.exit_status()
-            self.tally.ok, self.tally.failed = ok, failed
-            totals = ckpt.done_totals()
-            self._use_totals(totals)
-            code = EXIT_OK if failed == 0 else EXIT_ROW_ERRORS
+            self._use_totals(ckpt.done_totals(rows))
+            code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
             reason = "complete"
             message = ""
         else:
-            totals = ckpt.done_totals()
-            self._use_totals(totals)
+            self._use_totals(ckpt.done_totals(rows))
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)

@@ -79,3 +79,17 @@ def test_rpm_is_never_exceeded_in_a_window(tmp_path: Path, gateway) -> None:  # 
     report = run(config, handle_signals=False)
     assert report.exit_code == 0
     assert time.monotonic() - started >= 2.5
+
+
+def test_a_limited_smoke_test_then_the_full_run_sends_each_row_once(
+    tmp_path: Path, gateway  # type: ignore[no-untyped-def]
+) -> None:
+    config = RunConfig(input=source(tmp_path, 20), output=tmp_path / "out.parquet",
+                       base_url=gateway.base_url, model="gpt-4o-mini", limit=5)
+    smoke = run(config, handle_signals=False)
+    assert smoke.exit_code == 0 and smoke.rows == 5 and smoke.ok == 5
+    assert pq.read_table(config.output).column("id").to_pylist() == [f"r{i}" for i in range(5)]
+    full = run(config.replace(limit=None), handle_signals=False)
+    assert full.exit_code == 0 and full.rows == 20 and full.ok == 20 and full.resumed == 5
+    assert gateway.stats.requests == 20
+    assert pq.read_table(config.output).num_rows == 20
