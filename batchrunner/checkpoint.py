@@ -72,16 +72,38 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 _SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
-_SUMMARY_COLUMNS = (
-    "_row",
-    "id",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "cost_usd",
+_SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
+    [
+        ("_row", pa.int64()),
+        ("id", pa.string()),
+        ("ok", pa.bool_()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+    ]
 )
+
+
+def _summarize(batch: pa.RecordBatch) -> pa.Table:
+    """The summary columns of a segment batch, copied out of it (so no file map stays open)."""
+    columns = [
+        pc.equal(batch.column("status"), "ok") if name == "ok" else batch.column(name)
+        for name in _SUMMARY_SCHEMA.names
+    ]
+    table = pa.Table.from_arrays(columns, schema=_SUMMARY_SCHEMA)
+    return table.take(pa.array(np.arange(table.num_rows), pa.int64()))
+
+
+def use_system_allocator() -> None:
+    """Have Arrow allocate with the C library's malloc, which hands freed memory back.
+
+    pyarrow's default allocator (mimalloc) keeps what it frees for reuse; over a long run that
+    reads a whole input and then writes the output, that raised the peak of a 1,000,000-row
+    run from about 320 MB to about 420 MB. The CLI calls this; a library user decides.
+    """
+    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -162,11 +184,7 @@ class _Loaded:
     """The checkpoint's results, reduced to the last result of each row."""
 
     batches: list[_BatchRef] = field(default_factory=list)
-    summary: pa.Table = field(
-        default_factory=lambda: pa.table(
-            {name: pa.array([], _SEGMENT_SCHEMA.field(name).type) for name in _SUMMARY_COLUMNS}
-        )
-    )
+    summary: pa.Table = field(default_factory=_SUMMARY_SCHEMA.empty_table)
 
 
 class Checkpoint:
@@ -296,19 +314,25 @@ class Checkpoint:
 
     def done_set(self, *, retry_failed: bool) -> DoneSet:
         """Ids never to send again: every checkpointed row, or only the ok ones."""
-        summary = _latest(self._loaded.summary) if self._loaded.summary.num_rows else None
-        if summary is None:
-            return DoneSet(np.zeros(0, dtype=np.int64), pa.array([], pa.string()))
-        if retry_failed:
-            summary = summary.filter(pc.equal(summary["status"], "ok"))
-        return DoneSet(summary["_row"].to_numpy(), summary["id"].combine_chunks())
+        summary = self._loaded.summary
+        if "id" not in summary.column_names:
+            raise RuntimeError("done_set() is called once, before any new result is written")
+        positions = _last_positions(summary.column("_row").to_numpy())
+        if retry_failed and len(positions):
+            positions = positions[summary.column("ok").to_numpy(zero_copy_only=False)[positions]]
+        picked = pa.array(positions, pa.int64())
+        done = DoneSet(
+            summary.column("_row").to_numpy()[positions],
+            summary.column("id").take(picked).combine_chunks(),
+        )
+        # From here on only counts are needed: the ids of a million rows need not stay.
+        self._loaded.summary = summary.drop_columns(["id"])
+        pa.default_memory_pool().release_unused()
+        return done
 
     def done_totals(self, rows: int | None = None) -> dict[str, Any]:
         """Counts and token sums over the checkpointed rows (of the first `rows` rows)."""
-        summary = self._loaded.summary
-        if rows is not None and summary.num_rows:
-            summary = summary.filter(pc.less(summary["_row"], rows))
-        return _totals(summary)
+        return _totals(self._loaded.summary, rows)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -351,9 +375,10 @@ class Checkpoint:
             )
         )
         self._batches_written += 1
-        self._loaded.summary = pa.concat_tables(
-            [self._loaded.summary, pa.Table.from_batches([batch.select(list(_SUMMARY_COLUMNS))])]
-        )
+        new = _summarize(batch)
+        if "id" not in self._loaded.summary.column_names:
+            new = new.drop_columns(["id"])
+        self._loaded.summary = pa.concat_tables([self._loaded.summary, new])
 
     def _open_segment(self) -> None:
         numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
@@ -395,6 +420,7 @@ class Checkpoint:
         `id_column` names the input column the ids came from; when it is `id` it becomes the
         output's `id` column rather than being carried as `input_id` beside it.
         """
+        pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         writer: pq.ParquetWriter | None = None
         start = 0
@@ -406,6 +432,8 @@ class Checkpoint:
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
                 writer.write_table(joined, row_group_size=65536)
+                del table, results, joined
+                pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                 start = stop
             if writer is None:  # an empty input still gets a valid, empty file
                 empty = pa.Table.from_batches([], RESULT_SCHEMA)
@@ -510,15 +538,10 @@ def _load(directory: Path) -> _Loaded:
             loaded.batches.append(
                 _BatchRef(segment, number, pc.min(rows).as_py(), pc.max(rows).as_py())
             )
-            # Copy the few summary columns out of the map, so nothing holds the file open.
-            pieces.append(_copy(pa.Table.from_batches([batch.select(list(_SUMMARY_COLUMNS))])))
+            pieces.append(_summarize(batch))
     if pieces:
         loaded.summary = pa.concat_tables(pieces)
     return loaded
-
-
-def _copy(table: pa.Table) -> pa.Table:
-    return table.combine_chunks().take(pa.array(np.arange(table.num_rows), pa.int64()))
 
 
 def _last_positions(row_numbers: np.ndarray) -> np.ndarray:
@@ -534,31 +557,36 @@ def _dedup_rows(rows: pa.ChunkedArray) -> np.ndarray:
     return np.unique(rows.to_numpy()) if len(rows) else np.zeros(0, dtype=np.int64)
 
 
-def _latest(summary: pa.Table) -> pa.Table:
-    positions = _last_positions(summary.column("_row").to_numpy())
-    return summary.take(pa.array(positions, pa.int64()))
+def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
+    """Counts, tokens and cost over the last result of each row (of the first `rows` rows)."""
+    row_numbers = summary.column("_row").to_numpy()
+    positions = _last_positions(row_numbers)
+    if rows is not None:
+        positions = positions[row_numbers[positions] < rows]
 
+    def column(name: str, fill: float | bool = 0) -> np.ndarray:
+        values = summary.column(name).fill_null(fill)
+        return values.to_numpy(zero_copy_only=False)[positions]
 
-def _totals(summary: pa.Table) -> dict[str, Any]:
-    latest = _latest(summary) if summary.num_rows else summary
-    ok = pc.sum(pc.equal(latest["status"], "ok").cast(pa.int64())).as_py() or 0
-
-    def total(name: str) -> int:
-        return int(pc.sum(latest[name]).as_py() or 0)
-
-    cost = pc.sum(latest["cost_usd"]).as_py() or 0.0
-    priced_needed = pc.and_(pc.is_null(latest["cost_usd"]), pc.is_valid(latest["total_tokens"]))
+    ok = int(column("ok", False).sum())
+    cost = summary.column("cost_usd")
+    unpriced = pc.and_(pc.is_null(cost), pc.is_valid(summary.column("total_tokens")))
     return {
-        "done": latest.num_rows,
+        "done": len(positions),
         "ok": ok,
-        "failed": latest.num_rows - ok,
-        "prompt_tokens": total("prompt_tokens"),
-        "completion_tokens": total("completion_tokens"),
-        "cached_tokens": total("cached_tokens"),
-        "total_tokens": total("total_tokens"),
-        "cost_usd": float(cost),
-        "unpriced_rows": int(pc.sum(priced_needed.cast(pa.int64())).as_py() or 0),
+        "failed": len(positions) - ok,
+        "prompt_tokens": int(column("prompt_tokens").sum()),
+        "completion_tokens": int(column("completion_tokens").sum()),
+        "cached_tokens": int(column("cached_tokens").sum()),
+        "total_tokens": int(column("total_tokens").sum()),
+        "cost_usd": float(column("cost_usd").sum()),
+        "unpriced_rows": int(_bools(unpriced)[positions].sum()) if len(positions) else 0,
     }
+
+
+def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A boolean Arrow column as a numpy array (nulls as False)."""
+    return values.fill_null(False).to_numpy(zero_copy_only=False)
 
 
 # -- building batches and the output --------------------------------------------------------

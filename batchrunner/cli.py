@@ -182,8 +182,11 @@ def run(job: Path | None, **kwargs: Any) -> None:
     from . import engine
     from .progress import ProgressDisplay
 
+    from .checkpoint import use_system_allocator
+
     config = _config(job, kwargs)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
+    use_system_allocator()
     with ProgressDisplay(config) as display:
         try:
             report = engine.run(config, on_result=display.update)

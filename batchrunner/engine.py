@@ -303,6 +303,7 @@ class _Run:
             if len(done) < info.rows or not ckpt.complete(info.rows):
                 self.control.bind(self.stop_event)
                 await self._dispatch(ckpt, builder, done, deadline)
+            del done  # a million rows' ids: not needed to write the output
             if self.feed_error is not None:
                 raise self.feed_error
             return self._finish(ckpt, info.rows)
