@@ -184,7 +184,70 @@ class _Loaded:
     """The checkpoint's results, reduced to the last result of each row."""
 
     batches: list[_BatchRef] = field(default_factory=list)
-    summary: pa.Table = field(default_factory=_SUMMARY_SCHEMA.empty_table)
+    summary: pa.Table | None = field(default_factory=_SUMMARY_SCHEMA.empty_table)
+
+
+class _Progress:
+    """Per row: no result, ok or error (one byte a row); and running sums of usage and cost.
+
+    What a run keeps of its results while it goes, so that memory does not grow with them.
+    Results only ever replace an error (--retry-failed), and errors carry no usage, so the
+    sums only grow.
+    """
+
+    _NONE, _OK, _ERROR = 0, 1, 2
+    _SUMS = ("prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd")
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.state = np.zeros(rows, dtype=np.int8)
+        self.sums: dict[str, float] = dict.fromkeys(self._SUMS, 0)
+        self.unpriced = 0
+
+    @classmethod
+    def of(cls, summary: pa.Table, rows: int) -> _Progress:
+        """The progress of the first `rows` rows, from the loaded summary."""
+        progress = cls(rows)
+        row_numbers = summary.column("_row").to_numpy()
+        positions = _last_positions(row_numbers)
+        positions = positions[row_numbers[positions] < rows]
+        ok = summary.column("ok").to_numpy(zero_copy_only=False)[positions]
+        progress.state[row_numbers[positions]] = np.where(ok, cls._OK, cls._ERROR)
+        latest = summary.take(pa.array(positions, pa.int64()))
+        progress._add_sums(latest)
+        return progress
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Count a batch of new results (segment schema)."""
+        rows = batch.column("_row").to_numpy()
+        ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
+        inside = rows < self.rows
+        self.state[rows[inside]] = np.where(ok[inside], self._OK, self._ERROR)
+        self._add_sums(batch)
+
+    def _add_sums(self, table: pa.Table | pa.RecordBatch) -> None:
+        for name in self._SUMS:
+            self.sums[name] += pc.sum(table.column(name)).as_py() or 0
+        unpriced = pc.and_(pc.is_null(table.column("cost_usd")),
+                           pc.is_valid(table.column("total_tokens")))
+        self.unpriced += pc.sum(unpriced.cast(pa.int64())).as_py() or 0
+
+    def complete(self, rows: int) -> bool:
+        """True when each of the first `rows` rows has a result."""
+        return rows <= self.rows and bool(np.all(self.state[:rows] != self._NONE))
+
+    def totals(self) -> dict[str, Any]:
+        """Counts and sums, as `_totals` gives them."""
+        ok = int(np.count_nonzero(self.state == self._OK))
+        failed = int(np.count_nonzero(self.state == self._ERROR))
+        return {
+            "done": ok + failed,
+            "ok": ok,
+            "failed": failed,
+            **{name: int(self.sums[name]) for name in self._SUMS[:-1]},
+            "cost_usd": float(self.sums["cost_usd"]),
+            "unpriced_rows": int(self.unpriced),
+        }
 
 
 class Checkpoint:
@@ -201,6 +264,7 @@ class Checkpoint:
         self._lock_file: Any = None
         self._manifest: dict[str, Any] = {}
         self._loaded = _Loaded()
+        self._progress = _Progress(0)
         self._buffer: list[Result] = []
         self._segment_path: Path | None = None
         self._segment_file: Any = None
@@ -230,6 +294,7 @@ class Checkpoint:
                 ckpt._discard()
             ckpt._check_manifest(fingerprint, rows)
             ckpt._loaded = _load(ckpt.directory)
+            ckpt._progress = _Progress.of(ckpt._loaded.summary, rows)
         except BaseException:
             ckpt.close()
             raise
@@ -307,15 +372,14 @@ class Checkpoint:
 
     # -- what is done --------------------------------------------------------------------
 
-    @property
-    def resumed_rows(self) -> int:
-        """Rows that already had a result when this run started."""
-        return self._loaded.summary.num_rows
-
     def done_set(self, *, retry_failed: bool) -> DoneSet:
-        """Ids never to send again: every checkpointed row, or only the ok ones."""
+        """Ids never to send again: every checkpointed row, or only the ok ones.
+
+        Called once, at the start: the loaded results are released afterwards, so that what
+        a run keeps in memory does not grow with the rows already done.
+        """
         summary = self._loaded.summary
-        if "id" not in summary.column_names:
+        if summary is None:
             raise RuntimeError("done_set() is called once, before any new result is written")
         positions = _last_positions(summary.column("_row").to_numpy())
         if retry_failed and len(positions):
@@ -325,14 +389,13 @@ class Checkpoint:
             summary.column("_row").to_numpy()[positions],
             summary.column("id").take(picked).combine_chunks(),
         )
-        # From here on only counts are needed: the ids of a million rows need not stay.
-        self._loaded.summary = summary.drop_columns(["id"])
+        self._loaded.summary = None
         pa.default_memory_pool().release_unused()
         return done
 
-    def done_totals(self, rows: int | None = None) -> dict[str, Any]:
-        """Counts and token sums over the checkpointed rows (of the first `rows` rows)."""
-        return _totals(self._loaded.summary, rows)
+    def done_totals(self) -> dict[str, Any]:
+        """Counts, tokens and cost over the last result of each of this run's rows."""
+        return self._progress.totals()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -375,10 +438,7 @@ class Checkpoint:
             )
         )
         self._batches_written += 1
-        new = _summarize(batch)
-        if "id" not in self._loaded.summary.column_names:
-            new = new.drop_columns(["id"])
-        self._loaded.summary = pa.concat_tables([self._loaded.summary, new])
+        self._progress.add(batch)
 
     def _open_segment(self) -> None:
         numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
@@ -409,8 +469,7 @@ class Checkpoint:
 
     def complete(self, rows: int) -> bool:
         """True when every one of the first `rows` rows has a result."""
-        unique = _dedup_rows(self._loaded.summary["_row"])
-        return int(np.count_nonzero(unique < rows)) >= rows
+        return self._progress.complete(rows)
 
     def finalize(
         self, input_tables: Iterable[pa.Table], rows: int, *, id_column: str | None = None
@@ -551,10 +610,6 @@ def _last_positions(row_numbers: np.ndarray) -> np.ndarray:
     reversed_rows = row_numbers[::-1]
     _, first_in_reversed = np.unique(reversed_rows, return_index=True)
     return (len(row_numbers) - 1 - first_in_reversed).astype(np.int64)
-
-
-def _dedup_rows(rows: pa.ChunkedArray) -> np.ndarray:
-    return np.unique(rows.to_numpy()) if len(rows) else np.zeros(0, dtype=np.int64)
 
 
 def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:

@@ -315,7 +315,7 @@ class _Run:
         return time.monotonic() + (when - datetime.now().astimezone()).total_seconds()
 
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
-        totals = ckpt.done_totals(self.tally.rows)
+        totals = ckpt.done_totals()
         tally = self.tally
         tally.ok = totals["ok"]
         tally.failed = 0 if retry_failed else totals["failed"]
@@ -590,12 +590,12 @@ class _Run:
         if complete and reason != "auth":
             if not ckpt.finished:
                 ckpt.finalize(inputs.iter_tables(self.config), rows, id_column=self.id_column)
-            self._use_totals(ckpt.done_totals(rows))
+            self._use_totals(ckpt.done_totals())
             code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
             reason = "complete"
             message = ""
         else:
-            self._use_totals(ckpt.done_totals(rows))
+            self._use_totals(ckpt.done_totals())
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)
