@@ -227,7 +227,7 @@ class Measurement:
     run_cpu_s: float = 0.0
     wall_s: float = 0.0  # spawn -> exit, from outside
     proc_cpu_s: float = 0.0  # the whole process: interpreter start, imports, run, exit
-    peak_mb: float = 0.0
+    peak_mb: float = 0.0  # the client's VmHWM (its own peak resident memory)
     server_cpu_s: float = 0.0
     server_requests: int = 0
     server_connections: int | None = None  # TCP connections opened (fastgate only)
@@ -273,6 +273,22 @@ class Measurement:
         return data
 
 
+def dump_stacks(pid: int, sink: Any) -> None:
+    """Append the asyncio tasks and thread stacks of a stuck client to its log."""
+    import signal
+
+    sink.flush()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)  # bench/timed.py prints its asyncio tasks
+    time.sleep(1.0)
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        return
+    with contextlib.suppress(Exception):
+        subprocess.run([str(spy), "dump", "--pid", str(pid)], stdout=sink, stderr=sink,
+                       timeout=30)
+
+
 def clean_output(output: Path) -> None:
     """Remove an output and its checkpoint, so that a run starts from nothing."""
     with contextlib.suppress(FileNotFoundError):
@@ -292,8 +308,9 @@ def run_client(
     watch_first_request: bool = False,
     sample_rss: bool = False,
     prepare_output: Callable[[Path], None] | None = None,
+    timeout: float = 300.0,
 ) -> Measurement:
-    """Run one client to its end; measure it and check its output."""
+    """Run one client to its end (or `timeout` seconds); measure it and check its output."""
     measured = Measurement(client, rows, concurrency, server.latency_ms)
     if client != "batchrunner":
         sys.path.insert(0, str(HERE))
@@ -325,17 +342,26 @@ def run_client(
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
         next_sample = started
+        stopped = None
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             now = time.perf_counter()
             if pid:
                 break
+            if stopped is None and now - started > timeout:
+                stopped = now
+                measured.note = f"timed out after {timeout:g} s"
+                log(f"{client}: {measured.note}; its stacks are in {client_log.name}")
+                dump_stacks(process.pid, sink)
+                process.terminate()
+            elif stopped is not None and now - stopped > 15:
+                process.kill()
             if watch_first_request and measured.first_request_s is None:
                 if server.stats()["requests"] >= 1:
                     measured.first_request_s = now - started
             if sample_rss and now >= next_sample:
                 rss_samples.append((now - started, rss_mb(process.pid)))
-                next_sample = now + 1.0
+                next_sample = now + 0.25
             time.sleep(0.01 if watch_first_request and measured.first_request_s is None else 0.02)
         process.returncode = os.waitstatus_to_exitcode(status)
     measured.wall_s = now - started
@@ -355,6 +381,9 @@ def run_client(
         measured.run_cpu_s = inside["run_cpu_s"]
         measured.extra["run_user_s"] = inside["run_user_s"]
         measured.extra["run_sys_s"] = inside["run_sys_s"]
+        # wait4's ru_maxrss carries the harness's own peak across fork + exec: VmHWM does not.
+        measured.extra["ru_maxrss_mb"] = measured.peak_mb
+        measured.peak_mb = inside["peak_rss_mb"]
     if output.exists():
         statuses = pq.read_table(output, columns=["status"]).column("status")
         measured.output_rows = len(statuses)
@@ -424,7 +453,7 @@ def section_throughput(args: argparse.Namespace) -> None:
     rows, c, latency = args.rows or 20_000, args.concurrency or 100, _latency(args, 50)
     path = make_input(rows)
     with Server(args.server, latency, args.server_workers) as server:
-        m = run_client("batchrunner", path, rows, c, server)
+        m = run_client("batchrunner", path, rows, c, server, timeout=args.timeout)
     ideal = c / (latency / 1000)
     verdict = "met" if m.rows_per_s >= 0.9 * ideal else "NOT met"
     emit("throughput", f"Throughput: {rows:,} rows, C = {c}, L = {latency:g} ms ({server.describe()})",
@@ -439,7 +468,7 @@ def section_cpu(args: argparse.Namespace) -> None:
     rows, c, latency = args.rows or 20_000, args.concurrency or 100, _latency(args, 0)
     path = make_input(rows)
     with Server(args.server, latency, args.server_workers) as server:
-        m = run_client("batchrunner", path, rows, c, server)
+        m = run_client("batchrunner", path, rows, c, server, timeout=args.timeout)
     verdict = "met" if m.cpu_us_per_row <= 300 else "NOT met"
     emit("cpu", f"CPU per row: {rows:,} rows, C = {c}, L = {latency:g} ms ({server.describe()})",
          table([m]) + f"\n\nTarget <= 300 µs of batchrunner CPU per row: **{verdict}** "
@@ -455,7 +484,7 @@ def section_peers(args: argparse.Namespace) -> None:
     runs = []
     with Server(args.server, latency, args.server_workers) as server:
         for client in args.clients:
-            runs.append(run_client(client, path, rows, c, server))
+            runs.append(run_client(client, path, rows, c, server, timeout=args.timeout))
     emit("peers", f"Side by side: {rows:,} rows, C = {c}, L = {latency:g} ms ({server.describe()})",
          table(runs) + "\n\nbatchrunner also checkpoints (fsynced Arrow segments every 100 rows "
          "or 2 s), prices every row and writes the input columns through; the peers keep "
@@ -471,11 +500,12 @@ def section_curve(args: argparse.Namespace) -> None:
     runs: list[Measurement] = []
     with Server(args.server, latency, args.server_workers) as server:
         for c in args.curve:
-            # About `curve_seconds` of work at the ideal rate, at least 20 rounds of C.
+            # About `curve_seconds` of work at the ideal rate, at least 20 rounds of C; the
+            # peers, many times slower, get at most 5,000 rows (and at least 5 rounds of C).
             rows = args.rows or max(20 * c, int(c / (latency / 1000) * args.curve_seconds))
-            path = make_input(rows)
             for client in clients:
-                runs.append(run_client(client, path, rows, c, server))
+                n = rows if client == "batchrunner" or args.rows else max(5 * c, min(rows, 5000))
+                runs.append(run_client(client, make_input(n), n, c, server, timeout=args.timeout))
     emit("curve", f"Curve: C = {', '.join(map(str, args.curve))}, L = {latency:g} ms "
          f"({server.describe()})", table(runs) + "\n\n![curve](curve.png)")
     draw_curve(runs, latency, HERE / "curve.png")
@@ -530,10 +560,13 @@ def section_memory(args: argparse.Namespace) -> None:
     with Server(args.server, latency, args.server_workers) as server:
         m = run_client("batchrunner", path, rows, c, server, tag="-memory",
                        extra_args=("--deadline", args.deadline), watch_first_request=True,
-                       sample_rss=True)
+                       sample_rss=True, timeout=args.timeout)
     m.ok_rows = _checkpointed(RESULTS / f"out-batchrunner-{rows}-c{c}-l{latency:g}-memory.parquet")
     samples = m.extra.get("rss_mb_by_second", [])
-    timeline = ", ".join(f"{t:.0f} s: {mb:.0f}" for t, mb in samples[:: max(1, len(samples) // 8)])
+    timeline = ", ".join(f"{t:.0f} s: {mb:.0f}" for t, mb in samples[:: max(1, len(samples) // 10)])
+    if samples:
+        at, most = max(samples, key=lambda sample: sample[1])
+        timeline += f" (highest sample {most:.0f} MB at {at:.1f} s)"
     verdict = "met" if m.peak_mb < 300 else "NOT met"
     first = f"{m.first_request_s:.1f} s" if m.first_request_s is not None else "never"
     emit("memory", f"Memory: {rows:,}-row Parquet input, --deadline {args.deadline}, C = {c}, "
@@ -563,13 +596,19 @@ def section_resume(args: argparse.Namespace) -> None:
     rows, c, latency = done + extra, args.concurrency or 100, _latency(args, 50)
     path = make_input(rows)
     with Server(args.server, latency, args.server_workers) as server:
-        template = resume_template(path, rows, done, server.base_url, c)
+        # Built in a child process, so that the 1,000,000 results never inflate this one.
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path; "
+                f"import run; print(run.resume_template(Path({str(path)!r}), {rows}, {done}, "
+                f"{server.base_url!r}, {c}))")
+        built = subprocess.run([sys.executable, "-c", code], check=True, text=True,
+                               stdout=subprocess.PIPE)
+        template = Path(built.stdout.strip().splitlines()[-1])
 
         def restore(output: Path) -> None:
             shutil.copytree(template, output.with_name(output.name + ".checkpoint"))
 
         m = run_client("batchrunner", path, rows, c, server, tag="-resume",
-                       watch_first_request=True, prepare_output=restore)
+                       watch_first_request=True, prepare_output=restore, timeout=args.timeout)
     first = m.first_request_s
     verdict = "met" if first is not None and first <= 3 else "NOT met"
     emit("resume", f"Resume: {done:,} rows checkpointed of {rows:,}, C = {c}, L = {latency:g} ms",
@@ -678,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curve-seconds", type=float, default=8.0,
                         help="ideal seconds per curve point [%(default)s]")
     parser.add_argument("--curve-peers", action="store_true", help="peers on the curve too")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds before a client run is stopped [%(default)s]")
     parser.add_argument("--memory-rows", type=int, default=10_000_000)
     parser.add_argument("--deadline", default="60s", help="memory section --deadline [60s]")
     parser.add_argument("--resume-rows", type=int, default=1_000_000)
@@ -691,6 +732,10 @@ def main(argv: list[str] | None = None) -> None:
     if "all" in sections:
         sections = list(SECTIONS)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "report.md").write_text(f"# bench/run.py {' '.join(argv or sys.argv[1:])}\n")
+    if Path(sys.prefix).resolve() != (HERE / ".venv").resolve():
+        log(f"note: running on {sys.prefix}, not bench/.venv (bash bench/setup.sh makes it); "
+            "peers missing here are marked 'not installed'")
     info = machine()
     emit("machine", f"Machine, {info['date']}",
          f"{info['nproc']} cores ({info['cpus_allowed']} allowed), {info['cpu']}, "

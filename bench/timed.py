@@ -8,8 +8,11 @@ The report holds, from this process's own clock and `getrusage(RUSAGE_SELF)` (al
 imported, and `run_s`/`run_cpu_s` from there to the client's final file being in place (for
 batchrunner: the `batchrunner run` command returning, final Parquet written). Interpreter
 start-up before this file runs is not in either; bench/run.py measures the whole process from
-outside as well (wall clock from spawn to exit, and `wait4`'s rusage).
+outside as well (wall clock from spawn to exit, and `wait4`'s rusage). `peak_rss_mb` is the
+process's VmHWM.
 """
+
+from __future__ import annotations
 
 import resource
 import time
@@ -20,6 +23,34 @@ RU0 = resource.getrusage(resource.RUSAGE_SELF)
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+
+def _dump_tasks(signum: int, frame: object) -> None:
+    """SIGUSR1: print every asyncio task's stack to stderr (bench/run.py sends it on a timeout)."""
+    import asyncio
+
+    try:
+        tasks = asyncio.all_tasks(asyncio.get_running_loop())
+    except RuntimeError:
+        print("timed.py: no running event loop", file=sys.stderr, flush=True)
+        return
+    print(f"timed.py: {len(tasks)} asyncio tasks", file=sys.stderr)
+    for task in tasks:
+        task.print_stack(limit=8, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM), MB.
+
+    Not ru_maxrss: Linux carries the parent's peak across fork + exec into it, so a child of a
+    big harness process would report the harness's memory.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu(usage: resource.struct_rusage) -> float:
@@ -61,6 +92,9 @@ def _run_peer(args: list[str]) -> tuple[float, resource.struct_rusage, int]:
 
 def main() -> None:
     """Parse `--report PATH CLIENT ARGS...`, run the client, write the report."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, _dump_tasks)
     argv = sys.argv[1:]
     if len(argv) < 3 or argv[0] != "--report":
         raise SystemExit(__doc__)
@@ -79,7 +113,7 @@ def main() -> None:
         "run_cpu_s": _cpu(ru_end) - _cpu(ru_ready),
         "run_user_s": ru_end.ru_utime - ru_ready.ru_utime,
         "run_sys_s": ru_end.ru_stime - ru_ready.ru_stime,
-        "maxrss_mb": ru_end.ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }))
     sys.exit(code)
 
