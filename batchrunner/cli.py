@@ -180,9 +180,8 @@ def run(job: Path | None, **kwargs: Any) -> None:
     5 stopped by --max-cost/--deadline, 130/143 interrupted.
     """
     from . import engine
-    from .progress import ProgressDisplay
-
     from .checkpoint import use_system_allocator
+    from .progress import ProgressDisplay
 
     config = _config(job, kwargs)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
