@@ -84,6 +84,8 @@ class Client:
             headers=self._headers.as_dict(),
             timeout=self._timeout,
             raise_for_status=False,
+            # An API call has no use for cookies, and matching them costs CPU on every request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         return self
 
