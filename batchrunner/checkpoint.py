@@ -213,8 +213,8 @@ class _Progress:
         positions = positions[row_numbers[positions] < rows]
         ok = summary.column("ok").to_numpy(zero_copy_only=False)[positions]
         progress.state[row_numbers[positions]] = np.where(ok, cls._OK, cls._ERROR)
-        latest = summary.take(pa.array(positions, pa.int64()))
-        progress._add_sums(latest)
+        sums = summary.select(list(cls._SUMS))  # not the ids: a million strings to copy
+        progress._add_sums(sums.take(pa.array(positions, pa.int64())))
         return progress
 
     def add(self, batch: pa.RecordBatch) -> None:
