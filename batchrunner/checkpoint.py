@@ -86,14 +86,15 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
 )
 
 
-def _summarize(batch: pa.RecordBatch) -> pa.Table:
-    """The summary columns of a segment batch, copied out of it (so no file map stays open)."""
+def _summarize(batches: list[pa.RecordBatch]) -> pa.Table:
+    """The summary columns of some segment batches, copied out of them (so they can go)."""
+    table = pa.Table.from_batches(batches, _SEGMENT_SCHEMA)
     columns = [
-        pc.equal(batch.column("status"), "ok") if name == "ok" else batch.column(name)
+        pc.equal(table.column("status"), "ok") if name == "ok" else table.column(name)
         for name in _SUMMARY_SCHEMA.names
     ]
-    table = pa.Table.from_arrays(columns, schema=_SUMMARY_SCHEMA)
-    return table.take(pa.array(np.arange(table.num_rows), pa.int64()))
+    summary = pa.Table.from_arrays(columns, schema=_SUMMARY_SCHEMA)
+    return summary.take(pa.array(np.arange(summary.num_rows), pa.int64()))
 
 
 def use_system_allocator() -> None:
@@ -116,7 +117,7 @@ class _BatchRef:
     """Where one checkpointed record batch lies, and which rows it covers."""
 
     segment: Path
-    number: int
+    offset: int  # where its IPC message starts in the segment
     first_row: int
     last_row: int
 
@@ -268,8 +269,6 @@ class Checkpoint:
         self._buffer: list[Result] = []
         self._segment_path: Path | None = None
         self._segment_file: Any = None
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
-        self._batches_written = 0
 
     # -- opening -------------------------------------------------------------------------
 
@@ -416,35 +415,39 @@ class Checkpoint:
         return results_to_batch(results)
 
     def write_batch(self, batch: pa.RecordBatch | None) -> None:
-        """Append a batch to this session's segment and fsync it (safe to call in a thread)."""
+        """Append a batch to this session's segment and fsync it (safe to call in a thread).
+
+        The segment is an Arrow IPC stream written message by message (the schema, then one
+        message a batch), so that where each batch starts is known and the output can later
+        read just the batches it needs.
+        """
         if batch is None or not batch.num_rows:
             return
-        if self._writer is None:
+        if self._segment_file is None:
             self._open_segment()
             if self._manifest.get("finished"):  # new results: the output must be rebuilt
                 self._manifest["finished"] = False
                 self._write_manifest()
-        assert self._writer is not None
-        self._writer.write_batch(batch)
+        offset = self._segment_file.tell()
+        self._segment_file.write(batch.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
         rows = batch.column(0)
         self._loaded.batches.append(
             _BatchRef(
                 self._segment_path,  # type: ignore[arg-type]
-                self._batches_written,
+                offset,
                 pc.min(rows).as_py(),
                 pc.max(rows).as_py(),
             )
         )
-        self._batches_written += 1
         self._progress.add(batch)
 
     def _open_segment(self) -> None:
         numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
         path = self.directory / f"part-{max(numbers, default=0) + 1:05d}.arrows"
         self._segment_file = open(path, "xb")
-        self._writer = pa.ipc.new_stream(self._segment_file, _SEGMENT_SCHEMA)
+        self._segment_file.write(_SEGMENT_SCHEMA.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
         _fsync_dir(self.directory)
@@ -452,13 +455,9 @@ class Checkpoint:
 
     def close(self) -> None:
         """Close the segment and release the lock (buffered results must be written first)."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-                self._segment_file.flush()
-                os.fsync(self._segment_file.fileno())
-            self._segment_file.close()
-            self._writer = None
+        if self._segment_file is not None:
+            self._segment_file.close()  # every batch was fsynced as it was written
+            self._segment_file = None
         if self._lock_file is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -522,15 +521,19 @@ class Checkpoint:
         """The last result of each row in [start, stop), in row order."""
         refs = [b for b in self._loaded.batches if b.first_row < stop and b.last_row >= start]
         pieces: list[pa.RecordBatch] = []
-        by_segment: dict[Path, set[int]] = {}
+        by_segment: dict[Path, list[int]] = {}
         for ref in refs:
-            by_segment.setdefault(ref.segment, set()).add(ref.number)
-        # Read segment by segment in the order they were written, so later results win.
+            by_segment.setdefault(ref.segment, []).append(ref.offset)
+        # Segment by segment in the order they were written, so later results win; only the
+        # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
-            for batch in _read_batches(segment, wanted=by_segment[segment]):
-                rows = batch.column(0)
-                keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
-                pieces.append(batch.filter(keep))
+            with pa.memory_map(str(segment)) as source:
+                for offset in sorted(by_segment[segment]):
+                    source.seek(offset)
+                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), _SEGMENT_SCHEMA)
+                    rows = batch.column(0)
+                    keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
+                    pieces.append(batch.filter(keep))
         table = pa.Table.from_batches(pieces, _SEGMENT_SCHEMA)
         row_numbers = table.column("_row").to_numpy()
         positions = _last_positions(row_numbers)
@@ -551,53 +554,64 @@ def _segment_number(path: Path) -> int:
         return 0
 
 
-def _read_batches(segment: Path, wanted: set[int] | None = None) -> Iterator[pa.RecordBatch]:
-    """The complete batches of a segment, copied out of the file; a torn tail is skipped."""
+def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(offset, batch) for each complete batch of a segment; a torn tail is skipped.
+
+    Read with plain reads, not a memory map: a map would keep every page it touched resident
+    until the whole segment was read, and the summary columns touch nearly all of them.
+    """
     try:
-        source = pa.memory_map(str(segment))
+        source = pa.OSFile(str(segment))
     except OSError as exc:
         log.warning("checkpoint: cannot read %s (%s); ignored", segment.name, exc)
         return
     with source:
         try:
-            reader = pa.ipc.open_stream(source)
-        except (pa.ArrowInvalid, OSError):
+            reader = pa.ipc.MessageReader.open_stream(source)
+            schema = pa.ipc.read_schema(reader.read_next_message())
+        except (pa.ArrowInvalid, OSError, StopIteration):
             log.warning("checkpoint: %s holds no complete batch; ignored", segment.name)
             return
-        number = 0
+        if schema != _SEGMENT_SCHEMA:
+            log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
+            return
+        kept = 0
         while True:
+            offset = source.tell()
             try:
-                batch = reader.read_next_batch()
+                batch = pa.ipc.read_record_batch(reader.read_next_message(), schema)
             except StopIteration:
                 return
             except (pa.ArrowInvalid, OSError):
                 log.warning(
                     "checkpoint: ignored a torn last write in %s (%d complete batches kept)",
                     segment.name,
-                    number,
+                    kept,
                 )
                 return
-            if wanted is None or number in wanted:
-                yield batch
-            number += 1
+            kept += 1
+            yield offset, batch
 
 
 def _load(directory: Path) -> _Loaded:
     """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
     loaded = _Loaded()
     pieces: list[pa.Table] = []
+    pending: list[pa.RecordBatch] = []  # summarised a few hundred at a time: cheaper per row
     for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
-        for number, batch in enumerate(_read_batches(segment)):
-            if batch.schema != _SEGMENT_SCHEMA:
-                log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
-                break
+        for offset, batch in _read_batches(segment):
             rows = batch.column(0)
             if not batch.num_rows:
                 continue
             loaded.batches.append(
-                _BatchRef(segment, number, pc.min(rows).as_py(), pc.max(rows).as_py())
+                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py())
             )
-            pieces.append(_summarize(batch))
+            pending.append(batch)
+            if len(pending) >= 256:
+                pieces.append(_summarize(pending))
+                pending = []
+    if pending:
+        pieces.append(_summarize(pending))
     if pieces:
         loaded.summary = pa.concat_tables(pieces)
     return loaded
