@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -757,11 +756,6 @@ def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]
         if old_settings.get(key) != new_settings.get(key):
             changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
     return changes
-
-
-def remove_checkpoint(output: Path) -> None:
-    """Delete the checkpoint folder of `output` (used by tests and by users who are done)."""
-    shutil.rmtree(checkpoint_dir(output), ignore_errors=True)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

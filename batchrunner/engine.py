@@ -41,7 +41,7 @@ from .errors import (
     RetryableError,
     UsageError,
 )
-from .pacing import Budget, Pacer, parse_deadline
+from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import RequestBuilder
 from .results import Result, Row
@@ -308,11 +308,8 @@ class _Run:
                 raise self.feed_error
             return self._finish(ckpt, info.rows)
 
-    def _deadline(self) -> float | None:
-        if not self.config.deadline:
-            return None
-        when = parse_deadline(self.config.deadline, datetime.now().astimezone())
-        return time.monotonic() + (when - datetime.now().astimezone()).total_seconds()
+    def _deadline(self) -> Deadline | None:
+        return Deadline.from_text(self.config.deadline) if self.config.deadline else None
 
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
         totals = ckpt.done_totals()
@@ -333,7 +330,7 @@ class _Run:
             self.budget.add_spent(totals["cost_usd"])
 
     async def _dispatch(
-        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: float | None
+        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: Deadline | None
     ) -> None:
         config = self.config
         queue: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * config.concurrency)
@@ -425,8 +422,8 @@ class _Run:
             await asyncio.shield(asyncio.wrap_future(write))
             self._writes = [w for w in self._writes if not w.done() or w.exception()]
 
-    async def _watch_deadline(self, deadline: float) -> None:
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    async def _watch_deadline(self, deadline: Deadline) -> None:
+        await asyncio.sleep(deadline.remaining())
         log.warning("deadline reached: no new requests are sent")
         self.control.stop("deadline", EXIT_STOPPED)
 
@@ -656,10 +653,12 @@ def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> 
     """Rows with no checkpointed result, built into requests, lazily and in input order."""
     skip = done.mask if len(done) else None
     records = inputs.iter_records(config, columns=builder.columns, skip=skip)
+    # iter_records skips finished Parquet and CSV rows in bulk; JSONL rows are checked here.
+    one_by_one = skip is not None and inputs.detect_format(config.input) == "jsonl"
     for index, record, error in records:
         row = builder.build(index, record, error)
-        if skip is not None and done.contains(index, row.id):
-            continue  # a JSONL row (Parquet and CSV rows were skipped in bulk)
+        if one_by_one and done.contains(index, row.id):
+            continue
         yield row
 
 
