@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+__version__ = "0.1.0"  # before the imports: client.py sends it as the User-Agent
+
 from .checkpoint import CheckpointStatus, read_status
 from .config import RunConfig
 from .engine import RunControl, RunReport, arun, check_job, list_models, run
@@ -24,7 +26,6 @@ from .pricing import PriceTable
 from .reports import estimate, summarize
 from .results import Result, Row, Usage
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AuthRefused",

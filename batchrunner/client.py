@@ -1,7 +1,7 @@
 """One HTTP attempt against a chat-completions gateway: send, parse (JSON or SSE), classify.
 
-The only module that speaks aiohttp's client API. Every failure leaves as one of the classes of
-`batchrunner.errors`; aiohttp's own exception types never cross this boundary.
+The HTTP itself is `connection.py`'s keep-alive pool. Every failure leaves as one of the
+classes of `batchrunner.errors`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import asyncio
 import email.utils
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
-
+from . import __version__
+from .connection import ConnectionPool, Response
 from .errors import (
     AttemptTimeout,
     AuthRefused,
@@ -54,7 +55,7 @@ class Answer:
 
 
 class Client:
-    """A pooled aiohttp session for one gateway; use as an async context manager.
+    """Keep-alive connections to one gateway; use as an async context manager.
 
     >>> async with Client("http://127.0.0.1:8000/v1", key, concurrency=16) as client:
     ...     answer = await client.complete({"model": "gpt-4o", "messages": [...]})
@@ -63,71 +64,59 @@ class Client:
     def __init__(
         self, base_url: str, api_key: str, *, concurrency: int = 16, timeout: float = 120.0
     ) -> None:
+        path = urlsplit(base_url).path.rstrip("/")
         self._url = base_url.rstrip("/") + "/chat/completions"
-        self._models_url = base_url.rstrip("/") + "/models"
-        # The key lives only in the session's default headers: never in an attribute that a
-        # repr, a log line or a traceback's locals would show.
-        self._headers = _AuthHeaders(api_key)
-        self._concurrency = concurrency
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._path = path + "/chat/completions"
+        self._models_path = path + "/models"
+        self._timeout = timeout
+        # The key lives only in the pool's encoded headers, which no repr, log line or
+        # traceback's locals show.
+        self._pool: ConnectionPool | None = ConnectionPool(
+            base_url, _AuthHeaders(api_key).as_dict(), max_idle=concurrency
+        )
 
     def __repr__(self) -> str:
         return f"Client({self._url!r})"
 
     async def __aenter__(self) -> Client:
-        connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=self._concurrency, keepalive_timeout=30
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers=self._headers.as_dict(),
-            timeout=self._timeout,
-            raise_for_status=False,
-            # An API call has no use for cookies, and matching them costs CPU on every request.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def complete(self, body: dict[str, Any]) -> Answer:
         """Send one request; return its Answer or raise a RequestError subclass."""
-        assert self._session is not None, "use Client as an async context manager"
-        streaming = bool(body.get("stream"))
+        assert self._pool is not None, "use Client as an async context manager"
         started = time.perf_counter()
         try:
-            async with self._session.post(self._url, data=_dumps(body)) as response:
-                if response.status != 200:
-                    raise await _error_for(response)
-                if streaming:
-                    return await _read_stream(response, started)
-                raw = await response.read()
-                return _parse_completion(raw, response, started)
-        except RequestError:
-            raise
-        except asyncio.TimeoutError:
-            raise AttemptTimeout(f"no answer within {self._timeout.total:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise ConnectionFailed(f"connection failed: {_describe(exc)}") from None
+            async with asyncio.timeout(self._timeout):
+                async with self._pool.stream("POST", self._path, _dumps(body)) as response:
+                    if response.status != 200:
+                        raise await _error_for(response)
+                    if body.get("stream"):
+                        return await _read_stream(response, started)
+                    raw = await response.read()
+                    return _parse_completion(raw, response, started)
+        except TimeoutError:
+            raise AttemptTimeout(f"no answer within {self._timeout:g} s") from None
 
     async def models(self) -> list[dict[str, Any]]:
         """The `data` list of GET /models."""
-        assert self._session is not None, "use Client as an async context manager"
+        assert self._pool is not None, "use Client as an async context manager"
         try:
-            async with self._session.get(self._models_url) as response:
+            async with asyncio.timeout(self._timeout):
+                response = await self._pool.request("GET", self._models_path)
                 if response.status != 200:
                     raise await _error_for(response)
-                payload = await response.json(content_type=None)
-        except RequestError:
-            raise
-        except asyncio.TimeoutError:
-            raise AttemptTimeout(f"no answer within {self._timeout.total:g} s") from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise ConnectionFailed(f"GET /models failed: {_describe(exc)}") from None
+                raw = await response.read()
+        except TimeoutError:
+            raise AttemptTimeout(f"no answer within {self._timeout:g} s") from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise InvalidResponse("GET /models: the answer is not JSON") from None
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, list):
             raise InvalidResponse("GET /models: no `data` list in the answer")
@@ -146,7 +135,11 @@ class _AuthHeaders:
         return "_AuthHeaders(<redacted>)"
 
     def as_dict(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"}
+        return {
+            "Authorization": f"Bearer {self._key}",
+            "Content-Type": "application/json",
+            "User-Agent": f"batchrunner/{__version__}",
+        }
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
@@ -159,18 +152,19 @@ def _describe(exc: BaseException) -> str:
 
 
 def _rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+    return {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP date."""
+    headers = {name.lower(): value for name, value in headers.items()}
     millis = headers.get("retry-after-ms")
     if millis:
         try:
             return max(0.0, float(millis) / 1000)
         except ValueError:
             pass
-    value = headers.get("Retry-After")
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
@@ -185,12 +179,12 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, when.timestamp() - now)
 
 
-async def _error_for(response: aiohttp.ClientResponse) -> RequestError | AuthRefused:
+async def _error_for(response: Response) -> RequestError | AuthRefused:
     """The error class for a non-200 answer, with the gateway's message."""
     status = response.status
     try:
         raw = await response.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (ConnectionFailed, InvalidResponse):
         raw = b""
     message = _error_message(raw) or response.reason or "no message"
     text = f"HTTP {status}: {message}"
@@ -225,7 +219,7 @@ def _error_message(raw: bytes) -> str | None:
 
 
 def _parse_completion(
-    raw: bytes, response: aiohttp.ClientResponse, started: float
+    raw: bytes, response: Response, started: float
 ) -> Answer:
     latency_ms = (time.perf_counter() - started) * 1000
     try:
@@ -262,7 +256,7 @@ def _choice_index(choice: Any) -> int:
     return choice.get("index", 0) if isinstance(choice, dict) else 0
 
 
-async def _read_stream(response: aiohttp.ClientResponse, started: float) -> Answer:
+async def _read_stream(response: Response, started: float) -> Answer:
     """Assemble an SSE stream of chat.completion.chunk events into one Answer."""
     parts: dict[int, list[str]] = {}
     finish: dict[int, str | None] = {}
@@ -270,8 +264,7 @@ async def _read_stream(response: aiohttp.ClientResponse, started: float) -> Answ
     usage: dict[str, Any] | None = None
     ttft_ms: float | None = None
     done = False
-    async for line in response.content:
-        line = line.strip()
+    async for line in _lines(response):
         if not line.startswith(b"data:"):
             continue  # blank separators, comments, `event:` lines
         data = line[5:].strip()
@@ -318,3 +311,15 @@ async def _read_stream(response: aiohttp.ClientResponse, started: float) -> Answ
         ttft_ms=ttft_ms,
         rate_headers=_rate_headers(response.headers),
     )
+
+
+async def _lines(response: Response) -> AsyncIterator[bytes]:
+    """The body's lines, stripped, as they arrive."""
+    pending = b""
+    async for chunk in response.iter_chunks():
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line.strip()
+    if pending.strip():
+        yield pending.strip()

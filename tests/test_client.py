@@ -1,20 +1,20 @@
-"""The client's parsing and error classification, with answers a real server rarely gives.
+"""The client's HTTP, parsing and error classification, against a loopback server.
 
-aioresponses serves what the gateway simulator cannot easily produce: bodies cut short, bodies
-that are not JSON, streams that end early; the simulator covers the rest in test_engine.py.
+`scripted_server` answers with whatever bytes a test writes: bodies cut short, bodies that are
+not JSON, streams that end early or are reset, stale keep-alive connections. The gateway
+simulator covers the API itself in test_engine.py and test_gateway.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import socket
+from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
-from aioresponses import aioresponses
-
-import aioresponses_compat  # noqa: F401  (aiohttp 3.14 support)
 
 from batchrunner.client import Client, parse_retry_after
 from batchrunner.errors import (
@@ -26,9 +26,8 @@ from batchrunner.errors import (
     RateLimited,
     ServerError,
 )
+from scripted_server import Reply, Request, scripted_server
 
-BASE = "http://gateway.test/v1"
-URL = BASE + "/chat/completions"
 KEY = "sk-ru-client-test-0123456789abcdef"
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -50,20 +49,22 @@ def completion(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return payload
 
 
-def send(mock_setup, body: dict[str, Any] = BODY, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    async def go():  # type: ignore[no-untyped-def]
-        with aioresponses() as mocked:
-            mock_setup(mocked)
-            async with Client(BASE, KEY, concurrency=2, timeout=timeout) as client:
+def send(reply: Reply | Callable[[Request], Reply], body: dict[str, Any] = BODY,
+         timeout: float = 5.0) -> Any:
+    """One request through a Client to a server that answers `reply`."""
+    handler = reply if callable(reply) else (lambda request: reply)
+    with scripted_server(handler) as server:
+        async def go() -> Any:
+            async with Client(server.base_url, KEY, concurrency=2, timeout=timeout) as client:
                 return await client.complete(body)
 
-    return asyncio.run(go())
+        return asyncio.run(go())
 
 
 def test_parses_a_completion_with_usage_and_cached_tokens() -> None:
     payload = completion()
     payload["usage"]["prompt_tokens_details"]["cached_tokens"] = 3
-    answer = send(lambda m: m.post(URL, payload=payload))
+    answer = send(Reply(json=payload))
     assert answer.content == "hello"
     assert answer.choices == ("hello",)
     assert answer.finish_reason == "stop"
@@ -74,13 +75,32 @@ def test_parses_a_completion_with_usage_and_cached_tokens() -> None:
     assert answer.http_status == 200 and answer.ttft_ms is None
 
 
+def test_the_request_is_json_posted_to_the_base_urls_path_with_the_key() -> None:
+    with scripted_server(lambda request: Reply(json=completion())) as server:
+        base = server.base_url.replace("/v1", "/ru-llm/v1")
+
+        async def go() -> str:
+            async with Client(base + "/", KEY, concurrency=1) as client:
+                await client.complete(BODY)
+                return repr(client) + repr(client.__dict__) + repr(vars(client._pool))
+
+        shown = asyncio.run(go())
+    request = server.requests[0]
+    assert (request.method, request.path) == ("POST", "/ru-llm/v1/chat/completions")
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["host"] == base.split("/")[2]
+    assert request.json() == BODY
+    assert KEY not in shown
+
+
 def test_n_choices_are_kept_in_index_order() -> None:
     payload = completion()
     payload["choices"] = [
         {"index": 1, "message": {"role": "assistant", "content": "b"}, "finish_reason": "length"},
         {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": "stop"},
     ]
-    answer = send(lambda m: m.post(URL, payload=payload))
+    answer = send(Reply(json=payload))
     assert answer.choices == ("a", "b")
     assert answer.finish_reason == "stop"
 
@@ -93,7 +113,15 @@ def test_n_choices_are_kept_in_index_order() -> None:
 )
 def test_a_body_that_is_not_a_valid_completion_is_retryable(body: bytes) -> None:
     with pytest.raises(InvalidResponse):
-        send(lambda m: m.post(URL, body=body, content_type="application/json"))
+        send(Reply(body=body))
+
+
+def test_chunked_and_gzip_bodies_are_decoded() -> None:
+    payload = json.dumps(completion("zipped")).encode()
+    answer = send(Reply(chunks=[payload[:40], payload[40:]]))
+    assert answer.content == "zipped"
+    answer = send(Reply(body=gzip.compress(payload), headers={"Content-Encoding": "gzip"}))
+    assert answer.content == "zipped"
 
 
 @pytest.mark.parametrize(
@@ -105,20 +133,22 @@ def test_a_body_that_is_not_a_valid_completion_is_retryable(body: bytes) -> None
 def test_status_codes_are_classified_by_type(status: int, error_class: type) -> None:
     error = {"error": {"message": f"the gateway says {status}", "type": "x", "code": None}}
     with pytest.raises(error_class) as caught:
-        send(lambda m: m.post(URL, status=status, payload=error))
+        send(Reply(status=status, json=error))
     assert caught.value.http_status == status
     assert f"the gateway says {status}" in str(caught.value)
 
 
-def test_429_carries_retry_after_in_seconds() -> None:
+def test_429_carries_retry_after_and_the_rate_limit_headers() -> None:
+    headers = {"Retry-After": "7", "X-RateLimit-Remaining-Requests": "0"}
     with pytest.raises(RateLimited) as caught:
-        send(lambda m: m.post(URL, status=429, headers={"Retry-After": "7"}, payload={}))
+        send(Reply(status=429, json={}, headers=headers))
     assert caught.value.retry_after == 7.0
+    assert caught.value.rate_headers == {"x-ratelimit-remaining-requests": "0"}
 
 
 def test_429_without_retry_after_has_none() -> None:
     with pytest.raises(RateLimited) as caught:
-        send(lambda m: m.post(URL, status=429, payload={"error": {"message": "slow down"}}))
+        send(Reply(status=429, json={"error": {"message": "slow down"}}))
     assert caught.value.retry_after is None
 
 
@@ -130,13 +160,94 @@ def test_retry_after_as_http_date_and_in_milliseconds() -> None:
     assert parse_retry_after({}) is None
 
 
-def test_connection_errors_and_timeouts_are_retryable_classes() -> None:
-    with pytest.raises(ConnectionFailed):
-        send(lambda m: m.post(URL, exception=aiohttp.ClientConnectionError("reset by peer")))
-    with pytest.raises(ConnectionFailed):
-        send(lambda m: m.post(URL, exception=aiohttp.ServerDisconnectedError()))
-    with pytest.raises(AttemptTimeout):
-        send(lambda m: m.post(URL, exception=asyncio.TimeoutError()))
+def test_a_refused_connection_is_a_connection_failure() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # nobody listens once the socket is closed
+
+    async def go() -> None:
+        async with Client(f"http://127.0.0.1:{port}/v1", KEY, concurrency=1) as client:
+            await client.complete(BODY)
+
+    with pytest.raises(ConnectionFailed, match="cannot connect"):
+        asyncio.run(go())
+
+
+def test_a_connection_closed_before_or_during_the_answer_is_a_connection_failure() -> None:
+    with pytest.raises(ConnectionFailed, match="before any answer"):
+        send(Reply(raw=b"", close=True))
+    with pytest.raises(ConnectionFailed, match="middle of the answer"):
+        send(Reply(json=completion(), cut_after=120))
+
+
+def test_an_answer_that_is_not_http_is_an_invalid_response() -> None:
+    with pytest.raises(InvalidResponse, match="not an HTTP answer"):
+        send(Reply(raw=b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
+
+
+def test_no_answer_within_the_timeout_is_an_attempt_timeout() -> None:
+    with pytest.raises(AttemptTimeout, match="0.3 s"):
+        send(Reply(json=completion(), delay=1.0), timeout=0.3)
+
+
+def test_connections_are_kept_alive_and_a_stale_one_is_replaced_without_a_failure() -> None:
+    def answer(request: Request) -> Reply:
+        if request.json()["messages"][0]["content"] == "drop":
+            return Reply(raw=b"", close=True)  # the server drops the idle connection as it is reused
+        return Reply(json=completion(request.json()["messages"][0]["content"]))
+
+    with scripted_server(answer) as server:
+        async def go() -> list[str | None]:
+            contents = []
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                for text in ("one", "two", "three"):
+                    answer = await client.complete({**BODY, "messages": [
+                        {"role": "user", "content": text}]})
+                    contents.append(answer.content)
+                server.close_idle_connections()
+                await asyncio.sleep(0.1)
+                contents.append((await client.complete(BODY)).content)
+            return contents
+
+        assert asyncio.run(go()) == ["one", "two", "three", "hi"]
+        assert server.connections == 2  # three requests on one, then a new one
+        assert len(server.requests) == 4
+
+    stale = iter([False, True, False])  # the second request finds its connection dropped
+
+    def drop_once(request: Request) -> Reply:
+        return Reply(raw=b"", close=True) if next(stale) else Reply(json=completion())
+
+    with scripted_server(drop_once) as server:
+        async def twice() -> None:
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                await client.complete(BODY)
+                await client.complete(BODY)
+
+        asyncio.run(twice())
+        assert [r.connection for r in server.requests] == [1, 1, 2]
+
+
+def test_a_connection_close_answer_is_not_reused() -> None:
+    with scripted_server(lambda request: Reply(json=completion(), close=True)) as server:
+        async def go() -> None:
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                for _ in range(3):
+                    await client.complete(BODY)
+
+        asyncio.run(go())
+        assert [r.connection for r in server.requests] == [1, 2, 3]
+
+
+def test_models_lists_the_data() -> None:
+    models = {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}
+    with scripted_server(lambda request: Reply(json=models)) as server:
+        async def go() -> list[dict[str, Any]]:
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                return await client.models()
+
+        assert asyncio.run(go()) == models["data"]
+        assert (server.requests[0].method, server.requests[0].path) == ("GET", "/v1/models")
 
 
 def sse(*events: Any) -> bytes:
@@ -154,6 +265,12 @@ def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> d
 
 
 STREAM_BODY = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+SSE = {"Content-Type": "text/event-stream"}
+
+
+def pieces(data: bytes, size: int = 7) -> list[bytes]:
+    """Cut a stream where events do not end, as a network does."""
+    return [data[i:i + size] for i in range(0, len(data), size)]
 
 
 def test_a_stream_is_assembled_with_usage_and_ttft() -> None:
@@ -162,53 +279,27 @@ def test_a_stream_is_assembled_with_usage_and_ttft() -> None:
              "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}}
     body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
                chunk({"content": "lo"}), chunk({}, "stop"), usage, "[DONE]")
-    answer = send(lambda m: m.post(URL, body=body, content_type="text/event-stream"),
-                  body=STREAM_BODY)
+    answer = send(Reply(chunks=pieces(body), headers=SSE, pause=0.001), body=STREAM_BODY)
     assert answer.content == "Hello"
     assert answer.finish_reason == "stop"
     assert answer.usage.total_tokens == 7
-    assert answer.ttft_ms is not None and answer.ttft_ms >= 0
+    assert answer.ttft_ms is not None and 0 <= answer.ttft_ms <= answer.latency_ms
     assert answer.response_id == "chatcmpl-s"
 
 
 def test_a_stream_cut_before_done_is_an_invalid_response() -> None:
     body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}))
     with pytest.raises(InvalidResponse, match="DONE"):
-        send(lambda m: m.post(URL, body=body, content_type="text/event-stream"),
-             body=STREAM_BODY)
+        send(Reply(chunks=[body], headers=SSE), body=STREAM_BODY)
 
 
 def test_a_stream_reset_mid_way_is_a_connection_failure() -> None:
-    async def go() -> None:
-        with aioresponses() as mocked:
-            mocked.post(URL, exception=aiohttp.ClientPayloadError("Response payload is not completed"))
-            async with Client(BASE, KEY, concurrency=1) as client:
-                await client.complete(STREAM_BODY)
-
-    with pytest.raises(ConnectionFailed):
-        asyncio.run(go())
+    body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), "[DONE]")
+    with pytest.raises(ConnectionFailed, match="middle of the answer"):
+        send(Reply(chunks=pieces(body, 40), headers=SSE, cut_after=100), body=STREAM_BODY)
 
 
 def test_a_stream_event_that_is_not_json_is_invalid() -> None:
     body = sse(chunk({"role": "assistant"}), "{not json", "[DONE]")
     with pytest.raises(InvalidResponse):
-        send(lambda m: m.post(URL, body=body, content_type="text/event-stream"),
-             body=STREAM_BODY)
-
-
-def test_the_key_is_sent_as_a_bearer_header_and_never_shown() -> None:
-    seen: dict[str, Any] = {}
-
-    def capture(url: Any, **kwargs: Any) -> None:
-        seen.update(kwargs)
-
-    async def go() -> str:
-        with aioresponses() as mocked:
-            mocked.post(URL, payload=completion(), callback=capture)
-            async with Client(BASE, KEY, concurrency=1) as client:
-                await client.complete(BODY)
-                return repr(client) + repr(client.__dict__)
-
-    shown = asyncio.run(go())
-    assert seen["headers"]["Authorization"] == f"Bearer {KEY}"
-    assert KEY not in shown
+        send(Reply(chunks=[body], headers=SSE), body=STREAM_BODY)

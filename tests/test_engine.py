@@ -10,14 +10,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from aioresponses import CallbackResult, aioresponses
 
-import aioresponses_compat  # noqa: F401  (aiohttp 3.14 support)
 import openapi_schema
 from batchrunner import RunConfig, run
 from batchrunner.errors import InputError
 from batchrunner.gateway import complete
 from batchrunner.pricing import PriceTable
+from scripted_server import Reply, Request, scripted_server
 
 KEY = "sk-ru-engine-tests-5f1c2a9e7b3d4c6a8e0f"
 
@@ -207,36 +206,34 @@ def test_a_missing_column_stops_before_anything_is_sent(tmp_path: Path, gateway)
     assert gateway.stats.requests == 0
 
 
+def answer_like_the_gateway(body: dict[str, Any]) -> Reply:
+    """The simulator's answer to `body`, as a scripted server's reply."""
+    answer = complete({k: v for k, v in body.items() if k not in ("stream", "stream_options")})
+    return Reply(json={
+        "id": "c", "object": "chat.completion", "created": 1, "model": answer.model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                     "finish_reason": f, "logprobs": None}
+                    for i, (t, f) in enumerate(zip(answer.texts, answer.finish_reasons))],
+        "usage": answer.usage.to_json()})
+
+
 def test_requests_sent_validate_against_the_official_schema(tmp_path: Path) -> None:
-    bodies: list[dict[str, Any]] = []
-    base = "http://schema.test/v1"
-
-    def capture(url: Any, **kwargs: Any) -> CallbackResult:
-        body = json.loads(kwargs["data"])
-        bodies.append(body)
-        answer = complete({k: v for k, v in body.items() if k not in ("stream", "stream_options")})
-        payload = {"id": "c", "object": "chat.completion", "created": 1, "model": answer.model,
-                   "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                                "finish_reason": f, "logprobs": None}
-                               for i, (t, f) in enumerate(zip(answer.texts, answer.finish_reasons))],
-                   "usage": answer.usage.to_json()}
-        return CallbackResult(payload=payload)
-
     source = write_jsonl(tmp_path / "in.jsonl", [
         {"id": "a", "prompt": "hello there"},
         {"id": "b", "messages": [{"role": "system", "content": "terse"},
                                  {"role": "user", "content": "hi"}]},
         {"id": "c", "prompt": "pick one", "model": "gpt-4o"},
     ])
-    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=base,
-                       model="gpt-4o-mini", system="Be brief.",
-                       params={"temperature": 0.2, "top_p": 0.9, "max_tokens": 50,
-                               "stop": ["\n\n"], "n": 2, "seed": 11,
-                               "response_format": {"type": "text"}})
-    with aioresponses() as mocked:
-        mocked.post(base + "/chat/completions", callback=capture, repeat=True)
+    with scripted_server(lambda request: answer_like_the_gateway(request.json())) as server:
+        config = RunConfig(input=source, output=tmp_path / "out.parquet",
+                           base_url=server.base_url, model="gpt-4o-mini", system="Be brief.",
+                           params={"temperature": 0.2, "top_p": 0.9, "max_tokens": 50,
+                                   "stop": ["\n\n"], "n": 2, "seed": 11,
+                                   "response_format": {"type": "text"}})
         report = run(config, handle_signals=False)
     assert report.exit_code == 0
+    bodies = sorted((request.json() for request in server.requests),
+                    key=lambda body: body["messages"][-1]["content"])
     assert len(bodies) == 3
     for body in bodies:
         openapi_schema.validate(body, "CreateChatCompletionRequest")
@@ -247,27 +244,19 @@ def test_requests_sent_validate_against_the_official_schema(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("retry_after", [None, "1"], ids=["no-retry-after", "retry-after-1s"])
 def test_429_is_retried_after_the_wait_it_asks_for(tmp_path: Path, retry_after: str | None) -> None:
-    base = "http://ratelimit.test/v1"
     moments: list[float] = []
 
-    def answer(url: Any, **kwargs: Any) -> CallbackResult:
+    def answer(request: Request) -> Reply:
         moments.append(time.monotonic())
         if len(moments) == 1:
             headers = {"Retry-After": retry_after} if retry_after else {}
-            return CallbackResult(status=429, headers=headers,
-                                  payload={"error": {"message": "slow down"}})
-        c = complete(json.loads(kwargs["data"]))
-        return CallbackResult(payload={
-            "id": "x", "object": "chat.completion", "created": 1, "model": c.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.texts[0]},
-                         "finish_reason": c.finish_reasons[0]}],
-            "usage": c.usage.to_json()})
+            return Reply(status=429, headers=headers, json={"error": {"message": "slow down"}})
+        return answer_like_the_gateway(request.json())
 
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": "only", "prompt": "hello"}])
-    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=base,
-                       model="gpt-4o")
-    with aioresponses() as mocked:
-        mocked.post(base + "/chat/completions", callback=answer, repeat=True)
+    with scripted_server(answer) as server:
+        config = RunConfig(input=source, output=tmp_path / "out.parquet",
+                           base_url=server.base_url, model="gpt-4o")
         report = run(config, handle_signals=False)
     assert report.exit_code == 0
     out = pq.read_table(config.output).to_pylist()
