@@ -128,11 +128,18 @@ class ConnectionPool:
             self._release(connection, reusable=connection.complete)
 
     async def close(self) -> None:
-        """Close every connection."""
-        for connection in list(self._open):
-            connection.close()
+        """Close every connection, waiting a moment for TLS to say goodbye."""
+        connections = list(self._open)
         self._open.clear()
         self._idle.clear()
+        for connection in connections:
+            connection.close()
+        closing = [connection.closed for connection in connections if not connection.lost]
+        if closing:
+            await asyncio.wait(closing, timeout=1.0)
+            for connection in connections:
+                if not connection.lost:
+                    connection.abort()
 
     def _encode(self, method: str, path: str, body: bytes) -> bytes:
         length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
@@ -205,6 +212,7 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._decoder: zlib._Decompress | None = None  # type: ignore[name-defined]
         self._error: Exception | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
         self.lost = False
         self.keep_alive = True
         self.reset()
@@ -250,6 +258,10 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
     async def _wait(self) -> None:
         self._waiter = self._loop.create_future()
         try:
@@ -278,6 +290,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if not self.closed.done():
+            self.closed.set_result(None)
         self.keep_alive = False
         if not self.complete and self._error is None:
             if self.status and "content-length" not in self.headers and (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json as jsonlib
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -148,8 +149,10 @@ class ScriptedServer:
 
 
 @contextlib.contextmanager
-def scripted_server(handler: Callable[[Request], Reply]) -> Iterator[ScriptedServer]:
-    """Run a ScriptedServer on 127.0.0.1 in a background thread."""
+def scripted_server(
+    handler: Callable[[Request], Reply], ssl_context: ssl.SSLContext | None = None
+) -> Iterator[ScriptedServer]:
+    """Run a ScriptedServer on 127.0.0.1 in a background thread (HTTPS with `ssl_context`)."""
     server = ScriptedServer(handler)
     ready = threading.Event()
     stop: asyncio.Event | None = None
@@ -157,9 +160,10 @@ def scripted_server(handler: Callable[[Request], Reply]) -> Iterator[ScriptedSer
     async def main() -> None:
         nonlocal stop
         stop = asyncio.Event()
-        listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+        listener = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=ssl_context)
         port = listener.sockets[0].getsockname()[1]
-        server.base_url = f"http://127.0.0.1:{port}/v1"
+        scheme = "https" if ssl_context else "http"
+        server.base_url = f"{scheme}://127.0.0.1:{port}/v1"
         server._loop = asyncio.get_running_loop()
         ready.set()
         async with listener:

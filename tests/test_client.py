@@ -11,10 +11,13 @@ import asyncio
 import gzip
 import json
 import socket
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from batchrunner.client import Client, parse_retry_after
 from batchrunner.errors import (
@@ -237,6 +240,28 @@ def test_a_connection_close_answer_is_not_reused() -> None:
 
         asyncio.run(go())
         assert [r.connection for r in server.requests] == [1, 2, 3]
+
+
+def test_https_is_verified_against_the_trusted_authorities(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def go(base_url: str) -> str | None:
+        async with Client(base_url, KEY, concurrency=1) as client:
+            return (await client.complete(BODY)).content
+
+    with scripted_server(lambda request: Reply(json=completion("over tls")),
+                         ssl_context=server_context) as server:
+        assert server.base_url.startswith("https://")
+        with pytest.raises(ConnectionFailed, match="certificate verify failed"):
+            asyncio.run(go(server.base_url))  # an authority nobody trusts yet
+        authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # as the README says
+        assert asyncio.run(go(server.base_url)) == "over tls"
+    assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"
 
 
 def test_models_lists_the_data() -> None:
