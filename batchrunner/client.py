@@ -6,7 +6,6 @@ classes of `batchrunner.errors`.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json
 import time
@@ -15,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 from . import __version__
 from .connection import ConnectionPool, Response
 from .errors import (
-    AttemptTimeout,
     AuthRefused,
     ConnectionFailed,
     InvalidResponse,
@@ -90,31 +90,24 @@ class Client:
         """Send one request; return its Answer or raise a RequestError subclass."""
         assert self._pool is not None, "use Client as an async context manager"
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self._timeout):
-                async with self._pool.stream("POST", self._path, _dumps(body)) as response:
-                    if response.status != 200:
-                        raise await _error_for(response)
-                    if body.get("stream"):
-                        return await _read_stream(response, started)
-                    raw = await response.read()
-                    return _parse_completion(raw, response, started)
-        except TimeoutError:
-            raise AttemptTimeout(f"no answer within {self._timeout:g} s") from None
+        request = self._pool.stream("POST", self._path, _dumps(body), timeout=self._timeout)
+        async with request as response:
+            if response.status != 200:
+                raise await _error_for(response)
+            if body.get("stream"):
+                return await _read_stream(response, started)
+            raw = await response.read()
+            return _parse_completion(raw, response, started)
 
     async def models(self) -> list[dict[str, Any]]:
         """The `data` list of GET /models."""
         assert self._pool is not None, "use Client as an async context manager"
+        response = await self._pool.request("GET", self._models_path, timeout=self._timeout)
+        if response.status != 200:
+            raise await _error_for(response)
+        raw = await response.read()
         try:
-            async with asyncio.timeout(self._timeout):
-                response = await self._pool.request("GET", self._models_path)
-                if response.status != 200:
-                    raise await _error_for(response)
-                raw = await response.read()
-        except TimeoutError:
-            raise AttemptTimeout(f"no answer within {self._timeout:g} s") from None
-        try:
-            payload = json.loads(raw)
+            payload = orjson.loads(raw)
         except ValueError:
             raise InvalidResponse("GET /models: the answer is not JSON") from None
         data = payload.get("data") if isinstance(payload, dict) else None
@@ -143,7 +136,10 @@ class _AuthHeaders:
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # what orjson refuses and json writes: integers over 64 bits, int keys
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _describe(exc: BaseException) -> str:
@@ -205,7 +201,7 @@ async def _error_for(response: Response) -> RequestError | AuthRefused:
 
 def _error_message(raw: bytes) -> str | None:
     try:
-        payload = json.loads(raw)
+        payload = orjson.loads(raw)
     except ValueError:
         text = raw.decode("utf-8", "replace").strip()
         return text[:300] or None
@@ -223,7 +219,7 @@ def _parse_completion(
 ) -> Answer:
     latency_ms = (time.perf_counter() - started) * 1000
     try:
-        payload = json.loads(raw)
+        payload = orjson.loads(raw)
     except ValueError:
         raise InvalidResponse(
             f"answer is not JSON ({len(raw)} bytes)", http_status=response.status
@@ -272,7 +268,7 @@ async def _read_stream(response: Response, started: float) -> Answer:
             done = True
             break
         try:
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)
         except ValueError:
             raise InvalidResponse("a stream event is not JSON", http_status=200) from None
         if not isinstance(chunk, dict):

@@ -97,6 +97,18 @@ def test_the_request_is_json_posted_to_the_base_urls_path_with_the_key() -> None
     assert KEY not in shown
 
 
+def test_a_body_orjson_refuses_is_still_sent_exactly() -> None:
+    body = {**BODY, "seed": 2**70, "logit_bias": {50256: -100}, "user": "Ünïcode ✓"}
+    with scripted_server(lambda request: Reply(json=completion())) as server:
+        async def go() -> None:
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                await client.complete(body)
+
+        asyncio.run(go())
+    assert server.requests[0].json() == {**body, "logit_bias": {"50256": -100}}
+    assert "Ünïcode ✓".encode() in server.requests[0].body  # UTF-8, not \\u escapes
+
+
 def test_n_choices_are_kept_in_index_order() -> None:
     payload = completion()
     payload["choices"] = [
@@ -191,6 +203,20 @@ def test_an_answer_that_is_not_http_is_an_invalid_response() -> None:
 def test_no_answer_within_the_timeout_is_an_attempt_timeout() -> None:
     with pytest.raises(AttemptTimeout, match="0.3 s"):
         send(Reply(json=completion(), delay=1.0), timeout=0.3)
+
+
+def test_the_timeout_covers_a_body_that_stalls_and_the_next_request_goes_on() -> None:
+    payload = json.dumps(completion("late")).encode()
+    replies = iter([Reply(chunks=[payload[:30], payload[30:]], pause=1.0), Reply(json=completion())])
+    with scripted_server(lambda request: next(replies)) as server:
+        async def go() -> str | None:
+            async with Client(server.base_url, KEY, concurrency=1, timeout=0.4) as client:
+                with pytest.raises(AttemptTimeout, match="0.4 s"):
+                    await client.complete(BODY)
+                return (await client.complete(BODY)).content
+
+        assert asyncio.run(go()) == "hello"
+        assert [r.connection for r in server.requests] == [1, 2]  # the timed-out one is closed
 
 
 def test_connections_are_kept_alive_and_a_stale_one_is_replaced_without_a_failure() -> None:
