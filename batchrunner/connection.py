@@ -82,8 +82,8 @@ class ConnectionPool:
         self._host = url.hostname
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._ssl = (ssl_context or ssl.create_default_context()) if url.scheme == "https" else None
-        self._origin = f"{url.scheme}://{url.netloc}"
-        host_header = url.netloc.rpartition("@")[2]
+        host_header = url.netloc.rpartition("@")[2]  # never the user:password part
+        self._origin = f"{url.scheme}://{host_header}"
         # Every request carries the same headers, so they are encoded once. They hold the API
         # key: _Secret keeps it out of this object's repr and out of traceback locals.
         lines = [f"Host: {host_header}", "Accept: application/json",
