@@ -115,21 +115,9 @@ class ConnectionPool:
         """
         data = self._encode(method, path, body)
         deadline = asyncio.get_running_loop().time() + timeout
-        connection = self._take_idle()
-        reused = connection is not None
-        if connection is None:
-            connection = await self._connect(deadline, timeout)
+        connection = self._take_idle() or await self._connect(deadline, timeout)
         try:
-            try:
-                await connection.send(data, deadline, timeout)
-            except _StaleConnection as stale:
-                if not reused:
-                    raise stale.error from None
-                # The server dropped an idle connection as it was reused: nothing came back,
-                # so the request goes once more, on a new connection.
-                self._discard(connection)
-                connection = await self._connect(deadline, timeout)
-                await connection.send(data, deadline, timeout)
+            await connection.send(data, deadline, timeout)
             yield Response(connection)
         finally:
             # An answer read to its end leaves the connection ready for the next request, even
@@ -156,6 +144,9 @@ class ConnectionPool:
         return b"".join((head, self._header_block.value, b"\r\n", body))
 
     def _take_idle(self) -> _Connection | None:
+        # A connection the server has closed is skipped here, before anything is written to it.
+        # Once a request is written, a failure is the caller's to retry, never retried here:
+        # the gateway may have started on it, and the caller counts the attempts.
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
@@ -207,14 +198,6 @@ class _Secret:
         return "<redacted>"
 
 
-class _StaleConnection(Exception):
-    """A connection was closed before any byte of the answer came back."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; httptools calls the on_* methods as the answer is parsed."""
 
@@ -246,8 +229,6 @@ class _Connection(asyncio.Protocol):
 
     async def send(self, data: bytes, deadline: float, timeout: float) -> None:
         """Write a request and wait for the answer's headers; it fails at `deadline`."""
-        if self.lost:
-            raise _StaleConnection(ConnectionFailed("the server closed the connection"))
         assert self._transport is not None
         # One timer on the loop for the whole answer: cheaper than asyncio.timeout's
         # per-request task bookkeeping, which cost 6% of a row's CPU (bench/README.md).
@@ -256,8 +237,6 @@ class _Connection(asyncio.Protocol):
         while not self.status and self._error is None:
             await self._wait()
         if self._error is not None:
-            if not self.received and isinstance(self._error, ConnectionFailed):
-                raise _StaleConnection(self._error)
             raise self._error
 
     async def next_chunk(self) -> bytes:

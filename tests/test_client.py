@@ -219,10 +219,8 @@ def test_the_timeout_covers_a_body_that_stalls_and_the_next_request_goes_on() ->
         assert [r.connection for r in server.requests] == [1, 2]  # the timed-out one is closed
 
 
-def test_connections_are_kept_alive_and_a_stale_one_is_replaced_without_a_failure() -> None:
+def test_connections_are_kept_alive_and_one_the_server_closed_is_not_reused() -> None:
     def answer(request: Request) -> Reply:
-        if request.json()["messages"][0]["content"] == "drop":
-            return Reply(raw=b"", close=True)  # the server drops the idle connection as it is reused
         return Reply(json=completion(request.json()["messages"][0]["content"]))
 
     with scripted_server(answer) as server:
@@ -233,27 +231,30 @@ def test_connections_are_kept_alive_and_a_stale_one_is_replaced_without_a_failur
                     answer = await client.complete({**BODY, "messages": [
                         {"role": "user", "content": text}]})
                     contents.append(answer.content)
-                server.close_idle_connections()
+                server.close_idle_connections()  # as servers do after their keep-alive time
                 await asyncio.sleep(0.1)
                 contents.append((await client.complete(BODY)).content)
             return contents
 
         assert asyncio.run(go()) == ["one", "two", "three", "hi"]
-        assert server.connections == 2  # three requests on one, then a new one
-        assert len(server.requests) == 4
+        assert [r.connection for r in server.requests] == [1, 1, 1, 2]
 
-    stale = iter([False, True, False])  # the second request finds its connection dropped
 
-    def drop_once(request: Request) -> Reply:
-        return Reply(raw=b"", close=True) if next(stale) else Reply(json=completion())
+def test_a_request_written_then_dropped_is_not_resent_behind_the_callers_back() -> None:
+    drop = iter([False, True, False])  # the second request: the server closes without answering
 
-    with scripted_server(drop_once) as server:
-        async def twice() -> None:
+    def answer(request: Request) -> Reply:
+        return Reply(raw=b"", close=True) if next(drop) else Reply(json=completion())
+
+    with scripted_server(answer) as server:
+        async def go() -> None:
             async with Client(server.base_url, KEY, concurrency=1) as client:
                 await client.complete(BODY)
+                with pytest.raises(ConnectionFailed, match="before any answer"):
+                    await client.complete(BODY)  # the retry policy decides, and counts it
                 await client.complete(BODY)
 
-        asyncio.run(twice())
+        asyncio.run(go())
         assert [r.connection for r in server.requests] == [1, 1, 2]
 
 
