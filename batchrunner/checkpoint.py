@@ -596,7 +596,10 @@ def _load(directory: Path) -> _Loaded:
     """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
     loaded = _Loaded()
     pieces: list[pa.Table] = []
-    pending: list[pa.RecordBatch] = []  # summarised a few hundred at a time: cheaper per row
+    # Batches are summarised a few hundred at a time (cheaper per row), and never more than
+    # ~32k rows at once: a batch holds whole answers, and memory must not grow with a segment.
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
     for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
         for offset, batch in _read_batches(segment):
             rows = batch.column(0)
@@ -606,9 +609,10 @@ def _load(directory: Path) -> _Loaded:
                 _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py())
             )
             pending.append(batch)
-            if len(pending) >= 256:
+            pending_rows += batch.num_rows
+            if len(pending) >= 256 or pending_rows >= 32_768:
                 pieces.append(_summarize(pending))
-                pending = []
+                pending, pending_rows = [], 0
     if pending:
         pieces.append(_summarize(pending))
     if pieces:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 from .errors import UsageError
@@ -113,11 +114,18 @@ def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None
     """--base-url, else RU_LLM_BASE_URL, else OPENAI_BASE_URL, else the ru-llm gateway."""
     environ = os.environ if environ is None else environ
     if explicit:
-        return explicit.rstrip("/")
+        return _checked_url(explicit, "--base-url")
     for name in BASE_URL_ENVS:
         if environ.get(name):
-            return environ[name].rstrip("/")
+            return _checked_url(environ[name], f"${name}")
     return DEFAULT_BASE_URL
+
+
+def _checked_url(url: str, source: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{source} must be an http:// or https:// URL with a host")
+    return url.strip().rstrip("/")
 
 
 def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = None) -> str:

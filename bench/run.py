@@ -62,7 +62,7 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for name in ("batchrunner", "aiohttp", "pyarrow", "openai", "litellm", "uvloop"):
+    for name in ("batchrunner", "httptools", "orjson", "pyarrow", "openai", "litellm", "uvloop"):
         try:
             from importlib.metadata import version
 

@@ -163,6 +163,19 @@ def test_the_key_never_appears_in_any_file_or_output(tmp_path: Path, start_gatew
         assert SECRET.encode() not in data, f"the key leaked into {path}"
 
 
+def test_a_base_url_that_is_not_http_is_a_usage_error_that_does_not_echo_it(tmp_path: Path) -> None:
+    url = "ftp://user:sk-ru-in-a-url@gateway.example/v1"
+    env = {"RU_LLM_API_KEY": SECRET}
+    models = cli("models", "--base-url", url, env=env)
+    run = cli("run", "-i", "sample_data/prompts.jsonl", "-o", str(tmp_path / "o.parquet"),
+              "-m", "gpt-4o", env={**env, "RU_LLM_BASE_URL": "gateway.example/v1"})
+    assert (models.returncode, run.returncode) == (2, 2)
+    assert "--base-url must be an http:// or https:// URL" in models.stderr
+    assert "$RU_LLM_BASE_URL must be an http:// or https:// URL" in run.stderr
+    for done in (models, run):
+        assert "Traceback" not in done.stderr and "sk-ru-in-a-url" not in done.stderr
+
+
 @pytest.mark.parametrize("job", sorted(p.name for p in (REPO / "jobs").glob("*.toml")))
 def test_every_job_file_runs_against_the_simulator(tmp_path: Path, gateway, job: str) -> None:  # type: ignore[no-untyped-def]
     """Each example job, as written, with only its endpoint, output and pace redirected."""
