@@ -4,7 +4,7 @@ Each concern is one small object on an injected `Clock`, so pacing and backoff a
 `FakeClock` without waiting. `Pacer` only composes them for the engine's workers:
 
     pacer = Pacer(concurrency=16, rpm=500, tpm=200_000)
-    async with pacer.slot(estimate_tokens(prompt, max_tokens=256)) as slot:
+    async with pacer.slot(tokens_estimate) as slot:  # prompt + completion tokens, for tpm
         try:
             answer = await send(body)
         except RateLimited as error:
@@ -49,7 +49,6 @@ __all__ = [
     "SharedPause",
     "Slot",
     "SystemClock",
-    "estimate_tokens",
     "parse_deadline",
     "parse_reset",
 ]
@@ -61,10 +60,6 @@ WINDOW = 60.0
 
 # A wait shorter than this still sleeps this long: float rounding must never make a wait loop spin.
 MIN_SLEEP = 1e-6
-
-# Prompt characters per token for estimates; 3 rather than the English 4, since Cyrillic and code
-# tokenise denser and an estimate that is too low is the one that earns 429s.
-CHARS_PER_TOKEN = 3.0
 
 
 # --------------------------------------------------------------------------------------- clocks
@@ -750,15 +745,6 @@ class Pacer:
         )
         if slows:
             self._quiet = False
-
-
-def estimate_tokens(text: str, max_tokens: int | None = None) -> int:
-    """Tokens a request may use: its prompt text at ~3 characters a token, plus max_tokens.
-
-    >>> estimate_tokens("Translate: good morning", max_tokens=64)
-    72
-    """
-    return math.ceil(len(text) / CHARS_PER_TOKEN) + (max_tokens or 0)
 
 
 # ------------------------------------------------------------------------------- budget, deadline

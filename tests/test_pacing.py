@@ -21,7 +21,6 @@ from batchrunner.pacing import (
     Pacer,
     RateLimiter,
     SharedPause,
-    estimate_tokens,
     parse_deadline,
     parse_reset,
 )
@@ -579,12 +578,6 @@ def test_deadline_on_the_monotonic_clock() -> None:
     clock.advance(90)
     assert deadline.passed and deadline.remaining() == 0.0
     assert Deadline.from_text("06:00", clock, now=NOW).remaining() == 3600
-
-
-def test_estimate_tokens_counts_prompt_and_max_tokens() -> None:
-    assert estimate_tokens("x" * 300, max_tokens=200) == 300
-    assert estimate_tokens("", None) == 0
-    assert estimate_tokens("abcd") == 2
 
 
 def test_after_a_hold_starts_are_probes_until_fresh_headers_arrive() -> None:
