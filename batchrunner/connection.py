@@ -150,7 +150,9 @@ class ConnectionPool:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.lost and now - connection.idle_since < IDLE_SECONDS:
+            if connection.keep_alive and not connection.lost and (
+                now - connection.idle_since < IDLE_SECONDS
+            ):
                 return connection
             self._discard(connection)
         return None
@@ -222,6 +224,7 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.received = False
         self.complete = False
+        self.waiting = False  # a request is written and its answer has not ended
         self._chunks.clear()
         self._error = None
         self._decoder = None
@@ -233,6 +236,7 @@ class _Connection(asyncio.Protocol):
         # One timer on the loop for the whole answer: cheaper than asyncio.timeout's
         # per-request task bookkeeping, which cost 6% of a row's CPU (bench/README.md).
         self._timer = self._loop.call_at(deadline, self._time_out, timeout)
+        self.waiting = True
         self._transport.write(data)
         while not self.status and self._error is None:
             await self._wait()
@@ -293,10 +297,13 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._error = InvalidResponse(f"not an HTTP answer: {exc}")
             self.keep_alive = False
             self.close()
-            self._wake()
+            if self.waiting:
+                self._error = InvalidResponse(f"not an HTTP answer: {exc}")
+                self._wake()
+            # else an answer nobody asked for (some servers say 408 before closing an idle
+            # connection): the connection is not used again, the answer before it stands.
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -315,6 +322,10 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if not self.waiting:
+            raise ConnectionError("an answer to no request")  # stops the parser
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason.decode("latin-1")
@@ -348,5 +359,6 @@ class _Connection(asyncio.Protocol):
         if self._decoder is not None:
             self._chunks.append(self._decoder.flush())
         self.complete = True
+        self.waiting = False
         self.keep_alive = self.keep_alive and self._parser.should_keep_alive()
         self._wake()

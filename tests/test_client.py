@@ -258,6 +258,22 @@ def test_a_request_written_then_dropped_is_not_resent_behind_the_callers_back() 
         assert [r.connection for r in server.requests] == [1, 1, 2]
 
 
+def test_an_answer_nobody_asked_for_retires_the_connection_and_spoils_nothing() -> None:
+    body = json.dumps(completion("first")).encode()
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    timeout = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    replies = iter([Reply(raw=ok + timeout), Reply(json=completion("second"))])
+    with scripted_server(lambda request: next(replies)) as server:
+        async def go() -> list[str | None]:
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                first = await client.complete(BODY)
+                second = await client.complete(BODY)
+                return [first.content, second.content]
+
+        assert asyncio.run(go()) == ["first", "second"]
+        assert [r.connection for r in server.requests] == [1, 2]
+
+
 def test_a_connection_close_answer_is_not_reused() -> None:
     with scripted_server(lambda request: Reply(json=completion(), close=True)) as server:
         async def go() -> None:
