@@ -8,7 +8,7 @@ redirects, proxies or multipart. Parsing the HTTP/1.1 response is left to httpto
 the parser of Node.js and uvicorn); this module only writes requests and keeps connections.
 
     pool = ConnectionPool("https://gateway.example/v1", {"Authorization": "Bearer ..."})
-    response = await pool.request("POST", "/v1/chat/completions", body)
+    response = await pool.request("POST", "/v1/chat/completions", body, timeout=120)
     await pool.close()
 
 Failures leave as `ConnectionFailed` (refused, reset, closed mid-answer), `InvalidResponse`
@@ -336,7 +336,10 @@ class _Connection(asyncio.Protocol):
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status < 200:
+            return  # 1xx (103 Early Hints, say) comes before the answer; its end is skipped too
+        self.status = status
         encoding = self.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, told apart by header
@@ -356,6 +359,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if not self.status:  # the end of a 1xx
+            self.headers.clear()
+            return
         if self._decoder is not None:
             self._chunks.append(self._decoder.flush())
         self.complete = True

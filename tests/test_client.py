@@ -274,6 +274,16 @@ def test_an_answer_nobody_asked_for_retires_the_connection_and_spoils_nothing() 
         assert [r.connection for r in server.requests] == [1, 2]
 
 
+def test_an_informational_answer_before_the_answer_is_skipped() -> None:
+    body = json.dumps(completion("after hints")).encode()
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-RateLimit-Remaining-Requests: 9\r\n\r\n%s" % (
+        len(body), body)
+    answer = send(Reply(raw=hints + ok))
+    assert answer.content == "after hints"
+    assert answer.rate_headers == {"x-ratelimit-remaining-requests": "9"}
+
+
 def test_a_connection_close_answer_is_not_reused() -> None:
     with scripted_server(lambda request: Reply(json=completion(), close=True)) as server:
         async def go() -> None:
