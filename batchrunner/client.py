@@ -69,10 +69,9 @@ class Client:
         self._path = path + "/chat/completions"
         self._models_path = path + "/models"
         self._timeout = timeout
-        # The key lives only in the pool's encoded headers, which no repr, log line or
-        # traceback's locals show.
+        # The key lives only in the pool's encoded headers, which no repr shows.
         self._pool: ConnectionPool | None = ConnectionPool(
-            base_url, _AuthHeaders(api_key).as_dict(), max_idle=concurrency
+            base_url, _headers(api_key), max_idle=concurrency
         )
 
     def __repr__(self) -> str:
@@ -116,23 +115,12 @@ class Client:
         return data
 
 
-class _AuthHeaders:
-    """Holds the Authorization header so that printing it shows no key."""
-
-    __slots__ = ("_key",)
-
-    def __init__(self, key: str) -> None:
-        self._key = key
-
-    def __repr__(self) -> str:
-        return "_AuthHeaders(<redacted>)"
-
-    def as_dict(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self._key}",
-            "Content-Type": "application/json",
-            "User-Agent": f"batchrunner/{__version__}",
-        }
+def _headers(api_key: str) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "User-Agent": f"batchrunner/{__version__}",
+    }
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
