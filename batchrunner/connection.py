@@ -85,7 +85,7 @@ class ConnectionPool:
         host_header = url.netloc.rpartition("@")[2]  # never the user:password part
         self._origin = f"{url.scheme}://{host_header}"
         # Every request carries the same headers, so they are encoded once. They hold the API
-        # key: _Secret keeps it out of this object's repr and out of traceback locals.
+        # key: _Secret keeps it out of this object's repr (and so out of error messages).
         lines = [f"Host: {host_header}", "Accept: application/json",
                  "Accept-Encoding: identity", "Connection: keep-alive"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
