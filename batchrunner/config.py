@@ -6,8 +6,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 
