@@ -43,7 +43,7 @@ from .errors import (
 )
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
-from .requests import RequestBuilder
+from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
 
@@ -671,8 +671,9 @@ def _input_error_result(row: Row, model: str | None) -> Result:
 def _prompt_tokens(body: dict[str, Any]) -> tuple[int, int]:
     """An estimate and an upper bound of a request's prompt tokens.
 
-    The estimate (about 4 characters a token, plus framing) paces --tpm; the bound (one token
-    per UTF-8 byte at most, as byte-level tokenizers guarantee) keeps --max-cost a promise.
+    The estimate (requests.py's rule, the one `batchrunner estimate` uses) paces --tpm; the
+    bound (one token per UTF-8 byte at most, as byte-level tokenizers guarantee) keeps
+    --max-cost a promise.
     """
     chars = 0
     size = 0
@@ -683,8 +684,8 @@ def _prompt_tokens(body: dict[str, Any]) -> tuple[int, int]:
             content = "" if content is None else json.dumps(content)
         chars += len(content)
         size += len(content.encode())
-    framing = 4 * len(messages) + 3
-    return math.ceil(chars / 4) + framing, size + 2 * framing
+    framing = MESSAGE_TOKENS * len(messages) + REPLY_TOKENS
+    return math.ceil(chars / CHARS_PER_TOKEN) + framing, size + 2 * framing
 
 
 def _completion_bound(body: dict[str, Any]) -> int | None:

@@ -33,6 +33,7 @@ from .checkpoint import RESULT_SCHEMA
 from .config import RunConfig
 from .errors import UsageError
 from .pricing import PRICES_AS_OF, PriceTable
+from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 
 __all__ = [
     "CALIBRATION_MAX_ROWS",
@@ -819,14 +820,10 @@ def _plot_label(value: Any) -> str:
 # Estimate
 # ---------------------------------------------------------------------------------------------
 
-#: The prompt-token rule of an estimate: characters of all message contents / 4, plus 4 tokens
-#: of framing per message and 3 per request that open the reply (OpenAI's published counting
-#: recipe). English comes out near 4 characters a token; the range allows 6 (plain English
-#: prose) to 2 (code, Cyrillic) characters a token. CJK text can fall outside it: calibrate.
-CHARS_PER_TOKEN = 4.0
+#: The prompt-token rule of an estimate is requests.py's (CHARS_PER_TOKEN, MESSAGE_TOKENS,
+#: REPLY_TOKENS); its range allows 6 (plain English prose) to 2 (code, Cyrillic) characters a
+#: token. CJK text can fall outside it: calibrate.
 CHARS_PER_TOKEN_LOW, CHARS_PER_TOKEN_HIGH = 6.0, 2.0
-MESSAGE_TOKENS = 4
-REPLY_TOKENS = 3
 #: A calibrated range is the expected figure +- this many standard deviations of a total of
 #: that many rows, given how the calibration rows varied (a prediction interval that assumes
 #: the calibration run is representative of the job: same kind of prompts and answers).

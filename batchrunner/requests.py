@@ -29,9 +29,17 @@ from .config import RunConfig
 from .inputs import detect_format, id_text, resolve_columns
 from .results import Row
 
-__all__ = ["ROLES", "RequestBuilder"]
+__all__ = ["CHARS_PER_TOKEN", "MESSAGE_TOKENS", "REPLY_TOKENS", "ROLES", "RequestBuilder"]
 
 ROLES = frozenset({"system", "user", "assistant"})
+
+#: How many tokens a request's prompt is reckoned at before any answer says (the pacing of
+#: --tpm and `batchrunner estimate` both use it): characters of the message contents / 4, plus
+#: 4 tokens of framing per message and 3 per request that open the reply (OpenAI's published
+#: counting recipe; English comes out near 4 characters a token).
+CHARS_PER_TOKEN = 4.0
+MESSAGE_TOKENS = 4
+REPLY_TOKENS = 3
 _STREAM_OPTIONS = {"include_usage": True}
 _TEMPLATE_ERRORS = (KeyError, IndexError, AttributeError, TypeError, ValueError)
 
