@@ -136,8 +136,11 @@ def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = No
     environ = os.environ if environ is None else environ
     names = (api_key_env,) if api_key_env else API_KEY_ENVS
     for name in names:
-        if environ.get(name):
-            return environ[name]
+        key = environ.get(name, "").strip()  # a key pasted with its newline still works
+        if key:
+            if not (key.isascii() and key.isprintable() and " " not in key):
+                raise UsageError(f"${name} holds characters an HTTP header cannot carry")
+            return key
     wanted = " or ".join(names)
     raise UsageError(
         f"no API key: set {wanted} in the environment (or use --local to try the built-in gateway)"

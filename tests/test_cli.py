@@ -163,6 +163,21 @@ def test_the_key_never_appears_in_any_file_or_output(tmp_path: Path, start_gatew
         assert SECRET.encode() not in data, f"the key leaked into {path}"
 
 
+def test_a_key_with_its_newline_works_and_a_broken_key_is_named_not_shown(
+    tmp_path: Path, gateway
+) -> None:  # type: ignore[no-untyped-def]
+    args = ("run", "-i", "sample_data/prompts.jsonl", "-m", "gpt-4o", "--limit", "2",
+            "--base-url", gateway.base_url)
+    pasted = cli(*args, "-o", str(tmp_path / "a.parquet"), env={"RU_LLM_API_KEY": SECRET + "\n"})
+    assert pasted.returncode == 0, pasted.stderr
+    broken = SECRET[:20] + "\r\nX-Injected: 1"
+    refused = cli(*args, "-o", str(tmp_path / "b.parquet"), env={"RU_LLM_API_KEY": broken})
+    assert refused.returncode == 2
+    assert "$RU_LLM_API_KEY holds characters an HTTP header cannot carry" in refused.stderr
+    assert SECRET[:20] not in refused.stderr + refused.stdout
+    assert gateway.stats.requests == 2
+
+
 def test_a_base_url_that_is_not_http_is_a_usage_error_that_does_not_echo_it(tmp_path: Path) -> None:
     url = "ftp://user:sk-ru-in-a-url@gateway.example/v1"
     env = {"RU_LLM_API_KEY": SECRET}
