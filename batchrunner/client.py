@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import orjson
 
@@ -64,7 +64,7 @@ class Client:
     def __init__(
         self, base_url: str, api_key: str, *, concurrency: int = 16, timeout: float = 120.0
     ) -> None:
-        path = urlsplit(base_url).path.rstrip("/")
+        path = quote(urlsplit(base_url).path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._path = path + "/chat/completions"
         self._models_path = path + "/models"

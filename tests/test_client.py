@@ -80,7 +80,7 @@ def test_parses_a_completion_with_usage_and_cached_tokens() -> None:
 
 def test_the_request_is_json_posted_to_the_base_urls_path_with_the_key() -> None:
     with scripted_server(lambda request: Reply(json=completion())) as server:
-        base = server.base_url.replace("/v1", "/ru-llm/v1")
+        base = server.base_url.replace("/v1", "/ru llm/v1")
 
         async def go() -> str:
             async with Client(base + "/", KEY, concurrency=1) as client:
@@ -89,7 +89,7 @@ def test_the_request_is_json_posted_to_the_base_urls_path_with_the_key() -> None
 
         shown = asyncio.run(go())
     request = server.requests[0]
-    assert (request.method, request.path) == ("POST", "/ru-llm/v1/chat/completions")
+    assert (request.method, request.path) == ("POST", "/ru%20llm/v1/chat/completions")
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.headers["content-type"] == "application/json"
     assert request.headers["host"] == base.split("/")[2]
