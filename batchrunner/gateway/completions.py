@@ -187,22 +187,7 @@ def _number(body: dict[str, Any], name: str, low: float, high: float) -> float |
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _wrong_type(name, "a decimal", value)
-    if value < low:
-        raise ApiError(
-            400,
-            f"Invalid '{name}': decimal below minimum value. "
-            f"Expected a value >= {low:g}, but got {value} instead.",
-            param=name,
-            code="decimal_below_min_value",
-        )
-    if value > high:
-        raise ApiError(
-            400,
-            f"Invalid '{name}': decimal above maximum value. "
-            f"Expected a value <= {high:g}, but got {value} instead.",
-            param=name,
-            code="decimal_above_max_value",
-        )
+    _check_range(name, "decimal", value, low, high)
     return float(value)
 
 
@@ -212,23 +197,26 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None)
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _wrong_type(name, "an integer", value)
-    if value < low:
-        raise ApiError(
-            400,
-            f"Invalid '{name}': integer below minimum value. "
-            f"Expected a value >= {low}, but got {value} instead.",
-            param=name,
-            code="integer_below_min_value",
-        )
-    if high is not None and value > high:
-        raise ApiError(
-            400,
-            f"Invalid '{name}': integer above maximum value. "
-            f"Expected a value <= {high}, but got {value} instead.",
-            param=name,
-            code="integer_above_max_value",
-        )
+    _check_range(name, "integer", value, low, high)
     return value
+
+
+def _check_range(name: str, kind: str, value: float, low: float, high: float | None) -> None:
+    """The API's 400 for a number out of its range, worded as the API words it."""
+    if value < low:
+        side, code, sign, bound = "below minimum", "below_min", ">=", low
+    elif high is not None and value > high:
+        side, code, sign, bound = "above maximum", "above_max", "<=", high
+    else:
+        return
+    shown = f"{bound:g}" if kind == "decimal" else str(bound)
+    raise ApiError(
+        400,
+        f"Invalid '{name}': {kind} {side} value. "
+        f"Expected a value {sign} {shown}, but got {value} instead.",
+        param=name,
+        code=f"{kind}_{code}_value",
+    )
 
 
 def _check_message(message: Any, index: int) -> dict[str, Any]:
