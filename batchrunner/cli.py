@@ -86,7 +86,8 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv."),
         click.option("-o", "--output", type=click.Path(path_type=Path),
                      help="Results file (Parquet); the checkpoint lives beside it."),
-        click.option("-m", "--model", help="Model for rows without a `model` column."),
+        click.option("-m", "--model", multiple=True,
+                     help="Model for rows without a `model` column; repeat it for a sweep."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
         click.option("--prompt-column", help="Column holding the prompt [default: prompt]."),
@@ -117,6 +118,10 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--score", metavar="METRIC",
+                     help="Score answers: exact, normalized, contains, regex:P, numeric[:TOL], "
+                          "choice, json:FIELD, f1, python:MODULE:FUNC."),
+        click.option("--reference-column", metavar="COL", help="Column of reference answers."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -127,6 +132,11 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Command-line values the user gave, keyed by RunConfig field (request options too)."""
     params = _params(kwargs.pop("param"))
     kwargs["input"] = kwargs.pop("input_")
+    model = kwargs.pop("model", ())
+    if len(model) == 1:
+        kwargs["model"] = model[0]
+    elif model:
+        kwargs["models"] = tuple(model)
     stop = kwargs.pop("stop")
     if stop:
         kwargs["stop"] = list(stop) if len(stop) > 1 else stop[0]

@@ -71,6 +71,10 @@ class RunConfig:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    # evaluations (SPEC 15): a metric spec and the column holding references; a model sweep
+    score: str | None = None
+    reference_column: str | None = None
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -89,12 +93,23 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.score is not None and not self.reference_column:
+            raise UsageError("--score needs --reference-column COL (job key `reference_column`)")
+        if self.models and len(set(self.models)) != len(self.models):
+            raise UsageError("--model: a model is given twice in the sweep")
         if self.restart and self.retry_failed:
             raise UsageError("--restart and --retry-failed cannot be used together")
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def sweep(self) -> tuple[str, ...]:
+        """The models every row is sent to: the sweep's, else the one `model` (or none)."""
+        if self.models:
+            return self.models
+        return (self.model,) if self.model else ()
 
     def request_settings(self) -> dict[str, Any]:
         """Every setting that changes what is sent: the checkpoint fingerprint covers these."""
@@ -107,6 +122,7 @@ class RunConfig:
             "id_column": self.id_column,
             "params": self.params,
             "stream": self.stream,
+            **({"models": list(self.models)} if len(self.models) > 1 else {}),
         }
 
 

@@ -46,6 +46,8 @@ from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
+from .scoring import Metric, TableScorer, check_reference_column, parse_metric, score_results
+from .sweep import Sweep, sweep_rows
 
 __all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
 
@@ -274,6 +276,8 @@ class _Run:
         self.busy = 0  # rows being processed right now
         self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
         self.id_column: str | None = None
+        self.metric: Metric | None = None
+        self.sweep: Sweep | None = None
         self.feed_error: UsageError | None = None
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
@@ -287,26 +291,31 @@ class _Run:
     async def execute(self) -> RunReport:
         config = self.config
         deadline = self._deadline()
+        if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
+            config = self.config = config.replace(model=config.models[0])
         info = inputs.scan_input(config)
         builder = RequestBuilder(config, info.columns)
         self.id_column = inputs.resolve_columns(config, info.columns).id_column
+        self.metric = _check_scoring(config, info.columns)
+        self.sweep = Sweep.plan(config, info.columns, info.rows) if len(config.models) > 1 else None
+        total = self.sweep.total if self.sweep is not None else info.rows
         fingerprint = {
             "input": inputs.fingerprint_input(config.input),
             "settings": config.request_settings(),
         }
-        self.tally.rows = info.rows
+        self.tally.rows = total
         with Checkpoint.open(
-            config.output, fingerprint, rows=info.rows, restart=config.restart
+            config.output, fingerprint, rows=total, restart=config.restart
         ) as ckpt:
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
-            if len(done) < info.rows or not ckpt.complete(info.rows):
+            if len(done) < total or not ckpt.complete(total):
                 self.control.bind(self.stop_event)
                 await self._dispatch(ckpt, builder, done, deadline)
             del done  # a million rows' ids: not needed to write the output
             if self.feed_error is not None:
                 raise self.feed_error
-            return self._finish(ckpt, info.rows)
+            return self._finish(ckpt, total, info.rows)
 
     def _deadline(self) -> Deadline | None:
         return Deadline.from_text(self.config.deadline) if self.config.deadline else None
@@ -373,11 +382,15 @@ class _Run:
         done: DoneSet,
     ) -> None:
         try:
-            for row in _rows_to_send(self.config, builder, done):
+            rows = (
+                _rows_to_send(self.config, builder, done) if self.sweep is None
+                else sweep_rows(self.config, builder, done, self.sweep)
+            )
+            for row in rows:
                 if self.stop_event.is_set():
                     return
                 if row.body is None:  # an input error: recorded, never sent
-                    self._record(ckpt, _input_error_result(row, self.config.model))
+                    self._record(ckpt, _input_error_result(row, row.model or self.config.model))
                     continue
                 await queue.put(row)
         except UsageError as exc:  # the input broke part-way: keep what is done, stop
@@ -580,15 +593,23 @@ class _Run:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def _finish(self, ckpt: Checkpoint, rows: int) -> RunReport:
+    def _finish(self, ckpt: Checkpoint, rows: int, input_rows: int | None = None) -> RunReport:
         control = self.control
         complete = ckpt.complete(rows)
         reason = control.reason
         if complete and reason != "auth":
+            scorer = _scorer(self.metric, self.config.reference_column)
             if not ckpt.finished:
                 # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
                 tables = inputs.iter_tables(self.config, batch_rows=32768)
-                ckpt.finalize(tables, rows, id_column=self.id_column)
+                ckpt.finalize(
+                    tables, rows if input_rows is None else input_rows,
+                    id_column=self.id_column, sweep=self.sweep, transform=scorer,
+                )
+                if scorer is not None:
+                    scorer.warnings.warn(self.metric)
+            elif self.metric is not None:  # finished before: scoring it again costs nothing
+                score_results(self.config.output, self.metric, self.config.reference_column)
             self._use_totals(ckpt.done_totals())
             code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
             reason = "complete"
@@ -627,6 +648,21 @@ class _Run:
         tally.cached_tokens = totals["cached_tokens"]
         tally.total_tokens = totals["total_tokens"]
         tally.cost_usd = totals["cost_usd"]
+
+
+def _check_scoring(config: RunConfig, columns: tuple[str, ...]) -> Metric | None:
+    """The run's metric, checked with its reference column before anything is sent."""
+    if config.score is None:
+        return None
+    metric = parse_metric(config.score)
+    check_reference_column(columns, config.reference_column, str(config.input))
+    return metric
+
+
+def _scorer(metric: Metric | None, reference_column: str | None) -> TableScorer | None:
+    if metric is None or reference_column is None:
+        return None
+    return TableScorer(metric, reference_column)
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
@@ -704,8 +740,11 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    if len(config.models) > 1:
+        config = config.replace(model=config.models[0])
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
+    _check_scoring(config, info.columns)
     return info
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import MODELS
+from .evals import eval_answer
 from .tokens import (
     WORD_CHARS_PER_TOKEN as _WORD_CHARS_PER_TOKEN,
     count_prompt_tokens,
@@ -527,6 +528,13 @@ def _cut(text: str, tokens: int, request: ChatRequest) -> tuple[str, int, str]:
     return text, tokens, "stop"
 
 
+def _last_user_text(messages: tuple[dict[str, Any], ...]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message)
+    return ""
+
+
 def answer(request: ChatRequest) -> Completion:
     """The simulator's deterministic answer to a checked request."""
     prompt_tokens = count_prompt_tokens(request.messages)
@@ -536,8 +544,14 @@ def answer(request: ChatRequest) -> Completion:
     texts: list[str] = []
     reasons: list[str] = []
     completion_tokens = 0
+    question = _last_user_text(request.messages)
     for index in range(request.n):
-        text, tokens, reason = _cut(*_generate(seed, index, topics, mean), request)
+        graded = eval_answer(request.model, question, seed, index)
+        natural = (
+            _generate(seed, index, topics, mean) if graded is None
+            else (graded, count_tokens(graded))
+        )
+        text, tokens, reason = _cut(*natural, request)
         texts.append(text)
         reasons.append(reason)
         completion_tokens += tokens
