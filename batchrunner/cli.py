@@ -268,10 +268,75 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
     table = PriceTable.load(prices) if prices else None
     report = reports.summarize(list(results), by=by, prices=table)
     render = {"table": reports.render_table, "json": reports.to_json, "csv": reports.to_csv}[fmt]
-    click.echo(render(report))
+    click.echo(_with_scores(render(report), list(results), by, fmt))
     if plot is not None:
         reports.plot_summary(list(results), plot, by=by, prices=table)
         click.echo(f"plot written to {plot}", err=True)
+
+
+def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
+    """A summary with the score section (SPEC 15) where the results have scores."""
+    from . import compare
+
+    scores = compare.score_summary(results, by=by)
+    if scores is None:
+        return text
+    if fmt == "json":
+        data = json.loads(text)
+        data["scores"] = [g.to_dict() for g in scores.groups]
+        return json.dumps(data, indent=2, allow_nan=False)
+    if fmt == "csv":
+        return text + "\n\n" + compare.to_csv(scores)
+    return text + "\n\nscores\n" + "\n".join(compare.render_groups(scores))
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--metric", required=True, metavar="M",
+              help="exact, normalized, contains, regex:PATTERN, numeric[:TOL], choice, "
+                   "json:FIELD, f1, python:MODULE:FUNCTION (or python:file.py:FUNCTION).")
+@click.option("--reference-column", required=True, metavar="COL",
+              help="The column holding the reference answers.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the scored results here [default: RESULTS, replaced atomically].")
+def score(results: Path, metric: str, reference_column: str, output: Path | None) -> None:
+    """Score (or re-score) finished results against references; sends nothing.
+
+    \b
+    Examples:
+      batchrunner score out/nightly-eval.parquet --metric choice --reference-column reference
+      batchrunner score out/arith.parquet --metric numeric:0.001 --reference-column reference \\
+          -o out/arith-scored.parquet
+      batchrunner score out/qa.parquet --metric python:my_metrics.py:judge --reference-column gold
+    """
+    from .scoring import score_results
+
+    _configure_logging()
+    done = score_results(results, metric, reference_column, output=output)
+    mean = "-" if done["mean"] is None else f"{done['mean']:.4f}"
+    click.echo(f"{done['output']}: {done['scored']:,} of {done['rows']:,} rows scored "
+               f"with {done['metric']}, mean {mean}")
+
+
+@main.command("compare")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--by", default="model", show_default=True,
+              help="Group by this column, or 'file' for one group per file.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
+    """Compare models (or files, or any column) on the same scored rows, paired by id.
+
+    \b
+    Examples:
+      batchrunner compare out/nightly-eval.parquet
+      batchrunner compare out/eval-t0.parquet out/eval-t1.parquet --by file --format json
+      batchrunner compare 'out/nightly-*.parquet' --by model --format csv
+    """
+    from . import compare
+
+    report = compare.compare(list(results), by=by)
+    render = {"table": compare.render_table, "json": compare.to_json, "csv": compare.to_csv}[fmt]
+    click.echo(render(report))
 
 
 @main.command()
