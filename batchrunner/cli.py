@@ -276,9 +276,9 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
 
 def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
     """A summary with the score section (SPEC 15) where the results have scores."""
-    from . import compare
+    from .compare import render_groups, score_summary, to_csv
 
-    scores = compare.score_summary(results, by=by)
+    scores = score_summary(results, by=by)
     if scores is None:
         return text
     if fmt == "json":
@@ -286,8 +286,8 @@ def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
         data["scores"] = [g.to_dict() for g in scores.groups]
         return json.dumps(data, indent=2, allow_nan=False)
     if fmt == "csv":
-        return text + "\n\n" + compare.to_csv(scores)
-    return text + "\n\nscores\n" + "\n".join(compare.render_groups(scores))
+        return text + "\n\n" + to_csv(scores)
+    return text + "\n\nscores\n" + "\n".join(render_groups(scores))
 
 
 @main.command()
@@ -332,10 +332,10 @@ def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
       batchrunner compare out/eval-t0.parquet out/eval-t1.parquet --by file --format json
       batchrunner compare 'out/nightly-*.parquet' --by model --format csv
     """
-    from . import compare
+    from .compare import compare, render_table, to_csv, to_json
 
-    report = compare.compare(list(results), by=by)
-    render = {"table": compare.render_table, "json": compare.to_json, "csv": compare.to_csv}[fmt]
+    report = compare(list(results), by=by)
+    render = {"table": render_table, "json": to_json, "csv": to_csv}[fmt]
     click.echo(render(report))
 
 
