@@ -964,16 +964,17 @@ def estimate(
     >>> est = estimate(config, prices=PriceTable.load(), calibrate=[Path("out/last.parquet")])
     >>> print(render_estimate(est))
     """
-    from .inputs import iter_records, scan_input
+    from .inputs import scan_input
     from .requests import RequestBuilder
+    from .sweep import slot_bodies, sweep_config
 
+    config = sweep_config(config)
     info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     tallies: dict[str | None, _ModelTally] = {}
     rows = input_errors = 0
-    for index, record, error in iter_records(config, builder.columns):
+    for body in slot_bodies(config, builder):  # one per row, or per row and model in a sweep
         rows += 1
-        body = builder.build(index, record, error).body
         if body is None:
             input_errors += 1
             continue

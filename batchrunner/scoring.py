@@ -12,6 +12,7 @@ finished results file, streaming it in record batches so memory stays flat.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -21,12 +22,12 @@ import os
 import re
 import string
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -89,9 +90,20 @@ def f1_score(answer: str, reference: str) -> float:
 
 
 def _f1_tokens(answer: list[str], reference: list[str]) -> float:
-    if not answer or not reference:
+    if not answer or not reference or answer == reference:
         return float(answer == reference)
-    same = sum((Counter(answer) & Counter(reference)).values())
+    if len(answer) == 1 and len(reference) == 1:
+        return 0.0  # two different single tokens
+    # The size of the multiset intersection (SQuAD's Counter & Counter), without the Counters.
+    left: dict[str, int] = {}
+    for token in reference:
+        left[token] = left.get(token, 0) + 1
+    same = 0
+    for token in answer:
+        count = left.get(token)
+        if count:
+            same += 1
+            left[token] = count - 1
     if same == 0:
         return 0.0
     precision, recall = same / len(answer), same / len(reference)
@@ -146,6 +158,7 @@ _CHOICE_PATTERNS = [
 ]
 
 
+@functools.lru_cache(maxsize=65_536)  # references, and many answers, repeat
 def extract_choice(text: str) -> str | None:
     """The option letter (A-Z, upper case) an answer chooses, or None when it names none.
 
@@ -219,12 +232,12 @@ class Metric:
         elif self.kind == "contains":
             values = _pairwise(
                 _normalize_column(answers), _normalize_column(references),
-                lambda a, r: float(r in a),
+                lambda a, r: float(r in a), equal=1.0,
             )
         elif self.kind == "f1":
             values = _pairwise(
                 _normalize_column(answers), _normalize_column(references),
-                lambda a, r: _f1_tokens(a.split(), r.split()),
+                lambda a, r: _f1_tokens(a.split(), r.split()), equal=1.0,
             )
         elif self.kind == "regex":
             pattern = self.pattern
@@ -301,8 +314,22 @@ def _as_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _pairwise(answers: pa.Array, references: pa.Array,
-              function: Callable[[str, str], float]) -> pa.Array:
-    """A per-row Python function over two string columns (null where either is null)."""
+              function: Callable[[str, str], float | None],
+              equal: float | None = None) -> pa.Array:
+    """A per-row Python function over two string columns (null where either is null).
+
+    With `equal`, rows whose two strings are the same score it without the call (Arrow
+    compares a whole column at once).
+    """
+    if equal is not None:
+        same = pc.fill_null(pc.equal(answers, references), False).to_numpy(zero_copy_only=False)
+        return pa.array(
+            [
+                None if a is None or r is None else equal if s else function(a, r)
+                for a, r, s in zip(answers.to_pylist(), references.to_pylist(), same.tolist())
+            ],
+            pa.float64(),
+        )
     return pa.array(
         [
             None if a is None or r is None else function(a, r)
@@ -346,8 +373,8 @@ _FENCE = re.compile(r"^\s*```[A-Za-z]*\s*\n?(.*?)\n?```\s*$", re.DOTALL)
 def _json_field(answer: str, path: list[str]) -> str | None:
     fenced = _FENCE.match(answer)
     try:
-        value: Any = json.loads(fenced.group(1) if fenced else answer)
-    except ValueError:
+        value: Any = orjson.loads(fenced.group(1) if fenced else answer)
+    except orjson.JSONDecodeError:
         return None
     for key in path:
         if isinstance(value, dict) and key in value:

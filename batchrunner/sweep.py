@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,31 @@ from .config import RunConfig
 from .requests import RequestBuilder
 from .results import Row
 
-__all__ = ["Sweep", "sweep_rows"]
+__all__ = ["Sweep", "slot_bodies", "sweep_config", "sweep_rows"]
+
+
+def sweep_config(config: RunConfig) -> RunConfig:
+    """For a sweep, the config rows are checked and built with: the first model as `model`."""
+    if len(config.models) > 1:
+        return config.replace(model=config.models[0])
+    return config
+
+
+def slot_bodies(config: RunConfig, builder: RequestBuilder) -> Iterator[dict[str, Any] | None]:
+    """The request body of every output row (None for an input error), sending nothing.
+
+    One per input row, or in a sweep one per input row and model (one for a row whose own
+    `model` column is set), in output order: what `batchrunner estimate` counts.
+    """
+    sweep = config.models if len(config.models) > 1 else ()
+    for index, record, error in inputs.iter_records(config, builder.columns):
+        body = builder.build(index, record, error).body
+        own = record is not None and record.get("model") not in (None, "")
+        if not sweep or own:
+            yield body
+            continue
+        for model in sweep:
+            yield None if body is None else {**body, "model": model}
 
 
 @dataclass(frozen=True)

@@ -294,3 +294,12 @@ def test_run_takes_a_dataframe_and_read_results_keeps_the_types(tmp_path: Path, 
     assert read_results(tmp_path / "named" / "df.parquet")["id"].tolist() == ["7", "9"]
     again = run(options, input=frame)  # the same frame resumes: nothing sent again
     assert again.resumed == 2 and gateway.stats.requests == 4
+
+
+def test_estimate_counts_every_row_and_model_of_a_sweep(tmp_path: Path) -> None:
+    source = arithmetic_input(tmp_path, 5, model_of={0: "gpt-4o"})
+    sweep = RunConfig(input=source, output=tmp_path / "o.parquet", models=MODELS,
+                      template="{question}")
+    estimate = batchrunner.estimate(sweep, prices=batchrunner.PriceTable.load())
+    assert estimate.rows == 9  # row 0 names its own model; the others go to both
+    assert {m.model: m.rows for m in estimate.models} == {"gpt-4o": 5, "gpt-4o-mini": 4}
