@@ -19,16 +19,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UsageError
 from .reports import expand_paths
 from .stats import Interval, is_binary, mcnemar_exact, mean_interval, paired_difference
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "Comparison",
@@ -119,6 +121,8 @@ def _plain(value: Any) -> Any:
 
 
 def _read(paths: Sequence[str | Path], by: str) -> tuple[pd.DataFrame, list[Path]]:
+    import pandas as pd
+
     files = expand_paths(paths)
     frames = []
     for path in files:
@@ -166,6 +170,8 @@ def _group_score(key: Any, rows: pd.DataFrame, binary: bool) -> GroupScore:
 
 
 def _groups(data: pd.DataFrame, binary: bool) -> list[GroupScore]:
+    import pandas as pd
+
     out = []
     for key, rows in data.groupby("__group__", sort=True, dropna=False):
         out.append(_group_score(None if pd.isna(key) else key, rows, binary))
@@ -173,6 +179,8 @@ def _groups(data: pd.DataFrame, binary: bool) -> list[GroupScore]:
 
 
 def _pair(a: Any, b: Any, left: pd.Series, right: pd.Series, binary: bool) -> PairComparison:
+    import pandas as pd
+
     joined = pd.concat([left.rename("a"), right.rename("b")], axis=1, join="inner")
     x, y = joined["a"].to_numpy(np.float64), joined["b"].to_numpy(np.float64)
     wins, losses = int((x > y).sum()), int((x < y).sum())
@@ -195,6 +203,8 @@ def compare(paths: Sequence[str | Path], *, by: str = "model") -> Comparison:
 
     >>> report = compare(["out/eval-a.parquet", "out/eval-b.parquet"], by="file")
     """
+    import pandas as pd
+
     data, files = _read(paths, by)
     scored = data["score"].dropna().to_numpy()
     binary = is_binary(scored)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -26,15 +25,23 @@ from .errors import UsageError
 from .jobs import build_config
 from .reports import expand_paths
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = ["arun", "input_from_frame", "read_results", "run"]
 
-_NULLABLE = {
-    pa.int64(): pd.Int64Dtype(),
-    pa.int32(): pd.Int32Dtype(),
-    pa.bool_(): pd.BooleanDtype(),
-    pa.string(): pd.StringDtype(),
-    pa.large_string(): pd.StringDtype(),
-}
+
+def _nullable_types() -> dict[pa.DataType, Any]:
+    """pandas' nullable dtypes for the Arrow types of the output (pandas imported only here)."""
+    import pandas as pd
+
+    return {
+        pa.int64(): pd.Int64Dtype(),
+        pa.int32(): pd.Int32Dtype(),
+        pa.bool_(): pd.BooleanDtype(),
+        pa.string(): pd.StringDtype(),
+        pa.large_string(): pd.StringDtype(),
+    }
 
 
 def read_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
@@ -55,7 +62,7 @@ def read_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
             raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
         else tables[0]
-    return table.to_pandas(types_mapper=_NULLABLE.get)
+    return table.to_pandas(types_mapper=_nullable_types().get)
 
 
 def input_from_frame(config: RunConfig | Mapping[str, Any], frame: pd.DataFrame) -> RunConfig:
@@ -64,6 +71,8 @@ def input_from_frame(config: RunConfig | Mapping[str, Any], frame: pd.DataFrame)
     `config` is a RunConfig (its `input` is replaced) or a mapping of run options (the keys
     of a job file, as `build_config` takes them, without `input`).
     """
+    import pandas as pd
+
     if not isinstance(frame, pd.DataFrame):
         raise UsageError(f"input= must be a pandas DataFrame, not {type(frame).__name__}")
     if isinstance(config, RunConfig):

@@ -453,7 +453,7 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
     if len(settings.get("models", ())) == 1:
         settings["model"] = settings.pop("models")[0]
     elif settings.get("models"):
-        settings.pop("model", None)  # a sweep: each row goes to each of its models
+        settings["model"] = settings["models"][0]  # a sweep: rows are checked and built with it
     if "input" not in settings:
         raise UsageError("no input: give --input or `input` in the job file")
     if "output" not in settings:
