@@ -16,6 +16,7 @@ the answers sent again (0: valid at the first answer) and `reask_cost_usd` what 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -164,18 +165,29 @@ def load_schema(source: Path | str | Mapping[str, Any], *, where: str | None = N
     if set(document) <= _OPENAI_WRAPPER and isinstance(document.get("schema"), dict):
         name = document.get("name") if isinstance(document.get("name"), str) else None
         document = document["schema"]
+    name = _response_name(name or document.get("title") or stem)
+    return Schema(name, document, label, _validator(document, label))
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_validator(text: str) -> Any:
+    """A validator for the schema in `text` (check_schema is slow: a run loads it thrice)."""
+    document = json.loads(text)
     validator_class = jsonschema.validators.validator_for(
         document, default=jsonschema.Draft202012Validator
     )
+    validator_class.check_schema(document)
+    return validator_class(document)
+
+
+def _validator(document: dict[str, Any], label: str) -> Any:
     try:
-        validator_class.check_schema(document)
+        return _checked_validator(json.dumps(document, sort_keys=True, default=str))
     except jsonschema.exceptions.SchemaError as exc:
         at = json_path(exc.absolute_path)
         raise UsageError(
             f"{label}: not a valid JSON Schema: at {at}: {_short(exc.message)}"
         ) from None
-    name = _response_name(name or document.get("title") or stem)
-    return Schema(name, document, label, validator_class(document))
 
 
 def _read_document(path: Path) -> Any:

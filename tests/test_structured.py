@@ -127,11 +127,17 @@ def go(tmp_path: Path, base_url: str, n: int = 12, **settings: Any):  # type: ig
     return report, pq.read_table(config.output).to_pylist()
 
 
+_FORMATS: dict[str, dict[str, Any]] = {}  # check_schema takes a while: once per schema
+
+
 def body(prompt: str, schema: dict[str, Any] = ENTITIES, **extra: Any) -> dict[str, Any]:
+    key = json.dumps(schema, sort_keys=True)
+    if key not in _FORMATS:
+        _FORMATS[key] = load_schema(schema).response_format()
     return {
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": prompt}],
-        "response_format": load_schema(schema).response_format(),
+        "response_format": _FORMATS[key],
         **extra,
     }
 
@@ -334,17 +340,23 @@ def test_the_simulator_refuses_a_malformed_response_format(
     assert caught.value.status == 400 and caught.value.message.startswith(message)
 
 
-def _answers(gateway: Any, prompts: list[str]) -> list[str]:
-    import urllib.request
+def _answers(gateway: Any, prompts: list[str | dict[str, Any]]) -> list[str]:
+    """The first choice's content of each request, sent one by one on one connection."""
+    import http.client
+    from urllib.parse import urlsplit
 
+    url = urlsplit(gateway.base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     out = []
-    for prompt in prompts:
-        request = urllib.request.Request(
-            gateway.base_url + "/chat/completions", data=json.dumps(body(prompt)).encode(),
-            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            out.append(json.loads(response.read())["choices"][0]["message"]["content"])
+    try:
+        for prompt in prompts:
+            sent = body(prompt) if isinstance(prompt, str) else prompt
+            connection.request("POST", url.path + "/chat/completions", json.dumps(sent), headers)
+            answer = json.loads(connection.getresponse().read())
+            out.append(answer["choices"][0]["message"]["content"])
+    finally:
+        connection.close()
     return out
 
 
@@ -370,21 +382,16 @@ def test_invalid_json_rate_spoils_a_share_reproducibly(start_gateway: Any) -> No
 def test_invalid_json_rate_touches_only_schema_requests(start_gateway: Any) -> None:
     gateway = start_gateway(invalid_json_rate=1.0, fault_seed=1)
     plain = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}
-    import urllib.request
-
-    request = urllib.request.Request(
-        gateway.base_url + "/chat/completions", data=json.dumps(plain).encode(),
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = json.loads(response.read())["choices"][0]["message"]["content"]
+    (text,) = _answers(gateway, [plain])
     assert text == complete(plain).texts[0] and gateway.stats.invalid_json == 0
 
 
 # -- the run ----------------------------------------------------------------------------------
 
 
-def test_a_valid_answer_fills_parsed(tmp_path: Path, gateway: Any) -> None:
-    report, rows = go(tmp_path, gateway.base_url, n=6)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_valid_answer_fills_parsed(tmp_path: Path, gateway: Any, stream: bool) -> None:
+    report, rows = go(tmp_path, gateway.base_url, n=6, stream=stream)
     assert report.exit_code == 0 and gateway.stats.requests == 6
     for row in rows:
         assert row["status"] == "ok" and row["attempts"] == 1 and row["reasks"] == 0
@@ -439,8 +446,8 @@ def test_still_invalid_after_the_retries_is_a_schema_error(
 def test_re_asks_and_transport_retries_are_both_attempts(
     tmp_path: Path, start_gateway: Any
 ) -> None:
-    gateway = start_gateway(invalid_json_rate=0.4, error_rate=0.3, fault_seed=9)
-    report, rows = go(tmp_path, gateway.base_url, n=20, invalid_retries=2)
+    gateway = start_gateway(invalid_json_rate=0.4, error_rate=0.2, fault_seed=9)
+    report, rows = go(tmp_path, gateway.base_url, n=10, invalid_retries=2)
     assert sum(row["attempts"] for row in rows) == gateway.stats.requests
     assert gateway.stats.by_status.get(500, 0) + gateway.stats.by_status.get(503, 0) > 0
     assert any(row["attempts"] > row["reasks"] + 1 for row in rows)
@@ -620,3 +627,14 @@ def test_flatten_refuses_what_it_cannot_flatten() -> None:
         flatten(_parsed_table())
     with pytest.raises(UsageError, match="no `parsed` column"):
         flatten(pa.table({"id": ["a"]}), FLAT)
+
+
+def test_the_gateway_command_takes_invalid_json_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchrunner.gateway
+
+    served = []
+    monkeypatch.setattr(batchrunner.gateway, "serve", served.append)
+    result = CliRunner().invoke(main, ["gateway", "--port", "0", "--invalid-json-rate", "0.25",
+                                       "--fault-seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert served[0].invalid_json_rate == 0.25 and served[0].fault_seed == 3

@@ -27,7 +27,7 @@ _WORDS = (
     "juniper", "kestrel", "lumen", "meadow", "nimbus", "orchard", "prairie", "quartz", "river",
     "summit", "tundra", "umber", "valley", "willow", "yonder", "zephyr",
 )  # fmt: skip
-_MAX_DEPTH = 12  # below this depth only what is required is generated (recursive schemas end)
+_MAX_DEPTH = 6  # below this depth only what is required is generated (recursive schemas end)
 _NOT_JSON = (
     "Sure! Here is the JSON you asked for:\n",
     "I'm sorry, but I can't produce that in JSON.",
