@@ -117,6 +117,10 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+                     metavar="FILE", help="Ask for JSON matching this schema (JSON or TOML)."),
+        click.option("--invalid-retries", type=int, metavar="N",
+                     help="Re-asks of an answer that fails the schema [2]."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -343,6 +347,8 @@ def validate(job: Path) -> None:
 @click.option("--drop-rate", type=float, default=0.0, help="Fraction of connections dropped.")
 @click.option("--rate-window", "rate_window_s", type=float, default=60.0, show_default=True,
               help="Seconds of the --rpm/--tpm window (shorter for quick tests).")
+@click.option("--invalid-json-rate", type=float, default=0.0,
+              help="Fraction of json_schema answers made invalid (not JSON, a field missing).")
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
 @click.option("--cache-min-tokens", type=int, default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")

@@ -71,6 +71,9 @@ class RunConfig:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    # structured output (SPEC 17): a schema file, or the schema itself (a job's inline table)
+    json_schema: Path | dict[str, Any] | None = None
+    invalid_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -89,6 +92,8 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.invalid_retries < 0:
+            raise UsageError(f"--invalid-retries must not be negative, not {self.invalid_retries}")
         if self.restart and self.retry_failed:
             raise UsageError("--restart and --retry-failed cannot be used together")
 
@@ -107,7 +112,14 @@ class RunConfig:
             "id_column": self.id_column,
             "params": self.params,
             "stream": self.stream,
-        }
+        } | self._schema_settings()
+
+    def _schema_settings(self) -> dict[str, Any]:
+        if self.json_schema is None:
+            return {}  # absent, not None: checkpoints made before --json-schema stay valid
+        from .structured import load_schema
+
+        return {"json_schema": load_schema(self.json_schema).settings()}
 
 
 def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None) -> str:

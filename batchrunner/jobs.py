@@ -199,6 +199,15 @@ def _json_value(value: object) -> Any:
     raise _wrong("a value JSON can carry (string, number, boolean, array or table)", value)
 
 
+def _schema_source(value: object) -> Path | dict[str, Any]:
+    """`json_schema`: a schema file, or the schema written inline as a table."""
+    if isinstance(value, dict):
+        return _json_value(value)
+    if isinstance(value, (str, os.PathLike)):
+        return _path(value)
+    raise _wrong("a path or a table", value)
+
+
 # --- the keys ------------------------------------------------------------------------------
 
 #: The checker of every option that may be a RunConfig field.
@@ -228,6 +237,8 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "json_schema": _schema_source,
+    "invalid_retries": _integer(minimum=0),
 }
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
@@ -337,6 +348,12 @@ def load_job(path: Path) -> dict[str, Any]:
 
     for key in PATH_KEYS & job.keys():
         job[key] = Path(os.path.normpath(folder / job[key]))
+    if isinstance(job.get("json_schema"), Path):
+        job["json_schema"] = Path(os.path.normpath(folder / job["json_schema"]))
+    elif "json_schema" in job:  # an inline schema is checked here, where the file is known
+        from .structured import load_schema
+
+        load_schema(job["json_schema"], where=f"{path}: `json_schema`")
     if params:
         job["params"] = params
     return job

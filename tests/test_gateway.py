@@ -704,6 +704,7 @@ def test_stats_count_requests_statuses_and_concurrency(start_gateway: Any) -> No
         "in_flight": 0,
         "max_in_flight": 5,
         "dropped": 0,
+        "invalid_json": 0,
         "by_status": {"200": 5, "404": 1},
     }
     assert gateway.stats.max_in_flight == 5
