@@ -164,6 +164,11 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines format.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the final figures, with the exit code, to this JSON file.")
+@click.option("--engine", type=click.Choice(["local", "ray"]),
+              help="Where rows are processed: this process, or actors on a Ray cluster [local].")
+@click.option("--ray-address", metavar="ADDR",
+              help="Ray cluster to join [RAY_ADDRESS, else a local instance].")
+@click.option("--ray-actors", type=int, help="Ray actors [one per CPU of the cluster].")
 def run(job: Path | None, **kwargs: Any) -> None:
     """Send every row of the input and write the results to Parquet.
 
@@ -172,6 +177,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
       batchrunner run -i sample_data/prompts.jsonl -o out/results.parquet -m gpt-4o-mini --local
       batchrunner run jobs/nightly-eval.toml
       batchrunner run jobs/nightly-eval.toml --limit 10 -o out/smoke.parquet
+      batchrunner run jobs/nightly-eval.toml --engine ray --api-key-env KEY_A,KEY_B
       RU_LLM_API_KEY=sk-ru-... batchrunner run -i qs.parquet -o out/qs.parquet -m gpt-4o \\
           --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
 

@@ -186,6 +186,10 @@ async def arun(
     0
     """
     control = control or RunControl()
+    if config.engine == "ray":
+        from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
+
+        return await arun_on_ray(config, on_result=on_result, control=control)
     if config.local:
         async with _local_gateway() as (base_url, key):
             return await _Run(config, base_url, key, on_result, control).execute()

@@ -151,7 +151,8 @@ def _url(value: object) -> str:
 
 def _env_name(value: object) -> str:
     text = _string(value)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+    # One NAME, or several separated by commas: the keys the Ray engine's actors share out.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*", text):
         # Most likely the key itself was pasted here; say so without repeating it.
         raise _Invalid(
             "must be the NAME of an environment variable (such as RU_LLM_API_KEY), "
@@ -228,6 +229,9 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "engine": _choice("local", "ray"),
+    "ray_address": _nonempty_string,
+    "ray_actors": _integer(minimum=1),
 }
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
