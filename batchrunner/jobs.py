@@ -29,6 +29,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import UsageError
 from .pacing import parse_deadline
+from .storage import is_uri
 
 __all__ = [
     "JOB_KEYS",
@@ -85,13 +86,15 @@ def _nonempty_string(value: object) -> str:
     return text
 
 
-def _path(value: object) -> Path:
+def _path(value: object) -> Path | str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):
         raise _wrong("a path (a string)", value)
     if value == "":
         raise _Invalid("must not be empty")
+    if is_uri(value):
+        return value  # s3://bucket/key: a Path would fold its "//"
     return Path(value).expanduser()
 
 
@@ -340,7 +343,8 @@ def load_job(path: Path) -> dict[str, Any]:
             _warn_if_typo(key, where)
 
     for key in PATH_KEYS & job.keys():
-        job[key] = Path(os.path.normpath(folder / job[key]))
+        if isinstance(job[key], Path):  # object-store URIs are absolute already
+            job[key] = Path(os.path.normpath(folder / job[key]))
     if params:
         job["params"] = params
     return job

@@ -301,3 +301,22 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
     assert "pip install 'batchrunner[ray]'" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_input_and_output_in_a_bucket_on_ray(
+    ray_cluster: None, gateway: Any, bucket: Any, tmp_path: Path
+) -> None:
+    s3, name = bucket
+    with s3.open_output_stream(f"{name}/in.jsonl") as sink:
+        sink.write(_input(tmp_path / "in.jsonl", 120).read_bytes())
+    config = RunConfig(
+        input=f"s3://{name}/in.jsonl",  # type: ignore[arg-type]
+        output=f"s3://{name}/out.parquet",  # type: ignore[arg-type]
+        model="gpt-4o-mini", base_url=gateway.base_url, api_key_env="BR_KEY_A",
+        engine="ray", ray_actors=2, concurrency=4,
+    )
+    report = engine.run(config, handle_signals=False)
+    assert report.exit_code == 0 and report.ok == 120
+    with s3.open_input_file(f"{name}/out.parquet") as f:
+        table = pq.read_table(f)
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(120)]
