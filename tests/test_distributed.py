@@ -223,7 +223,7 @@ def test_a_killed_actor_costs_a_retry_of_its_block_and_loses_nothing(
     assert gw.stats.requests > rows  # the killed actor's block was sent again
 
 
-def test_a_killed_driver_run_again_skips_every_finished_block(tmp_path: Path) -> None:
+def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "BR_KEY_A": KEY_A}
     gateway = subprocess.Popen(
         [sys.executable, "-m", "batchrunner", "gateway", "--port", "0", "--latency-ms", "20"],
@@ -238,14 +238,26 @@ def test_a_killed_driver_run_again_skips_every_finished_block(tmp_path: Path) ->
             "-m", "gpt-4o-mini", "--base-url", base_url, "--api-key-env", "BR_KEY_A",
             "--engine", "ray", "--ray-actors", "2", "-c", "4", "--checkpoint-every", "10",
         ]
-        driver = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-        limit = time.monotonic() + 90
-        while _status(output, env).get("done", 0) < 200 and time.monotonic() < limit:
-            time.sleep(0.2)
+
+        def start_and_wait_for(rows: int) -> subprocess.Popen[str]:
+            driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+            limit = time.monotonic() + 90
+            while _status(output, env).get("done", 0) < rows and time.monotonic() < limit:
+                time.sleep(0.2)
+            return driver
+
+        # Ctrl-C: Ray's own handlers do not replace the run's; the actors stop, 130.
+        driver = start_and_wait_for(100)
+        driver.send_signal(signal.SIGINT)
+        _out, err = driver.communicate(timeout=60)
+        assert driver.returncode == 130, err
+        assert "run the same command again to resume" in err
+        # SIGKILL of the driver mid-run.
+        driver = start_and_wait_for(_status(output, env)["done"] + 200)
         driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
+        driver.communicate(timeout=30)
         done_before = _status(output, env)["done"]
-        assert 200 <= done_before < 1000, "the driver was not killed mid-run"
+        assert 300 <= done_before < 1000, "the driver was not killed mid-run"
         sent_before = _stats(base_url)["requests"]
         again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
         assert again.returncode == 0, again.stderr

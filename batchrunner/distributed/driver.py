@@ -21,6 +21,8 @@ import collections
 import contextlib
 import logging
 import math
+import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -85,12 +87,13 @@ async def arun_on_ray(
             resolve_api_key(name)  # a missing key is a usage error before anything starts
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(
-            address=config.ray_address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        with _signal_handlers_kept():
+            ray.init(
+                address=config.ray_address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
     try:
         if config.local:
             async with _local_gateway() as (base_url, _key):
@@ -102,6 +105,21 @@ async def arun_on_ray(
     finally:
         if started_here:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep the run's Ctrl-C and SIGTERM handling: `ray.init` installs handlers of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 class RayRun(_Run):
