@@ -346,6 +346,7 @@ class Simulator:
             )
         key = header[7:].strip()
         if key in self._keys if self._keys else key.startswith(KEY_PREFIX) and key != KEY_PREFIX:
+            self.stats.count_key(key)
             return None
         # The key itself is never echoed: clients copy error messages into logs and results.
         return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
