@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs
+from . import inputs, storage
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -48,6 +48,7 @@ from .results import Result, Row
 from .retry import call_with_retries
 from .scoring import Metric, TableScorer, check_reference_column, parse_metric, score_results
 from .sweep import Sweep, sweep_rows
+from .structured import ask_until_valid, load_schema
 
 __all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
 
@@ -188,6 +189,15 @@ async def arun(
     0
     """
     control = control or RunControl()
+    if storage.is_uri(config.input) or storage.is_uri(config.output):
+        # Object-store paths: the run works on local copies kept in step with the store.
+        return await storage.staged_run(
+            config, lambda local: arun(local, on_result=on_result, control=control)
+        )
+    if config.engine == "ray":
+        from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
+
+        return await arun_on_ray(config, on_result=on_result, control=control)
     if config.local:
         async with _local_gateway() as (base_url, key):
             return await _Run(config, base_url, key, on_result, control).execute()
@@ -282,6 +292,7 @@ class _Run:
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
 
     def __repr__(self) -> str:
         return f"_Run({self.config.output})"
@@ -382,11 +393,7 @@ class _Run:
         done: DoneSet,
     ) -> None:
         try:
-            rows = (
-                _rows_to_send(self.config, builder, done) if self.sweep is None
-                else sweep_rows(self.config, builder, done, self.sweep)
-            )
-            for row in rows:
+            for row in self._rows(builder, done):
                 if self.stop_event.is_set():
                     return
                 if row.body is None:  # an input error: recorded, never sent
@@ -399,6 +406,12 @@ class _Run:
             return
         for _ in range(self.config.concurrency):
             await queue.put(None)
+
+    def _rows(self, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
+        """The rows still to send, in output order: of the input, or of the sweep's slots."""
+        if self.sweep is None:
+            return _rows_to_send(self.config, builder, done)
+        return sweep_rows(self.config, builder, done, self.sweep)
 
     async def _worker(self, queue: asyncio.Queue[Row | None], ckpt: Checkpoint) -> None:
         while True:
@@ -494,8 +507,17 @@ class _Run:
                     self.budget.settle(reserved, billed)
                 raise
 
+        async def answered() -> Result:  # SPEC 17: one answer, to check against the schema
+            answer = await call_with_retries(
+                send, self.config.max_attempts, sleep=self._retry_sleep
+            )
+            return self._ok_result(row, answer, attempts, reserved)
+
         reserved = 0.0
         try:
+            if self.schema is not None:
+                checked = await ask_until_valid(answered, self.schema, self.config.invalid_retries)
+                return dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )
@@ -742,6 +764,8 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     PriceTable.load(config.prices)
     if len(config.models) > 1:
         config = config.replace(model=config.models[0])
+    if storage.is_uri(config.input):
+        config = config.replace(input=storage.stage_input(str(config.input)))
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
     _check_scoring(config, info.columns)
