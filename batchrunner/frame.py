@@ -12,8 +12,10 @@ then reads, fingerprints and resumes it like any other input. Its index is not a
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,7 +120,16 @@ def run(config: RunConfig | Mapping[str, Any], *, input: pd.DataFrame | None = N
     """
     from . import engine
 
-    return engine.run(_config(config, input), **kwargs)
+    config = _config(config, input)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return engine.run(config, **kwargs)
+    # Called where an event loop is already running (a Jupyter cell): asyncio.run cannot be
+    # nested, so the run gets its own loop in a thread; Ctrl-C is the kernel's then.
+    kwargs["handle_signals"] = False
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner") as pool:
+        return pool.submit(engine.run, config, **kwargs).result()
 
 
 async def arun(config: RunConfig | Mapping[str, Any], *, input: pd.DataFrame | None = None,

@@ -303,3 +303,16 @@ def test_estimate_counts_every_row_and_model_of_a_sweep(tmp_path: Path) -> None:
     estimate = batchrunner.estimate(sweep, prices=batchrunner.PriceTable.load())
     assert estimate.rows == 9  # row 0 names its own model; the others go to both
     assert {m.model: m.rows for m in estimate.models} == {"gpt-4o": 5, "gpt-4o-mini": 4}
+
+
+def test_run_works_where_an_event_loop_is_running_as_in_a_notebook(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    frame = pd.DataFrame({"prompt": ["Hello there", "Name a colour"]})
+
+    async def cell() -> batchrunner.RunReport:  # a Jupyter cell runs inside the kernel's loop
+        return run({"output": tmp_path / "nb.parquet", "base_url": gateway.base_url,
+                    "model": "gpt-4o-mini"}, input=frame)
+
+    report = asyncio.run(cell())
+    assert report.exit_code == 0 and report.ok == 2
