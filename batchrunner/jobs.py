@@ -268,7 +268,7 @@ _RESERVED_PARAMS = {
     "messages": "messages come from the input (a messages column, `template` or `prompt_column`)",
 }
 
-# Fields of CreateChatCompletionRequest in ../shared/openai-chat-schema.json: used to tell a
+# Fields of CreateChatCompletionRequest in tests/data/openai-chat-schema.json: used to tell a
 # misplaced request field from a typo, never to refuse a field (gateways add their own).
 _OPENAI_REQUEST_FIELDS = frozenset(
     """audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens
