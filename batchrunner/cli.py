@@ -85,7 +85,7 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-i", "--input", "input_", type=click.Path(path_type=Path),
                      help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv."),
         click.option("-o", "--output", type=click.Path(path_type=Path),
-                     help="Results file (Parquet); the checkpoint lives beside it."),
+                     help="Results file: .parquet, .jsonl or .csv; the checkpoint lives beside it."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
@@ -287,6 +287,33 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
     config = _config(job, kwargs)
     result = reports.estimate(config, prices=PriceTable.load(config.prices), calibrate=calibrate)
     click.echo(reports.estimate_to_json(result) if fmt == "json" else reports.render_estimate(result))
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "batch-api"]),
+              help="jsonl, csv, or the OpenAI Batch API's output lines [from -o's extension].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write to this file (replaced atomically) [stdout].")
+def export(results: Path, fmt: str | None, output: Path | None) -> None:
+    """Write a Parquet results file as JSONL, CSV or OpenAI Batch API output lines.
+
+    \b
+    Examples:
+      batchrunner export out/results.parquet --format csv > results.csv
+      batchrunner export out/results.parquet -o out/results.jsonl
+      batchrunner export out/results.parquet --format batch-api -o out/batch_output.jsonl
+    """
+    from .export import export_results
+
+    if fmt is None:
+        suffix = output.suffix.lower() if output is not None else ""
+        fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
+        if fmt is None:
+            raise UsageError("give --format jsonl, csv or batch-api")
+    rows = export_results(results, fmt, output)
+    if output is not None:
+        click.echo(f"{rows:,} rows written to {output}", err=True)
 
 
 @main.command()
