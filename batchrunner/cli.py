@@ -60,21 +60,16 @@ def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None
     root.propagate = False
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word such as `--param user=alice`
-
-
 def _params(param: tuple[str, ...]) -> dict[str, Any]:
-    """`--param KEY=JSON` options as a dict (a value that is not JSON is taken as a string)."""
+    """`--param KEY=JSON` options as a dict; a value that is not JSON is a usage error."""
+    from .jobs import param_value
+
     params: dict[str, Any] = {}
     for item in param:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r}: expected KEY=JSON, e.g. --param seed=7")
-        params[key] = _json_value(value)
+        params[key] = param_value(key, value)
     return params
 
 
@@ -183,6 +178,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
     from .checkpoint import use_system_allocator
     from .progress import ProgressDisplay
 
+    _configure_logging()  # warnings about the options themselves (a --param typo)
     config = _config(job, kwargs)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
