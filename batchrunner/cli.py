@@ -34,6 +34,29 @@ class _Group(click.Group):
         except BatchrunnerError as exc:
             click.echo(f"batchrunner: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+            click.echo(crash_line(exc, path), err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+_CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
+_KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
+
+
+def _crash_folder(output: Path, api_key_env: str | None = None) -> None:
+    """Have a bug in this command write its crash.log in `output`'s checkpoint folder."""
+    from .checkpoint import checkpoint_dir
+
+    meta = click.get_current_context().meta
+    meta[_CRASH_FOLDER] = checkpoint_dir(output)
+    if api_key_env:
+        meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -172,7 +195,8 @@ def run(job: Path | None, **kwargs: Any) -> None:
 
     Running the same command again resumes: only rows with no result are sent.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
-    5 stopped by --max-cost/--deadline, 130/143 interrupted.
+    5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
+    the traceback is in crash.log in the checkpoint folder).
     """
     from . import engine
     from .checkpoint import use_system_allocator
@@ -180,6 +204,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
 
     _configure_logging()  # warnings about the options themselves (a --param typo)
     config = _config(job, kwargs)
+    _crash_folder(config.output, config.api_key_env)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
@@ -210,6 +235,7 @@ def status(output: Path, fmt: str) -> None:
     """
     from .checkpoint import read_status
 
+    _crash_folder(output)
     state = read_status(output)
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
