@@ -103,7 +103,7 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-i", "--input", "input_", type=click.Path(path_type=Path),
                      help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv."),
         click.option("-o", "--output", type=click.Path(path_type=Path),
-                     help="Results file: .parquet, .jsonl or .csv, may hold {date}; checkpoint beside it."),
+                     help="Results: .parquet, .jsonl or .csv; may hold {date}. Checkpoint beside."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),

@@ -74,7 +74,8 @@ def check_output(path: Path, *, what: str = "--output") -> str:
     """
     path = Path(path)
     if path.is_dir():
-        raise UsageError(f"{what} {path} is a folder: name a file, such as {path / 'results.parquet'}")
+        example = path / "results.parquet"
+        raise UsageError(f"{what} {path} is a folder: name a file, such as {example}")
     fmt = output_format(path, what=what)
     folder = path.parent if str(path.parent) else Path(".")
     existing = folder
@@ -170,7 +171,8 @@ class _CsvWriter:
 
     def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
         for i in self._nested:
-            values = [None if v is None else _dumps(v).decode() for v in table.column(i).to_pylist()]
+            values = [None if v is None else _dumps(v).decode()
+                      for v in table.column(i).to_pylist()]
             table = table.set_column(i, self._schema.field(i), pa.array(values, pa.string()))
         self._writer.write_table(table)
 

@@ -47,7 +47,9 @@ def expand_date(path: Path, *, now: datetime | None = None, what: str = "--outpu
     def replace(match: re.Match[str]) -> str:
         pattern = match.group(1)
         if pattern is not None and not pattern.strip():
-            raise UsageError(f"{what} {text}: {{date:}} needs a strftime pattern, e.g. {{date:%Y%m%d}}")
+            raise UsageError(
+                f"{what} {text}: {{date:}} needs a strftime pattern, e.g. {{date:%Y%m%d}}"
+            )
         rendered = moment.strftime(DEFAULT_DATE_FORMAT if pattern is None else pattern)
         if not rendered.strip() or "\x00" in rendered:
             raise UsageError(f"{what} {text}: {match.group(0)} gives an empty name")

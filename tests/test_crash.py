@@ -95,7 +95,8 @@ def test_a_bug_elsewhere_writes_its_log_in_the_current_folder(tmp_path: Path) ->
 
 def test_scrub_masks_the_named_variables_and_key_shapes() -> None:
     environ = {"EVAL_KEY": "plain-looking-secret-123", "OPENAI_API_KEY": "sk-proj-abcdef123456"}
-    text = "a plain-looking-secret-123, sk-proj-abcdef123456 and sk-ru-other-key-000 and Bearer xyz9"
+    text = ("a plain-looking-secret-123, sk-proj-abcdef123456 and sk-ru-other-key-000 "
+            "and Bearer xyz9")
     assert scrub(text, environ=environ, key_variables=["EVAL_KEY"]) == \
         "a [key], [key] and [key] and Bearer [key]"
     assert scrub("nothing secret here: task-list", environ={}) == "nothing secret here: task-list"

@@ -22,6 +22,7 @@ from batchrunner.export import batch_api_line, check_output, export_results
 from test_cli import cli
 
 KEY = "sk-ru-export-tests-0a1b2c3d4e5f6a7b8c9d"
+REPO_SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "prompts.jsonl"
 
 
 @pytest.fixture(autouse=True)
@@ -191,3 +192,13 @@ def test_export_reads_parquet_results_only(tmp_path: Path) -> None:
     done = CliRunner().invoke(main, ["export", str(other), "--format", "csv"])
     assert done.exit_code == 2 and "export reads Parquet results" in done.output
     assert not os.path.exists(tmp_path / "r.csv")
+
+
+def test_validate_checks_the_output_too(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "{REPO_SAMPLE}"\noutput = "results.txt"\nmodel = "gpt-4o"\n')
+    done = CliRunner().invoke(main, ["validate", str(job)])
+    assert done.exit_code == 2
+    assert ".txt is not an output format; use .parquet, .jsonl, .csv" in done.output
+    job.write_text(f'input = "{REPO_SAMPLE}"\noutput = "results.csv"\nmodel = "gpt-4o"\n')
+    assert CliRunner().invoke(main, ["validate", str(job)]).exit_code == 0

@@ -183,7 +183,8 @@ def test_a_limited_smoke_test_then_the_full_run_sends_each_row_once(
     (datetime(2026, 12, 1, 6, 0), 24.0),  # at 06:00 sharp: the next one
     (datetime(2026, 12, 1, 22, 0), 8.0),  # started late in the evening: tomorrow's 06:00
 ])
-def test_the_shipped_nightly_deadline_is_the_next_six_oclock(now: datetime, hours_left: float) -> None:
+def test_the_shipped_nightly_deadline_is_the_next_six_oclock(
+        now: datetime, hours_left: float) -> None:
     config = build_config(load_job(REPO / "jobs" / "nightly-eval.toml"), {})
     assert config.deadline == "06:00"
     deadline = Deadline.from_text(config.deadline, FakeClock(), now=now)
