@@ -220,7 +220,9 @@ def test_retry_failed_sends_only_the_error_rows(tmp_path: Path, start_gateway) -
 def test_a_second_run_on_the_same_output_is_refused_at_once(
     tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
 ) -> None:
-    gw = start_gateway(latency_ms=200)
+    # 200 rows of 1 s at 4 in flight: the first run lasts 50 s, far longer than starting two
+    # more processes takes on two busy cores (at 200 ms it was 10 s, and sometimes over)
+    gw = start_gateway(latency_ms=1000)
     source = write_input(tmp_path / "in.jsonl", 200)
     output = tmp_path / "out.parquet"
     cmd = command(source, output, gw.base_url, "--concurrency", "4")
