@@ -31,6 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .errors import UsageError
+from .storage import is_uri
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -55,7 +56,7 @@ _BATCH_SIZE = 16384
 # --- where an output can go -----------------------------------------------------------------
 
 
-def output_format(path: Path, *, what: str = "--output") -> str:
+def output_format(path: Path | str, *, what: str = "--output") -> str:
     """The output format `path`'s extension names, or a UsageError listing the formats."""
     fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
@@ -65,13 +66,15 @@ def output_format(path: Path, *, what: str = "--output") -> str:
     return fmt
 
 
-def check_output(path: Path, *, what: str = "--output") -> str:
+def check_output(path: Path | str, *, what: str = "--output") -> str:
     """Check, before anything is sent, that `path` can be written; return its format.
 
     Refused: a folder, an unknown extension, a folder that cannot be created (a file is in the
     way) or written (permissions, a read-only file system). Nothing is created: a probe file
     is made and removed in the nearest folder that exists.
     """
+    if is_uri(path):  # an object-store output is written through a local staged copy
+        return output_format(path, what=what)
     path = Path(path)
     if path.is_dir():
         example = path / "results.parquet"

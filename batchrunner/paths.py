@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["DEFAULT_DATE_FORMAT", "expand_date", "has_placeholder"]
+__all__ = ["DEFAULT_DATE_FORMAT", "expand_date"]
 
 #: What `{date}` alone stands for: the ISO date, 2026-12-01.
 DEFAULT_DATE_FORMAT = "%Y-%m-%d"
@@ -28,13 +28,13 @@ _PLACEHOLDER = re.compile(r"\{date(?::([^{}]*))?\}")
 _BRACES = re.compile(r"\{[^{}]*\}")
 
 
-def has_placeholder(path: Path | str) -> bool:
-    """True when `path` holds a `{...}` placeholder."""
-    return _BRACES.search(str(path)) is not None
-
-
-def expand_date(path: Path, *, now: datetime | None = None, what: str = "--output") -> Path:
+def expand_date(
+    path: Path | str, *, now: datetime | None = None, what: str = "--output"
+) -> Path | str:
     """`path` with `{date}` and `{date:STRFTIME}` replaced by `now` (default: local now).
+
+    A Path gives a Path; text (an object-store URI such as `s3://bucket/{date}.parquet`, which
+    a Path would fold) gives text.
 
     Any other `{...}` is a UsageError naming it: a mistyped `{data}` in a cron job must not
     write the same literal file every night.
@@ -62,4 +62,4 @@ def expand_date(path: Path, *, now: datetime | None = None, what: str = "--outpu
             f"{what} {text}: unknown placeholder {leftover.group(0)}; "
             "an output path may hold {date} or {date:STRFTIME}, such as {date:%Y%m%d-%H}"
         )
-    return Path(expanded)
+    return expanded if isinstance(path, str) else Path(expanded)

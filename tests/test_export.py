@@ -202,3 +202,9 @@ def test_validate_checks_the_output_too(tmp_path: Path) -> None:
     assert ".txt is not an output format; use .parquet, .jsonl, .csv" in done.output
     job.write_text(f'input = "{REPO_SAMPLE}"\noutput = "results.csv"\nmodel = "gpt-4o"\n')
     assert CliRunner().invoke(main, ["validate", str(job)]).exit_code == 0
+
+
+def test_an_object_store_output_is_checked_by_its_extension_only() -> None:
+    assert check_output("s3://bucket/out/r.jsonl") == "jsonl"  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"\.txt is not an output format"):
+        check_output("s3://bucket/out/r.txt")  # type: ignore[arg-type]

@@ -90,3 +90,11 @@ def test_a_dated_run_checkpoints_beside_the_resolved_file_and_resumes_it(tmp_pat
     assert again.exit_code == 0, again.output
     assert "resumed 3" in again.output  # the same day: the same file, resumed
     assert pq.read_table(output).num_rows == 50
+
+
+def test_an_object_store_output_keeps_its_uri() -> None:
+    uri = "s3://bucket/nightly/r-{date}.parquet"
+    config = RunConfig(input=Path("in.jsonl"), output=uri)  # type: ignore[arg-type]
+    assert isinstance(config.output, str)
+    assert config.output.startswith("s3://bucket/nightly/r-")  # not folded to s3:/bucket
+    assert config.output.rsplit("/", 1)[1] in today_names("r-{}.parquet")
