@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,10 @@ class _Group(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # `batchrunner export ... | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
         except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
             from .crash import EXIT_INTERNAL, crash_line, write_crash_log
 
@@ -45,6 +50,7 @@ class _Group(click.Group):
             ctx.exit(EXIT_INTERNAL)
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 _CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
 _KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
 

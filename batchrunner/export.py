@@ -39,6 +39,7 @@ __all__ = [
     "TableWriter",
     "batch_api_line",
     "check_output",
+    "check_output_file",
     "export_results",
     "open_table_writer",
     "output_format",

@@ -6,10 +6,13 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -208,3 +211,21 @@ def test_an_object_store_output_is_checked_by_its_extension_only() -> None:
     assert check_output("s3://bucket/out/r.jsonl") == "jsonl"  # type: ignore[arg-type]
     with pytest.raises(UsageError, match=r"\.txt is not an output format"):
         check_output("s3://bucket/out/r.txt")  # type: ignore[arg-type]
+
+
+def test_export_into_a_pipe_that_closes_is_not_a_crash(tmp_path: Path) -> None:
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(200_000)],
+                             "status": ["ok"] * 200_000}), big)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "batchrunner", "export", str(big),
+                             "--format", "jsonl"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["id"] == "r0"
+    proc.stdout.close()  # as `| head -1` does
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert stderr == ""
+    assert not (tmp_path / "batchrunner-crash.log").exists()
