@@ -21,6 +21,7 @@ from .errors import (
     OutputLocked,
     UsageError,
 )
+from .export import export_results
 from .jobs import build_config, load_job
 from .pricing import PriceTable
 from .reports import estimate, summarize
@@ -46,6 +47,7 @@ __all__ = [
     "build_config",
     "check_job",
     "estimate",
+    "export_results",
     "list_models",
     "load_job",
     "read_status",

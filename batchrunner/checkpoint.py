@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
+from .export import TableWriter, open_table_writer, output_format
 from .results import Result
 
 __all__ = [
@@ -485,7 +485,8 @@ class Checkpoint:
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        writer: pq.ParquetWriter | None = None
+        fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
+        writer: TableWriter | None = None
         start = 0
         try:
             for table in input_tables:
@@ -493,14 +494,14 @@ class Checkpoint:
                 results = self._results_for(start, stop)
                 joined = self._structured_output(_join(table, results, id_column))
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
+                    writer = open_table_writer(tmp, joined.schema, fmt)
                 writer.write_table(joined, row_group_size=65536)
                 del table, results, joined
                 pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                 start = stop
             if writer is None:  # an empty input still gets a valid, empty file
                 empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
-                writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
+                writer = open_table_writer(tmp, empty.schema, fmt)
             writer.close()
             writer = None
             if start != rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,36 @@ class _Group(click.Group):
         except BatchrunnerError as exc:
             click.echo(f"batchrunner: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BrokenPipeError:  # `batchrunner export ... | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+            click.echo(crash_line(exc, path), err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+_CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
+_KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
+
+
+def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
+    """Have a bug in this command write its crash.log in `output`'s checkpoint folder."""
+    from .checkpoint import checkpoint_dir
+    from .storage import is_uri
+
+    meta = click.get_current_context().meta
+    if not is_uri(output):  # an object-store output's log goes to the current folder
+        meta[_CRASH_FOLDER] = checkpoint_dir(Path(output))
+    if api_key_env:
+        meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -60,21 +91,16 @@ def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None
     root.propagate = False
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word such as `--param user=alice`
-
-
 def _params(param: tuple[str, ...]) -> dict[str, Any]:
-    """`--param KEY=JSON` options as a dict (a value that is not JSON is taken as a string)."""
+    """`--param KEY=JSON` options as a dict; a value that is not JSON is a usage error."""
+    from .jobs import param_value
+
     params: dict[str, Any] = {}
     for item in param:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r}: expected KEY=JSON, e.g. --param seed=7")
-        params[key] = _json_value(value)
+        params[key] = param_value(key, value)
     return params
 
 
@@ -102,7 +128,8 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv "
                           "(a path, or s3://bucket/key)."),
         click.option("-o", "--output", type=_PATH_OR_URI,
-                     help="Results file (Parquet); the checkpoint lives beside it."),
+                     help="Results: .parquet, .jsonl or .csv (may hold {date}); the checkpoint "
+                          "lives beside it."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
@@ -204,13 +231,16 @@ def run(job: Path | None, **kwargs: Any) -> None:
 
     Running the same command again resumes: only rows with no result are sent.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
-    5 stopped by --max-cost/--deadline, 130/143 interrupted.
+    5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
+    the traceback is in crash.log in the checkpoint folder).
     """
     from . import engine
     from .checkpoint import use_system_allocator
     from .progress import ProgressDisplay
 
+    _configure_logging()  # warnings about the options themselves (a --param typo)
     config = _config(job, kwargs)
+    _crash_folder(config.output, config.api_key_env)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
@@ -242,6 +272,7 @@ def status(output: Path | str, fmt: str) -> None:
     from .checkpoint import read_status
     from .storage import local_view
 
+    _crash_folder(output)
     state = read_status(local_view(output))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
@@ -315,6 +346,33 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
     config = _config(job, kwargs)
     result = reports.estimate(config, prices=PriceTable.load(config.prices), calibrate=calibrate)
     click.echo(reports.estimate_to_json(result) if fmt == "json" else reports.render_estimate(result))
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "batch-api"]),
+              help="jsonl, csv, or the OpenAI Batch API's output lines [from -o's extension].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write to this file (replaced atomically) [stdout].")
+def export(results: Path, fmt: str | None, output: Path | None) -> None:
+    """Write a Parquet results file as JSONL, CSV or OpenAI Batch API output lines.
+
+    \b
+    Examples:
+      batchrunner export out/results.parquet --format csv > results.csv
+      batchrunner export out/results.parquet -o out/results.jsonl
+      batchrunner export out/results.parquet --format batch-api -o out/batch_output.jsonl
+    """
+    from .export import export_results
+
+    if fmt is None:
+        suffix = output.suffix.lower() if output is not None else ""
+        fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
+        if fmt is None:
+            raise UsageError("give --format jsonl, csv or batch-api")
+    rows = export_results(results, fmt, output)
+    if output is not None:
+        click.echo(f"{rows:,} rows written to {output}", err=True)
 
 
 @main.command()

@@ -41,6 +41,7 @@ from .errors import (
     RetryableError,
     UsageError,
 )
+from .export import check_output
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
@@ -297,6 +298,7 @@ class _Run:
 
     async def execute(self) -> RunReport:
         config = self.config
+        check_output(config.output)  # nothing is paid for that cannot be written (SPEC 7)
         deadline = self._deadline()
         info = inputs.scan_input(config)
         builder = RequestBuilder(config, info.columns)
@@ -724,6 +726,7 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    check_output(config.output)
     if storage.is_uri(config.input):
         config = config.replace(input=storage.stage_input(str(config.input)))
     info = inputs.scan_input(config)
