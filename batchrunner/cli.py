@@ -354,7 +354,12 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
               help="jsonl, csv, or the OpenAI Batch API's output lines [from -o's extension].")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Write to this file (replaced atomically) [stdout].")
-def export(results: Path, fmt: str | None, output: Path | None) -> None:
+@click.option("--flatten", is_flag=True,
+              help="Make `parsed` (a --json-schema run's answers) a column per top-level field.")
+@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+              help="The schema --flatten follows [the one the results record].")
+def export(results: Path, fmt: str | None, output: Path | None, flatten: bool,
+           json_schema: Path | None) -> None:
     """Write a Parquet results file as JSONL, CSV or OpenAI Batch API output lines.
 
     \b
@@ -362,6 +367,7 @@ def export(results: Path, fmt: str | None, output: Path | None) -> None:
       batchrunner export out/results.parquet --format csv > results.csv
       batchrunner export out/results.parquet -o out/results.jsonl
       batchrunner export out/results.parquet --format batch-api -o out/batch_output.jsonl
+      batchrunner export out/entities.parquet --flatten --format csv -o out/entities.csv
     """
     from .export import export_results
 
@@ -370,7 +376,7 @@ def export(results: Path, fmt: str | None, output: Path | None) -> None:
         fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
         if fmt is None:
             raise UsageError("give --format jsonl, csv or batch-api")
-    rows = export_results(results, fmt, output)
+    rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
     if output is not None:
         click.echo(f"{rows:,} rows written to {output}", err=True)
 

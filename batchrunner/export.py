@@ -273,12 +273,19 @@ def _usage(row: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def export_results(
-    source: Path, fmt: str, output: Path | None = None, *, stream: IO[bytes] | None = None
+    source: Path,
+    fmt: str,
+    output: Path | None = None,
+    *,
+    stream: IO[bytes] | None = None,
+    flatten: bool = False,
+    json_schema: Path | None = None,
 ) -> int:
     """Write the Parquet results `source` as `fmt` to `output` (atomically) or `stream`.
 
     `fmt` is one of EXPORT_FORMATS; without `output` the lines go to `stream` (stdout by
-    default). Returns the number of rows written.
+    default). Returns the number of rows written. `flatten` turns `parsed` into a column per
+    top-level property of the JSON schema (`json_schema`, else the one the results record).
 
     >>> export_results(Path("out/r.parquet"), "csv", Path("out/r.csv"))
     50
@@ -289,6 +296,8 @@ def export_results(
     if output is not None:
         check_output_file(output)
     schema, batches = _read_results(source)
+    if flatten:
+        schema, batches = _flattened(schema, batches, json_schema, fmt)
     created = int(source.stat().st_mtime)
     if output is None:
         return _write(schema, batches, fmt, stream or sys.stdout.buffer, created)
@@ -304,6 +313,25 @@ def export_results(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return rows
+
+
+def _flattened(
+    schema: pa.Schema, batches: Iterator[pa.RecordBatch], json_schema: Path | None, fmt: str
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The batches with `parsed` made typed columns (structured.flatten, batch by batch)."""
+    from .structured import flatten, load_schema
+
+    if fmt == "batch-api":
+        raise UsageError("--flatten makes columns; the batch-api format has none")
+    document = load_schema(json_schema) if json_schema is not None else None
+    flat_schema = flatten(schema.empty_table(), document).schema
+
+    def flat() -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            table = flatten(pa.Table.from_batches([batch], schema), document)
+            yield from table.cast(flat_schema).to_batches()
+
+    return flat_schema, flat()
 
 
 def check_output_file(path: Path) -> None:

@@ -229,3 +229,29 @@ def test_export_into_a_pipe_that_closes_is_not_a_crash(tmp_path: Path) -> None:
     assert proc.wait(timeout=60) == 141
     assert stderr == ""
     assert not (tmp_path / "batchrunner-crash.log").exists()
+
+
+def test_export_flatten_makes_typed_columns_of_parsed(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    output = tmp_path / "entities.parquet"
+    report = run(
+        RunConfig(
+            input=repo / "sample_data" / "entities.jsonl", output=output, model="gpt-4o-mini",
+            json_schema=repo / "jobs" / "entities.schema.json", template="Text: {text}",
+            local=True,
+        ),
+        handle_signals=False,
+    )
+    assert report.exit_code == 0
+    target = tmp_path / "flat.jsonl"
+    done = CliRunner().invoke(main, ["export", str(output), "--flatten", "-o", str(target)])
+    assert done.exit_code == 0, done.output
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    parsed = [json.loads(r) for r in pq.read_table(output).column("parsed").to_pylist()]
+    assert len(lines) == len(parsed) > 0
+    for line, answer in zip(lines, parsed):
+        assert "parsed" not in line
+        assert line["language"] == answer["language"]
+        assert line["entities"] == answer["entities"]  # a list of objects, not JSON text
+    refused = CliRunner().invoke(main, ["export", str(output), "--flatten", "--format", "batch-api"])
+    assert refused.exit_code == 2 and "batch-api" in refused.output
