@@ -19,6 +19,7 @@ from .errors import (
     CheckpointMismatch,
     InputError,
     OutputLocked,
+    StorageError,
     UsageError,
 )
 from .jobs import build_config, load_job
@@ -40,6 +41,7 @@ __all__ = [
     "RunConfig",
     "RunControl",
     "RunReport",
+    "StorageError",
     "Usage",
     "UsageError",
     "arun",

@@ -474,12 +474,20 @@ class Checkpoint:
         """
         handle, path = self._segment_file, self._segment_path
         self._segment_file = self._segment_path = None
-        if handle is not None:
-            with contextlib.suppress(OSError):
-                handle.close()  # may flush a partial buffer: cut afterwards
-        if path is None:
+        if handle is None or path is None:
+            return
+        try:
+            ours: os.stat_result | None = os.fstat(handle.fileno())
+        except OSError:
+            ours = None
+        with contextlib.suppress(OSError):
+            handle.close()  # may flush a partial buffer: cut afterwards
+        if ours is None:
             return
         with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+                return  # the path names another file now (the folder was replaced): not ours
             if offset is None or not any(b.segment == path for b in self._loaded.batches):
                 path.unlink()  # it holds no batch: a schema alone would only take space
             else:
