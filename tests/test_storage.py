@@ -231,9 +231,13 @@ class FaultyOs:
     def __init__(self) -> None:
         self._faults: dict[str, Callable[..., int | None]] = {}
         self.segment_fds: set[int] = set()
+        self.segment_open_errno: int | None = None  # set: opening a new segment fails so
 
     def open_tracking_segments(self, path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         """builtins.open, as checkpoint.py calls it, remembering segment descriptors."""
+        if str(path).endswith(".arrows") and self.segment_open_errno is not None:
+            code = self.segment_open_errno
+            raise OSError(code, os.strerror(code), str(path))
         handle = open(path, mode, *args, **kwargs)
         if str(path).endswith(".arrows"):
             self.segment_fds.add(handle.fileno())
@@ -322,6 +326,21 @@ def test_a_failed_segment_write_stops_the_run_with_exit_74(
     assert f"{gateway.stats.requests - kept:,} answers could not be kept" in report.message
     fault = read_status(cfg.output).storage_fault
     assert fault is not None and fault["errno"] == errno.errorcode[code]
+    finish_after_fix(cfg, gateway, monkeypatch)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_a_first_segment_that_cannot_be_created_stops_the_run_at_the_first_write(
+    code: int, tmp_path: Path, gateway, faulty_os: FaultyOs, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    faulty_os.segment_open_errno = code  # e.g. the folder was made read-only after the start
+    cfg = config(tmp_path, gateway.base_url)
+    report = run(cfg, handle_signals=False)
+    assert report.exit_code == 74
+    assert f"0 of {ROWS:,} rows are safe" in report.message and os.strerror(code) in report.message
+    assert 0 < gateway.stats.requests <= CONCURRENCY + EVERY
+    assert f"{gateway.stats.requests:,} answers could not be kept" in report.message
+    assert read_status(cfg.output).segments == 0
     finish_after_fix(cfg, gateway, monkeypatch)
 
 
