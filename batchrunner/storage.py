@@ -65,7 +65,7 @@ class StorageFault:
     path: Path
     cause: str
     errno: int | None
-    target: str  # "checkpoint" or "output"
+    target: str  # "checkpoint", "output", or "start" (opening the checkpoint)
 
     @classmethod
     def of(cls, exc: OSError, path: Path, target: str) -> StorageFault:
