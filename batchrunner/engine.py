@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs
+from . import inputs, storage
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -47,7 +47,8 @@ from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
-from .storage import CheckpointWriter, DurabilityGate, open_checkpoint
+from .durability import CheckpointWriter, DurabilityGate, open_checkpoint
+from .structured import ask_until_valid, load_schema
 
 __all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
 
@@ -188,6 +189,15 @@ async def arun(
     0
     """
     control = control or RunControl()
+    if storage.is_uri(config.input) or storage.is_uri(config.output):
+        # Object-store paths: the run works on local copies kept in step with the store.
+        return await storage.staged_run(
+            config, lambda local: arun(local, on_result=on_result, control=control)
+        )
+    if config.engine == "ray":
+        from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
+
+        return await arun_on_ray(config, on_result=on_result, control=control)
     if config.local:
         async with _local_gateway() as (base_url, key):
             return await _Run(config, base_url, key, on_result, control).execute()
@@ -281,6 +291,7 @@ class _Run:
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
 
     def __repr__(self) -> str:
         return f"_Run({self.config.output})"
@@ -301,7 +312,7 @@ class _Run:
         with open_checkpoint(
             config.output, fingerprint, rows=info.rows, restart=config.restart
         ) as ckpt:
-            self.storage = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
+            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < info.rows or not ckpt.complete(info.rows):
@@ -364,8 +375,8 @@ class _Run:
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
                 # The last write: everything that finished is made durable before we return.
-                self._writes.append(executor.submit(self.storage.write, ckpt.take_batch()))
-                self._writes.append(executor.submit(self.storage.last_attempt))
+                self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+                self._writes.append(executor.submit(self.writer.last_attempt))
                 executor.shutdown(wait=True)
                 for write in self._writes:
                     write.result()  # a failed checkpoint write is an error, never a silent loss
@@ -420,13 +431,13 @@ class _Run:
             batch = ckpt.take_batch()
             if batch is None:
                 continue
-            write = executor.submit(self.storage.write, batch)
+            write = executor.submit(self.writer.write, batch)
             self._writes.append(write)
             # Shielded: cancelling this task at the end must not cancel a write whose rows
             # have already left the buffer (they would be lost); the end waits for it instead.
             await asyncio.shield(asyncio.wrap_future(write))
             self._writes = [w for w in self._writes if not w.done() or w.exception()]
-            if self.storage.fault is not None:  # no new request from now on (SPEC 8)
+            if self.writer.fault is not None:  # no new request from now on (SPEC 8)
                 self.control.stop("storage", StorageError.exit_code)
                 return
             self.gate.written(batch.num_rows)
@@ -498,8 +509,17 @@ class _Run:
                     self.budget.settle(reserved, billed)
                 raise
 
+        async def answered() -> Result:  # SPEC 17: one answer, to check against the schema
+            answer = await call_with_retries(
+                send, self.config.max_attempts, sleep=self._retry_sleep
+            )
+            return self._ok_result(row, answer, attempts, reserved)
+
         reserved = 0.0
         try:
+            if self.schema is not None:
+                checked = await ask_until_valid(answered, self.schema, self.config.invalid_retries)
+                return dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )
@@ -601,15 +621,15 @@ class _Run:
         control = self.control
         complete = ckpt.complete(rows)
         reason = control.reason
-        fault = self.storage.fault
+        fault = self.writer.fault
         if complete and reason != "auth" and fault is None and not ckpt.finished:
             # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
             tables = inputs.iter_tables(self.config, batch_rows=32768)
-            fault = self.storage.finalize(tables, rows, id_column=self.id_column)
+            fault = self.writer.finalize(tables, rows, id_column=self.id_column)
         if fault is not None:  # a write failed: whatever else stopped the run, this is exit 74
             self._use_totals(ckpt.done_totals())
-            code, reason, message = StorageError.exit_code, "storage", self.storage.message(rows)
-            self.storage.record(rows)
+            code, reason, message = StorageError.exit_code, "storage", self.writer.message(rows)
+            self.writer.record(rows)
         elif complete and reason != "auth":
             self._use_totals(ckpt.done_totals())
             code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
@@ -640,7 +660,7 @@ class _Run:
         if self.config.summary_json is not None:
             summary = report.to_dict()
             if fault is not None:
-                summary["storage_fault"] = self.storage.details(rows)
+                summary["storage_fault"] = self.writer.details(rows)
             try:
                 write_summary_json(self.config.summary_json, summary)
             except OSError as exc:  # the monitoring file: said, but it changes no result
@@ -736,6 +756,8 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    if storage.is_uri(config.input):
+        config = config.replace(input=storage.stage_input(str(config.input)))
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
     return info
