@@ -19,6 +19,7 @@ from .errors import (
     CheckpointMismatch,
     InputError,
     OutputLocked,
+    StorageError,
     UsageError,
 )
 from .export import export_results
@@ -41,6 +42,7 @@ __all__ = [
     "RunConfig",
     "RunControl",
     "RunReport",
+    "StorageError",
     "Usage",
     "UsageError",
     "arun",

@@ -6,6 +6,7 @@ The only module that imports click. Every command body is short: the work is in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__  # noqa: F401
-from .errors import BatchrunnerError, UsageError
+from .errors import BatchrunnerError, StorageError, UsageError
 
 log = logging.getLogger("batchrunner")
 
@@ -232,7 +233,8 @@ def run(job: Path | None, **kwargs: Any) -> None:
     Running the same command again resumes: only rows with no result are sent.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
     5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
-    the traceback is in crash.log in the checkpoint folder).
+    the traceback is in crash.log in the checkpoint folder), 74 checkpoint or output
+    could not be written (disk full, read-only, I/O error).
     """
     from . import engine
     from .checkpoint import use_system_allocator
@@ -248,9 +250,11 @@ def run(job: Path | None, **kwargs: Any) -> None:
             report = engine.run(config, on_result=display.update)
         except BatchrunnerError as exc:
             if config.summary_json is not None:
-                engine.write_summary_json(
-                    config.summary_json, {"exit_code": exc.exit_code, "error": str(exc)}
-                )
+                data: dict[str, Any] = {"exit_code": exc.exit_code, "error": str(exc)}
+                if isinstance(exc, StorageError):
+                    data["storage_fault"] = {"path": exc.path, "cause": exc.cause}
+                with contextlib.suppress(OSError):  # on the same full disk: the error says it
+                    engine.write_summary_json(config.summary_json, data)
             raise
     display.final_summary(report)
     sys.exit(report.exit_code)
@@ -280,6 +284,8 @@ def status(output: Path | str, fmt: str) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
+    if phase == "stopped" and state.storage_fault is not None:
+        phase = f"stopped on a storage fault: {state.storage_fault['message']}"
     click.echo(
         f"{state.output}: {phase}\n"
         f"  rows     {state.rows:>12,}\n"
