@@ -68,6 +68,7 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
+        ("cache_hit", pa.bool_()),
     ]
 )
 _SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
@@ -81,6 +82,7 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
         ("cached_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
+        ("cache_hit", pa.bool_()),
     ]
 )
 
@@ -119,6 +121,7 @@ class _BatchRef:
     offset: int  # where its IPC message starts in the segment
     first_row: int
     last_row: int
+    schema: pa.Schema | None = None  # the segment's own layout, when older than this one's
 
 
 class DoneSet:
@@ -172,6 +175,8 @@ class CheckpointStatus:
     live: bool
     finished: bool
     segments: int
+    cache_hits: int = 0  # rows served from the response cache (their cost is not in cost_usd)
+    reused_cost_usd: float = 0.0  # what those rows cost when first paid for
 
     @property
     def pending(self) -> int:
@@ -203,6 +208,8 @@ class _Progress:
         self.state = np.zeros(rows, dtype=np.int8)
         self.sums: dict[str, float] = dict.fromkeys(self._SUMS, 0)
         self.unpriced = 0
+        self.hits = 0  # results served from the response cache
+        self.reused = 0.0  # their cost, part of sums["cost_usd"] but not paid by this output
 
     @classmethod
     def of(cls, summary: pa.Table, rows: int) -> _Progress:
@@ -213,7 +220,7 @@ class _Progress:
         positions = positions[row_numbers[positions] < rows]
         ok = summary.column("ok").to_numpy(zero_copy_only=False)[positions]
         progress.state[row_numbers[positions]] = np.where(ok, cls._OK, cls._ERROR)
-        sums = summary.select(list(cls._SUMS))  # not the ids: a million strings to copy
+        sums = summary.select([*cls._SUMS, "cache_hit"])  # not the ids: a million strings
         progress._add_sums(sums.take(pa.array(positions, pa.int64())))
         return progress
 
@@ -231,6 +238,9 @@ class _Progress:
         unpriced = pc.and_(pc.is_null(table.column("cost_usd")),
                            pc.is_valid(table.column("total_tokens")))
         self.unpriced += pc.sum(unpriced.cast(pa.int64())).as_py() or 0
+        hit = table.column("cache_hit").fill_null(False)
+        self.hits += pc.sum(hit.cast(pa.int64())).as_py() or 0
+        self.reused += pc.sum(pc.if_else(hit, table.column("cost_usd"), None)).as_py() or 0.0
 
     def complete(self, rows: int) -> bool:
         """True when each of the first `rows` rows has a result."""
@@ -245,8 +255,10 @@ class _Progress:
             "ok": ok,
             "failed": failed,
             **{name: int(self.sums[name]) for name in self._SUMS[:-1]},
-            "cost_usd": float(self.sums["cost_usd"]),
+            "cost_usd": float(self.sums["cost_usd"]) - float(self.reused),  # paid only
             "unpriced_rows": int(self.unpriced),
+            "cache_hits": int(self.hits),
+            "reused_cost_usd": float(self.reused),
         }
 
 
@@ -521,15 +533,18 @@ class Checkpoint:
         refs = [b for b in self._loaded.batches if b.first_row < stop and b.last_row >= start]
         pieces: list[pa.RecordBatch] = []
         by_segment: dict[Path, list[int]] = {}
+        layouts: dict[Path, pa.Schema] = {}
         for ref in refs:
             by_segment.setdefault(ref.segment, []).append(ref.offset)
+            layouts[ref.segment] = ref.schema or _SEGMENT_SCHEMA
         # Segment by segment in the order they were written, so later results win; only the
         # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
             with pa.memory_map(str(segment)) as source:
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)
-                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), _SEGMENT_SCHEMA)
+                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), layouts[segment])
+                    batch = _conform(batch)
                     rows = batch.column(0)
                     keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
                     pieces.append(batch.filter(keep))
@@ -571,7 +586,7 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
         except (pa.ArrowInvalid, OSError, StopIteration):
             log.warning("checkpoint: %s holds no complete batch; ignored", segment.name)
             return
-        if schema != _SEGMENT_SCHEMA:
+        if schema != _SEGMENT_SCHEMA and not _readable(schema):
             log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
             return
         kept = 0
@@ -589,7 +604,35 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
                 )
                 return
             kept += 1
-            yield offset, batch
+            yield offset, _conform(batch)
+
+
+def _readable(schema: pa.Schema) -> bool:
+    """True for an older layout: some of today's columns, none unknown (new ones are null)."""
+    current = {f.name: f.type for f in _SEGMENT_SCHEMA}
+    return "_row" in schema.names and all(current.get(f.name) == f.type for f in schema)
+
+
+def _conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of an older layout in today's: the columns it lacks are null."""
+    if batch.schema == _SEGMENT_SCHEMA:
+        return batch
+    names = batch.schema.names
+    columns = [
+        batch.column(f.name) if f.name in names else pa.nulls(batch.num_rows, f.type)
+        for f in _SEGMENT_SCHEMA
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
+
+
+def _segment_layout(segment: Path) -> pa.Schema | None:
+    """The schema a segment was written with, when it is not today's (None when it is)."""
+    try:
+        with pa.OSFile(str(segment)) as source:
+            schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return None if schema == _SEGMENT_SCHEMA else schema
 
 
 def _load(directory: Path) -> _Loaded:
@@ -601,12 +644,13 @@ def _load(directory: Path) -> _Loaded:
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
+        layout = _segment_layout(segment)
         for offset, batch in _read_batches(segment):
             rows = batch.column(0)
             if not batch.num_rows:
                 continue
             loaded.batches.append(
-                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py())
+                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py(), layout)
             )
             pending.append(batch)
             pending_rows += batch.num_rows
@@ -641,6 +685,8 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         return values.to_numpy(zero_copy_only=False)[positions]
 
     ok = int(column("ok", False).sum())
+    hit = column("cache_hit", False).astype(bool)
+    costs = column("cost_usd")
     cost = summary.column("cost_usd")
     unpriced = pc.and_(pc.is_null(cost), pc.is_valid(summary.column("total_tokens")))
     return {
@@ -651,8 +697,10 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         "completion_tokens": int(column("completion_tokens").sum()),
         "cached_tokens": int(column("cached_tokens").sum()),
         "total_tokens": int(column("total_tokens").sum()),
-        "cost_usd": float(column("cost_usd").sum()),
+        "cost_usd": float(costs[~hit].sum()),  # paid: what the cache served is not spending
         "unpriced_rows": int(_bools(unpriced)[positions].sum()) if len(positions) else 0,
+        "cache_hits": int(hit.sum()),
+        "reused_cost_usd": float(costs[hit].sum()),
     }
 
 
@@ -687,6 +735,7 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.http_status for r in results],
         [r.error for r in results],
         [r.response_id for r in results],
+        [r.cache_hit for r in results],
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],

@@ -66,6 +66,9 @@ class RunConfig:
     local: bool = False
     # cost (SPEC 9)
     prices: Path | None = None
+    # response cache (SPEC 16): True for the default file, a path for another; off when None
+    cache: bool | Path | None = None
+    cache_mode: str = "read-write"
     # progress and logs (SPEC 13)
     quiet: bool = False
     log_format: str = "text"
@@ -89,6 +92,11 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.cache_mode not in ("read-write", "read-only", "write-only", "refresh"):
+            raise UsageError(
+                "--cache-mode must be read-write, read-only, write-only or refresh, "
+                f"not {self.cache_mode!r}"
+            )
         if self.restart and self.retry_failed:
             raise UsageError("--restart and --retry-failed cannot be used together")
 

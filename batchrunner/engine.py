@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import inputs
+from .cache import LOOKUP_ROWS, CacheSession
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -73,8 +74,10 @@ class Tally:
     completion_tokens: int = 0
     cached_tokens: int = 0
     total_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # paid: what the response cache served is in reused_cost_usd
     started: float = dataclasses.field(default_factory=time.monotonic)
+    cache_hits: int = 0
+    reused_cost_usd: float = 0.0
 
     @property
     def done(self) -> int:
@@ -97,7 +100,11 @@ class Tally:
         self.completion_tokens += usage.completion_tokens or 0
         self.cached_tokens += usage.cached_tokens or 0
         self.total_tokens += usage.total_tokens or 0
-        self.cost_usd += result.cost_usd or 0.0
+        if result.cache_hit:
+            self.cache_hits += 1
+            self.reused_cost_usd += result.cost_usd or 0.0
+        else:
+            self.cost_usd += result.cost_usd or 0.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,8 @@ class RunReport:
     cost_usd: float
     wall_seconds: float
     message: str = ""
+    cache_hits: int = 0  # rows served from the response cache, this run and earlier ones
+    reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
 
     @property
     def pending(self) -> int:
@@ -131,6 +140,7 @@ class RunReport:
         data["output"] = str(self.output)
         data["pending"] = self.pending
         data["cost_usd"] = round(self.cost_usd, 10)
+        data["reused_cost_usd"] = round(self.reused_cost_usd, 10)
         data["wall_seconds"] = round(self.wall_seconds, 3)
         return data
 
@@ -278,6 +288,7 @@ class _Run:
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.cache: CacheSession | None = None
 
     def __repr__(self) -> str:
         return f"_Run({self.config.output})"
@@ -295,6 +306,22 @@ class _Run:
             "settings": config.request_settings(),
         }
         self.tally.rows = info.rows
+        key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
+        self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
+        try:
+            return await self._execute(config, info, builder, fingerprint, deadline)
+        finally:
+            if self.cache is not None:
+                await self.cache.close()
+
+    async def _execute(
+        self,
+        config: RunConfig,
+        info: inputs.InputInfo,
+        builder: RequestBuilder,
+        fingerprint: dict[str, Any],
+        deadline: Deadline | None,
+    ) -> RunReport:
         with Checkpoint.open(
             config.output, fingerprint, rows=info.rows, restart=config.restart
         ) as ckpt:
@@ -323,6 +350,8 @@ class _Run:
             tally.cached_tokens = totals["cached_tokens"]
             tally.total_tokens = totals["total_tokens"]
             tally.cost_usd = totals["cost_usd"]
+            tally.cache_hits = totals.get("cache_hits", 0)
+            tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
         else:
             # Only the ok rows are kept; their figures are a lower bound shown until the end.
             tally.cost_usd = 0.0
@@ -372,6 +401,8 @@ class _Run:
         builder: RequestBuilder,
         done: DoneSet,
     ) -> None:
+        cached = self.cache is not None and self.cache.reads
+        lookups: list[Row] = []
         try:
             for row in _rows_to_send(self.config, builder, done):
                 if self.stop_event.is_set():
@@ -379,13 +410,35 @@ class _Run:
                 if row.body is None:  # an input error: recorded, never sent
                     self._record(ckpt, _input_error_result(row, self.config.model))
                     continue
+                if cached:  # looked up in batches; only the misses are queued
+                    lookups.append(row)
+                    if len(lookups) >= LOOKUP_ROWS:
+                        await self._serve_cached(lookups, queue, ckpt)
+                        lookups = []
+                    continue
                 await queue.put(row)
+            if lookups:
+                await self._serve_cached(lookups, queue, ckpt)
         except UsageError as exc:  # the input broke part-way: keep what is done, stop
             self.feed_error = exc
             self.control.stop("input", exc.exit_code)
             return
         for _ in range(self.config.concurrency):
             await queue.put(None)
+
+    async def _serve_cached(
+        self, rows: list[Row], queue: asyncio.Queue[Row | None], ckpt: Checkpoint
+    ) -> None:
+        """Record the rows the response cache holds; queue the others to be sent."""
+        assert self.cache is not None
+        answers = await self.cache.lookup(rows)
+        for row, answer in zip(rows, answers):
+            if self.stop_event.is_set():
+                return
+            if answer is not None:
+                self._record(ckpt, self.cache.hit_result(row, answer))
+            else:
+                await queue.put(row)
 
     async def _worker(self, queue: asyncio.Queue[Row | None], ckpt: Checkpoint) -> None:
         while True:
@@ -503,7 +556,10 @@ class _Run:
                 http_status=exc.http_status,
                 error=str(exc),
             )
-        return self._ok_result(row, answer, attempts, reserved)
+        result = self._ok_result(row, answer, attempts, reserved)
+        if self.cache is not None:
+            self.cache.offer(row, result)
+        return result
 
     async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
         async with self.pacer.slot(tokens_estimate) as slot:
@@ -614,6 +670,8 @@ class _Run:
             cost_usd=self.tally.cost_usd,
             wall_seconds=self.tally.elapsed,
             message=message,
+            cache_hits=self.tally.cache_hits,
+            reused_cost_usd=self.tally.reused_cost_usd,
         )
         if self.config.summary_json is not None:
             write_summary_json(self.config.summary_json, report)
@@ -627,6 +685,8 @@ class _Run:
         tally.cached_tokens = totals["cached_tokens"]
         tally.total_tokens = totals["total_tokens"]
         tally.cost_usd = totals["cost_usd"]
+        tally.cache_hits = totals.get("cache_hits", 0)
+        tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:

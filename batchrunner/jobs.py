@@ -176,6 +176,16 @@ def _deadline(value: object) -> str:
     return value.strip()
 
 
+def _cache(value: object) -> bool | Path:
+    # `cache = true` (the default file), `cache = false`, or `cache = "path/to/cache.sqlite"`.
+    if isinstance(value, bool):
+        return value
+    try:
+        return _path(value)
+    except _Invalid:
+        raise _wrong("true, false or a path (a string)", value) from None
+
+
 def _stop(value: object) -> str | list[str]:
     if isinstance(value, str):
         return value
@@ -228,6 +238,8 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "cache": _cache,
+    "cache_mode": _choice("read-write", "read-only", "write-only", "refresh"),
 }
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
@@ -337,6 +349,8 @@ def load_job(path: Path) -> dict[str, Any]:
 
     for key in PATH_KEYS & job.keys():
         job[key] = Path(os.path.normpath(folder / job[key]))
+    if isinstance(job.get("cache"), Path):
+        job["cache"] = Path(os.path.normpath(folder / job["cache"]))
     if params:
         job["params"] = params
     return job

@@ -69,6 +69,7 @@ class Result:
     http_status: int | None = None
     error: str | None = None
     response_id: str | None = None
+    cache_hit: bool = False  # served from the response cache: nothing was sent or paid
 
     @property
     def ok(self) -> bool:
