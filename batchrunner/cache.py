@@ -46,6 +46,7 @@ __all__ = [
     "clear_cache",
     "default_cache_path",
     "prune_cache",
+    "request_hash",
     "parse_age",
 ]
 
@@ -95,6 +96,12 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
         return json.dumps(
             trimmed, sort_keys=True, ensure_ascii=False, separators=(",", ":")
         ).encode()
+
+
+def request_hash(body: Mapping[str, Any]) -> int:
+    """A 64-bit hash of a request body (never 0), that the checkpoint keeps per row (SPEC 8)."""
+    digest = hashlib.blake2b(_canonical(body), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
 
 
 def cache_key(body: Mapping[str, Any], base_url: str) -> bytes:

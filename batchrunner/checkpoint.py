@@ -22,7 +22,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,9 @@ RESULT_SCHEMA = pa.schema(
         ("cache_hit", pa.bool_()),
     ]
 )
-_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
+# `_hash`: a hash of the row's request body (null for an input error), so that a row edited in
+# the input is told from one left alone (SPEC 8, incremental inputs).
+_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA, ("_hash", pa.int64())])
 _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
     [
         ("_row", pa.int64()),
@@ -83,6 +85,7 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
         ("total_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
         ("cache_hit", pa.bool_()),
+        ("_hash", pa.int64()),
     ]
 )
 
@@ -280,6 +283,8 @@ class Checkpoint:
         self._buffer: list[Result] = []
         self._segment_path: Path | None = None
         self._segment_file: Any = None
+        self._hashes: list[int | None] = []
+        self.incremental: dict[str, int] | None = None  # kept/new/changed/removed, when so
 
     # -- opening -------------------------------------------------------------------------
 
@@ -291,6 +296,7 @@ class Checkpoint:
         *,
         rows: int,
         restart: bool = False,
+        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
     ) -> Checkpoint:
         """Lock the output, check or write the manifest, and load what is done.
 
@@ -302,8 +308,8 @@ class Checkpoint:
         try:
             if restart:
                 ckpt._discard()
-            ckpt._check_manifest(fingerprint, rows)
-            ckpt._loaded = _load(ckpt.directory)
+            ckpt._check_manifest(fingerprint, rows, current)
+            ckpt._loaded = _load(ckpt.directory, ckpt._first_segment())
             ckpt._progress = _Progress.of(ckpt._loaded.summary, rows)
         except BaseException:
             ckpt.close()
@@ -346,7 +352,12 @@ class Checkpoint:
         with contextlib.suppress(FileNotFoundError):
             self.output.unlink()
 
-    def _check_manifest(self, fingerprint: dict[str, Any], rows: int) -> None:
+    def _check_manifest(
+        self,
+        fingerprint: dict[str, Any],
+        rows: int,
+        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
+    ) -> None:
         path = self.directory / "manifest.json"
         if path.exists():
             try:
@@ -354,7 +365,15 @@ class Checkpoint:
             except ValueError:
                 manifest = None  # torn before its atomic rename could complete: start afresh
             if manifest is not None:
-                changes = describe_changes(manifest.get("fingerprint", {}), fingerprint)
+                self._manifest = manifest
+                _finish_compaction(self.directory, self._first_segment())
+                old = manifest.get("fingerprint", {})
+                changes = describe_changes(old, fingerprint)
+                if (changes and current is not None
+                        and old.get("settings") == fingerprint.get("settings")):
+                    # Only the input changed: keep the results of the rows left as they were.
+                    self.incremental = _reconcile(self, fingerprint, rows, current)
+                    return
                 if changes:
                     raise CheckpointMismatch(
                         f"{self.output}: the checkpoint was made with other settings: "
@@ -373,6 +392,10 @@ class Checkpoint:
             "finished": False,
         }
         self._write_manifest()
+
+    def _first_segment(self) -> int:
+        """Segments numbered below this one were folded into it by an incremental run."""
+        return int(self._manifest.get("first_segment", 0))
 
     def _write_manifest(self) -> None:
         _atomic_write_bytes(
@@ -409,9 +432,10 @@ class Checkpoint:
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(self, result: Result) -> None:
-        """Buffer one result; `take_batch` + `write_batch` make it durable."""
+    def append(self, result: Result, request_hash: int | None = None) -> None:
+        """Buffer one result (and its request body's hash); `take_batch` + `write_batch` keep it."""
         self._buffer.append(result)
+        self._hashes.append(request_hash)
 
     @property
     def buffered(self) -> int:
@@ -423,7 +447,8 @@ class Checkpoint:
         if not self._buffer:
             return None
         results, self._buffer = self._buffer, []
-        return results_to_batch(results)
+        hashes, self._hashes = self._hashes, []
+        return results_to_batch(results, hashes)
 
     def write_batch(self, batch: pa.RecordBatch | None) -> None:
         """Append a batch to this session's segment and fsync it (safe to call in a thread).
@@ -555,7 +580,7 @@ class Checkpoint:
         got = picked.column("_row").to_numpy()
         if len(got) != stop - start or (len(got) and (got[0] != start or got[-1] != stop - 1)):
             raise UsageError(f"rows {start}..{stop - 1} are not all checkpointed; cannot finalize")
-        return picked.drop_columns(["_row"])
+        return picked.drop_columns(["_row", "_hash"])
 
 
 # -- reading segments -----------------------------------------------------------------------
@@ -635,7 +660,13 @@ def _segment_layout(segment: Path) -> pa.Schema | None:
     return None if schema == _SEGMENT_SCHEMA else schema
 
 
-def _load(directory: Path) -> _Loaded:
+def _segments(directory: Path, first: int = 0) -> list[Path]:
+    """The live segments, in the order they were written."""
+    found = sorted(directory.glob("part-*.arrows"), key=_segment_number)
+    return [p for p in found if _segment_number(p) >= first]
+
+
+def _load(directory: Path, first_segment: int = 0) -> _Loaded:
     """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
     loaded = _Loaded()
     pieces: list[pa.Table] = []
@@ -643,7 +674,7 @@ def _load(directory: Path) -> _Loaded:
     # ~32k rows at once: a batch holds whole answers, and memory must not grow with a segment.
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
+    for segment in _segments(directory, first_segment):
         layout = _segment_layout(segment)
         for offset, batch in _read_batches(segment):
             rows = batch.column(0)
@@ -712,7 +743,9 @@ def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # -- building batches and the output --------------------------------------------------------
 
 
-def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
+def results_to_batch(
+    results: Sequence[Result], hashes: Sequence[int | None] | None = None
+) -> pa.RecordBatch:
     """Results as one record batch of the segment schema (columnar, no per-cell objects)."""
     usages = [r.usage for r in results]
     columns = [
@@ -736,6 +769,7 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.error for r in results],
         [r.response_id for r in results],
         [r.cache_hit for r in results],
+        list(hashes) if hashes is not None else [None] * len(results),
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],
@@ -771,14 +805,14 @@ def read_status(output: Path) -> CheckpointStatus:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
-    loaded = _load(directory)
+    loaded = _load(directory, int(manifest.get("first_segment", 0)))
     totals = _totals(loaded.summary)
     return CheckpointStatus(
         output=output,
         rows=int(manifest.get("rows", 0)),
         live=_is_locked(directory / "lock"),
         finished=bool(manifest.get("finished")) and output.exists(),
-        segments=len(list(directory.glob("part-*.arrows"))),
+        segments=len(_segments(directory, int(manifest.get("first_segment", 0)))),
         **totals,
     )
 
@@ -827,3 +861,93 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- incremental inputs (SPEC 8) -------------------------------------------------------------
+
+
+def _finish_compaction(directory: Path, first: int) -> None:
+    """Complete an incremental rewrite that a crash interrupted after its manifest was written."""
+    if not first:
+        return
+    target = directory / f"part-{first:05d}.arrows"
+    pending = directory / f"compact-{first:05d}.tmp"
+    if not target.exists() and pending.exists():
+        os.replace(pending, target)
+        _fsync_dir(directory)
+    for path in directory.glob("part-*.arrows"):
+        if _segment_number(path) < first:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    for path in directory.glob("compact-*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _reconcile(
+    ckpt: Checkpoint,
+    fingerprint: dict[str, Any],
+    rows: int,
+    current: Callable[[], tuple[pa.Array, np.ndarray]],
+) -> dict[str, int]:
+    """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
+
+    `current()` gives the new input's ids and request hashes (0 for a row that cannot be
+    sent). The kept results are rewritten, renumbered, into one new segment, written and
+    fsynced under a temporary name; the manifest (the new input, and that older segments are
+    gone) is the commit point; then the segment is renamed and the old ones removed. A crash at
+    any point leaves either the old checkpoint or the new one.
+    """
+    directory = ckpt.directory
+    first = ckpt._first_segment()
+    loaded = _load(directory, first)
+    summary = loaded.summary
+    assert summary is not None
+    old_rows = summary.column("_row").to_numpy()
+    positions = _last_positions(old_rows)
+    picked = pa.array(positions, pa.int64())
+    last_rows = old_rows[positions]
+    old_ids = summary.column("id").take(picked).combine_chunks()
+    old_hashes = summary.column("_hash").take(picked).combine_chunks()
+    del summary
+    new_ids, new_hashes = current()
+    where = pc.index_in(old_ids, value_set=new_ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    matched = where >= 0
+    hashed = old_hashes.is_valid().to_numpy(zero_copy_only=False)
+    same = matched & hashed
+    same[same] = old_hashes.fill_null(0).to_numpy()[same] == new_hashes[where[same]]
+    counts = {
+        "kept": int(same.sum()),
+        "new": int(len(new_ids) - matched.sum()),
+        "changed": int((matched & ~same).sum()),
+        "removed": int((~matched).sum()),
+    }
+    mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
+    mapping[last_rows[same]] = where[same]
+    del old_ids, old_hashes, new_ids, new_hashes, where
+
+    number = max((_segment_number(p) for p in directory.glob("part-*.arrows")), default=0) + 1
+    pending = directory / f"compact-{number:05d}.tmp"
+    with open(pending, "wb") as handle:
+        handle.write(_SEGMENT_SCHEMA.serialize())
+        for segment in _segments(directory, first):
+            for _offset, batch in _read_batches(segment):
+                renumbered = mapping[np.minimum(batch.column(0).to_numpy(), len(mapping) - 1)]
+                keep = renumbered >= 0
+                if not keep.any():
+                    continue
+                kept = batch.filter(pa.array(keep))
+                columns = [pa.array(renumbered[keep], pa.int64()), *kept.columns[1:]]
+                out = pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
+                handle.write(out.serialize())
+        handle.flush()
+        os.fsync(handle.fileno())
+    ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False, first_segment=number)
+    ckpt._write_manifest()  # the commit point
+    _finish_compaction(directory, number)
+    log.info(
+        "%s: the input changed: kept %s, new %s, changed %s, removed %s",
+        ckpt.output, f"{counts['kept']:,}", f"{counts['new']:,}", f"{counts['changed']:,}",
+        f"{counts['removed']:,}",
+    )
+    return counts

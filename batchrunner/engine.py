@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import inputs
-from .cache import LOOKUP_ROWS, CacheSession
+from .cache import LOOKUP_ROWS, CacheSession, request_hash
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -323,7 +323,8 @@ class _Run:
         deadline: Deadline | None,
     ) -> RunReport:
         with Checkpoint.open(
-            config.output, fingerprint, rows=info.rows, restart=config.restart
+            config.output, fingerprint, rows=info.rows, restart=config.restart,
+            current=lambda: _current_rows(config, builder),
         ) as ckpt:
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
@@ -436,7 +437,7 @@ class _Run:
             if self.stop_event.is_set():
                 return
             if answer is not None:
-                self._record(ckpt, self.cache.hit_result(row, answer))
+                self._record(ckpt, self.cache.hit_result(row, answer), row.body)
             else:
                 await queue.put(row)
 
@@ -449,7 +450,7 @@ class _Run:
             try:
                 result = await self._process(row)
                 if result is not None:
-                    self._record(ckpt, result)
+                    self._record(ckpt, result, row.body)
             except Exception:
                 self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
                 raise
@@ -495,8 +496,10 @@ class _Run:
         for task in workers:
             task.cancel()
 
-    def _record(self, ckpt: Checkpoint, result: Result) -> None:
-        ckpt.append(result)
+    def _record(
+        self, ckpt: Checkpoint, result: Result, body: dict[str, Any] | None = None
+    ) -> None:
+        ckpt.append(result, None if body is None else request_hash(body))
         self.tally.add(result)
         if ckpt.buffered >= self.config.checkpoint_every:
             self.flush_event.set()
@@ -720,6 +723,20 @@ def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> 
         if one_by_one and done.contains(index, row.id):
             continue
         yield row
+
+
+def _current_rows(config: RunConfig, builder: RequestBuilder) -> tuple[Any, Any]:
+    """Every row's id and request hash (0 where it cannot be sent), for an incremental run."""
+    import numpy as np
+    import pyarrow as pa
+
+    ids: list[str] = []
+    hashes: list[int] = []
+    for index, record, error in inputs.iter_records(config, columns=builder.columns):
+        row = builder.build(index, record, error)
+        ids.append(row.id)
+        hashes.append(0 if row.body is None else request_hash(row.body))
+    return pa.array(ids, pa.string()), np.array(hashes, dtype=np.int64)
 
 
 def _input_error_result(row: Row, model: str | None) -> Result:

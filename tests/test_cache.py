@@ -441,3 +441,44 @@ def test_a_checkpoint_written_before_the_cache_hit_column_still_resumes(tmp_path
     report, rows = go(source, output, gateway.base_url, None)
     assert gateway.stats.requests == 8 and report.resumed == 12 and len(rows) == 20
     assert [r["cache_hit"] for r in rows] == [None] * 12 + [False] * 8
+
+
+def test_estimate_with_cache_counts_only_the_rows_the_cache_lacks(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner import PriceTable, estimate
+
+    cache = tmp_path / "c.sqlite"
+    _, first = go(write_input(tmp_path / "old.jsonl", 10), tmp_path / "a.parquet",
+                  gateway.base_url, cache, params={"max_tokens": 400})
+    assert all(r["finish_reason"] == "stop" for r in first)
+    source = write_input(tmp_path / "in.jsonl", 15)
+    config = RunConfig(input=source, output=tmp_path / "b.parquet", model=MODEL,
+                       base_url=gateway.base_url, params={"max_tokens": 400})
+    full = estimate(config, prices=PriceTable.load())
+    part = estimate(config.replace(cache=cache), prices=PriceTable.load())
+    assert full.rows_to_send == 15 and full.cached_rows == 0
+    assert part.rows == 15 and part.rows_to_send == 5 and part.cached_rows == 10
+    assert part.cost_usd.high == pytest.approx(full.cost_usd.high / 3, rel=0.2)
+    refresh = estimate(config.replace(cache=cache, cache_mode="refresh"), prices=PriceTable.load())
+    assert refresh.rows_to_send == 15
+    result = CliRunner().invoke(main, ["estimate", "-i", str(source), "-m", MODEL,
+                                       "--base-url", gateway.base_url, "--max-tokens", "400",
+                                       f"--cache={cache}"])
+    assert result.exit_code == 0 and "10 in the response cache" in result.output
+    assert gateway.stats.requests == 10  # the estimate sent nothing
+
+
+def test_summary_separates_paid_and_reused(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner import PriceTable, summarize
+
+    source = write_input(tmp_path / "in.jsonl", 10)
+    cache = tmp_path / "c.sqlite"
+    first, _ = go(source, tmp_path / "a.parquet", gateway.base_url, cache)
+    go(source, tmp_path / "b.parquet", gateway.base_url, cache)
+    for prices in (None, PriceTable.load()):
+        report = summarize([tmp_path / "a.parquet", tmp_path / "b.parquet"], prices=prices)
+        assert report.total.rows == 20 and report.total.cache_hits == 10
+        assert report.total.cost_usd == pytest.approx(first.cost_usd)  # paid once
+        assert report.total.reused_cost_usd == pytest.approx(first.cost_usd)
+        assert report.total.unpriced_rows == 0
+    result = CliRunner().invoke(main, ["summary", str(tmp_path / "b.parquet")])
+    assert "10 rows came from the response cache" in result.output
