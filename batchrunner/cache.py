@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from .errors import UsageError
-from .results import Usage
+from .results import Result, Usage
 
 __all__ = [
     "CACHE_MODES",
@@ -211,6 +211,8 @@ class ResponseCache:
             if str(mode).lower() != "wal":
                 log.warning("response cache %s: WAL mode unavailable (%s)", path, mode)
             db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a killed process loses nothing
+            db.execute("PRAGMA cache_size = -65536")  # 64 MB of pages: a big cache stays warm
+            db.execute("PRAGMA mmap_size = 1073741824")  # reads from the page cache, no copies
             with _transaction(db):
                 for statement in _statements():
                     db.execute(statement)
@@ -415,45 +417,61 @@ class CacheSession:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def lookup(self, rows: Sequence[Any]) -> list[CachedAnswer | None]:
-        """The stored answer of each row (a `Row` with a body), or None; off the event loop."""
+    async def lookup(
+        self, rows: Sequence[Any]
+    ) -> tuple[list[CachedAnswer | None], list[int]]:
+        """Each row's stored answer (or None) and request hash; off the event loop."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        keys, answers = await loop.run_in_executor(self._executor, self._lookup, rows)
+        keys, hashes, answers = await loop.run_in_executor(self._executor, self._lookup, rows)
         if self.writes:
             for row, key, answer in zip(rows, keys, answers):
                 if answer is None:
                     self._keys[row.index] = key
-        return answers
+        return answers, hashes
 
-    def _lookup(self, rows: Sequence[Any]) -> tuple[list[bytes], list[CachedAnswer | None]]:
-        keys = [cache_key(row.body, self.key_url) for row in rows]
+    def _lookup(
+        self, rows: Sequence[Any]
+    ) -> tuple[list[bytes], list[int], list[CachedAnswer | None]]:
+        # One canonical form of each body gives both its cache key and its checkpoint hash.
+        prefix = hashlib.sha256(self.key_url.rstrip("/").encode() + b"\n")
+        keys: list[bytes] = []
+        hashes: list[int] = []
+        for row in rows:
+            canonical = _canonical(row.body)
+            digest = prefix.copy()
+            digest.update(canonical)
+            keys.append(digest.digest())
+            small = hashlib.blake2b(canonical, digest_size=8).digest()
+            hashes.append(int.from_bytes(small, "little", signed=True) or 1)
         if self._broken_reads:
-            return keys, [None] * len(keys)
+            return keys, hashes, [None] * len(keys)
         try:
             found = self.cache.lookup(keys)
         except sqlite3.Error as exc:
             self._broken_reads = True
             log.warning("response cache %s: cannot read it (%s); rows are sent instead",
                         self.cache.path, exc)
-            return keys, [None] * len(keys)
-        return keys, [found.get(key) for key in keys]
+            return keys, hashes, [None] * len(keys)
+        return keys, hashes, [found.get(key) for key in keys]
 
-    def hit_result(self, row: Any, answer: CachedAnswer) -> Any:
+    def hit_result(self, row: Any, answer: CachedAnswer) -> Result:
         """The Result of a row served from the cache: attempts 0, the first-paid figures."""
-        from .results import Result
-
         self.hits += 1
-        counts = self._hits.setdefault(row.model, [0, 0.0])
+        model = row.body.get("model")
+        counts = self._hits.get(model)
+        if counts is None:
+            counts = self._hits[model] = [0, 0.0]
         counts[0] += 1
         counts[1] += answer.cost_usd or 0.0
+        choices = answer.choices
         return Result(
             index=row.index,
             id=row.id,
             status="ok",
-            model=row.model,
-            content=answer.content,
+            model=model,
+            content=choices[0] if choices else None,
             choices=answer.choices,
             finish_reason=answer.finish_reason,
             response_model=answer.response_model,

@@ -432,12 +432,12 @@ class _Run:
     ) -> None:
         """Record the rows the response cache holds; queue the others to be sent."""
         assert self.cache is not None
-        answers = await self.cache.lookup(rows)
-        for row, answer in zip(rows, answers):
+        answers, hashes = await self.cache.lookup(rows)
+        for row, answer, row_hash in zip(rows, answers, hashes):
             if self.stop_event.is_set():
                 return
             if answer is not None:
-                self._record(ckpt, self.cache.hit_result(row, answer), row.body)
+                self._record(ckpt, self.cache.hit_result(row, answer), row_hash=row_hash)
             else:
                 await queue.put(row)
 
@@ -497,9 +497,15 @@ class _Run:
             task.cancel()
 
     def _record(
-        self, ckpt: Checkpoint, result: Result, body: dict[str, Any] | None = None
+        self,
+        ckpt: Checkpoint,
+        result: Result,
+        body: dict[str, Any] | None = None,
+        row_hash: int | None = None,
     ) -> None:
-        ckpt.append(result, None if body is None else request_hash(body))
+        if row_hash is None and body is not None:
+            row_hash = request_hash(body)
+        ckpt.append(result, row_hash)
         self.tally.add(result)
         if ckpt.buffered >= self.config.checkpoint_every:
             self.flush_event.set()
