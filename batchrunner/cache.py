@@ -58,9 +58,11 @@ BUSY_TIMEOUT_MS = 60_000  # another process's write transaction: wait this long,
 _LOOKUP_CHUNK = 500  # keys per SELECT (SQLite allows 32,766 parameters; small is quicker)
 _LEFT_OUT = ("stream", "stream_options")
 
+# A rowid table, keys in a unique index: new answers append to the table and only the small
+# index takes random inserts (a third of the cost of a WITHOUT ROWID table of whole answers).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
-    key BLOB PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
     model TEXT,
     answer BLOB NOT NULL,
     prompt_tokens INTEGER,
@@ -69,7 +71,7 @@ CREATE TABLE IF NOT EXISTS responses (
     cached_tokens INTEGER,
     cost_usd REAL,
     created REAL NOT NULL
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS responses_created ON responses (created);
 CREATE TABLE IF NOT EXISTS hits (
     model TEXT PRIMARY KEY,

@@ -404,6 +404,9 @@ class _Run:
     ) -> None:
         cached = self.cache is not None and self.cache.reads
         lookups: list[Row] = []
+        # One batch is looked up (in the cache's thread) while the one before is served, so
+        # that the workers never wait for the cache.
+        looking: tuple[list[Row], asyncio.Future[Any]] | None = None
         try:
             for row in _rows_to_send(self.config, builder, done):
                 if self.stop_event.is_set():
@@ -414,25 +417,53 @@ class _Run:
                 if cached:  # looked up in batches; only the misses are queued
                     lookups.append(row)
                     if len(lookups) >= LOOKUP_ROWS:
-                        await self._serve_cached(lookups, queue, ckpt)
+                        looking = await self._look_up(lookups, looking, queue, ckpt)
                         lookups = []
                     continue
                 await queue.put(row)
             if lookups:
-                await self._serve_cached(lookups, queue, ckpt)
+                looking = await self._look_up(lookups, looking, queue, ckpt)
+            if looking is not None:
+                await self._serve_cached(*looking, queue, ckpt)
+                looking = None
         except UsageError as exc:  # the input broke part-way: keep what is done, stop
             self.feed_error = exc
             self.control.stop("input", exc.exit_code)
             return
+        finally:
+            if looking is not None:
+                looking[1].cancel()
         for _ in range(self.config.concurrency):
             await queue.put(None)
 
+    async def _look_up(
+        self,
+        rows: list[Row],
+        previous: tuple[list[Row], asyncio.Future[Any]] | None,
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> tuple[list[Row], asyncio.Future[Any]]:
+        """Start looking `rows` up, then serve the batch looked up before; return the new one."""
+        assert self.cache is not None
+        started = asyncio.ensure_future(self.cache.lookup(rows))
+        if previous is not None:
+            try:
+                await self._serve_cached(*previous, queue, ckpt)
+            except BaseException:
+                started.cancel()
+                raise
+        return rows, started
+
     async def _serve_cached(
-        self, rows: list[Row], queue: asyncio.Queue[Row | None], ckpt: Checkpoint
+        self,
+        rows: list[Row],
+        lookup: asyncio.Future[Any],
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
     ) -> None:
         """Record the rows the response cache holds; queue the others to be sent."""
         assert self.cache is not None
-        answers, hashes = await self.cache.lookup(rows)
+        answers, hashes = await lookup
         for row, answer, row_hash in zip(rows, answers, hashes):
             if self.stop_event.is_set():
                 return

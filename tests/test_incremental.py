@@ -115,3 +115,39 @@ def test_a_failed_row_stays_failed_unless_retried(tmp_path: Path, start_gateway)
     report, out = go(source, output, gw.base_url, max_attempts=1)
     assert gw.stats.requests == 1  # only the new row: errors are results too
     assert [r["status"] for r in out] == ["error"] * 4
+
+
+def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    gw = start_gateway()
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    first = rows(3000)
+    write(source, first)
+    _, before = go(source, output, gw.base_url, concurrency=32)
+    kept_ids = {r["id"]: r["response_id"] for r in before}
+    edited = first[1:] + rows(200, 5000)  # one removed, 200 appended
+    write(source, edited)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "RU_LLM_API_KEY": KEY, "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "batchrunner", "run", "-i", str(source), "-o", str(output),
+           "-m", "gpt-4o-mini", "--base-url", gw.base_url, "-q"]
+    gw.stats.reset()
+    for delay in (0.8, 1.2, 1.6, 2.0):  # around start-up and the rewrite of the checkpoint
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    done = subprocess.run(cmd, env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = pq.read_table(output).to_pylist()
+    assert [r["id"] for r in after] == [r["id"] for r in edited]
+    for row in after:
+        if row["id"] in kept_ids:
+            assert row["response_id"] == kept_ids[row["id"]]  # kept, never sent again
+    # What was sent: the 200 new rows, and at most those in flight at each kill again.
+    assert 200 <= gw.stats.requests <= 200 + 4 * 16
