@@ -72,7 +72,6 @@ CREATE TABLE IF NOT EXISTS responses (
     cost_usd REAL,
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS responses_created ON responses (created);
 CREATE TABLE IF NOT EXISTS hits (
     model TEXT PRIMARY KEY,
     hits INTEGER NOT NULL,
@@ -292,6 +291,10 @@ class ResponseCache:
             for key, a in entries
             if a.finish_reason in STORABLE_FINISH_REASONS
         ]
+        return self.store_rows(rows)
+
+    def store_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Store rows already in the table's layout (what `store` builds), in one transaction."""
         if not rows:
             return 0
         with self._lock, _transaction(self._db):
@@ -401,7 +404,7 @@ class CacheSession:
         self.writes = mode in ("read-write", "write-only", "refresh")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-cache")
         self._keys: dict[int, bytes] = {}  # row index -> key, for rows looked up and missed
-        self._pending: list[tuple[bytes, CachedAnswer]] = []
+        self._pending: list[tuple[Any, ...]] = []  # rows for store_rows, answers not yet JSON
         self._futures: list[Any] = []
         self._hits: dict[str | None, list[float]] = {}
         self._broken_reads = False
@@ -495,16 +498,19 @@ class CacheSession:
             return
         if key is None:
             key = cache_key(row.body, self.key_url)
-        self._pending.append((key, CachedAnswer(
-            choices=tuple(result.choices or ()),
-            finish_reason=result.finish_reason,
-            response_model=result.response_model,
-            response_id=result.response_id,
-            model=result.model,
-            usage=result.usage,
-            cost_usd=result.cost_usd,
-            created=time.time(),
-        )))
+        usage = result.usage
+        self._pending.append((
+            key,
+            result.model,
+            (list(result.choices or ()), result.finish_reason, result.response_model,
+             result.response_id),
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            usage.cached_tokens,
+            result.cost_usd,
+            time.time(),
+        ))
         if len(self._pending) >= WRITE_ROWS:
             self._submit_writes()
 
@@ -513,11 +519,17 @@ class CacheSession:
         self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(self._executor.submit(self._store, entries))
 
-    def _store(self, entries: list[tuple[bytes, CachedAnswer]]) -> None:
+    def _store(self, entries: list[tuple[Any, ...]]) -> None:
         if self._broken_writes:
             return
         try:
-            self.stored += self.cache.store(entries)
+            dumps = orjson.dumps
+            rows = [
+                (key, model, dumps({"choices": a[0], "finish_reason": a[1],
+                                    "response_model": a[2], "response_id": a[3]}), *rest)
+                for key, model, a, *rest in entries
+            ]
+            self.stored += self.cache.store_rows(rows)
         except (sqlite3.Error, OSError) as exc:
             self._broken_writes = True
             log.warning(

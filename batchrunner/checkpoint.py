@@ -943,6 +943,12 @@ def _reconcile(
         "changed": int((matched & ~same).sum()),
         "removed": int((~matched).sum()),
     }
+    if not counts["changed"] and not counts["removed"] and np.array_equal(where, last_rows):
+        # Rows only appended: every result keeps its number, the segments stay as they are.
+        ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False)
+        ckpt._write_manifest()
+        _say_what_changed(ckpt.output, counts)
+        return counts
     mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
     mapping[last_rows[same]] = where[same]
     del old_ids, old_hashes, new_ids, new_hashes, where
@@ -966,9 +972,13 @@ def _reconcile(
     ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False, first_segment=number)
     ckpt._write_manifest()  # the commit point
     _finish_compaction(directory, number)
+    _say_what_changed(ckpt.output, counts)
+    return counts
+
+
+def _say_what_changed(output: Path, counts: dict[str, int]) -> None:
     log.info(
         "%s: the input changed: kept %s, new %s, changed %s, removed %s",
-        ckpt.output, f"{counts['kept']:,}", f"{counts['new']:,}", f"{counts['changed']:,}",
+        output, f"{counts['kept']:,}", f"{counts['new']:,}", f"{counts['changed']:,}",
         f"{counts['removed']:,}",
     )
-    return counts

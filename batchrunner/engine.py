@@ -787,13 +787,21 @@ def _current_rows(config: RunConfig, builder: RequestBuilder) -> tuple[Any, Any]
     import numpy as np
     import pyarrow as pa
 
+    id_chunks: list[pa.Array] = []
+    hash_chunks: list[np.ndarray] = []
     ids: list[str] = []
     hashes: list[int] = []
     for index, record, error in inputs.iter_records(config, columns=builder.columns):
         row = builder.build(index, record, error)
         ids.append(row.id)
         hashes.append(0 if row.body is None else request_hash(row.body))
-    return pa.array(ids, pa.string()), np.array(hashes, dtype=np.int64)
+        if len(ids) >= 65536:  # columnar as it goes: no million Python strings at once
+            id_chunks.append(pa.array(ids, pa.string()))
+            hash_chunks.append(np.array(hashes, dtype=np.int64))
+            ids, hashes = [], []
+    id_chunks.append(pa.array(ids, pa.string()))
+    hash_chunks.append(np.array(hashes, dtype=np.int64))
+    return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
 
 
 def _input_error_result(row: Row, model: str | None) -> Result:

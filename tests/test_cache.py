@@ -254,7 +254,7 @@ def test_a_failing_cache_write_is_one_warning_not_a_stop(
     def broken(self: ResponseCache, entries: Any) -> int:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(ResponseCache, "store", broken)
+    monkeypatch.setattr(ResponseCache, "store_rows", broken)
     monkeypatch.setattr("batchrunner.cache.WRITE_ROWS", 4)  # several write attempts
     source = write_input(tmp_path / "in.jsonl", 30)
     with caplog.at_level(logging.WARNING, logger="batchrunner"):

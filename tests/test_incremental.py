@@ -151,3 +151,19 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
             assert row["response_id"] == kept_ids[row["id"]]  # kept, never sent again
     # What was sent: the 200 new rows, and at most those in flight at each kill again.
     assert 200 <= gw.stats.requests <= 200 + 4 * 16
+
+
+def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner.checkpoint import checkpoint_dir
+
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    write(source, rows(30))
+    _, before = go(source, output, gateway.base_url)
+    segments = sorted(p.name for p in checkpoint_dir(output).glob("part-*.arrows"))
+    write(source, rows(30) + rows(6, 30))
+    gateway.stats.reset()
+    _, after = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 6 and after[:30] == before
+    # No rewrite: the first session's segment is still there, the new rows in a segment of their own.
+    now = sorted(p.name for p in checkpoint_dir(output).glob("part-*.arrows"))
+    assert now[: len(segments)] == segments and len(now) == len(segments) + 1
