@@ -307,7 +307,9 @@ class Checkpoint:
         """Lock the output, check or write the manifest, and load what is done.
 
         Raises OutputLocked when another live run holds the output, CheckpointMismatch when
-        the input or settings changed (unless `restart`, which discards everything).
+        the settings changed, or the input did and `current` is not given (unless `restart`,
+        which discards everything). With `current` (the new input's ids and request hashes),
+        a changed input alone is reconciled: see `_reconcile`.
         """
         ckpt = cls(output)
         ckpt._lock()
