@@ -109,6 +109,8 @@ class RunConfig:
             raise UsageError(f"--invalid-retries must not be negative, not {self.invalid_retries}")
         if self.engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, not {self.engine!r}")
+        if self.engine == "ray" and self.cache not in (None, False):
+            raise UsageError("--cache works with the local engine only, not with --engine ray")
         if self.ray_actors is not None and self.ray_actors < 1:
             raise UsageError(f"--ray-actors must be at least 1, not {self.ray_actors}")
         if self.restart and self.retry_failed:

@@ -482,3 +482,9 @@ def test_summary_separates_paid_and_reused(tmp_path: Path, gateway) -> None:  # 
         assert report.total.unpriced_rows == 0
     result = CliRunner().invoke(main, ["summary", str(tmp_path / "b.parquet")])
     assert "10 rows came from the response cache" in result.output
+
+
+def test_the_ray_engine_refuses_the_cache_rather_than_ignoring_it(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--cache works with the local engine only"):
+        RunConfig(input=tmp_path / "in.jsonl", output=tmp_path / "o.parquet", model=MODEL,
+                  engine="ray", cache=True)
