@@ -19,8 +19,10 @@ from .errors import (
     CheckpointMismatch,
     InputError,
     OutputLocked,
+    StorageError,
     UsageError,
 )
+from .export import export_results
 from .jobs import build_config, load_job
 from .pricing import PriceTable
 from .reports import estimate, summarize
@@ -43,6 +45,7 @@ __all__ = [
     "RunConfig",
     "RunControl",
     "RunReport",
+    "StorageError",
     "Usage",
     "UsageError",
     "arun",
@@ -50,6 +53,7 @@ __all__ = [
     "check_job",
     "compare",
     "estimate",
+    "export_results",
     "list_models",
     "load_job",
     "parse_metric",

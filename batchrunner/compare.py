@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from .errors import UsageError
 from .reports import expand_paths
+from .scoring import read_result_batches
 from .stats import Interval, is_binary, mcnemar_exact, mean_interval, paired_difference
 
 if TYPE_CHECKING:
@@ -120,16 +121,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
+def _schema(path: Path) -> pa.Schema:
+    """A results file's schema (.parquet, or .jsonl / .csv as the output writes them)."""
+    if not _parquet(path):
+        return read_result_batches(path)[0]
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _table(path: Path, columns: list[str]) -> pa.Table:
+    if _parquet(path):
+        return pq.read_table(path, columns=columns)
+    schema, batches = read_result_batches(path)
+    try:
+        return pa.Table.from_batches(list(batches), schema).select(columns)
+    except pa.ArrowException as exc:
+        raise UsageError(f"{path}: cannot be read ({exc})") from None
+
+
 def _read(paths: Sequence[str | Path], by: str) -> tuple[pd.DataFrame, list[Path]]:
     import pandas as pd
 
     files = expand_paths(paths)
     frames = []
     for path in files:
-        try:
-            schema = pq.read_schema(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
+        schema = _schema(path)
         if by != _FILE and by not in schema.names:
             raise UsageError(f"{path}: no column {by!r} to group by (--by)")
         if "id" not in schema.names:
@@ -137,7 +159,7 @@ def _read(paths: Sequence[str | Path], by: str) -> tuple[pd.DataFrame, list[Path
         wanted = [c for c in _COLUMNS if c in schema.names]
         if by != _FILE and by not in wanted:
             wanted.append(by)
-        frame = pq.read_table(path, columns=wanted).to_pandas()
+        frame = _table(path, wanted).to_pandas()
         for name in _COLUMNS:
             if name not in frame:
                 frame[name] = {"status": "ok", "model": None}.get(name, np.nan)
@@ -228,7 +250,7 @@ def compare(paths: Sequence[str | Path], *, by: str = "model") -> Comparison:
 def score_summary(paths: Sequence[str | Path], *, by: str = "model") -> Comparison | None:
     """The per-group scores of `summary` (no pairs), or None when no row has a score."""
     files = expand_paths(paths)
-    if not any("score" in pq.read_schema(path).names for path in files):
+    if not any("score" in _schema(path).names for path in files):
         return None
     try:
         data, _ = _read(files, by)

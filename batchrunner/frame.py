@@ -26,6 +26,7 @@ from .config import RunConfig
 from .errors import UsageError
 from .jobs import build_config
 from .reports import expand_paths
+from .scoring import read_result_batches
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,6 +59,10 @@ def read_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
         paths = [paths]
     tables = []
     for path in expand_paths(paths):
+        if path.suffix.lower() not in (".parquet", ".pq"):  # .jsonl and .csv outputs
+            schema, batches = read_result_batches(path)
+            tables.append(pa.Table.from_batches(list(batches), schema))
+            continue
         try:
             tables.append(pq.read_table(path))
         except (OSError, pa.ArrowException) as exc:

@@ -316,3 +316,20 @@ def test_run_works_where_an_event_loop_is_running_as_in_a_notebook(tmp_path: Pat
 
     report = asyncio.run(cell())
     assert report.exit_code == 0 and report.ok == 2
+
+
+def test_a_scored_sweep_to_jsonl_compares_and_reads_back(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    base = config(tmp_path, gateway, arithmetic_input(tmp_path, 10), score="numeric",
+                  reference_column="reference").replace(output=tmp_path / "out.jsonl")
+    assert run(base, handle_signals=False).exit_code == 0
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and all(r["score"] in (0.0, 1.0) for r in lines)
+    report = compare([tmp_path / "out.jsonl"])
+    assert [g.scored for g in report.groups] == [10, 10] and report.pairs[0].paired == 10
+    assert len(read_results(tmp_path / "out.jsonl")) == 20
+    sent = gateway.stats.requests
+    assert run(base.replace(score="exact"), handle_signals=False).exit_code == 0  # re-scored
+    assert gateway.stats.requests == sent
+    rescored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in rescored] == [float(r["content"].strip() == r["reference"])
+                                             for r in rescored]

@@ -210,3 +210,20 @@ def test_score_results_rescores_error_rows_as_null_and_replaces_the_score(tmp_pa
     assert pq.read_table(results).column("score").to_pylist() == [0.0] * 4  # input untouched
     with pytest.raises(UsageError, match="no reference column 'gold'"):
         score_results(results, "exact", "gold")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_score_results_reads_and_writes_jsonl_and_csv(tmp_path: Path, suffix: str) -> None:
+    from batchrunner.export import open_table_writer
+
+    table = pa.table({"id": ["1", "2", "3"], "reference": ["42", "7", "1,000"],
+                      "status": ["ok", "ok", "error"], "content": ["42", "The answer is 8", None]})
+    results = tmp_path / f"r{suffix}"
+    writer = open_table_writer(results, table.schema, suffix[1:])
+    writer.write_table(table)
+    writer.close()
+    done = score_results(results, "numeric", "reference")
+    assert (done["rows"], done["scored"], done["mean"]) == (3, 2, 0.5)
+    out = tmp_path / "scored.parquet"  # and another format out
+    score_results(results, "exact", "reference", output=out)
+    assert pq.read_table(out).column("score").to_pylist() == [1.0, 0.0, None]
