@@ -383,7 +383,7 @@ def score(results: Path, metric: str, reference_column: str, output: Path | None
 
     \b
     Examples:
-      batchrunner score out/nightly-eval.parquet --metric choice --reference-column reference
+      batchrunner score out/nightly-eval-2026-12-01.parquet --metric choice --reference-column reference
       batchrunner score out/arith.parquet --metric numeric:0.001 --reference-column reference \\
           -o out/arith-scored.parquet
       batchrunner score out/qa.parquet --metric python:my_metrics.py:judge --reference-column gold
@@ -407,7 +407,7 @@ def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
 
     \b
     Examples:
-      batchrunner compare out/nightly-eval.parquet
+      batchrunner compare out/nightly-eval-2026-12-01.parquet
       batchrunner compare out/eval-t0.parquet out/eval-t1.parquet --by file --format json
       batchrunner compare 'out/nightly-*.parquet' --by model --format csv
     """
@@ -430,7 +430,7 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
     Examples:
       batchrunner estimate jobs/nightly-eval.toml
       batchrunner estimate -i sample_data/prompts.jsonl -o out/x.parquet -m gpt-4o --max-tokens 200
-      batchrunner estimate jobs/nightly-eval.toml --calibrate out/nightly-eval.parquet
+      batchrunner estimate jobs/nightly-eval.toml --calibrate out/nightly-eval-2026-12-01.parquet
     """
     from . import reports
     from .pricing import PriceTable

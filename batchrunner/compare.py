@@ -5,7 +5,7 @@ by file with `by="file"`), and for every pair of groups pairs the rows by `id`: 
 losses, the paired mean difference with its 95% interval and, for 0/1 scores, the exact McNemar
 p-value. `score_summary` gives the per-group part alone, for `batchrunner summary`.
 
-    report = compare(["out/nightly-eval.parquet"])
+    report = compare(["out/nightly-eval-2026-12-01.parquet"])
     print(render_table(report))
 """
 
