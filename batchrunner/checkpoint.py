@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
+from .failures import ErrorCount, top_errors
 from .results import Result
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "CheckpointStatus",
     "DoneSet",
     "checkpoint_dir",
+    "checkpoint_results",
+    "read_done",
     "read_status",
 ]
 
@@ -172,6 +175,7 @@ class CheckpointStatus:
     live: bool
     finished: bool
     segments: int
+    errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
 
     @property
     def pending(self) -> int:
@@ -343,6 +347,10 @@ class Checkpoint:
                 manifest = None  # torn before its atomic rename could complete: start afresh
             if manifest is not None:
                 changes = describe_changes(manifest.get("fingerprint", {}), fingerprint)
+                if changes and not _holds_results(self.directory):
+                    # Nothing was kept under the old settings (a run stopped early because every
+                    # row failed the same way, say): nothing to protect, so the new ones rule.
+                    changes, manifest["fingerprint"] = [], fingerprint
                 if changes:
                     raise CheckpointMismatch(
                         f"{self.output}: the checkpoint was made with other settings: "
@@ -394,6 +402,12 @@ class Checkpoint:
     def done_totals(self) -> dict[str, Any]:
         """Counts, tokens and cost over the last result of each of this run's rows."""
         return self._progress.totals()
+
+    def top_errors(self) -> tuple[ErrorCount, ...]:
+        """The most frequent errors among the written results (reads the segments' errors)."""
+        if not self._progress.totals()["failed"]:
+            return ()
+        return _top_errors(self.directory, self._progress.rows)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -592,6 +606,15 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
             yield offset, batch
 
 
+def _holds_results(directory: Path) -> bool:
+    """True when some segment of the checkpoint holds at least one result."""
+    for segment in directory.glob("part-*.arrows"):
+        for _offset, batch in _read_batches(segment):
+            if batch.num_rows:
+                return True
+    return False
+
+
 def _load(directory: Path) -> _Loaded:
     """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
     loaded = _Loaded()
@@ -724,14 +747,80 @@ def read_status(output: Path) -> CheckpointStatus:
         raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
     loaded = _load(directory)
     totals = _totals(loaded.summary)
+    rows = int(manifest.get("rows", 0))
     return CheckpointStatus(
         output=output,
-        rows=int(manifest.get("rows", 0)),
+        rows=rows,
         live=_is_locked(directory / "lock"),
         finished=bool(manifest.get("finished")) and output.exists(),
         segments=len(list(directory.glob("part-*.arrows"))),
+        errors=_top_errors(directory, rows or None) if totals["failed"] else (),
         **totals,
     )
+
+
+def checkpoint_results(output: Path, columns: Sequence[str]) -> tuple[pa.Table, int]:
+    """The last checkpointed result of each row of `output` (result columns `columns`), in
+    row order, and the number of rows the run has; readable while a run is going on.
+
+    Raises UsageError when `output` has no checkpoint.
+    """
+    directory = checkpoint_dir(output)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{output}: no result file and no checkpoint at {directory}") from None
+    except ValueError:
+        raise UsageError(f"{directory / 'manifest.json'}: the manifest is unreadable") from None
+    rows = int(manifest.get("rows", 0))
+    return _last_results(directory, columns, rows or None), rows
+
+
+def read_done(output: Path) -> tuple[DoneSet, dict[str, Any]] | None:
+    """The rows of `output` that have a checkpointed result, and the checkpoint's fingerprint;
+    None when there is no checkpoint. Takes no lock: a run may be going on."""
+    directory = checkpoint_dir(output)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return _done_of(directory), manifest.get("fingerprint", {})
+
+
+def _done_of(directory: Path) -> DoneSet:
+    summary = _load(directory).summary
+    if summary is None or not summary.num_rows:
+        return DoneSet(np.zeros(0, dtype=np.int64), pa.array([], pa.string()))
+    positions = _last_positions(summary.column("_row").to_numpy())
+    return DoneSet(
+        summary.column("_row").to_numpy()[positions],
+        summary.column("id").take(pa.array(positions, pa.int64())).combine_chunks(),
+    )
+
+
+def _last_results(directory: Path, columns: Sequence[str], rows: int | None) -> pa.Table:
+    """Columns of the last result of each row (of the first `rows`), from the segments."""
+    wanted = ["_row", *dict.fromkeys(c for c in columns if c != "_row")]
+    schema = pa.schema([_SEGMENT_SCHEMA.field(c) for c in wanted])
+    # Copied out of each batch (take), so that a batch's answers are not kept alive.
+    pieces = [
+        pa.Table.from_batches([batch]).select(wanted).take(np.arange(batch.num_rows))
+        for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number)
+        for _offset, batch in _read_batches(segment)
+        if batch.num_rows
+    ]
+    table = pa.concat_tables(pieces).combine_chunks() if pieces else schema.empty_table()
+    row_numbers = table.column("_row").to_numpy()
+    positions = _last_positions(row_numbers)
+    if rows is not None:
+        positions = positions[row_numbers[positions] < rows]
+    return table.take(pa.array(positions, pa.int64())).drop_columns(["_row"])
+
+
+def _top_errors(directory: Path, rows: int | None) -> tuple[ErrorCount, ...]:
+    table = _last_results(directory, ("status", "error"), rows)
+    failed = table.filter(pc.not_equal(table.column("status"), "ok"))
+    return top_errors(failed.column("error"))
 
 
 def _is_locked(lock_path: Path) -> bool:

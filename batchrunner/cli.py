@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .errors import BatchrunnerError, UsageError
 
 log = logging.getLogger("batchrunner")
 
+_error_format = {"json": False}  # --log-format json also shapes the error line (SPEC 13)
 
 
 # -- shared plumbing ------------------------------------------------------------------------
@@ -32,8 +34,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except BatchrunnerError as exc:
-            click.echo(f"batchrunner: error: {exc}", err=True)
+            _echo_error(str(exc), exc.exit_code)
             ctx.exit(exc.exit_code)
+
+
+def _echo_error(message: str, exit_code: int) -> None:
+    """The one error line on stderr: text, or one JSON object with --log-format json."""
+    if _error_format["json"]:
+        record = {"time": round(time.time(), 3), "level": "error", "logger": "batchrunner",
+                  "message": message, "exit_code": exit_code}
+        click.echo(json.dumps(record), err=True)
+    else:
+        click.echo(f"batchrunner: error: {message}", err=True)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -49,6 +61,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None:
+    _error_format["json"] = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -107,7 +120,9 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tpm", type=float, help="Estimated tokens started per minute, at most."),
         click.option("--max-attempts", type=int, help="HTTP attempts per row [6]."),
         click.option("--timeout", type=float, help="Seconds per attempt [120]."),
-        click.option("--max-cost", type=float, metavar="USD", help="Stop before spending more."),
+        click.option("--max-cost", type=float, metavar="USD",
+                     help="Stop before the spending on this output passes USD; counts every "
+                     "run that built it (resumes included)."),
         click.option("--deadline", help="Stop sending at a time: '45m', '2h', '06:00'."),
         click.option("--checkpoint-every", type=int, help="Rows per checkpoint write [100]."),
         click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL]."),
@@ -161,7 +176,10 @@ def main() -> None:
 @click.option("--restart", is_flag=True, default=None, help="Discard the checkpoint; send all.")
 @click.option("--retry-failed", is_flag=True, default=None, help="Send error rows again.")
 @click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings and the summary.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines format.")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="Log lines format; json shapes error lines too.")
+@click.option("--preflight/--no-preflight", default=None,
+              help="Check the run's models against GET /models before sending [on].")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the final figures, with the exit code, to this JSON file.")
 def run(job: Path | None, **kwargs: Any) -> None:
@@ -176,19 +194,22 @@ def run(job: Path | None, **kwargs: Any) -> None:
           --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
 
     Running the same command again resumes: only rows with no result are sent.
-    Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
+    --max-cost is the spending on the output across all its runs.
+    Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error (an unknown model
+    too), 3 every answered row failed the same way (resumable), 4 key refused,
     5 stopped by --max-cost/--deadline, 130/143 interrupted.
     """
     from . import engine
     from .checkpoint import use_system_allocator
     from .progress import ProgressDisplay
 
+    _error_format["json"] = kwargs.get("log_format") == "json"
     config = _config(job, kwargs)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
         try:
-            report = engine.run(config, on_result=display.update)
+            report = engine.run(config, on_result=display.update, on_start=display.start)
         except BatchrunnerError as exc:
             if config.summary_json is not None:
                 engine.write_summary_json(
@@ -213,11 +234,14 @@ def status(output: Path, fmt: str) -> None:
       batchrunner status out/results.parquet --format json
     """
     from .checkpoint import read_status
+    from .failures import render_errors
+    from .progress import plural
 
     state = read_status(output)
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
-        data.update(output=str(state.output), pending=state.pending)
+        data.update(output=str(state.output), pending=state.pending,
+                    errors=[e.to_dict() for e in state.errors])
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
@@ -229,8 +253,12 @@ def status(output: Path, fmt: str) -> None:
         f"  tokens   {state.total_tokens:>12,}   prompt {state.prompt_tokens:,}, "
         f"cached {state.cached_tokens:,}, completion {state.completion_tokens:,}\n"
         f"  cost     {'$' + format(state.cost_usd, ',.4f'):>12}"
-        + (f"   ({state.unpriced_rows:,} rows of unpriced models)" if state.unpriced_rows else "")
+        + (f"   ({plural(state.unpriced_rows, 'row')} of unpriced models)"
+           if state.unpriced_rows else "")
     )
+    if state.errors:
+        click.echo("  most frequent errors (rows, error):")
+        click.echo("\n".join(render_errors(state.errors, indent="    ")))
 
 
 @main.command()
@@ -327,7 +355,9 @@ def validate(job: Path) -> None:
 
     config = build_config(load_job(job), {})
     info = check_job(config)
-    click.echo(f"{job}: ok: {info.rows:,} rows from {config.input} ({info.format}), "
+    from .progress import plural
+
+    click.echo(f"{job}: ok: {plural(info.rows, 'row')} from {config.input} ({info.format}), "
                f"results to {config.output}")
 
 

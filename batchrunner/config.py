@@ -71,6 +71,8 @@ class RunConfig:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    # fail fast (SPEC 6): check the run's models against GET /models before sending
+    preflight: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

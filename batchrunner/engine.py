@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs
-from .checkpoint import Checkpoint, DoneSet
+from . import inputs, preflight
+from .checkpoint import Checkpoint, DoneSet, checkpoint_dir
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
 from .errors import (
@@ -36,11 +36,13 @@ from .errors import (
     AuthRefused,
     ConnectionFailed,
     InvalidResponse,
+    PermanentError,
     RateLimited,
     RequestError,
     RetryableError,
     UsageError,
 )
+from .failures import ErrorCount
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
@@ -57,6 +59,8 @@ DEFAULT_COMPLETION_GUESS = 256  # tokens, for tpm pacing before any usage has co
 BUDGET_MAX_TOKENS_GUESS = 4096  # worst case per request for --max-cost when max_tokens is unset
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_AUTH, EXIT_STOPPED = 0, 1, 4, 5
+EXIT_SYSTEMATIC = 3  # every answered row failed the same way (SPEC section 6)
+PREFLIGHT_ROWS = 10_000  # the models of this many first rows are checked before sending
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
@@ -119,6 +123,7 @@ class RunReport:
     cost_usd: float
     wall_seconds: float
     message: str = ""
+    errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
 
     @property
     def pending(self) -> int:
@@ -132,6 +137,7 @@ class RunReport:
         data["pending"] = self.pending
         data["cost_usd"] = round(self.cost_usd, 10)
         data["wall_seconds"] = round(self.wall_seconds, 3)
+        data["errors"] = [e.to_dict() for e in self.errors]
         return data
 
 
@@ -170,6 +176,7 @@ class _Abandon(Exception):
 
 
 ResultCallback = Callable[[Result, Tally], None]
+StartCallback = Callable[[Tally], None]
 
 
 async def arun(
@@ -177,8 +184,12 @@ async def arun(
     *,
     on_result: ResultCallback | None = None,
     control: RunControl | None = None,
+    on_start: StartCallback | None = None,
 ) -> RunReport:
     """Run a job to the end, or until stopped; return its RunReport.
+
+    `on_start(tally)` is called once, as sending starts (resumed rows already counted);
+    `on_result(result, tally)` once a row has a result.
 
     >>> report = await arun(RunConfig(input=Path("prompts.jsonl"),
     ...                               output=Path("out.parquet"), model="gpt-4o", local=True))
@@ -188,10 +199,10 @@ async def arun(
     control = control or RunControl()
     if config.local:
         async with _local_gateway() as (base_url, key):
-            return await _Run(config, base_url, key, on_result, control).execute()
+            return await _Run(config, base_url, key, on_result, control, on_start).execute()
     base_url = resolve_base_url(config.base_url)
     key = resolve_api_key(config.api_key_env)
-    return await _Run(config, base_url, key, on_result, control).execute()
+    return await _Run(config, base_url, key, on_result, control, on_start).execute()
 
 
 def run(
@@ -200,6 +211,7 @@ def run(
     on_result: ResultCallback | None = None,
     control: RunControl | None = None,
     handle_signals: bool = True,
+    on_start: StartCallback | None = None,
 ) -> RunReport:
     """Synchronous `arun`: Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
 
@@ -210,7 +222,7 @@ def run(
     async def main() -> RunReport:
         if handle_signals and threading.current_thread() is threading.main_thread():
             _install_signal_handlers(control)
-        return await arun(config, on_result=on_result, control=control)
+        return await arun(config, on_result=on_result, control=control, on_start=on_start)
 
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
         return runner.run(main())
@@ -234,6 +246,10 @@ def _install_signal_handlers(control: RunControl) -> None:
 
     def on_signal(reason: str, code: int) -> None:
         if control.stopping and reason == "interrupted":
+            log.warning(
+                "interrupted again: quitting now, without waiting; what was checkpointed is "
+                "kept: run the same command again to resume"
+            )
             os._exit(code)  # the second Ctrl-C: leave now; segments are fsynced per batch
         control.stop(reason, code)
 
@@ -259,7 +275,12 @@ class _Run:
         api_key: str,
         on_result: ResultCallback | None,
         control: RunControl,
+        on_start: StartCallback | None = None,
     ) -> None:
+        self.on_start = on_start
+        self.streak = preflight.FailureStreak()
+        # id() of a failed Result -> its non-retryable failure, until the result is recorded
+        self._failure_keys: dict[int, preflight.FailureKey] = {}
         self.config = config
         self.base_url = base_url
         self._api_key = api_key
@@ -295,6 +316,8 @@ class _Run:
             "settings": config.request_settings(),
         }
         self.tally.rows = info.rows
+        if config.preflight and not _finished_before(config.output):
+            await self._check_models(builder)
         with Checkpoint.open(
             config.output, fingerprint, rows=info.rows, restart=config.restart
         ) as ckpt:
@@ -302,11 +325,46 @@ class _Run:
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < info.rows or not ckpt.complete(info.rows):
                 self.control.bind(self.stop_event)
+                if self.on_start is not None:
+                    self.on_start(self.tally)
                 await self._dispatch(ckpt, builder, done, deadline)
             del done  # a million rows' ids: not needed to write the output
             if self.feed_error is not None:
                 raise self.feed_error
             return self._finish(ckpt, info.rows)
+
+    async def _check_models(self, builder: RequestBuilder) -> None:
+        """SPEC 6's pre-flight: the run's models against GET /models, before anything is sent.
+
+        The models are --model and those the first PREFLIGHT_ROWS rows ask for (a `model`
+        column, Batch API bodies); a gateway that does not answer is not an error.
+        """
+        models = self._run_models(builder)
+        if not models:
+            return
+        try:
+            async with Client(
+                self.base_url, self._api_key, concurrency=1, timeout=min(self.config.timeout, 30)
+            ) as client:
+                listed = await client.models()
+        except (RequestError, AuthRefused) as exc:
+            log.debug("pre-flight: GET /models did not answer (%s); models not checked", exc)
+            return
+        preflight.check_models(models, listed)
+
+    def _run_models(self, builder: RequestBuilder) -> set[str]:
+        models = {self.config.model} if self.config.model else set()
+        plan = inputs.resolve_columns(self.config, builder.columns)
+        if plan.model_column is None and not plan.batch_api:
+            return models
+        records = inputs.iter_records(self.config, columns=builder.columns)
+        for index, record, error in records:
+            if index >= PREFLIGHT_ROWS:
+                break
+            model = builder.build(index, record, error).model
+            if isinstance(model, str):
+                models.add(model)
+        return models
 
     def _deadline(self) -> Deadline | None:
         return Deadline.from_text(self.config.deadline) if self.config.deadline else None
@@ -359,6 +417,8 @@ class _Run:
                 for task in (feeder, *workers, *watchers, flusher):
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
+                for held in self.streak.release():  # a streak that did not trip: real results
+                    self._record(ckpt, held)
                 # The last write: everything that finished is made durable before we return.
                 self._writes.append(executor.submit(ckpt.write_batch, ckpt.take_batch()))
                 executor.shutdown(wait=True)
@@ -396,12 +456,25 @@ class _Run:
             try:
                 result = await self._process(row)
                 if result is not None:
-                    self._record(ckpt, result)
+                    self._record_answer(ckpt, result)
             except Exception:
                 self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
                 raise
             finally:
                 self.busy -= 1
+
+    def _record_answer(self, ckpt: Checkpoint, result: Result) -> None:
+        """Record a sent row's result, unless it extends a streak of identical failures."""
+        key = self._failure_keys.pop(id(result), None)
+        was_tripped = self.streak.tripped
+        for ready in self.streak.observe(result, key):
+            self._record(ckpt, ready)
+        if self.streak.tripped and not was_tripped:
+            log.warning(
+                "stopping: the last %d answered rows all failed the same way: %s; "
+                "no new requests are sent", self.streak.count, self.streak.error()
+            )
+            self.control.stop("systematic", EXIT_SYSTEMATIC)
 
     async def _flush_loop(self, ckpt: Checkpoint, executor: ThreadPoolExecutor) -> None:
         """Write the buffered results every `checkpoint_every` rows or FLUSH_SECONDS."""
@@ -430,6 +503,14 @@ class _Run:
     async def _watch_stop(self, workers: list[asyncio.Task[None]]) -> None:
         """Once a stop is asked, let in-flight rows finish (within a grace period), then end."""
         await self.stop_event.wait()
+        if self.control.reason in ("interrupted", "terminated"):
+            busy = self.busy
+            waiting = (
+                f"waiting for {busy} request{'s' if busy != 1 else ''} in flight "
+                f"(at most {STOP_GRACE_SECONDS:g} s)" if busy else "no request in flight"
+            )
+            again = "; Ctrl-C again to quit now" if self.control.reason == "interrupted" else ""
+            log.warning("stopping: %s%s", waiting, again)
         if self.control.reason == "budget":
             grace = math.inf  # what is in flight is being paid for: let it finish
         elif self.control.reason == "auth":
@@ -493,7 +574,7 @@ class _Run:
             self.control.stop("auth", EXIT_AUTH)
             return None
         except RequestError as exc:
-            return Result(
+            failed = Result(
                 index=row.index,
                 id=row.id,
                 status="error",
@@ -503,6 +584,9 @@ class _Run:
                 http_status=exc.http_status,
                 error=str(exc),
             )
+            if isinstance(exc, PermanentError):  # for the systematic-failure stop
+                self._failure_keys[id(failed)] = (exc.http_status, exc.code)
+            return failed
         return self._ok_result(row, answer, attempts, reserved)
 
     async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
@@ -567,7 +651,11 @@ class _Run:
                 log.warning("no price for model %s: --max-cost cannot bound its spending", model)
             worst = 0.0
         if not await self.budget.acquire(worst):
-            log.warning("budget of $%.4f reached: no new requests are sent", self.config.max_cost)
+            if "reached" not in self._warned_budget:  # once a run, not once a worker
+                self._warned_budget.add("reached")
+                log.warning(
+                    "budget of $%.4f reached: no new requests are sent", self.config.max_cost
+                )
             self.control.stop("budget", EXIT_STOPPED)
             raise _Abandon()
         return worst
@@ -598,6 +686,8 @@ class _Run:
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)
+            if reason == "systematic":
+                message = self.streak.describe()
         report = RunReport(
             exit_code=code,
             reason=reason,
@@ -614,6 +704,7 @@ class _Run:
             cost_usd=self.tally.cost_usd,
             wall_seconds=self.tally.elapsed,
             message=message,
+            errors=ckpt.top_errors(),
         )
         if self.config.summary_json is not None:
             write_summary_json(self.config.summary_json, report)
@@ -627,6 +718,15 @@ class _Run:
         tally.cached_tokens = totals["cached_tokens"]
         tally.total_tokens = totals["total_tokens"]
         tally.cost_usd = totals["cost_usd"]
+
+
+def _finished_before(output: Path) -> bool:
+    """True when a previous run finished this output (nothing is left to send)."""
+    try:
+        manifest = json.loads((checkpoint_dir(output) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("finished")) and output.exists()
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:

@@ -228,6 +228,7 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "preflight": _boolean,
 }
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
