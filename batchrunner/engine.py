@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs, preflight
+from . import inputs, preflight, storage
 from .checkpoint import Checkpoint, DoneSet, checkpoint_dir
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -48,6 +48,7 @@ from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
+from .structured import ask_until_valid, load_schema
 
 __all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
 
@@ -197,6 +198,16 @@ async def arun(
     0
     """
     control = control or RunControl()
+    if storage.is_uri(config.input) or storage.is_uri(config.output):
+        # Object-store paths: the run works on local copies kept in step with the store.
+        return await storage.staged_run(
+            config,
+            lambda local: arun(local, on_result=on_result, control=control, on_start=on_start),
+        )
+    if config.engine == "ray":
+        from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
+
+        return await arun_on_ray(config, on_result=on_result, control=control)
     if config.local:
         async with _local_gateway() as (base_url, key):
             return await _Run(config, base_url, key, on_result, control, on_start).execute()
@@ -299,6 +310,7 @@ class _Run:
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
 
     def __repr__(self) -> str:
         return f"_Run({self.config.output})"
@@ -342,9 +354,15 @@ class _Run:
         models = self._run_models(builder)
         if not models:
             return
+        key = self._api_key
+        if not key:  # a driver that holds no key (the Ray engine's) asks with the job's own
+            try:
+                key = resolve_api_key(self.config.api_key_env)
+            except UsageError:
+                return
         try:
             async with Client(
-                self.base_url, self._api_key, concurrency=1, timeout=min(self.config.timeout, 30)
+                self.base_url, key, concurrency=1, timeout=min(self.config.timeout, 30)
             ) as client:
                 listed = await client.models()
         except (RequestError, AuthRefused) as exc:
@@ -562,8 +580,17 @@ class _Run:
                     self.budget.settle(reserved, billed)
                 raise
 
+        async def answered() -> Result:  # SPEC 17: one answer, to check against the schema
+            answer = await call_with_retries(
+                send, self.config.max_attempts, sleep=self._retry_sleep
+            )
+            return self._ok_result(row, answer, attempts, reserved)
+
         reserved = 0.0
         try:
+            if self.schema is not None:
+                checked = await ask_until_valid(answered, self.schema, self.config.invalid_retries)
+                return dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )
@@ -686,7 +713,7 @@ class _Run:
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)
-            if reason == "systematic":
+            if reason == "systematic" and self.streak.tripped:
                 message = self.streak.describe()
         report = RunReport(
             exit_code=code,
@@ -746,6 +773,11 @@ def _stop_message(reason: str, auth_error: AuthRefused | None) -> str:
         return "stopped at the --max-cost budget; run again with a larger budget to go on"
     if reason == "deadline":
         return "stopped at the --deadline; run the same command again to go on"
+    if reason == "systematic":
+        return (
+            "stopped early: the answered rows all failed the same way; fix the cause and run "
+            "the same command again"
+        )
     return "interrupted; run the same command again to resume"
 
 
@@ -804,6 +836,8 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    if storage.is_uri(config.input):
+        config = config.replace(input=storage.stage_input(str(config.input)))
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
     return info

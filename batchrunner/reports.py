@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .errors import UsageError
 from .failures import ErrorCount, merge_counts, render_errors, value_counts
 from .pricing import PRICES_AS_OF, PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
+from .structured import StructuredSummary, summarize_files
 
 __all__ = [
     "CALIBRATION_MAX_ROWS",
@@ -115,6 +116,7 @@ class SummaryReport:
     prices_file: str | None = None  # the price file overlaid on them, if any
     errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
     from_checkpoint: tuple[str, ...] = ()  # outputs read from their checkpoint (not finished)
+    structured: StructuredSummary | None = None  # SPEC 17, for files of --json-schema runs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: the same figures as the table, at full precision."""
@@ -129,7 +131,7 @@ class SummaryReport:
             "from_checkpoint": list(self.from_checkpoint),
             "groups": [_plain(asdict(g)) for g in self.groups],
             "total": _plain({k: v for k, v in asdict(self.total).items() if k != "key"}),
-        }
+        } | ({"structured": self.structured.to_dict()} if self.structured else {})
 
 
 def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[Path]:
@@ -204,7 +206,8 @@ def summarize(
     >>> report = summarize(["runs/2026-11-*.parquet"], by="dataset")
     """
     files = expand_paths(paths)
-    return _aggregate(files, by, prices)
+    report = _aggregate(files, by, prices)
+    return replace(report, structured=summarize_files(files))
 
 
 def summarize_days(
@@ -739,6 +742,8 @@ def _notes(report: SummaryReport) -> list[str]:
     if report.errors:
         notes.append("most frequent errors (rows, error):")
         notes.extend(render_errors(report.errors))
+    if report.structured is not None:
+        notes.append(report.structured.render())
     return notes
 
 
