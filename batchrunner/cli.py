@@ -30,11 +30,23 @@ _error_format = {"json": False}  # --log-format json also shapes the error line 
 class _Group(click.Group):
     """Maps batchrunner's expected errors to one line on stderr and their exit code."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Seen before the command parses its options, so that even their errors are JSON.
+        wanted = [a.partition("=")[2] if a.startswith("--log-format=") else None for a in args]
+        wanted += [b for a, b in zip(args, args[1:]) if a == "--log-format"]
+        _error_format["json"] = "json" in wanted
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BatchrunnerError as exc:
             _echo_error(str(exc), exc.exit_code)
+            ctx.exit(exc.exit_code)
+        except click.ClickException as exc:  # a bad option, with --log-format json: one object
+            if not _error_format["json"]:
+                raise
+            _echo_error(exc.format_message(), exc.exit_code)
             ctx.exit(exc.exit_code)
 
 

@@ -164,3 +164,11 @@ def test_json_logs_shape_the_error_line_too(tmp_path: Path) -> None:
     record: dict[str, Any] = json.loads(lines[0])
     assert record["level"] == "error" and record["exit_code"] == 2
     assert "missing.jsonl" in record["message"]
+    # an option click itself refuses, too
+    bad = run_cli("run", "-i", "x.jsonl", "-o", "o.parquet", "--concurrency", "many",
+                  "--log-format=json")
+    assert bad.returncode == 2
+    (line,) = bad.stderr.strip().splitlines()
+    assert "many" in json.loads(line)["message"]
+    plain = run_cli("run", "--concurrency", "many")
+    assert plain.returncode == 2 and "Usage:" in plain.stderr  # click's own, without json
