@@ -47,9 +47,12 @@ class ProgressDisplay:
         self.close()
 
     def start(self, tally: Tally) -> None:
-        """The engine's on_start callback: the bar appears as sending starts."""
+        """The engine's on_start callback: the bar (or a first line) appears as sending starts."""
         if self.use_bar and self._bar is None:
             self._open_bar(tally)
+        elif self.use_lines:
+            self._next_line = time.monotonic() + LOG_EVERY_SECONDS
+            self._line(tally)  # where it starts from, before the first answer
 
     def _open_bar(self, tally: Tally) -> None:
         # Resumed rows are the bar's starting point, and counted there only.
@@ -109,7 +112,7 @@ class ProgressDisplay:
             pct = 100.0 * tally.done / tally.rows if tally.rows else 100.0
             eta_text = "?" if eta is None else _duration(eta)
             log.info(
-                "%d/%d rows (%.1f%%), ok %d, failed %d, %.1f rows/s, %d tokens, $%.4f, eta %s",
+                "rows %d/%d (%.1f%%), ok %d, failed %d, %.1f rows/s, %d tokens, $%.4f, eta %s",
                 tally.done, tally.rows, pct, tally.ok, tally.failed, rate,
                 tally.total_tokens, tally.cost_usd, eta_text,
             )
