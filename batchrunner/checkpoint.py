@@ -7,6 +7,7 @@ Layout, beside the output `OUT.parquet`:
         lock              flock()ed by the live run; the kernel drops it when the process dies
         part-00001.arrows results of the first session, an Arrow IPC stream of record batches
         part-00002.arrows results of the session after the first interruption, and so on
+        storage-fault     4 KiB reserved for the record of a failed write (durability.py)
 
 Each session appends record batches to its own segment and fsyncs after every batch, so a
 SIGKILL at any instant loses at most the batch being written; a torn last batch is detected on
@@ -18,6 +19,7 @@ memory stays bounded by the chunk and not by the run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -30,11 +32,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
 from .failures import ErrorCount, top_errors
+from .export import TableWriter, open_table_writer, output_format
 from .results import Result
+from .durability import read_fault
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -182,6 +185,7 @@ class CheckpointStatus:
     finished: bool
     segments: int
     errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
+    storage_fault: dict[str, Any] | None = None  # the last run's failed write (durability.py)
 
     @property
     def pending(self) -> int:
@@ -442,15 +446,25 @@ class Checkpoint:
         """
         if batch is None or not batch.num_rows:
             return
-        if self._segment_file is None:
-            self._open_segment()
-            if self._manifest.get("finished"):  # new results: the output must be rebuilt
-                self._manifest["finished"] = False
-                self._write_manifest()
-        offset = self._segment_file.tell()
-        self._segment_file.write(batch.serialize())
-        self._segment_file.flush()
-        os.fsync(self._segment_file.fileno())
+        offset: int | None = None
+        try:
+            if self._segment_file is None:
+                self._open_segment()
+                if self._manifest.get("finished"):  # new results: the output must be rebuilt
+                    self._manifest["finished"] = False
+                    try:
+                        self._write_manifest()
+                    except OSError:
+                        self._manifest["finished"] = True  # still so on disk: write it next time
+                        raise
+            offset = self._segment_file.tell()
+            self._segment_file.write(batch.serialize())
+            self._segment_file.flush()
+            os.fsync(self._segment_file.fileno())
+            _check_same_file(self._segment_path, self._segment_file)  # type: ignore[arg-type]
+        except OSError:
+            self._drop_segment(offset)
+            raise
         rows = batch.column(0)
         self._loaded.batches.append(
             _BatchRef(
@@ -466,16 +480,44 @@ class Checkpoint:
         numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
         path = self.directory / f"part-{max(numbers, default=0) + 1:05d}.arrows"
         self._segment_file = open(path, "xb")
+        self._segment_path = path
         self._segment_file.write(_SEGMENT_SCHEMA.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
         _fsync_dir(self.directory)
-        self._segment_path = path
+
+    def _drop_segment(self, offset: int | None) -> None:
+        """After a failed write: cut the segment back to its last whole batch and close it.
+
+        The next write starts a new segment. Best effort: on a vanished folder or a dead disk
+        there is nothing to cut, and a torn tail is ignored on reading anyway.
+        """
+        handle, path = self._segment_file, self._segment_path
+        self._segment_file = self._segment_path = None
+        if handle is None or path is None:
+            return
+        try:
+            ours: os.stat_result | None = os.fstat(handle.fileno())
+        except OSError:
+            ours = None
+        with contextlib.suppress(OSError):
+            handle.close()  # may flush a partial buffer: cut afterwards
+        if ours is None:
+            return
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+                return  # the path names another file now (the folder was replaced): not ours
+            if offset is None or not any(b.segment == path for b in self._loaded.batches):
+                path.unlink()  # it holds no batch: a schema alone would only take space
+            else:
+                os.truncate(path, offset)
 
     def close(self) -> None:
         """Close the segment and release the lock (buffered results must be written first)."""
         if self._segment_file is not None:
-            self._segment_file.close()  # every batch was fsynced as it was written
+            with contextlib.suppress(OSError):  # every batch was fsynced as it was written
+                self._segment_file.close()
             self._segment_file = None
         if self._lock_file is not None:
             with contextlib.suppress(OSError):
@@ -499,7 +541,8 @@ class Checkpoint:
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        writer: pq.ParquetWriter | None = None
+        fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
+        writer: TableWriter | None = None
         start = 0
         try:
             for table in input_tables:
@@ -507,14 +550,14 @@ class Checkpoint:
                 results = self._results_for(start, stop)
                 joined = self._structured_output(_join(table, results, id_column))
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
+                    writer = open_table_writer(tmp, joined.schema, fmt)
                 writer.write_table(joined, row_group_size=65536)
                 del table, results, joined
                 pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                 start = stop
             if writer is None:  # an empty input still gets a valid, empty file
                 empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
-                writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
+                writer = open_table_writer(tmp, empty.schema, fmt)
             writer.close()
             writer = None
             if start != rows:
@@ -772,6 +815,7 @@ def read_status(output: Path) -> CheckpointStatus:
         finished=bool(manifest.get("finished")) and output.exists(),
         segments=len(list(directory.glob("part-*.arrows"))),
         errors=_top_errors(directory, rows or None) if totals["failed"] else (),
+        storage_fault=read_fault(directory),
         **totals,
     )
 
@@ -880,6 +924,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _check_same_file(path: Path, handle: Any) -> None:
+    """Raise ENOENT when `path` no longer names the open file (its folder was removed).
+
+    Writes to a deleted file succeed on POSIX, into an inode nobody will ever read.
+    """
+    if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+        raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,8 +6,10 @@ The only module that imports click. Every command body is short: the work is in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import Any
 import click
 
 from . import __version__  # noqa: F401
-from .errors import BatchrunnerError, UsageError
+from .errors import BatchrunnerError, StorageError, UsageError
 
 log = logging.getLogger("batchrunner")
 
@@ -48,6 +50,23 @@ class _Group(click.Group):
                 raise
             _echo_error(exc.format_message(), exc.exit_code)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:  # `batchrunner export ... | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+            line = crash_line(exc, path)
+            if _error_format["json"]:
+                _echo_error(line.removeprefix("batchrunner: "), EXIT_INTERNAL)
+            else:
+                click.echo(line, err=True)
+            ctx.exit(EXIT_INTERNAL)
 
 
 def _echo_error(message: str, exit_code: int) -> None:
@@ -58,6 +77,23 @@ def _echo_error(message: str, exit_code: int) -> None:
         click.echo(json.dumps(record), err=True)
     else:
         click.echo(f"batchrunner: error: {message}", err=True)
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+_CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
+_KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
+
+
+def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
+    """Have a bug in this command write its crash.log in `output`'s checkpoint folder."""
+    from .checkpoint import checkpoint_dir
+    from .storage import is_uri
+
+    meta = click.get_current_context().meta
+    if not is_uri(output):  # an object-store output's log goes to the current folder
+        meta[_CRASH_FOLDER] = checkpoint_dir(Path(output))
+    if api_key_env:
+        meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -85,21 +121,16 @@ def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None
     root.propagate = False
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word such as `--param user=alice`
-
-
 def _params(param: tuple[str, ...]) -> dict[str, Any]:
-    """`--param KEY=JSON` options as a dict (a value that is not JSON is taken as a string)."""
+    """`--param KEY=JSON` options as a dict; a value that is not JSON is a usage error."""
+    from .jobs import param_value
+
     params: dict[str, Any] = {}
     for item in param:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r}: expected KEY=JSON, e.g. --param seed=7")
-        params[key] = _json_value(value)
+        params[key] = param_value(key, value)
     return params
 
 
@@ -127,7 +158,8 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv "
                           "(a path, or s3://bucket/key)."),
         click.option("-o", "--output", type=_PATH_OR_URI,
-                     help="Results file (Parquet); the checkpoint lives beside it."),
+                     help="Results: .parquet, .jsonl or .csv (may hold {date}); the checkpoint "
+                          "lives beside it."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
@@ -236,14 +268,18 @@ def run(job: Path | None, **kwargs: Any) -> None:
     --max-cost is the spending on the output across all its runs.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error (an unknown model
     too), 3 every answered row failed the same way (resumable), 4 key refused,
-    5 stopped by --max-cost/--deadline, 130/143 interrupted.
+    5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
+    the traceback is in crash.log in the checkpoint folder), 74 checkpoint or output
+    could not be written (disk full, read-only, I/O error).
     """
     from . import engine
     from .checkpoint import use_system_allocator
     from .progress import ProgressDisplay
 
+    _configure_logging()  # warnings about the options themselves (a --param typo)
     _error_format["json"] = kwargs.get("log_format") == "json"
     config = _config(job, kwargs)
+    _crash_folder(config.output, config.api_key_env)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
@@ -251,9 +287,11 @@ def run(job: Path | None, **kwargs: Any) -> None:
             report = engine.run(config, on_result=display.update, on_start=display.start)
         except BatchrunnerError as exc:
             if config.summary_json is not None:
-                engine.write_summary_json(
-                    config.summary_json, {"exit_code": exc.exit_code, "error": str(exc)}
-                )
+                data: dict[str, Any] = {"exit_code": exc.exit_code, "error": str(exc)}
+                if isinstance(exc, StorageError):
+                    data["storage_fault"] = {"path": exc.path, "cause": exc.cause}
+                with contextlib.suppress(OSError):  # on the same full disk: the error says it
+                    engine.write_summary_json(config.summary_json, data)
             raise
     display.final_summary(report)
     sys.exit(report.exit_code)
@@ -277,6 +315,7 @@ def status(output: Path | str, fmt: str) -> None:
     from .progress import plural
     from .storage import local_view
 
+    _crash_folder(output)
     state = read_status(local_view(output))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
@@ -285,6 +324,8 @@ def status(output: Path | str, fmt: str) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
+    if phase == "stopped" and state.storage_fault is not None:
+        phase = f"stopped on a storage fault: {state.storage_fault['message']}"
     click.echo(
         f"{state.output}: {phase}\n"
         f"  rows     {state.rows:>12,}\n"
@@ -355,6 +396,39 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
     config = _config(job, kwargs)
     result = reports.estimate(config, prices=PriceTable.load(config.prices), calibrate=calibrate)
     click.echo(reports.estimate_to_json(result) if fmt == "json" else reports.render_estimate(result))
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "batch-api"]),
+              help="jsonl, csv, or the OpenAI Batch API's output lines [from -o's extension].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write to this file (replaced atomically) [stdout].")
+@click.option("--flatten", is_flag=True,
+              help="Make `parsed` (a --json-schema run's answers) a column per top-level field.")
+@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+              help="The schema --flatten follows [the one the results record].")
+def export(results: Path, fmt: str | None, output: Path | None, flatten: bool,
+           json_schema: Path | None) -> None:
+    """Write a Parquet results file as JSONL, CSV or OpenAI Batch API output lines.
+
+    \b
+    Examples:
+      batchrunner export out/results.parquet --format csv > results.csv
+      batchrunner export out/results.parquet -o out/results.jsonl
+      batchrunner export out/results.parquet --format batch-api -o out/batch_output.jsonl
+      batchrunner export out/entities.parquet --flatten --format csv -o out/entities.csv
+    """
+    from .export import export_results
+
+    if fmt is None:
+        suffix = output.suffix.lower() if output is not None else ""
+        fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
+        if fmt is None:
+            raise UsageError("give --format jsonl, csv or batch-api")
+    rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
+    if output is not None:
+        click.echo(f"{rows:,} rows written to {output}", err=True)
 
 
 @main.command()

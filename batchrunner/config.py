@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import UsageError
+from .paths import expand_date
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -27,6 +29,9 @@ BASE_URL_ENVS = ("RU_LLM_BASE_URL", "OPENAI_BASE_URL")
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, with the defaults of SPEC sections 5-8 and 13.
+
+    `{date}` and `{date:STRFTIME}` in `output` and `summary_json` are replaced by the local
+    date the config was made (the run's start), once.
 
     The API key is deliberately absent: only the name of the variable that holds it is kept,
     so a config can be printed, logged or pickled without leaking it.
@@ -83,6 +88,13 @@ class RunConfig:
     ray_actors: int | None = None  # None: one actor per CPU of the cluster
 
     def __post_init__(self) -> None:
+        # {date} in the output paths: resolved once, here, so everything follows one path
+        started = datetime.now().astimezone()
+        for name in ("output", "summary_json"):
+            value = getattr(self, name)
+            if value is not None and "{" in str(value):
+                flag = "--" + name.replace("_", "-")
+                object.__setattr__(self, name, expand_date(value, now=started, what=flag))
         if self.concurrency < 1:
             raise UsageError(f"--concurrency must be at least 1, not {self.concurrency}")
         if self.max_attempts < 1:

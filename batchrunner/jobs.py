@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "REQUEST_KEYS",
     "build_config",
     "load_job",
+    "param_value",
 ]
 
 logger = logging.getLogger(__name__)
@@ -287,7 +289,7 @@ _RESERVED_PARAMS = {
     "messages": "messages come from the input (a messages column, `template` or `prompt_column`)",
 }
 
-# Fields of CreateChatCompletionRequest in ../shared/openai-chat-schema.json: used to tell a
+# Fields of CreateChatCompletionRequest in tests/data/openai-chat-schema.json: used to tell a
 # misplaced request field from a typo, never to refuse a field (gateways add their own).
 _OPENAI_REQUEST_FIELDS = frozenset(
     """audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens
@@ -408,6 +410,30 @@ def _warn_if_typo(key: str, where: str) -> None:
 # --- folding with the command line ---------------------------------------------------------
 
 
+def param_value(key: str, text: str) -> Any:
+    """The value of `--param KEY=TEXT`: TEXT must be JSON (SPEC section 6).
+
+    A bare word is refused rather than guessed at, since `{type:json}` or `0.5.1` sent as a
+    string would reach the gateway unnoticed; the message shows how to quote a string.
+
+    >>> param_value("seed", "7"), param_value("user", '"batch-7"')
+    (7, 'batch-7')
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        if text.lstrip().startswith(("{", "[")):
+            hint = (
+                "in an object or array, keys and strings need double quotes, e.g. "
+                """--param 'response_format={"type": "json_object"}'"""
+            )
+        else:
+            hint = f"""a string needs JSON quotes inside the shell's: --param '{key}="{shown}"'"""
+        raise UsageError(f"--param {key}: {shown!r} is not JSON; {hint}") from None
+
+
+
 def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
     """One RunConfig from a job (from load_job, or None) and the options the user gave.
 
@@ -435,6 +461,7 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
                 if name in _RESERVED_PARAMS:
                     raise UsageError(f"{where} is not allowed: {_RESERVED_PARAMS[name]}")
                 given_params[name] = _checked(_REQUEST_CHECKS.get(name, _json_value), item, where)
+                _warn_if_typo(name, where)
         elif key in _REQUEST_CHECKS:
             named_params[key] = _checked(_REQUEST_CHECKS[key], value, flag)
         elif key in _RUN_KEYS or key in _INVOCATION_KEYS:

@@ -151,7 +151,8 @@ class RayRun(_Run):
             for actor in actors:
                 with contextlib.suppress(Exception):
                     self._ray.kill(actor)
-            self._writes.append(executor.submit(ckpt.write_batch, ckpt.take_batch()))
+            self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+            self._writes.append(executor.submit(self.writer.last_attempt))  # after a fault
             executor.shutdown(wait=True)
             for write in self._writes:
                 write.result()
