@@ -47,12 +47,9 @@ class ProgressDisplay:
         self.close()
 
     def start(self, tally: Tally) -> None:
-        """The engine's on_start callback: the bar (or a first line) appears as sending starts."""
+        """The engine's on_start callback: the bar appears as sending starts."""
         if self.use_bar and self._bar is None:
             self._open_bar(tally)
-        elif self.use_lines:
-            self._next_line = time.monotonic() + LOG_EVERY_SECONDS
-            self._line(tally)  # where it starts from, before the first answer
 
     def _open_bar(self, tally: Tally) -> None:
         # Resumed rows are the bar's starting point, and counted there only.

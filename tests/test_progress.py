@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import queue
 import re
@@ -85,27 +84,6 @@ def test_the_bar_counts_resumed_rows_once_and_shows_the_cost(
     assert "40/40" in final and "100%" in final, final
     assert "50/40" not in stream.getvalue()
     assert re.search(r"cost=\$0\.\d{4}", final), final
-
-
-def test_without_a_terminal_a_first_line_appears_as_sending_starts(
-    tmp_path: Path, gateway  # type: ignore[no-untyped-def]
-) -> None:
-    source = write_input(tmp_path / "in.jsonl", 5)
-    config = RunConfig(input=source, output=tmp_path / "out.parquet", model="gpt-4o-mini",
-                       base_url=gateway.base_url, progress=False)
-    display = ProgressDisplay(config, io.StringIO())
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("batchrunner.progress")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        tally = Tally(rows=5, resumed=2, ok=2)
-        display.start(tally)
-    finally:
-        logger.removeHandler(handler)
-    assert lines and lines[0].startswith("rows 2/5 (40.0%)"), lines
 
 
 def test_ctrl_c_says_what_it_waits_for_and_the_second_how_to_resume(
