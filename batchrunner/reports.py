@@ -93,6 +93,8 @@ class GroupSummary:
     unpriced_rows: int
     latency_p50_ms: float | None
     latency_p95_ms: float | None
+    cache_hits: int = 0  # rows served from the response cache: their cost is not in cost_usd
+    reused_cost_usd: float = 0.0  # what those rows cost when first paid (the files' cost_usd)
 
 
 _FIGURES = tuple(f for f in GroupSummary.__slots__ if f != "key")  # type: ignore[attr-defined]
@@ -259,6 +261,8 @@ _SUMS = (
     "c_completion",
     "file_cost",  # sum of the file's non-null cost_usd
     "file_uncosted",  # billable rows whose cost_usd is null
+    "hits",  # rows served from the response cache (not paid: out of every cost sum above)
+    "reused",  # their cost when first paid, from the files' cost_usd
 )
 
 
@@ -278,9 +282,12 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     for path in files:
         if _read_from_checkpoint(path):
             from_checkpoint.append(str(path))
-            batches = _checkpoint_batches(path, by, needed)
+            # the checkpoint has every result column (cache_hit and cost_usd included)
+            extra = [c for c in ("cache_hit", "cost_usd") if c not in needed]
+            batches = _checkpoint_batches(path, by, [*needed, *extra])
         else:
-            batches = _read_batches(path, by, needed)
+            extra = [c for c in ("cache_hit", "cost_usd") if c in _names(path) and c not in needed]
+            batches = _read_batches(path, by, [*needed, *extra])
         for table in batches:
             failed = table.filter(pc.fill_null(pc.not_equal(table.column("status"), "ok"), True))
             error_pairs.extend(value_counts(failed.column("error")))
@@ -325,7 +332,7 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     def per_key(values: np.ndarray) -> np.ndarray:
         return np.bincount(pk, weights=values, minlength=nkeys)
 
-    by_key = {name: per_key(s[name]) for name in ("rows", "ok", *_TOKENS)}
+    by_key = {name: per_key(s[name]) for name in ("rows", "ok", *_TOKENS, "hits", "reused")}
     cost_by_key = per_key(pair_cost)
     unpriced_by_key = per_key(pair_unpriced)
     lk = np.concatenate(lat_keys) if lat_keys else np.zeros(0, np.int64)
@@ -401,9 +408,14 @@ def _tally(
     valid = {name: _bool(pc.is_valid(table.column(name))) for name in _TOKENS}
     billable = valid["prompt_tokens"] | valid["completion_tokens"] | valid["total_tokens"]
     complete = valid["prompt_tokens"] & valid["completion_tokens"]
+    hit = (_bool(pc.fill_null(table.column("cache_hit"), False))
+           if "cache_hit" in table.column_names else np.zeros(n, dtype=bool))
+    reused = (np.where(hit, _floats(pc.fill_null(table.column("cost_usd"), 0.0)), 0.0)
+              if hit.any() else np.zeros(n))
+    billable, complete = billable & ~hit, complete & ~hit  # a cache hit was not paid for
     if not recompute:
         cost_col = table.column("cost_usd")
-        file_cost = _floats(pc.fill_null(cost_col, 0.0))
+        file_cost = np.where(hit, 0.0, _floats(pc.fill_null(cost_col, 0.0)))
         uncosted = billable & ~_bool(pc.is_valid(cost_col))
     else:
         file_cost = np.zeros(n)
@@ -422,6 +434,8 @@ def _tally(
         np.where(complete, counts["completion_tokens"], 0),
         file_cost,
         uncosted,
+        hit,
+        reused,
     )
     # Group rows by (key, model) pair: a dense pair index, then one bincount per sum.
     width = int(mglobal.max(initial=0)) + 1
@@ -465,7 +479,17 @@ def _group(
         unpriced_rows=unpriced_rows,
         latency_p50_ms=None if p50 is None or math.isnan(p50) else float(p50),
         latency_p95_ms=None if p95 is None or math.isnan(p95) else float(p95),
+        cache_hits=int(round(sums.get("hits", 0))),
+        reused_cost_usd=float(sums.get("reused", 0.0)),
     )
+
+
+def _names(path: Path) -> list[str]:
+    """A result file's column names (none when it cannot be read: _read_batches says why)."""
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        return []
 
 
 def _grouped_quantiles(
@@ -735,6 +759,12 @@ def _notes(report: SummaryReport) -> list[str]:
             f"no price, or no prompt or completion count), of: {models}; '>=' marks the cost "
             "of the priced rows alone, '?' a cost wholly unknown"
         )
+    if report.total.cache_hits:
+        notes.append(
+            f"cost is what was paid; {report.total.cache_hits:,} rows came from the response "
+            f"cache, reused ${report.total.reused_cost_usd:,.{_COST_DIGITS}f} paid before "
+            "(not counted again)"
+        )
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
     for output in report.from_checkpoint:
@@ -992,6 +1022,7 @@ class Estimate:
     done_rows: int = 0  # rows the output's checkpoint already has a result for: not sent
     checkpoint: str | None = None  # the output whose checkpoint was read, if any
     checkpoint_note: str | None = None  # why a checkpoint was not used
+    cached_rows: int = 0  # with --cache: rows the response cache holds (not sent, no cost)
 
     @property
     def unpriced_models(self) -> tuple[str | None, ...]:
@@ -1049,18 +1080,25 @@ def estimate(
     info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     tallies: dict[str | None, _ModelTally] = {}
-    rows = input_errors = 0
+    rows = input_errors = cached_rows = 0
     done, checkpoint_note = _checkpointed(config)
     skip = done.mask if done is not None and len(done) else None
     one_by_one = skip is not None and detect_format(config.input) == "jsonl"
-    for index, record, error in iter_records(config, builder.columns, skip=skip):
-        row = builder.build(index, record, error)
-        if one_by_one and done is not None and done.contains(index, row.id):
-            continue  # already has a result: `run` would not send it
+
+    def bodies() -> Iterator[dict[str, Any] | None]:
+        for index, record, error in iter_records(config, builder.columns, skip=skip):
+            row = builder.build(index, record, error)
+            if one_by_one and done is not None and done.contains(index, row.id):
+                continue  # already has a result: `run` would not send it
+            yield row.body
+
+    for body, cached in _cache_marked(config, bodies()):
         rows += 1
-        body = row.body
         if body is None:
             input_errors += 1
+            continue
+        if cached:
+            cached_rows += 1
             continue
         model = body.get("model")
         tally = tallies.get(model)
@@ -1093,7 +1131,7 @@ def estimate(
     return Estimate(
         input=str(config.input),
         rows=rows + done_rows,
-        rows_to_send=rows - input_errors,
+        rows_to_send=rows - input_errors - cached_rows,
         input_errors=input_errors,
         chars=sum(t.chars for t in tallies.values()),
         messages=sum(t.messages for t in tallies.values()),
@@ -1109,6 +1147,7 @@ def estimate(
         done_rows=done_rows,
         checkpoint=None if done is None else str(config.output),
         checkpoint_note=checkpoint_note,
+        cached_rows=cached_rows,
     )
 
 
@@ -1125,6 +1164,11 @@ def _checkpointed(config: RunConfig) -> tuple[Any, str | None]:
     done, fingerprint = found
     now = {"input": fingerprint_input(config.input), "settings": config.request_settings()}
     changes = describe_changes(fingerprint, now)
+    if changes and fingerprint.get("settings") == now["settings"]:
+        return None, (
+            f"the input changed since the checkpoint of {config.output} was made: run will "
+            "keep the results of unchanged rows; this estimate is for every row (at most)"
+        )
     if changes:
         return None, (
             f"the checkpoint of {config.output} was made with other settings "
@@ -1132,6 +1176,38 @@ def _checkpointed(config: RunConfig) -> tuple[Any, str | None]:
             "is for every row"
         )
     return done, None
+
+
+def _cache_marked(
+    config: RunConfig, bodies: Iterable[dict[str, Any] | None]
+) -> Iterable[tuple[dict[str, Any] | None, bool]]:
+    """Each body, with True where the response cache (`config.cache`) holds its answer."""
+    from .cache import LOOKUP_ROWS, ResponseCache, cache_key, default_cache_path
+    from .config import resolve_base_url
+
+    path = None
+    if config.cache is not None and config.cache is not False:
+        path = default_cache_path() if config.cache is True else Path(config.cache)
+    if path is None or not path.exists() or config.cache_mode in ("write-only", "refresh"):
+        for body in bodies:
+            yield body, False
+        return
+    url = "batchrunner:local" if config.local else resolve_base_url(config.base_url)
+    with ResponseCache.open(path) as cache:
+        chunk: list[dict[str, Any] | None] = []
+        for body in bodies:
+            chunk.append(body)
+            if len(chunk) >= LOOKUP_ROWS:
+                yield from _marked_chunk(cache, chunk, url, cache_key)
+                chunk = []
+        yield from _marked_chunk(cache, chunk, url, cache_key)
+
+
+def _marked_chunk(cache: Any, chunk: list[Any], url: str, key: Any) -> Iterable[tuple[Any, bool]]:
+    keys = [None if body is None else key(body, url) for body in chunk]
+    found = cache.lookup([k for k in keys if k is not None])
+    for body, k in zip(chunk, keys):
+        yield body, k is not None and k in found
 
 
 def _text_length(content: Any) -> int:
@@ -1323,6 +1399,8 @@ def render_estimate(est: Estimate) -> str:
     sent = f"{est.rows_to_send:,} to send"
     if est.checkpoint is not None:
         sent = f"{est.done_rows:,} done (checkpoint of {est.checkpoint}), " + sent
+    if est.cached_rows:
+        sent += f", {est.cached_rows:,} in the response cache (not sent, no cost)"
     if est.input_errors:
         sent += f", {est.input_errors:,} with input errors (not sent, no cost)"
     lines = [f"input: {est.input}: {_plural(est.rows, 'row')}, {sent}"]
