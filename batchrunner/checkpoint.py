@@ -68,6 +68,7 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
+        ("refusal", pa.string()),
     ]
 )
 _SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
@@ -687,6 +688,7 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.http_status for r in results],
         [r.error for r in results],
         [r.response_id for r in results],
+        [r.refusal for r in results],
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],

@@ -547,6 +547,7 @@ class _Run:
             ttft_ms=answer.ttft_ms,
             http_status=answer.http_status,
             response_id=answer.response_id,
+            refusal=answer.refusal,
         )
 
     async def _reserve_budget(

@@ -69,6 +69,7 @@ class Result:
     http_status: int | None = None
     error: str | None = None
     response_id: str | None = None
+    refusal: str | None = None  # the first choice's message.refusal, when the model refused
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import aioresponses_compat  # noqa: F401  (aioresponses on aiohttp 3.14)
 from batchrunner.gateway import GatewayConfig, RunningGateway, gateway_in_thread
 
 
