@@ -438,7 +438,9 @@ def test_the_base_urls_query_string_is_kept_on_every_request() -> None:
 def test_a_streamed_answer_leaves_its_connection_for_the_next_request() -> None:
     body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}),
                chunk({}, "stop"), "[DONE]")
-    with scripted_server(lambda request: Reply(chunks=pieces(body, 30), headers=SSE)) as server:
+    # a pause after each piece: the body's end comes a moment after data: [DONE]
+    reply = Reply(chunks=pieces(body, 30), headers=SSE, pause=0.02)
+    with scripted_server(lambda request: reply) as server:
         async def go() -> list[str | None]:
             async with Client(server.base_url, KEY, concurrency=1) as client:
                 return [(await client.complete(STREAM_BODY)).content for _ in range(3)]
