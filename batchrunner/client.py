@@ -329,11 +329,12 @@ def _what_came(content_type: str | None, raw: bytes, size: int | None = None) ->
 
 
 def _rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {
-        name.lower(): value
-        for name, value in headers.items()
-        if name[:12].lower() == "x-ratelimit-"
-    }
+    """The `x-ratelimit-*` headers, names in lower case (what the pacer reads)."""
+    found = {}
+    for name, value in headers.items():
+        if name[:1] in "xX" and name[:12].lower() == "x-ratelimit-":  # most names fail at once
+            found[name.lower()] = value
+    return found
 
 
 _SECONDS = re.compile(r"\d{1,12}(\.\d{1,6})?")

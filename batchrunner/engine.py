@@ -41,6 +41,7 @@ from .errors import (
     RetryableError,
     UsageError,
 )
+from .openfiles import ensure_room_for
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
@@ -705,6 +706,7 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    ensure_room_for(config.concurrency)  # the open-file limit, as the client checks it
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
     return info

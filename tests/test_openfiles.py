@@ -53,3 +53,18 @@ def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path, gateway: Any) 
     done = run_under((256, 2048), tmp_path, gateway.base_url, 600)
     assert done.returncode == 0, done.stderr
     assert gateway.stats.requests == 10
+
+
+def test_validate_says_so_too(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "hi"}\n')
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "{source}"\noutput = "{tmp_path / "out.parquet"}"\n'
+                   'model = "gpt-4o-mini"\nconcurrency = 5000\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrunner", "validate", str(job)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+    )
+    assert done.returncode == 2 and "ulimit -n" in done.stderr, done.stderr
