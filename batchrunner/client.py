@@ -83,8 +83,8 @@ class Client:
     is not cut. The base URL's query string (`?api-version=...`) is kept on every request.
 
     The session does not set aiohttp's `trust_env`: with it, aiohttp reads the proxy variables
-    and `~/.netrc` in a worker thread on every request, which cost 5x the CPU of a request here
-    (bench/README.md), and a `.netrc` entry for the gateway's host would clash with the
+    and `~/.netrc` in a worker thread on every request, which cost 3-5x the CPU of a request
+    here (bench/trust_env.py), and a `.netrc` entry for the gateway's host would clash with the
     Authorization header on every request. The same reading, aiohttp's own function, is done
     once when the session opens.
     """
