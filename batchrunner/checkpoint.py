@@ -528,9 +528,10 @@ class Checkpoint:
         # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
             with pa.memory_map(str(segment)) as source:
+                layout = pa.ipc.read_schema(pa.ipc.read_message(source))
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)
-                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), _SEGMENT_SCHEMA)
+                    batch = _current(pa.ipc.read_record_batch(pa.ipc.read_message(source), layout))
                     rows = batch.column(0)
                     keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
                     pieces.append(batch.filter(keep))
@@ -572,7 +573,7 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
         except (pa.ArrowInvalid, OSError, StopIteration):
             log.warning("checkpoint: %s holds no complete batch; ignored", segment.name)
             return
-        if schema != _SEGMENT_SCHEMA:
+        if schema != _SEGMENT_SCHEMA and not _older_layout(schema):
             log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
             return
         kept = 0
@@ -590,7 +591,21 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
                 )
                 return
             kept += 1
-            yield offset, batch
+            yield offset, _current(batch)
+
+
+def _older_layout(schema: pa.Schema) -> bool:
+    """A segment written before columns were added at the end (`refusal`): still readable."""
+    fields = list(_SEGMENT_SCHEMA)
+    return len(schema) < len(fields) and schema.equals(pa.schema(fields[: len(schema)]))
+
+
+def _current(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch in the current segment layout: columns added since it was written are null."""
+    if batch.num_columns == len(_SEGMENT_SCHEMA):
+        return batch
+    added = [pa.nulls(batch.num_rows, f.type) for f in list(_SEGMENT_SCHEMA)[batch.num_columns:]]
+    return pa.RecordBatch.from_arrays([*batch.columns, *added], schema=_SEGMENT_SCHEMA)
 
 
 def _load(directory: Path) -> _Loaded:
