@@ -7,6 +7,7 @@ Layout, beside the output `OUT.parquet`:
         lock              flock()ed by the live run; the kernel drops it when the process dies
         part-00001.arrows results of the first session, an Arrow IPC stream of record batches
         part-00002.arrows results of the session after the first interruption, and so on
+        storage-fault     4 KiB reserved for the record of a failed write (durability.py)
 
 Each session appends record batches to its own segment and fsyncs after every batch, so a
 SIGKILL at any instant loses at most the batch being written; a torn last batch is detected on
@@ -18,6 +19,7 @@ memory stays bounded by the chunk and not by the run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -30,10 +32,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
+from .export import TableWriter, open_table_writer, output_format
 from .results import Result
+from .durability import read_fault
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -68,9 +71,16 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
+        # structured output (SPEC 17); dropped from the output of a run without a schema
+        ("parsed", pa.string()),
+        ("reasks", pa.int32()),
+        ("reask_cost_usd", pa.float64()),
+        # appended last: a segment written before a column existed is read with it null
         ("refusal", pa.string()),
     ]
 )
+_STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
+JSON_SCHEMA_METADATA = b"batchrunner.json_schema"  # a structured run's output records its schema
 _SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
 _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
     [
@@ -173,6 +183,7 @@ class CheckpointStatus:
     live: bool
     finished: bool
     segments: int
+    storage_fault: dict[str, Any] | None = None  # the last run's failed write (durability.py)
 
     @property
     def pending(self) -> int:
@@ -423,15 +434,25 @@ class Checkpoint:
         """
         if batch is None or not batch.num_rows:
             return
-        if self._segment_file is None:
-            self._open_segment()
-            if self._manifest.get("finished"):  # new results: the output must be rebuilt
-                self._manifest["finished"] = False
-                self._write_manifest()
-        offset = self._segment_file.tell()
-        self._segment_file.write(batch.serialize())
-        self._segment_file.flush()
-        os.fsync(self._segment_file.fileno())
+        offset: int | None = None
+        try:
+            if self._segment_file is None:
+                self._open_segment()
+                if self._manifest.get("finished"):  # new results: the output must be rebuilt
+                    self._manifest["finished"] = False
+                    try:
+                        self._write_manifest()
+                    except OSError:
+                        self._manifest["finished"] = True  # still so on disk: write it next time
+                        raise
+            offset = self._segment_file.tell()
+            self._segment_file.write(batch.serialize())
+            self._segment_file.flush()
+            os.fsync(self._segment_file.fileno())
+            _check_same_file(self._segment_path, self._segment_file)  # type: ignore[arg-type]
+        except OSError:
+            self._drop_segment(offset)
+            raise
         rows = batch.column(0)
         self._loaded.batches.append(
             _BatchRef(
@@ -447,16 +468,44 @@ class Checkpoint:
         numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
         path = self.directory / f"part-{max(numbers, default=0) + 1:05d}.arrows"
         self._segment_file = open(path, "xb")
+        self._segment_path = path
         self._segment_file.write(_SEGMENT_SCHEMA.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
         _fsync_dir(self.directory)
-        self._segment_path = path
+
+    def _drop_segment(self, offset: int | None) -> None:
+        """After a failed write: cut the segment back to its last whole batch and close it.
+
+        The next write starts a new segment. Best effort: on a vanished folder or a dead disk
+        there is nothing to cut, and a torn tail is ignored on reading anyway.
+        """
+        handle, path = self._segment_file, self._segment_path
+        self._segment_file = self._segment_path = None
+        if handle is None or path is None:
+            return
+        try:
+            ours: os.stat_result | None = os.fstat(handle.fileno())
+        except OSError:
+            ours = None
+        with contextlib.suppress(OSError):
+            handle.close()  # may flush a partial buffer: cut afterwards
+        if ours is None:
+            return
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+                return  # the path names another file now (the folder was replaced): not ours
+            if offset is None or not any(b.segment == path for b in self._loaded.batches):
+                path.unlink()  # it holds no batch: a schema alone would only take space
+            else:
+                os.truncate(path, offset)
 
     def close(self) -> None:
         """Close the segment and release the lock (buffered results must be written first)."""
         if self._segment_file is not None:
-            self._segment_file.close()  # every batch was fsynced as it was written
+            with contextlib.suppress(OSError):  # every batch was fsynced as it was written
+                self._segment_file.close()
             self._segment_file = None
         if self._lock_file is not None:
             with contextlib.suppress(OSError):
@@ -480,22 +529,23 @@ class Checkpoint:
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        writer: pq.ParquetWriter | None = None
+        fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
+        writer: TableWriter | None = None
         start = 0
         try:
             for table in input_tables:
                 stop = start + table.num_rows
                 results = self._results_for(start, stop)
-                joined = _join(table, results, id_column)
+                joined = self._structured_output(_join(table, results, id_column))
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
+                    writer = open_table_writer(tmp, joined.schema, fmt)
                 writer.write_table(joined, row_group_size=65536)
                 del table, results, joined
                 pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                 start = stop
             if writer is None:  # an empty input still gets a valid, empty file
-                empty = pa.Table.from_batches([], RESULT_SCHEMA)
-                writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
+                empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
+                writer = open_table_writer(tmp, empty.schema, fmt)
             writer.close()
             writer = None
             if start != rows:
@@ -511,6 +561,14 @@ class Checkpoint:
                 tmp.unlink()
         self._manifest["finished"] = True
         self._write_manifest()
+
+    def _structured_output(self, table: pa.Table) -> pa.Table:
+        """A structured run's output records its schema; another run's has no parsed columns."""
+        schema = self._manifest.get("fingerprint", {}).get("settings", {}).get("json_schema")
+        if schema is None:
+            return table.drop_columns(list(_STRUCTURED_COLUMNS))
+        metadata = {JSON_SCHEMA_METADATA: json.dumps(schema["schema"]).encode()}
+        return table.replace_schema_metadata(metadata)
 
     @property
     def finished(self) -> bool:
@@ -703,6 +761,9 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.http_status for r in results],
         [r.error for r in results],
         [r.response_id for r in results],
+        [r.parsed for r in results],
+        [r.reasks for r in results],
+        [r.reask_cost_usd for r in results],
         [r.refusal for r in results],
     ]
     return pa.RecordBatch.from_arrays(
@@ -747,6 +808,7 @@ def read_status(output: Path) -> CheckpointStatus:
         live=_is_locked(directory / "lock"),
         finished=bool(manifest.get("finished")) and output.exists(),
         segments=len(list(directory.glob("part-*.arrows"))),
+        storage_fault=read_fault(directory),
         **totals,
     )
 
@@ -775,7 +837,11 @@ def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]
     old_settings, new_settings = before.get("settings", {}), after.get("settings", {})
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
-            changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+            old, new = repr(old_settings.get(key)), repr(new_settings.get(key))
+            if len(old) + len(new) > 240:  # a whole JSON schema: the key says enough
+                changes.append(f"{key} changed")
+                continue
+            changes.append(f"{key}: {old} -> {new}")
     return changes
 
 
@@ -787,6 +853,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _check_same_file(path: Path, handle: Any) -> None:
+    """Raise ENOENT when `path` no longer names the open file (its folder was removed).
+
+    Writes to a deleted file succeed on POSIX, into an inode nobody will ever read.
+    """
+    if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+        raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
 
 
 def _fsync_dir(directory: Path) -> None:

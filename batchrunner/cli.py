@@ -6,8 +6,10 @@ The only module that imports click. Every command body is short: the work is in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__  # noqa: F401
-from .errors import BatchrunnerError, UsageError
+from .errors import BatchrunnerError, StorageError, UsageError
 
 log = logging.getLogger("batchrunner")
 
@@ -34,6 +36,36 @@ class _Group(click.Group):
         except BatchrunnerError as exc:
             click.echo(f"batchrunner: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BrokenPipeError:  # `batchrunner export ... | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+            click.echo(crash_line(exc, path), err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+_CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
+_KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
+
+
+def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
+    """Have a bug in this command write its crash.log in `output`'s checkpoint folder."""
+    from .checkpoint import checkpoint_dir
+    from .storage import is_uri
+
+    meta = click.get_current_context().meta
+    if not is_uri(output):  # an object-store output's log goes to the current folder
+        meta[_CRASH_FOLDER] = checkpoint_dir(Path(output))
+    if api_key_env:
+        meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -60,32 +92,45 @@ def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None
     root.propagate = False
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word such as `--param user=alice`
-
-
 def _params(param: tuple[str, ...]) -> dict[str, Any]:
-    """`--param KEY=JSON` options as a dict (a value that is not JSON is taken as a string)."""
+    """`--param KEY=JSON` options as a dict; a value that is not JSON is a usage error."""
+    from .jobs import param_value
+
     params: dict[str, Any] = {}
     for item in param:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r}: expected KEY=JSON, e.g. --param seed=7")
-        params[key] = _json_value(value)
+        params[key] = param_value(key, value)
     return params
+
+
+class _PathOrUri(click.ParamType):
+    """A local path, or an object-store URI kept as text (a Path would fold its `//`)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path | str:
+        from .storage import is_uri
+
+        if isinstance(value, str) and is_uri(value):
+            return value
+        return Path(value)
+
+
+_PATH_OR_URI = _PathOrUri()
 
 
 def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by `run` and `estimate` (SPEC sections 3, 5-9, 13)."""
     options = [
         click.argument("job", required=False, type=click.Path(dir_okay=False, path_type=Path)),
-        click.option("-i", "--input", "input_", type=click.Path(path_type=Path),
-                     help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv."),
-        click.option("-o", "--output", type=click.Path(path_type=Path),
-                     help="Results file (Parquet); the checkpoint lives beside it."),
+        click.option("-i", "--input", "input_", type=_PATH_OR_URI,
+                     help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv "
+                          "(a path, or s3://bucket/key)."),
+        click.option("-o", "--output", type=_PATH_OR_URI,
+                     help="Results: .parquet, .jsonl or .csv (may hold {date}); the checkpoint "
+                          "lives beside it."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
@@ -117,6 +162,10 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+                     metavar="FILE", help="Ask for JSON matching this schema (JSON or TOML)."),
+        click.option("--invalid-retries", type=int, metavar="N",
+                     help="Re-asks of an answer that fails the schema [2]."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -164,6 +213,11 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines format.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the final figures, with the exit code, to this JSON file.")
+@click.option("--engine", type=click.Choice(["local", "ray"]),
+              help="Where rows are processed: this process, or actors on a Ray cluster [local].")
+@click.option("--ray-address", metavar="ADDR",
+              help="Ray cluster to join [RAY_ADDRESS, else a local instance].")
+@click.option("--ray-actors", type=int, help="Ray actors [one per CPU of the cluster].")
 def run(job: Path | None, **kwargs: Any) -> None:
     """Send every row of the input and write the results to Parquet.
 
@@ -172,18 +226,23 @@ def run(job: Path | None, **kwargs: Any) -> None:
       batchrunner run -i sample_data/prompts.jsonl -o out/results.parquet -m gpt-4o-mini --local
       batchrunner run jobs/nightly-eval.toml
       batchrunner run jobs/nightly-eval.toml --limit 10 -o out/smoke.parquet
+      batchrunner run jobs/nightly-eval.toml --engine ray --api-key-env KEY_A,KEY_B
       RU_LLM_API_KEY=sk-ru-... batchrunner run -i qs.parquet -o out/qs.parquet -m gpt-4o \\
           --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
 
     Running the same command again resumes: only rows with no result are sent.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
-    5 stopped by --max-cost/--deadline, 130/143 interrupted.
+    5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
+    the traceback is in crash.log in the checkpoint folder), 74 checkpoint or output
+    could not be written (disk full, read-only, I/O error).
     """
     from . import engine
     from .checkpoint import use_system_allocator
     from .progress import ProgressDisplay
 
+    _configure_logging()  # warnings about the options themselves (a --param typo)
     config = _config(job, kwargs)
+    _crash_folder(config.output, config.api_key_env)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
@@ -191,18 +250,20 @@ def run(job: Path | None, **kwargs: Any) -> None:
             report = engine.run(config, on_result=display.update)
         except BatchrunnerError as exc:
             if config.summary_json is not None:
-                engine.write_summary_json(
-                    config.summary_json, {"exit_code": exc.exit_code, "error": str(exc)}
-                )
+                data: dict[str, Any] = {"exit_code": exc.exit_code, "error": str(exc)}
+                if isinstance(exc, StorageError):
+                    data["storage_fault"] = {"path": exc.path, "cause": exc.cause}
+                with contextlib.suppress(OSError):  # on the same full disk: the error says it
+                    engine.write_summary_json(config.summary_json, data)
             raise
     display.final_summary(report)
     sys.exit(report.exit_code)
 
 
 @main.command()
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=_PATH_OR_URI)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def status(output: Path, fmt: str) -> None:
+def status(output: Path | str, fmt: str) -> None:
     """Rows done, failed and pending, tokens and cost so far, for OUTPUT.
 
     Works while a run is going on, after an interruption and after the end.
@@ -213,14 +274,18 @@ def status(output: Path, fmt: str) -> None:
       batchrunner status out/results.parquet --format json
     """
     from .checkpoint import read_status
+    from .storage import local_view
 
-    state = read_status(output)
+    _crash_folder(output)
+    state = read_status(local_view(output))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
         data.update(output=str(state.output), pending=state.pending)
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
+    if phase == "stopped" and state.storage_fault is not None:
+        phase = f"stopped on a storage fault: {state.storage_fault['message']}"
     click.echo(
         f"{state.output}: {phase}\n"
         f"  rows     {state.rows:>12,}\n"
@@ -290,6 +355,39 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
 
 
 @main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "batch-api"]),
+              help="jsonl, csv, or the OpenAI Batch API's output lines [from -o's extension].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write to this file (replaced atomically) [stdout].")
+@click.option("--flatten", is_flag=True,
+              help="Make `parsed` (a --json-schema run's answers) a column per top-level field.")
+@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+              help="The schema --flatten follows [the one the results record].")
+def export(results: Path, fmt: str | None, output: Path | None, flatten: bool,
+           json_schema: Path | None) -> None:
+    """Write a Parquet results file as JSONL, CSV or OpenAI Batch API output lines.
+
+    \b
+    Examples:
+      batchrunner export out/results.parquet --format csv > results.csv
+      batchrunner export out/results.parquet -o out/results.jsonl
+      batchrunner export out/results.parquet --format batch-api -o out/batch_output.jsonl
+      batchrunner export out/entities.parquet --flatten --format csv -o out/entities.csv
+    """
+    from .export import export_results
+
+    if fmt is None:
+        suffix = output.suffix.lower() if output is not None else ""
+        fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
+        if fmt is None:
+            raise UsageError("give --format jsonl, csv or batch-api")
+    rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
+    if output is not None:
+        click.echo(f"{rows:,} rows written to {output}", err=True)
+
+
+@main.command()
 @click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL].")
 @click.option("--api-key-env", metavar="NAME", help="Variable holding the key.")
 @click.option("--local", is_flag=True, help="Ask the built-in gateway simulator.")
@@ -343,6 +441,8 @@ def validate(job: Path) -> None:
 @click.option("--drop-rate", type=float, default=0.0, help="Fraction of connections dropped.")
 @click.option("--rate-window", "rate_window_s", type=float, default=60.0, show_default=True,
               help="Seconds of the --rpm/--tpm window (shorter for quick tests).")
+@click.option("--invalid-json-rate", type=float, default=0.0,
+              help="Fraction of json_schema answers made invalid (not JSON, a field missing).")
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
 @click.option("--cache-min-tokens", type=int, default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")

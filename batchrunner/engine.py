@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs
+from . import inputs, storage
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -39,14 +39,18 @@ from .errors import (
     RateLimited,
     RequestError,
     RetryableError,
+    StorageError,
     UsageError,
 )
 from .openfiles import ensure_room_for
+from .export import check_output
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
+from .durability import CheckpointWriter, DurabilityGate, open_checkpoint
+from .structured import ask_until_valid, load_schema
 
 __all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
 
@@ -187,6 +191,15 @@ async def arun(
     0
     """
     control = control or RunControl()
+    if storage.is_uri(config.input) or storage.is_uri(config.output):
+        # Object-store paths: the run works on local copies kept in step with the store.
+        return await storage.staged_run(
+            config, lambda local: arun(local, on_result=on_result, control=control)
+        )
+    if config.engine == "ray":
+        from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
+
+        return await arun_on_ray(config, on_result=on_result, control=control)
     if config.local:
         async with _local_gateway() as (base_url, key):
             return await _Run(config, base_url, key, on_result, control).execute()
@@ -273,12 +286,14 @@ class _Run:
         self.stop_event = asyncio.Event()
         self.flush_event = asyncio.Event()
         self.busy = 0  # rows being processed right now
+        self.gate = DurabilityGate(config.checkpoint_every + config.concurrency)
         self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
         self.id_column: str | None = None
         self.feed_error: UsageError | None = None
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
 
     def __repr__(self) -> str:
         return f"_Run({self.config.output})"
@@ -287,6 +302,7 @@ class _Run:
 
     async def execute(self) -> RunReport:
         config = self.config
+        check_output(config.output)  # nothing is paid for that cannot be written (SPEC 7)
         deadline = self._deadline()
         info = inputs.scan_input(config)
         builder = RequestBuilder(config, info.columns)
@@ -296,9 +312,10 @@ class _Run:
             "settings": config.request_settings(),
         }
         self.tally.rows = info.rows
-        with Checkpoint.open(
+        with open_checkpoint(
             config.output, fingerprint, rows=info.rows, restart=config.restart
         ) as ckpt:
+            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < info.rows or not ckpt.complete(info.rows):
@@ -361,7 +378,8 @@ class _Run:
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
                 # The last write: everything that finished is made durable before we return.
-                self._writes.append(executor.submit(ckpt.write_batch, ckpt.take_batch()))
+                self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+                self._writes.append(executor.submit(self.writer.last_attempt))
                 executor.shutdown(wait=True)
                 for write in self._writes:
                     write.result()  # a failed checkpoint write is an error, never a silent loss
@@ -416,12 +434,16 @@ class _Run:
             batch = ckpt.take_batch()
             if batch is None:
                 continue
-            write = executor.submit(ckpt.write_batch, batch)
+            write = executor.submit(self.writer.write, batch)
             self._writes.append(write)
             # Shielded: cancelling this task at the end must not cancel a write whose rows
             # have already left the buffer (they would be lost); the end waits for it instead.
             await asyncio.shield(asyncio.wrap_future(write))
             self._writes = [w for w in self._writes if not w.done() or w.exception()]
+            if self.writer.fault is not None:  # no new request from now on (SPEC 8)
+                self.control.stop("storage", StorageError.exit_code)
+                return
+            self.gate.written(batch.num_rows)
 
     async def _watch_deadline(self, deadline: Deadline) -> None:
         await asyncio.sleep(deadline.remaining())
@@ -431,6 +453,7 @@ class _Run:
     async def _watch_stop(self, workers: list[asyncio.Task[None]]) -> None:
         """Once a stop is asked, let in-flight rows finish (within a grace period), then end."""
         await self.stop_event.wait()
+        self.gate.release()
         if self.control.reason == "budget":
             grace = math.inf  # what is in flight is being paid for: let it finish
         elif self.control.reason == "auth":
@@ -445,6 +468,7 @@ class _Run:
 
     def _record(self, ckpt: Checkpoint, result: Result) -> None:
         ckpt.append(result)
+        self.gate.received()
         self.tally.add(result)
         if ckpt.buffered >= self.config.checkpoint_every:
             self.flush_event.set()
@@ -470,11 +494,17 @@ class _Run:
             if self.stop_event.is_set():
                 raise _Abandon()
             reserved = await self._reserve_budget(model, prompt_bound, completion_bound)
+            await self.gate.admit()  # at most one checkpoint interval waits to be durable
+            if self.stop_event.is_set():
+                if self.budget is not None:
+                    self.budget.settle(reserved, 0.0)
+                raise _Abandon()
             attempts += 1
             self.tally.sent += 1
             started = time.perf_counter()
             try:
-                return await self._attempt(body, tokens_estimate)
+                with self.gate.sending():
+                    return await self._attempt(body, tokens_estimate)
             except BaseException as exc:
                 if self.budget is not None:
                     # An answer cut short may still be billed: count the worst case.
@@ -482,8 +512,17 @@ class _Run:
                     self.budget.settle(reserved, billed)
                 raise
 
+        async def answered() -> Result:  # SPEC 17: one answer, to check against the schema
+            answer = await call_with_retries(
+                send, self.config.max_attempts, sleep=self._retry_sleep
+            )
+            return self._ok_result(row, answer, attempts, reserved)
+
         reserved = 0.0
         try:
+            if self.schema is not None:
+                checked = await ask_until_valid(answered, self.schema, self.config.invalid_retries)
+                return dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )
@@ -586,11 +625,16 @@ class _Run:
         control = self.control
         complete = ckpt.complete(rows)
         reason = control.reason
-        if complete and reason != "auth":
-            if not ckpt.finished:
-                # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
-                tables = inputs.iter_tables(self.config, batch_rows=32768)
-                ckpt.finalize(tables, rows, id_column=self.id_column)
+        fault = self.writer.fault
+        if complete and reason != "auth" and fault is None and not ckpt.finished:
+            # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
+            tables = inputs.iter_tables(self.config, batch_rows=32768)
+            fault = self.writer.finalize(tables, rows, id_column=self.id_column)
+        if fault is not None:  # a write failed: whatever else stopped the run, this is exit 74
+            self._use_totals(ckpt.done_totals())
+            code, reason, message = StorageError.exit_code, "storage", self.writer.message(rows)
+            self.writer.record(rows)
+        elif complete and reason != "auth":
             self._use_totals(ckpt.done_totals())
             code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
             reason = "complete"
@@ -618,7 +662,17 @@ class _Run:
             message=message,
         )
         if self.config.summary_json is not None:
-            write_summary_json(self.config.summary_json, report)
+            summary = report.to_dict()
+            if fault is not None:
+                summary["storage_fault"] = self.writer.details(rows)
+            try:
+                write_summary_json(self.config.summary_json, summary)
+            except OSError as exc:  # the monitoring file: said, but it changes no result
+                note = f"cannot write --summary-json {self.config.summary_json}: {exc.strerror}"
+                if fault is None:
+                    log.warning("%s", note)
+                else:  # the run ends with one line: keep it one
+                    report = dataclasses.replace(report, message=f"{report.message}; {note}")
         return report
 
     def _use_totals(self, totals: dict[str, Any]) -> None:
@@ -706,6 +760,9 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    check_output(config.output)
+    if storage.is_uri(config.input):
+        config = config.replace(input=storage.stage_input(str(config.input)))
     ensure_room_for(config.concurrency)  # the open-file limit, as the client checks it
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)

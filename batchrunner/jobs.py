@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import json
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import UsageError
 from .pacing import parse_deadline
+from .storage import is_uri
 
 __all__ = [
     "JOB_KEYS",
@@ -36,6 +38,7 @@ __all__ = [
     "REQUEST_KEYS",
     "build_config",
     "load_job",
+    "param_value",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,13 +88,15 @@ def _nonempty_string(value: object) -> str:
     return text
 
 
-def _path(value: object) -> Path:
+def _path(value: object) -> Path | str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):
         raise _wrong("a path (a string)", value)
     if value == "":
         raise _Invalid("must not be empty")
+    if is_uri(value):
+        return value  # s3://bucket/key: a Path would fold its "//"
     return Path(value).expanduser()
 
 
@@ -151,7 +156,8 @@ def _url(value: object) -> str:
 
 def _env_name(value: object) -> str:
     text = _string(value)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+    # One NAME, or several separated by commas: the keys the Ray engine's actors share out.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*", text):
         # Most likely the key itself was pasted here; say so without repeating it.
         raise _Invalid(
             "must be the NAME of an environment variable (such as RU_LLM_API_KEY), "
@@ -199,6 +205,15 @@ def _json_value(value: object) -> Any:
     raise _wrong("a value JSON can carry (string, number, boolean, array or table)", value)
 
 
+def _schema_source(value: object) -> Path | dict[str, Any]:
+    """`json_schema`: a schema file, or the schema written inline as a table."""
+    if isinstance(value, dict):
+        return _json_value(value)
+    if isinstance(value, (str, os.PathLike)):
+        return _path(value)
+    raise _wrong("a path or a table", value)
+
+
 # --- the keys ------------------------------------------------------------------------------
 
 #: The checker of every option that may be a RunConfig field.
@@ -228,6 +243,11 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "json_schema": _schema_source,
+    "invalid_retries": _integer(minimum=0),
+    "engine": _choice("local", "ray"),
+    "ray_address": _nonempty_string,
+    "ray_actors": _integer(minimum=1),
 }
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
@@ -268,7 +288,7 @@ _RESERVED_PARAMS = {
     "messages": "messages come from the input (a messages column, `template` or `prompt_column`)",
 }
 
-# Fields of CreateChatCompletionRequest in ../shared/openai-chat-schema.json: used to tell a
+# Fields of CreateChatCompletionRequest in tests/data/openai-chat-schema.json: used to tell a
 # misplaced request field from a typo, never to refuse a field (gateways add their own).
 _OPENAI_REQUEST_FIELDS = frozenset(
     """audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens
@@ -336,7 +356,14 @@ def load_job(path: Path) -> dict[str, Any]:
             _warn_if_typo(key, where)
 
     for key in PATH_KEYS & job.keys():
-        job[key] = Path(os.path.normpath(folder / job[key]))
+        if isinstance(job[key], Path):  # object-store URIs are absolute already
+            job[key] = Path(os.path.normpath(folder / job[key]))
+    if isinstance(job.get("json_schema"), Path):
+        job["json_schema"] = Path(os.path.normpath(folder / job["json_schema"]))
+    elif "json_schema" in job:  # an inline schema is checked here, where the file is known
+        from .structured import load_schema
+
+        load_schema(job["json_schema"], where=f"{path}: `json_schema`")
     if params:
         job["params"] = params
     return job
@@ -382,6 +409,30 @@ def _warn_if_typo(key: str, where: str) -> None:
 # --- folding with the command line ---------------------------------------------------------
 
 
+def param_value(key: str, text: str) -> Any:
+    """The value of `--param KEY=TEXT`: TEXT must be JSON (SPEC section 6).
+
+    A bare word is refused rather than guessed at, since `{type:json}` or `0.5.1` sent as a
+    string would reach the gateway unnoticed; the message shows how to quote a string.
+
+    >>> param_value("seed", "7"), param_value("user", '"batch-7"')
+    (7, 'batch-7')
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        if text.lstrip().startswith(("{", "[")):
+            hint = (
+                "in an object or array, keys and strings need double quotes, e.g. "
+                """--param 'response_format={"type": "json_object"}'"""
+            )
+        else:
+            hint = f"""a string needs JSON quotes inside the shell's: --param '{key}="{shown}"'"""
+        raise UsageError(f"--param {key}: {shown!r} is not JSON; {hint}") from None
+
+
+
 def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
     """One RunConfig from a job (from load_job, or None) and the options the user gave.
 
@@ -409,6 +460,7 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
                 if name in _RESERVED_PARAMS:
                     raise UsageError(f"{where} is not allowed: {_RESERVED_PARAMS[name]}")
                 given_params[name] = _checked(_REQUEST_CHECKS.get(name, _json_value), item, where)
+                _warn_if_typo(name, where)
         elif key in _REQUEST_CHECKS:
             named_params[key] = _checked(_REQUEST_CHECKS[key], value, flag)
         elif key in _RUN_KEYS or key in _INVOCATION_KEYS:

@@ -109,6 +109,9 @@ class ProgressDisplay:
                       "message": "summary", "detail": figures.pop("message"), **figures}
             print(json.dumps(record), file=self.stream, flush=True)
             return
+        if report.reason == "storage":  # SPEC 8: one line, naming the path and the cause
+            print(f"batchrunner: error: {report.message}", file=self.stream, flush=True)
+            return
         lines = [
             f"batchrunner: {_headline(report)}",
             f"  rows      {report.rows:,}: ok {report.ok:,}, failed {report.failed:,}, "
