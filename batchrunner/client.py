@@ -167,7 +167,7 @@ class Client:
                     return await _read_stream(response, started)
                 closed = _end_by_close(response)
                 raw = await response.read()
-                if closed is not None and closed.done() and closed.exception() is not None:
+                if closed is not None and _ended_by_error(closed):
                     raise ConnectionFailed(
                         "the connection was reset before the answer was known to be whole "
                         "(its end is the connection's end)", http_status=response.status
@@ -280,6 +280,10 @@ def _end_by_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | No
     if closed is not None:
         closed.add_done_callback(_retrieve)
     return closed
+
+
+def _ended_by_error(closed: asyncio.Future[None]) -> bool:
+    return closed.done() and not closed.cancelled() and closed.exception() is not None
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
