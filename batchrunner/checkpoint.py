@@ -24,7 +24,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,17 +71,19 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
+        ("cache_hit", pa.bool_()),
         # structured output (SPEC 17); dropped from the output of a run without a schema
         ("parsed", pa.string()),
         ("reasks", pa.int32()),
         ("reask_cost_usd", pa.float64()),
-        # appended last: a segment written before a column existed is read with it null
-        ("refusal", pa.string()),
+        ("refusal", pa.string()),  # the first choice's message.refusal
     ]
 )
 _STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
 JSON_SCHEMA_METADATA = b"batchrunner.json_schema"  # a structured run's output records its schema
-_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
+# `_hash`: a hash of the row's request body (null for an input error), so that a row edited in
+# the input is told from one left alone (SPEC 8, incremental inputs).
+_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA, ("_hash", pa.int64())])
 _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
     [
         ("_row", pa.int64()),
@@ -92,6 +94,8 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
         ("cached_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
+        ("cache_hit", pa.bool_()),
+        ("_hash", pa.int64()),
     ]
 )
 
@@ -130,6 +134,7 @@ class _BatchRef:
     offset: int  # where its IPC message starts in the segment
     first_row: int
     last_row: int
+    schema: pa.Schema | None = None  # the segment's own layout, when older than this one's
 
 
 class DoneSet:
@@ -184,6 +189,8 @@ class CheckpointStatus:
     finished: bool
     segments: int
     storage_fault: dict[str, Any] | None = None  # the last run's failed write (durability.py)
+    cache_hits: int = 0  # rows served from the response cache (their cost is not in cost_usd)
+    reused_cost_usd: float = 0.0  # what those rows cost when first paid for
 
     @property
     def pending(self) -> int:
@@ -215,6 +222,8 @@ class _Progress:
         self.state = np.zeros(rows, dtype=np.int8)
         self.sums: dict[str, float] = dict.fromkeys(self._SUMS, 0)
         self.unpriced = 0
+        self.hits = 0  # results served from the response cache
+        self.reused = 0.0  # their cost, part of sums["cost_usd"] but not paid by this output
 
     @classmethod
     def of(cls, summary: pa.Table, rows: int) -> _Progress:
@@ -225,7 +234,7 @@ class _Progress:
         positions = positions[row_numbers[positions] < rows]
         ok = summary.column("ok").to_numpy(zero_copy_only=False)[positions]
         progress.state[row_numbers[positions]] = np.where(ok, cls._OK, cls._ERROR)
-        sums = summary.select(list(cls._SUMS))  # not the ids: a million strings to copy
+        sums = summary.select([*cls._SUMS, "cache_hit"])  # not the ids: a million strings
         progress._add_sums(sums.take(pa.array(positions, pa.int64())))
         return progress
 
@@ -243,6 +252,9 @@ class _Progress:
         unpriced = pc.and_(pc.is_null(table.column("cost_usd")),
                            pc.is_valid(table.column("total_tokens")))
         self.unpriced += pc.sum(unpriced.cast(pa.int64())).as_py() or 0
+        hit = table.column("cache_hit").fill_null(False)
+        self.hits += pc.sum(hit.cast(pa.int64())).as_py() or 0
+        self.reused += pc.sum(pc.if_else(hit, table.column("cost_usd"), None)).as_py() or 0.0
 
     def complete(self, rows: int) -> bool:
         """True when each of the first `rows` rows has a result."""
@@ -257,8 +269,10 @@ class _Progress:
             "ok": ok,
             "failed": failed,
             **{name: int(self.sums[name]) for name in self._SUMS[:-1]},
-            "cost_usd": float(self.sums["cost_usd"]),
+            "cost_usd": float(self.sums["cost_usd"]) - float(self.reused),  # paid only
             "unpriced_rows": int(self.unpriced),
+            "cache_hits": int(self.hits),
+            "reused_cost_usd": float(self.reused),
         }
 
 
@@ -280,6 +294,8 @@ class Checkpoint:
         self._buffer: list[Result] = []
         self._segment_path: Path | None = None
         self._segment_file: Any = None
+        self._hashes: list[int | None] = []
+        self.incremental: dict[str, int] | None = None  # kept/new/changed/removed, when so
 
     # -- opening -------------------------------------------------------------------------
 
@@ -291,19 +307,22 @@ class Checkpoint:
         *,
         rows: int,
         restart: bool = False,
+        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
     ) -> Checkpoint:
         """Lock the output, check or write the manifest, and load what is done.
 
         Raises OutputLocked when another live run holds the output, CheckpointMismatch when
-        the input or settings changed (unless `restart`, which discards everything).
+        the settings changed, or the input did and `current` is not given (unless `restart`,
+        which discards everything). With `current` (the new input's ids and request hashes),
+        a changed input alone is reconciled: see `_reconcile`.
         """
         ckpt = cls(output)
         ckpt._lock()
         try:
             if restart:
                 ckpt._discard()
-            ckpt._check_manifest(fingerprint, rows)
-            ckpt._loaded = _load(ckpt.directory)
+            ckpt._check_manifest(fingerprint, rows, current)
+            ckpt._loaded = _load(ckpt.directory, ckpt._first_segment())
             ckpt._progress = _Progress.of(ckpt._loaded.summary, rows)
         except BaseException:
             ckpt.close()
@@ -346,7 +365,12 @@ class Checkpoint:
         with contextlib.suppress(FileNotFoundError):
             self.output.unlink()
 
-    def _check_manifest(self, fingerprint: dict[str, Any], rows: int) -> None:
+    def _check_manifest(
+        self,
+        fingerprint: dict[str, Any],
+        rows: int,
+        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
+    ) -> None:
         path = self.directory / "manifest.json"
         if path.exists():
             try:
@@ -354,7 +378,15 @@ class Checkpoint:
             except ValueError:
                 manifest = None  # torn before its atomic rename could complete: start afresh
             if manifest is not None:
-                changes = describe_changes(manifest.get("fingerprint", {}), fingerprint)
+                self._manifest = manifest
+                _finish_compaction(self.directory, self._first_segment())
+                old = manifest.get("fingerprint", {})
+                changes = describe_changes(old, fingerprint)
+                if (changes and current is not None
+                        and old.get("settings") == fingerprint.get("settings")):
+                    # Only the input changed: keep the results of the rows left as they were.
+                    self.incremental = _reconcile(self, fingerprint, rows, current)
+                    return
                 if changes:
                     raise CheckpointMismatch(
                         f"{self.output}: the checkpoint was made with other settings: "
@@ -373,6 +405,10 @@ class Checkpoint:
             "finished": False,
         }
         self._write_manifest()
+
+    def _first_segment(self) -> int:
+        """Segments numbered below this one were folded into it by an incremental run."""
+        return int(self._manifest.get("first_segment", 0))
 
     def _write_manifest(self) -> None:
         _atomic_write_bytes(
@@ -409,9 +445,10 @@ class Checkpoint:
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(self, result: Result) -> None:
-        """Buffer one result; `take_batch` + `write_batch` make it durable."""
+    def append(self, result: Result, request_hash: int | None = None) -> None:
+        """Buffer one result (and its request body's hash); `take_batch` + `write_batch` keep it."""
         self._buffer.append(result)
+        self._hashes.append(request_hash)
 
     @property
     def buffered(self) -> int:
@@ -423,7 +460,8 @@ class Checkpoint:
         if not self._buffer:
             return None
         results, self._buffer = self._buffer, []
-        return results_to_batch(results)
+        hashes, self._hashes = self._hashes, []
+        return results_to_batch(results, hashes)
 
     def write_batch(self, batch: pa.RecordBatch | None) -> None:
         """Append a batch to this session's segment and fsync it (safe to call in a thread).
@@ -580,8 +618,10 @@ class Checkpoint:
         refs = [b for b in self._loaded.batches if b.first_row < stop and b.last_row >= start]
         pieces: list[pa.RecordBatch] = []
         by_segment: dict[Path, list[int]] = {}
+        layouts: dict[Path, pa.Schema] = {}
         for ref in refs:
             by_segment.setdefault(ref.segment, []).append(ref.offset)
+            layouts[ref.segment] = ref.schema or _SEGMENT_SCHEMA
         # Segment by segment in the order they were written, so later results win; only the
         # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
@@ -589,7 +629,8 @@ class Checkpoint:
                 layout = pa.ipc.read_schema(pa.ipc.read_message(source))
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)
-                    batch = _current(pa.ipc.read_record_batch(pa.ipc.read_message(source), layout))
+                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), layouts[segment])
+                    batch = _conform(batch)
                     rows = batch.column(0)
                     keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
                     pieces.append(batch.filter(keep))
@@ -600,7 +641,7 @@ class Checkpoint:
         got = picked.column("_row").to_numpy()
         if len(got) != stop - start or (len(got) and (got[0] != start or got[-1] != stop - 1)):
             raise UsageError(f"rows {start}..{stop - 1} are not all checkpointed; cannot finalize")
-        return picked.drop_columns(["_row"])
+        return picked.drop_columns(["_row", "_hash"])
 
 
 # -- reading segments -----------------------------------------------------------------------
@@ -631,7 +672,7 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
         except (pa.ArrowInvalid, OSError, StopIteration):
             log.warning("checkpoint: %s holds no complete batch; ignored", segment.name)
             return
-        if schema != _SEGMENT_SCHEMA and not _older_layout(schema):
+        if schema != _SEGMENT_SCHEMA and not _readable(schema):
             log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
             return
         kept = 0
@@ -649,24 +690,44 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
                 )
                 return
             kept += 1
-            yield offset, _current(batch)
+            yield offset, _conform(batch)
 
 
-def _older_layout(schema: pa.Schema) -> bool:
-    """A segment written before columns were added at the end (`refusal`): still readable."""
-    fields = list(_SEGMENT_SCHEMA)
-    return len(schema) < len(fields) and schema.equals(pa.schema(fields[: len(schema)]))
+def _readable(schema: pa.Schema) -> bool:
+    """True for an older layout: some of today's columns, none unknown (new ones are null)."""
+    current = {f.name: f.type for f in _SEGMENT_SCHEMA}
+    return "_row" in schema.names and all(current.get(f.name) == f.type for f in schema)
 
 
-def _current(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A batch in the current segment layout: columns added since it was written are null."""
-    if batch.num_columns == len(_SEGMENT_SCHEMA):
+def _conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of an older layout in today's: the columns it lacks are null."""
+    if batch.schema == _SEGMENT_SCHEMA:
         return batch
-    added = [pa.nulls(batch.num_rows, f.type) for f in list(_SEGMENT_SCHEMA)[batch.num_columns:]]
-    return pa.RecordBatch.from_arrays([*batch.columns, *added], schema=_SEGMENT_SCHEMA)
+    names = batch.schema.names
+    columns = [
+        batch.column(f.name) if f.name in names else pa.nulls(batch.num_rows, f.type)
+        for f in _SEGMENT_SCHEMA
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
 
 
-def _load(directory: Path) -> _Loaded:
+def _segment_layout(segment: Path) -> pa.Schema | None:
+    """The schema a segment was written with, when it is not today's (None when it is)."""
+    try:
+        with pa.OSFile(str(segment)) as source:
+            schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return None if schema == _SEGMENT_SCHEMA else schema
+
+
+def _segments(directory: Path, first: int = 0) -> list[Path]:
+    """The live segments, in the order they were written."""
+    found = sorted(directory.glob("part-*.arrows"), key=_segment_number)
+    return [p for p in found if _segment_number(p) >= first]
+
+
+def _load(directory: Path, first_segment: int = 0) -> _Loaded:
     """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
     loaded = _Loaded()
     pieces: list[pa.Table] = []
@@ -674,13 +735,14 @@ def _load(directory: Path) -> _Loaded:
     # ~32k rows at once: a batch holds whole answers, and memory must not grow with a segment.
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
+    for segment in _segments(directory, first_segment):
+        layout = _segment_layout(segment)
         for offset, batch in _read_batches(segment):
             rows = batch.column(0)
             if not batch.num_rows:
                 continue
             loaded.batches.append(
-                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py())
+                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py(), layout)
             )
             pending.append(batch)
             pending_rows += batch.num_rows
@@ -715,6 +777,8 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         return values.to_numpy(zero_copy_only=False)[positions]
 
     ok = int(column("ok", False).sum())
+    hit = column("cache_hit", False).astype(bool)
+    costs = column("cost_usd")
     cost = summary.column("cost_usd")
     unpriced = pc.and_(pc.is_null(cost), pc.is_valid(summary.column("total_tokens")))
     return {
@@ -725,8 +789,10 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         "completion_tokens": int(column("completion_tokens").sum()),
         "cached_tokens": int(column("cached_tokens").sum()),
         "total_tokens": int(column("total_tokens").sum()),
-        "cost_usd": float(column("cost_usd").sum()),
+        "cost_usd": float(costs[~hit].sum()),  # paid: what the cache served is not spending
         "unpriced_rows": int(_bools(unpriced)[positions].sum()) if len(positions) else 0,
+        "cache_hits": int(hit.sum()),
+        "reused_cost_usd": float(costs[hit].sum()),
     }
 
 
@@ -738,7 +804,9 @@ def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # -- building batches and the output --------------------------------------------------------
 
 
-def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
+def results_to_batch(
+    results: Sequence[Result], hashes: Sequence[int | None] | None = None
+) -> pa.RecordBatch:
     """Results as one record batch of the segment schema (columnar, no per-cell objects)."""
     usages = [r.usage for r in results]
     columns = [
@@ -761,10 +829,12 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.http_status for r in results],
         [r.error for r in results],
         [r.response_id for r in results],
+        [r.cache_hit for r in results],
         [r.parsed for r in results],
         [r.reasks for r in results],
         [r.reask_cost_usd for r in results],
         [r.refusal for r in results],
+        list(hashes) if hashes is not None else [None] * len(results),
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],
@@ -800,14 +870,14 @@ def read_status(output: Path) -> CheckpointStatus:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
-    loaded = _load(directory)
+    loaded = _load(directory, int(manifest.get("first_segment", 0)))
     totals = _totals(loaded.summary)
     return CheckpointStatus(
         output=output,
         rows=int(manifest.get("rows", 0)),
         live=_is_locked(directory / "lock"),
         finished=bool(manifest.get("finished")) and output.exists(),
-        segments=len(list(directory.glob("part-*.arrows"))),
+        segments=len(_segments(directory, int(manifest.get("first_segment", 0)))),
         storage_fault=read_fault(directory),
         **totals,
     )
@@ -870,3 +940,103 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- incremental inputs (SPEC 8) -------------------------------------------------------------
+
+
+def _finish_compaction(directory: Path, first: int) -> None:
+    """Complete an incremental rewrite that a crash interrupted after its manifest was written."""
+    if not first:
+        return
+    target = directory / f"part-{first:05d}.arrows"
+    pending = directory / f"compact-{first:05d}.tmp"
+    if not target.exists() and pending.exists():
+        os.replace(pending, target)
+        _fsync_dir(directory)
+    for path in directory.glob("part-*.arrows"):
+        if _segment_number(path) < first:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    for path in directory.glob("compact-*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _reconcile(
+    ckpt: Checkpoint,
+    fingerprint: dict[str, Any],
+    rows: int,
+    current: Callable[[], tuple[pa.Array, np.ndarray]],
+) -> dict[str, int]:
+    """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
+
+    `current()` gives the new input's ids and request hashes (0 for a row that cannot be
+    sent). The kept results are rewritten, renumbered, into one new segment, written and
+    fsynced under a temporary name; the manifest (the new input, and that older segments are
+    gone) is the commit point; then the segment is renamed and the old ones removed. A crash at
+    any point leaves either the old checkpoint or the new one.
+    """
+    directory = ckpt.directory
+    first = ckpt._first_segment()
+    loaded = _load(directory, first)
+    summary = loaded.summary
+    assert summary is not None
+    old_rows = summary.column("_row").to_numpy()
+    positions = _last_positions(old_rows)
+    picked = pa.array(positions, pa.int64())
+    last_rows = old_rows[positions]
+    old_ids = summary.column("id").take(picked).combine_chunks()
+    old_hashes = summary.column("_hash").take(picked).combine_chunks()
+    del summary
+    new_ids, new_hashes = current()
+    where = pc.index_in(old_ids, value_set=new_ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    matched = where >= 0
+    hashed = old_hashes.is_valid().to_numpy(zero_copy_only=False)
+    same = matched & hashed
+    same[same] = old_hashes.fill_null(0).to_numpy()[same] == new_hashes[where[same]]
+    counts = {
+        "kept": int(same.sum()),
+        "new": int(len(new_ids) - matched.sum()),
+        "changed": int((matched & ~same).sum()),
+        "removed": int((~matched).sum()),
+    }
+    if not counts["changed"] and not counts["removed"] and np.array_equal(where, last_rows):
+        # Rows only appended: every result keeps its number, the segments stay as they are.
+        ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False)
+        ckpt._write_manifest()
+        _say_what_changed(ckpt.output, counts)
+        return counts
+    mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
+    mapping[last_rows[same]] = where[same]
+    del old_ids, old_hashes, new_ids, new_hashes, where
+
+    number = max((_segment_number(p) for p in directory.glob("part-*.arrows")), default=0) + 1
+    pending = directory / f"compact-{number:05d}.tmp"
+    with open(pending, "wb") as handle:
+        handle.write(_SEGMENT_SCHEMA.serialize())
+        for segment in _segments(directory, first):
+            for _offset, batch in _read_batches(segment):
+                renumbered = mapping[np.minimum(batch.column(0).to_numpy(), len(mapping) - 1)]
+                keep = renumbered >= 0
+                if not keep.any():
+                    continue
+                kept = batch.filter(pa.array(keep))
+                columns = [pa.array(renumbered[keep], pa.int64()), *kept.columns[1:]]
+                out = pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
+                handle.write(out.serialize())
+        handle.flush()
+        os.fsync(handle.fileno())
+    ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False, first_segment=number)
+    ckpt._write_manifest()  # the commit point
+    _finish_compaction(directory, number)
+    _say_what_changed(ckpt.output, counts)
+    return counts
+
+
+def _say_what_changed(output: Path, counts: dict[str, int]) -> None:
+    log.info(
+        "%s: the input changed: kept %s, new %s, changed %s, removed %s",
+        output, f"{counts['kept']:,}", f"{counts['new']:,}", f"{counts['changed']:,}",
+        f"{counts['removed']:,}",
+    )

@@ -162,6 +162,12 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--cache", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+                     help="Serve repeated requests from the response cache "
+                          "[$BATCHRUNNER_CACHE, else ~/.cache/batchrunner/responses.sqlite]."),
+        click.option("--cache-mode",
+                     type=click.Choice(["read-write", "read-only", "write-only", "refresh"]),
+                     help="How --cache is used [read-write]; refresh sends and replaces."),
         click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
                      metavar="FILE", help="Ask for JSON matching this schema (JSON or TOML)."),
         click.option("--invalid-retries", type=int, metavar="N",
@@ -179,6 +185,11 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     stop = kwargs.pop("stop")
     if stop:
         kwargs["stop"] = list(stop) if len(stop) > 1 else stop[0]
+    if str(kwargs.get("cache") or "").endswith(".toml"):
+        raise UsageError(f"--cache {kwargs['cache']}: that is a job file; write the job first "
+                         "(`run JOB.toml --cache`) or give the cache as --cache=PATH")
+    if kwargs.get("cache") is not None:
+        kwargs["cache"] = Path(kwargs["cache"]) if kwargs["cache"] else True  # bare --cache
     overrides = {k: v for k, v in kwargs.items() if v is not None}
     if params:
         overrides["params"] = params
@@ -295,6 +306,9 @@ def status(output: Path | str, fmt: str) -> None:
         f"cached {state.cached_tokens:,}, completion {state.completion_tokens:,}\n"
         f"  cost     {'$' + format(state.cost_usd, ',.4f'):>12}"
         + (f"   ({state.unpriced_rows:,} rows of unpriced models)" if state.unpriced_rows else "")
+        + (f"\n  reused   {'$' + format(state.reused_cost_usd, ',.4f'):>12}   "
+           f"{state.cache_hits:,} rows from the response cache, not paid again"
+           if state.cache_hits else "")
     )
 
 
@@ -427,6 +441,65 @@ def validate(job: Path) -> None:
     info = check_job(config)
     click.echo(f"{job}: ok: {info.rows:,} rows from {config.input} ({info.format}), "
                f"results to {config.output}")
+
+
+@main.group()
+def cache() -> None:
+    """The response cache (SPEC 16): stats, prune, clear.
+
+    \b
+    Examples:
+      batchrunner cache stats
+      batchrunner cache prune --older-than 30d
+      batchrunner cache clear --path ~/.cache/batchrunner/responses.sqlite
+    """
+
+
+_cache_path = click.option(
+    "--path", type=click.Path(dir_okay=False, path_type=Path),
+    help="The cache file [$BATCHRUNNER_CACHE, else ~/.cache/batchrunner/responses.sqlite].",
+)
+
+
+@cache.command("stats")
+@_cache_path
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def cache_stats(path: Path | None, fmt: str) -> None:
+    """Entries, size, hits by model and cost saved."""
+    from .cache import cache_stats as read_stats
+
+    stats = read_stats(path)
+    if fmt == "json":
+        click.echo(json.dumps(stats.to_dict(), indent=2))
+        return
+    lines = [f"{stats.path}", f"  entries     {stats.entries:>12,}",
+             f"  size        {stats.size_bytes / 1e6:>10,.1f} MB",
+             f"  hits        {sum(stats.hits_by_model.values()):>12,}",
+             f"  cost saved  {'$' + format(stats.cost_saved_usd, ',.4f'):>12}"]
+    lines += [f"    {model or '(no model)':<30} {n:>10,} hits"
+              for model, n in stats.hits_by_model.items()]
+    click.echo("\n".join(lines))
+
+
+@cache.command("prune")
+@_cache_path
+@click.option("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m.")
+def cache_prune(path: Path | None, older_than: str) -> None:
+    """Remove the answers stored longer ago than AGE."""
+    from .cache import prune_cache
+
+    removed = prune_cache(path, older_than)
+    click.echo(f"removed {removed:,} answers stored more than {older_than} ago")
+
+
+@cache.command("clear")
+@_cache_path
+def cache_clear(path: Path | None) -> None:
+    """Remove every stored answer."""
+    from .cache import clear_cache
+
+    removed = clear_cache(path)
+    click.echo(f"removed {removed:,} answers")
 
 
 @main.command()

@@ -72,6 +72,9 @@ class RunConfig:
     local: bool = False
     # cost (SPEC 9)
     prices: Path | None = None
+    # response cache (SPEC 16): True for the default file, a path for another; off when None
+    cache: bool | Path | None = None
+    cache_mode: str = "read-write"
     # progress and logs (SPEC 13)
     quiet: bool = False
     log_format: str = "text"
@@ -109,10 +112,17 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.cache_mode not in ("read-write", "read-only", "write-only", "refresh"):
+            raise UsageError(
+                "--cache-mode must be read-write, read-only, write-only or refresh, "
+                f"not {self.cache_mode!r}"
+            )
         if self.invalid_retries < 0:
             raise UsageError(f"--invalid-retries must not be negative, not {self.invalid_retries}")
         if self.engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, not {self.engine!r}")
+        if self.engine == "ray" and self.cache not in (None, False):
+            raise UsageError("--cache works with the local engine only, not with --engine ray")
         if self.ray_actors is not None and self.ray_actors < 1:
             raise UsageError(f"--ray-actors must be at least 1, not {self.ray_actors}")
         if self.restart and self.retry_failed:

@@ -233,7 +233,12 @@ class CheckpointWriter:
 
 
 def open_checkpoint(
-    output: Path, fingerprint: dict[str, Any], *, rows: int, restart: bool = False
+    output: Path,
+    fingerprint: dict[str, Any],
+    *,
+    rows: int,
+    restart: bool = False,
+    current: Any = None,
 ) -> Checkpoint:
     """`Checkpoint.open`, then reserve the fault record; a write that fails there is an error.
 
@@ -243,7 +248,7 @@ def open_checkpoint(
     from .checkpoint import Checkpoint, checkpoint_dir
 
     try:
-        ckpt = Checkpoint.open(output, fingerprint, rows=rows, restart=restart)
+        ckpt = Checkpoint.open(output, fingerprint, rows=rows, restart=restart, current=current)
     except OSError as exc:
         raise _open_error(exc, checkpoint_dir(output)) from None
     try:

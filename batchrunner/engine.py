@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import inputs, storage
+from .cache import LOOKUP_ROWS, CacheSession, request_hash
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -78,8 +79,10 @@ class Tally:
     completion_tokens: int = 0
     cached_tokens: int = 0
     total_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # paid: what the response cache served is in reused_cost_usd
     started: float = dataclasses.field(default_factory=time.monotonic)
+    cache_hits: int = 0
+    reused_cost_usd: float = 0.0
 
     @property
     def done(self) -> int:
@@ -102,7 +105,11 @@ class Tally:
         self.completion_tokens += usage.completion_tokens or 0
         self.cached_tokens += usage.cached_tokens or 0
         self.total_tokens += usage.total_tokens or 0
-        self.cost_usd += result.cost_usd or 0.0
+        if result.cache_hit:
+            self.cache_hits += 1
+            self.reused_cost_usd += result.cost_usd or 0.0
+        else:
+            self.cost_usd += result.cost_usd or 0.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,8 @@ class RunReport:
     cost_usd: float
     wall_seconds: float
     message: str = ""
+    cache_hits: int = 0  # rows served from the response cache, this run and earlier ones
+    reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
 
     @property
     def pending(self) -> int:
@@ -136,6 +145,7 @@ class RunReport:
         data["output"] = str(self.output)
         data["pending"] = self.pending
         data["cost_usd"] = round(self.cost_usd, 10)
+        data["reused_cost_usd"] = round(self.reused_cost_usd, 10)
         data["wall_seconds"] = round(self.wall_seconds, 3)
         return data
 
@@ -293,6 +303,7 @@ class _Run:
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.cache: CacheSession | None = None
         self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
 
     def __repr__(self) -> str:
@@ -312,8 +323,25 @@ class _Run:
             "settings": config.request_settings(),
         }
         self.tally.rows = info.rows
+        key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
+        self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
+        try:
+            return await self._execute(config, info, builder, fingerprint, deadline)
+        finally:
+            if self.cache is not None:
+                await self.cache.close()
+
+    async def _execute(
+        self,
+        config: RunConfig,
+        info: inputs.InputInfo,
+        builder: RequestBuilder,
+        fingerprint: dict[str, Any],
+        deadline: Deadline | None,
+    ) -> RunReport:
         with open_checkpoint(
-            config.output, fingerprint, rows=info.rows, restart=config.restart
+            config.output, fingerprint, rows=info.rows, restart=config.restart,
+            current=lambda: _current_rows(config, builder),
         ) as ckpt:
             self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
             done = ckpt.done_set(retry_failed=config.retry_failed)
@@ -341,6 +369,8 @@ class _Run:
             tally.cached_tokens = totals["cached_tokens"]
             tally.total_tokens = totals["total_tokens"]
             tally.cost_usd = totals["cost_usd"]
+            tally.cache_hits = totals.get("cache_hits", 0)
+            tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
         else:
             # Only the ok rows are kept; their figures are a lower bound shown until the end.
             tally.cost_usd = 0.0
@@ -391,6 +421,11 @@ class _Run:
         builder: RequestBuilder,
         done: DoneSet,
     ) -> None:
+        cached = self.cache is not None and self.cache.reads
+        lookups: list[Row] = []
+        # One batch is looked up (in the cache's thread) while the one before is served, so
+        # that the workers never wait for the cache.
+        looking: tuple[list[Row], asyncio.Future[Any]] | None = None
         try:
             for row in _rows_to_send(self.config, builder, done):
                 if self.stop_event.is_set():
@@ -398,13 +433,63 @@ class _Run:
                 if row.body is None:  # an input error: recorded, never sent
                     self._record(ckpt, _input_error_result(row, self.config.model))
                     continue
+                if cached:  # looked up in batches; only the misses are queued
+                    lookups.append(row)
+                    if len(lookups) >= LOOKUP_ROWS:
+                        looking = await self._look_up(lookups, looking, queue, ckpt)
+                        lookups = []
+                    continue
                 await queue.put(row)
+            if lookups:
+                looking = await self._look_up(lookups, looking, queue, ckpt)
+            if looking is not None:
+                await self._serve_cached(*looking, queue, ckpt)
+                looking = None
         except UsageError as exc:  # the input broke part-way: keep what is done, stop
             self.feed_error = exc
             self.control.stop("input", exc.exit_code)
             return
+        finally:
+            if looking is not None:
+                looking[1].cancel()
         for _ in range(self.config.concurrency):
             await queue.put(None)
+
+    async def _look_up(
+        self,
+        rows: list[Row],
+        previous: tuple[list[Row], asyncio.Future[Any]] | None,
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> tuple[list[Row], asyncio.Future[Any]]:
+        """Start looking `rows` up, then serve the batch looked up before; return the new one."""
+        assert self.cache is not None
+        started = asyncio.ensure_future(self.cache.lookup(rows))
+        if previous is not None:
+            try:
+                await self._serve_cached(*previous, queue, ckpt)
+            except BaseException:
+                started.cancel()
+                raise
+        return rows, started
+
+    async def _serve_cached(
+        self,
+        rows: list[Row],
+        lookup: asyncio.Future[Any],
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> None:
+        """Record the rows the response cache holds; queue the others to be sent."""
+        assert self.cache is not None
+        answers, hashes = await lookup
+        for row, answer, row_hash in zip(rows, answers, hashes):
+            if self.stop_event.is_set():
+                return
+            if answer is not None:
+                self._record(ckpt, self.cache.hit_result(row, answer), row_hash=row_hash)
+            else:
+                await queue.put(row)
 
     async def _worker(self, queue: asyncio.Queue[Row | None], ckpt: Checkpoint) -> None:
         while True:
@@ -415,7 +500,7 @@ class _Run:
             try:
                 result = await self._process(row)
                 if result is not None:
-                    self._record(ckpt, result)
+                    self._record(ckpt, result, row.body)
             except Exception:
                 self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
                 raise
@@ -466,8 +551,16 @@ class _Run:
         for task in workers:
             task.cancel()
 
-    def _record(self, ckpt: Checkpoint, result: Result) -> None:
-        ckpt.append(result)
+    def _record(
+        self,
+        ckpt: Checkpoint,
+        result: Result,
+        body: dict[str, Any] | None = None,
+        row_hash: int | None = None,
+    ) -> None:
+        if row_hash is None and body is not None:
+            row_hash = request_hash(body)
+        ckpt.append(result, row_hash)
         self.gate.received()
         self.tally.add(result)
         if ckpt.buffered >= self.config.checkpoint_every:
@@ -543,7 +636,10 @@ class _Run:
                 http_status=exc.http_status,
                 error=str(exc),
             )
-        return self._ok_result(row, answer, attempts, reserved)
+        result = self._ok_result(row, answer, attempts, reserved)
+        if self.cache is not None:
+            self.cache.offer(row, result)
+        return result
 
     async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
         async with self.pacer.slot(tokens_estimate) as slot:
@@ -660,6 +756,8 @@ class _Run:
             cost_usd=self.tally.cost_usd,
             wall_seconds=self.tally.elapsed,
             message=message,
+            cache_hits=self.tally.cache_hits,
+            reused_cost_usd=self.tally.reused_cost_usd,
         )
         if self.config.summary_json is not None:
             summary = report.to_dict()
@@ -683,6 +781,8 @@ class _Run:
         tally.cached_tokens = totals["cached_tokens"]
         tally.total_tokens = totals["total_tokens"]
         tally.cost_usd = totals["cost_usd"]
+        tally.cache_hits = totals.get("cache_hits", 0)
+        tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
@@ -716,6 +816,28 @@ def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> 
         if one_by_one and done.contains(index, row.id):
             continue
         yield row
+
+
+def _current_rows(config: RunConfig, builder: RequestBuilder) -> tuple[Any, Any]:
+    """Every row's id and request hash (0 where it cannot be sent), for an incremental run."""
+    import numpy as np
+    import pyarrow as pa
+
+    id_chunks: list[pa.Array] = []
+    hash_chunks: list[np.ndarray] = []
+    ids: list[str] = []
+    hashes: list[int] = []
+    for index, record, error in inputs.iter_records(config, columns=builder.columns):
+        row = builder.build(index, record, error)
+        ids.append(row.id)
+        hashes.append(0 if row.body is None else request_hash(row.body))
+        if len(ids) >= 65536:  # columnar as it goes: no million Python strings at once
+            id_chunks.append(pa.array(ids, pa.string()))
+            hash_chunks.append(np.array(hashes, dtype=np.int64))
+            ids, hashes = [], []
+    id_chunks.append(pa.array(ids, pa.string()))
+    hash_chunks.append(np.array(hashes, dtype=np.int64))
+    return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
 
 
 def _input_error_result(row: Row, model: str | None) -> Result:

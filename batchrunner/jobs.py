@@ -182,6 +182,16 @@ def _deadline(value: object) -> str:
     return value.strip()
 
 
+def _cache(value: object) -> bool | Path:
+    # `cache = true` (the default file), `cache = false`, or `cache = "path/to/cache.sqlite"`.
+    if isinstance(value, bool):
+        return value
+    try:
+        return _path(value)
+    except _Invalid:
+        raise _wrong("true, false or a path (a string)", value) from None
+
+
 def _stop(value: object) -> str | list[str]:
     if isinstance(value, str):
         return value
@@ -243,6 +253,8 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "cache": _cache,
+    "cache_mode": _choice("read-write", "read-only", "write-only", "refresh"),
     "json_schema": _schema_source,
     "invalid_retries": _integer(minimum=0),
     "engine": _choice("local", "ray"),
@@ -364,6 +376,8 @@ def load_job(path: Path) -> dict[str, Any]:
         from .structured import load_schema
 
         load_schema(job["json_schema"], where=f"{path}: `json_schema`")
+    if isinstance(job.get("cache"), Path):
+        job["cache"] = Path(os.path.normpath(folder / job["cache"]))
     if params:
         job["params"] = params
     return job

@@ -118,7 +118,9 @@ class ProgressDisplay:
             f"pending {report.pending:,} (resumed {report.resumed:,}, requests sent {report.sent:,})",
             f"  tokens    {report.total_tokens:,} (prompt {report.prompt_tokens:,}, "
             f"cached {report.cached_tokens:,}, completion {report.completion_tokens:,})",
-            f"  cost      ${report.cost_usd:,.4f}",
+            f"  cost      ${report.cost_usd:,.4f}"
+            + (f" paid; ${report.reused_cost_usd:,.4f} reused from the response cache "
+               f"({report.cache_hits:,} rows)" if report.cache_hits else ""),
             f"  wall time {_duration(report.wall_seconds)}",
         ]
         if report.reason == "complete":

@@ -297,3 +297,26 @@ def test_a_refusal_fills_the_refusal_column(tmp_path: Path, monkeypatch: pytest.
     rows = pq.read_table(config.output).to_pylist()
     assert [(r["id"], r["status"], r["content"], r["refusal"]) for r in rows] == [
         ("a", "ok", "ok", None), ("b", "ok", None, "No.")]
+
+
+def test_a_refusal_served_from_the_response_cache_keeps_its_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "b", "prompt": "refuse"}\n')
+    refused = completion(None, refusal="No.")
+    outputs = []
+    for name in ("first.parquet", "second.parquet"):
+        config = RunConfig(input=source, output=tmp_path / name, base_url=BASE, model="gpt-4o",
+                           cache=tmp_path / "responses.sqlite")
+        with aioresponses() as mocked:
+            mocked.post(URL, payload=refused, repeat=True)
+            assert run(config, handle_signals=False).exit_code == 0
+            sent = sum(len(calls) for calls in mocked.requests.values())
+        outputs.append((sent, pq.read_table(config.output).to_pylist()[0]))
+    (sent_first, first), (sent_second, second) = outputs
+    assert (sent_first, sent_second) == (1, 0)
+    assert second["cache_hit"] is True and first["cache_hit"] is False
+    assert first["refusal"] == second["refusal"] == "No."
+    assert second["content"] is None

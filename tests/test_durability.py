@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from batchrunner import RunConfig, read_status, run
 from batchrunner import checkpoint as checkpoint_module
+from batchrunner import export as export_module
 from batchrunner import durability as durability_module
 from batchrunner.checkpoint import Checkpoint, checkpoint_dir
 from batchrunner.cli import main
@@ -432,7 +433,7 @@ def test_a_parquet_writer_that_fails_on_a_full_disk_is_exit_74(
             raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No "
                           "space left on device")
 
-    monkeypatch.setattr(checkpoint_module.pq, "ParquetWriter", FullWriter)
+    monkeypatch.setattr(export_module.pq, "ParquetWriter", FullWriter)  # the output writer
     report = run(config(tmp_path, gateway.base_url), handle_signals=False)
     assert report.exit_code == 74 and "No space left on device; 400 of 400" in report.message
 

@@ -178,7 +178,7 @@ def test_a_second_ctrl_c_exits_at_once_with_a_readable_checkpoint(
     assert_exact_output(output, source)
 
 
-def test_a_changed_input_or_setting_is_refused_unless_restart(
+def test_a_changed_setting_is_refused_unless_restart(
     tmp_path: Path, gateway  # type: ignore[no-untyped-def]
 ) -> None:
     source = write_input(tmp_path / "in.jsonl", 20)
@@ -189,11 +189,17 @@ def test_a_changed_input_or_setting_is_refused_unless_restart(
     refused = finish(changed)
     assert refused.returncode == 2
     assert "temperature" in refused.stderr and "--restart" in refused.stderr
-    # a changed input
+    # a changed input with a changed setting: still refused (SPEC 8)
     with open(source, "a") as handle:
         handle.write(json.dumps({"id": "extra", "prompt": "one more"}) + "\n")
-    refused = finish(command(source, output, gateway.base_url))
+    refused = finish(changed)
     assert refused.returncode == 2 and "input file changed" in refused.stderr
+    assert "temperature" in refused.stderr
+    # a changed input alone is incremental: only the new row is sent (tests/test_incremental.py)
+    gateway.stats.reset()
+    incremental = finish(command(source, output, gateway.base_url))
+    assert incremental.returncode == 0, incremental.stderr
+    assert gateway.stats.requests == 1 and "kept 20, new 1, changed 0, removed 0" in incremental.stderr
     gateway.stats.reset()
     restarted = finish(command(source, output, gateway.base_url, "--restart"))
     assert restarted.returncode == 0, restarted.stderr

@@ -272,8 +272,9 @@ class RayRun(_Run):
                         continue
                     slot, block, allowance = in_flight.pop(future)
                     results, outcome = self._block_result(future)
-                    for result in results:
-                        self._record(ckpt, result)
+                    bodies = {row.index: row.body for row in block}
+                    for result in results:  # with its body's hash, as the local engine does
+                        self._record(ckpt, result, bodies[result.index])
                     self.tally.sent += outcome.sent
                     if left is not None:
                         left += max(0.0, allowance - outcome.cost_usd)
