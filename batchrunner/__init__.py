@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._version import __version__
 from .checkpoint import CheckpointStatus, read_status
 from .config import RunConfig
-from .engine import RunControl, RunReport, arun, check_job, list_models, run
+from .engine import RunControl, RunReport, check_job, list_models
 from .errors import (
     AuthRefused,
     BatchrunnerError,
@@ -26,6 +26,9 @@ from .jobs import build_config, load_job
 from .pricing import PriceTable
 from .reports import estimate, summarize
 from .results import Result, Row, Usage
+from .compare import compare
+from .frame import arun, read_results, run
+from .scoring import parse_metric, score_results
 
 
 __all__ = [
@@ -47,11 +50,15 @@ __all__ = [
     "arun",
     "build_config",
     "check_job",
+    "compare",
     "estimate",
     "export_results",
     "list_models",
     "load_job",
+    "parse_metric",
+    "read_results",
     "read_status",
     "run",
+    "score_results",
     "summarize",
 ]
