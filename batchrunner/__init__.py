@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"  # before the imports: client.py sends it as the User-Agent
-
+from ._version import __version__
 from .checkpoint import CheckpointStatus, read_status
 from .config import RunConfig
 from .engine import RunControl, RunReport, check_job, list_models

@@ -125,6 +125,7 @@ class CachedAnswer:
     usage: Usage
     cost_usd: float | None
     created: float
+    refusal: str | None = None  # the model's refusal, when it refused (content null)
 
     @property
     def content(self) -> str | None:
@@ -266,6 +267,7 @@ class ResponseCache:
                         usage=Usage(pt, ct, tt, cached),
                         cost_usd=cost,
                         created=created,
+                        refusal=data.get("refusal"),
                     )
         return found
 
@@ -280,6 +282,7 @@ class ResponseCache:
                     "finish_reason": a.finish_reason,
                     "response_model": a.response_model,
                     "response_id": a.response_id,
+                    "refusal": a.refusal,
                 }),
                 a.usage.prompt_tokens,
                 a.usage.completion_tokens,
@@ -484,6 +487,7 @@ class CacheSession:
             cost_usd=answer.cost_usd,
             attempts=0,
             response_id=answer.response_id,
+            refusal=answer.refusal,
             cache_hit=True,
         )
 
@@ -503,7 +507,7 @@ class CacheSession:
             key,
             result.model,
             (list(result.choices or ()), result.finish_reason, result.response_model,
-             result.response_id),
+             result.response_id, result.refusal),
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.total_tokens,
@@ -526,7 +530,8 @@ class CacheSession:
             dumps = orjson.dumps
             rows = [
                 (key, model, dumps({"choices": a[0], "finish_reason": a[1],
-                                    "response_model": a[2], "response_id": a[3]}), *rest)
+                                    "response_model": a[2], "response_id": a[3],
+                                    "refusal": a[4]}), *rest)
                 for key, model, a, *rest in entries
             ]
             self.stored += self.cache.store_rows(rows)

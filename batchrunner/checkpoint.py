@@ -79,6 +79,7 @@ RESULT_SCHEMA = pa.schema(
         ("parsed", pa.string()),
         ("reasks", pa.int32()),
         ("reask_cost_usd", pa.float64()),
+        ("refusal", pa.string()),  # the first choice's message.refusal
     ]
 )
 _STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
@@ -653,6 +654,7 @@ class Checkpoint:
         # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
             with pa.memory_map(str(segment)) as source:
+                layout = pa.ipc.read_schema(pa.ipc.read_message(source))
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)
                     batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), layouts[segment])
@@ -868,6 +870,7 @@ def results_to_batch(
         [r.parsed for r in results],
         [r.reasks for r in results],
         [r.reask_cost_usd for r in results],
+        [r.refusal for r in results],
         list(hashes) if hashes is not None else [None] * len(results),
     ]
     return pa.RecordBatch.from_arrays(

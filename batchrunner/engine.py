@@ -44,6 +44,7 @@ from .errors import (
     StorageError,
     UsageError,
 )
+from .openfiles import ensure_room_for
 from .export import check_output
 from .failures import ErrorCount
 from .pacing import Budget, Deadline, Pacer, parse_deadline
@@ -795,6 +796,7 @@ class _Run:
             ttft_ms=answer.ttft_ms,
             http_status=answer.http_status,
             response_id=answer.response_id,
+            refusal=answer.refusal,
         )
 
     async def _reserve_budget(
@@ -1041,6 +1043,7 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
         config = config.replace(model=config.models[0])
     if storage.is_uri(config.input):
         config = config.replace(input=storage.stage_input(str(config.input)))
+    ensure_room_for(config.concurrency)  # the open-file limit, as the client checks it
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
     _check_scoring(config, info.columns)

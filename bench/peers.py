@@ -4,6 +4,10 @@
   `asyncio.Semaphore` of C around `chat.completions.create`, one task per row, `gather`ed.
 - `litellm`: `litellm.acompletion(model="openai/<model>", api_base=...)` (its OpenAI
   provider, so it speaks the same protocol to the same server) under the same semaphore.
+- `aiohttp`: the floor under batchrunner's transport: a bare loop of C worker tasks on one
+  aiohttp `ClientSession` (a connector of C connections), orjson to encode and decode, uvloop,
+  the same libraries batchrunner runs on, and none of its features (no retries, pacing,
+  checkpoints, pricing). It is what batchrunner's CPU per row is measured against.
 
 Both read the prompts of the input Parquet (`id`, `prompt`) at the start and write one result
 row per input row (id, status, content, tokens, latency, error) to Parquet at the end, in one
@@ -28,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PEERS = ("openai", "litellm")
+PEERS = ("openai", "litellm", "aiohttp")
 RESULT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -51,6 +55,9 @@ def prepare(name: str) -> None:
     """Import the peer's library (so that its import time is measured apart from the run)."""
     if name == "openai":
         import openai  # noqa: F401
+    elif name == "aiohttp":
+        import aiohttp  # noqa: F401
+        import orjson  # noqa: F401
     elif name == "litellm":
         # litellm fetches a model price map from the network at import unless told not to;
         # there is no network here, and a benchmark must not depend on one.
@@ -149,7 +156,50 @@ async def run_litellm(
     return await _run_all(rows, concurrency, send)
 
 
-RUNNERS = {"openai": run_openai, "litellm": run_litellm}
+async def run_aiohttp(
+    rows: list[Row], base_url: str, api_key: str, model: str, concurrency: int, max_retries: int
+) -> list[dict[str, Any]]:
+    """C worker tasks sharing one aiohttp ClientSession: the transport and nothing else."""
+    import aiohttp
+    import orjson
+
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    records: list[dict[str, Any]] = [{}] * len(rows)
+    todo = iter(range(len(rows)))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def worker() -> None:
+            for i in todo:
+                row_id, prompt = rows[i]
+                started = time.perf_counter()
+                body = orjson.dumps({"model": model,
+                                     "messages": [{"role": "user", "content": prompt}]})
+                async with session.post(url, data=body) as response:
+                    raw = await response.read()
+                    status = response.status
+                if status != 200:
+                    records[i] = {"id": row_id, "status": "error", "error": f"HTTP {status}"}
+                    continue
+                payload = orjson.loads(raw)
+                usage = payload.get("usage") or {}
+                records[i] = {
+                    "id": row_id,
+                    "status": "ok",
+                    "content": payload["choices"][0]["message"]["content"],
+                    "response_model": payload.get("model"),
+                    "prompt_tokens": usage.get("prompt_tokens"),
+                    "completion_tokens": usage.get("completion_tokens"),
+                    "total_tokens": usage.get("total_tokens"),
+                    "latency_ms": (time.perf_counter() - started) * 1000,
+                }
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records
+
+
+RUNNERS = {"openai": run_openai, "litellm": run_litellm, "aiohttp": run_aiohttp}
 
 
 def run(name: str, input_path: Path, output: Path, base_url: str, model: str,
@@ -159,9 +209,13 @@ def run(name: str, input_path: Path, output: Path, base_url: str, model: str,
     if not api_key:
         raise SystemExit("set RU_LLM_API_KEY (any sk-ru-... value works with the simulator)")
     rows = read_rows(input_path)
-    records = asyncio.run(
-        RUNNERS[name](rows, base_url, api_key, model, concurrency, max_retries)
-    )
+    main = RUNNERS[name](rows, base_url, api_key, model, concurrency, max_retries)
+    if name == "aiohttp":  # on uvloop, as batchrunner runs
+        import uvloop
+
+        records = uvloop.run(main)
+    else:
+        records = asyncio.run(main)
     write_results(output, records)
     return len(records)
 

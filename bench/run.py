@@ -43,7 +43,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 KEY = "sk-ru-bench"
 MODEL = "gpt-4o-mini"
-CLIENTS = ("batchrunner", "openai", "litellm")
+CLIENTS = ("batchrunner", "aiohttp", "openai", "litellm")
 SECTIONS = ("throughput", "cpu", "peers", "curve", "resume", "memory")
 LONG_PROMPT = "Question {}: summarise the history of the tea trade between these ports, briefly."
 SHORT_PROMPT = "Say {}."
@@ -62,7 +62,7 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for name in ("batchrunner", "httptools", "orjson", "pyarrow", "openai", "litellm", "uvloop"):
+    for name in ("batchrunner", "aiohttp", "orjson", "pyarrow", "openai", "litellm", "uvloop"):
         try:
             from importlib.metadata import version
 
@@ -488,9 +488,34 @@ def section_peers(args: argparse.Namespace) -> None:
     emit("peers", f"Side by side: {rows:,} rows, C = {c}, L = {latency:g} ms ({server.describe()})",
          table(runs) + "\n\nbatchrunner also checkpoints (fsynced Arrow segments every 100 rows "
          "or 2 s), prices every row and writes the input columns through; the peers keep "
-         "everything in memory and write one Parquet file at the end.")
+         "everything in memory and write one Parquet file at the end." + peer_targets(runs))
     save("peers", {"machine": machine(), "server": server.describe(),
                    "runs": [m.to_json() for m in runs]})
+
+
+def peer_targets(runs: list[Measurement]) -> str:
+    """Issue 14's targets, from one side-by-side run: CPU against the bare loop, speed."""
+    by = {m.client: m for m in runs if m.ok_rows}
+    ours = by.get("batchrunner")
+    if ours is None:
+        return ""
+    lines = ["", "", "| target (issue 14) | measured | |", "|---|---|---|"]
+    bare = by.get("aiohttp")
+    if bare is not None and bare.cpu_us_per_row:
+        ratio = ours.cpu_us_per_row / bare.cpu_us_per_row
+        lines.append(f"| CPU per row ≤ 1.5× the bare aiohttp loop's | {ratio:.2f}× "
+                     f"({ours.cpu_us_per_row:,.0f} / {bare.cpu_us_per_row:,.0f} µs) "
+                     f"| {'met' if ratio <= 1.5 else 'NOT met'} |")
+    share = ours.share_of_ideal
+    if share is not None:
+        lines.append(f"| rows/s ≥ 90% of C/L | {share * 100:.0f}% ({ours.rows_per_s:,.0f} rows/s) "
+                     f"| {'met' if share >= 0.9 else 'NOT met'} |")
+    sdk = by.get("openai")
+    if sdk is not None and sdk.rows_per_s:
+        times = ours.rows_per_s / sdk.rows_per_s
+        lines.append(f"| rows/s ≥ 5× the openai SDK's | {times:.1f}× "
+                     f"| {'met' if times >= 5 else 'NOT met'} |")
+    return "\n".join(lines)
 
 
 def section_curve(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from pyarrow import fs
 
+import aioresponses_compat  # noqa: F401  (aioresponses on aiohttp 3.14)
 from batchrunner.gateway import GatewayConfig, RunningGateway, gateway_in_thread
 
 

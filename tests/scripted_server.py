@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json as jsonlib
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +40,8 @@ class Request:
 class Reply:
     """What to send back. `raw` replaces everything; `cut_after` sends that many bytes, then
     closes; `chunks` sends the body with chunked transfer encoding, `pause` s between chunks;
-    `close` closes the connection after answering."""
+    `close` closes the connection after answering; `reset` ends it with a TCP reset (RST)
+    instead of a clean close wherever it closes."""
 
     status: int = 200
     json: Any = None
@@ -50,6 +53,7 @@ class Reply:
     cut_after: int | None = None
     close: bool = False
     delay: float = 0.0
+    reset: bool = False
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests",
@@ -102,6 +106,8 @@ class ScriptedServer:
                 if reply.delay:
                     await asyncio.sleep(reply.delay)
                 if not await self._answer(writer, reply):
+                    if reply.reset:
+                        _reset(writer)
                     return
         finally:
             self._writers.discard(writer)
@@ -146,6 +152,14 @@ class ScriptedServer:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         return not reply.close
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset: SO_LINGER on, zero seconds."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def test_the_request_is_json_posted_to_the_base_urls_path_with_the_key() -> None
         async def go() -> str:
             async with Client(base + "/", KEY, concurrency=1) as client:
                 await client.complete(BODY)
-                return repr(client) + repr(client.__dict__) + repr(vars(client._pool))
+                return repr(client) + repr(client.__dict__)
 
         shown = asyncio.run(go())
     request = server.requests[0]
@@ -381,3 +381,87 @@ def test_a_stream_event_that_is_not_json_is_invalid() -> None:
     body = sse(chunk({"role": "assistant"}), "{not json", "[DONE]")
     with pytest.raises(InvalidResponse):
         send(Reply(chunks=[body], headers=SSE), body=STREAM_BODY)
+
+
+# -- what the old HTTP pool got wrong (issue 14), each on real sockets ------------------------
+
+
+def test_a_gzip_body_whose_first_bytes_arrive_alone_is_decoded() -> None:
+    packed = gzip.compress(json.dumps(completion("zipped, slowly")).encode())
+    answer = send(Reply(chunks=[packed[:2], packed[2:10], packed[10:]], pause=0.05,
+                        headers={"Content-Encoding": "gzip"}))
+    assert answer.content == "zipped, slowly"
+
+
+def test_a_body_that_ends_with_its_connection_is_not_taken_whole_when_reset() -> None:
+    payload = json.dumps(completion("maybe whole")).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n"  # no length, no chunks
+    assert send(Reply(raw=head + payload, close=True)).content == "maybe whole"  # a clean close
+    with pytest.raises(ConnectionFailed, match="reset"):
+        send(Reply(raw=head + payload, close=True, reset=True))
+
+
+def test_a_chunked_body_cut_by_a_reset_is_a_connection_failure() -> None:
+    payload = json.dumps(completion()).encode()
+    with pytest.raises(ConnectionFailed, match="middle of the answer"):
+        send(Reply(chunks=[payload[:40], payload[40:]], cut_after=60, reset=True))
+
+
+def test_retry_after_inf_is_absent_and_a_day_is_ten_minutes() -> None:
+    for value, expected in (("inf", None), ("86400", 600.0), ("nan", None)):
+        with pytest.raises(RateLimited) as caught:
+            send(Reply(status=429, json={"error": {"message": "slow"}},
+                       headers={"Retry-After": value}))
+        assert caught.value.retry_after == expected, value
+
+
+def test_the_base_urls_query_string_is_kept_on_every_request() -> None:
+    models = {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}
+
+    def answer(request: Request) -> Reply:
+        return Reply(json=models if request.method == "GET" else completion())
+
+    with scripted_server(answer) as server:
+        async def go() -> None:
+            base = server.base_url + "?api-version=2024-06-01&deployment=eu%20west"
+            async with Client(base, KEY, concurrency=1) as client:
+                await client.complete(BODY)
+                await client.models()
+
+        asyncio.run(go())
+    assert [r.path for r in server.requests] == [
+        "/v1/chat/completions?api-version=2024-06-01&deployment=eu%20west",
+        "/v1/models?api-version=2024-06-01&deployment=eu%20west",
+    ]
+
+
+def test_a_streamed_answer_leaves_its_connection_for_the_next_request() -> None:
+    body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}),
+               chunk({}, "stop"), "[DONE]")
+    # a pause after each piece: the body's end comes a moment after data: [DONE]
+    reply = Reply(chunks=pieces(body, 30), headers=SSE, pause=0.02)
+    with scripted_server(lambda request: reply) as server:
+        async def go() -> list[str | None]:
+            async with Client(server.base_url, KEY, concurrency=1) as client:
+                return [(await client.complete(STREAM_BODY)).content for _ in range(3)]
+
+        assert asyncio.run(go()) == ["Hi", "Hi", "Hi"]
+    assert [r.connection for r in server.requests] == [1, 1, 1]
+
+
+def test_a_long_stream_that_keeps_arriving_is_not_cut_at_the_timeout() -> None:
+    events = [chunk({"content": f"{i} "}) for i in range(6)]
+    body = sse(chunk({"role": "assistant", "content": ""}), *events, chunk({}, "stop"), "[DONE]")
+    # 6 gaps of 0.3 s: 1.8 s in all, each gap well inside the 1 s timeout
+    parts = [sse(event) for event in events]
+    parts = [body[: body.index(parts[0])], *parts, body[body.index(parts[-1]) + len(parts[-1]):]]
+    answer = send(Reply(chunks=parts, headers=SSE, pause=0.3), body=STREAM_BODY, timeout=1.0)
+    assert answer.content == "0 1 2 3 4 5 "
+    assert answer.latency_ms > 1000
+
+
+def test_a_stream_that_stalls_longer_than_the_timeout_is_an_attempt_timeout() -> None:
+    body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), "[DONE]")
+    with pytest.raises(AttemptTimeout, match="sent nothing for 0.4 s"):
+        send(Reply(chunks=pieces(body, 60), headers=SSE, pause=1.5), body=STREAM_BODY,
+             timeout=0.4)
