@@ -309,7 +309,7 @@ def test_a_refusal_served_from_the_response_cache_keeps_its_refusal(
     outputs = []
     for name in ("first.parquet", "second.parquet"):
         config = RunConfig(input=source, output=tmp_path / name, base_url=BASE, model="gpt-4o",
-                           cache=tmp_path / "responses.sqlite")
+                           cache=tmp_path / "responses.sqlite", preflight=False)
         with aioresponses() as mocked:
             mocked.post(URL, payload=refused, repeat=True)
             assert run(config, handle_signals=False).exit_code == 0

@@ -137,4 +137,5 @@ def test_a_run_goes_through_the_proxy_with_no_flag(
     report = run(config, handle_signals=False)
     assert report.exit_code == 0
     assert pq.read_table(config.output).column("status").to_pylist() == ["ok"] * 12
-    assert len(proxy.seen) == 12 and all(s.method == "POST" for s in proxy.seen)
+    # The pre-flight's GET /models, then the 12 requests: all through the proxy.
+    assert [s.method for s in proxy.seen] == ["GET"] + ["POST"] * 12
