@@ -1,0 +1,651 @@
+"""The viewer's index over one or many sources: totals, filters, pages, one row, a sweep.
+
+The index keeps a few small columns of every row in numpy arrays (about 40 bytes a row: a
+million rows in ~40 MB): status, model, tokens, cost, latency, score, cache hit, error kind,
+and the id. Totals, charts and the filters on status, model, error kind and score are numpy
+operations on them. The filters that read text (a search in prompts and answers, an error's
+text) stream the text columns through `pyarrow.compute` a row group at a time and keep the
+matching rows as a boolean mask (a byte a row), the last few masks cached. A page of rows
+reads only the row groups that hold it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .request_view import RequestRenderer
+from .sources import RESULT_COLUMNS, CheckpointSource, ParquetSource, Source
+
+__all__ = ["Dataset", "Filters", "error_kind"]
+
+log = logging.getLogger(__name__)
+
+PAGE_LIMIT = 200  # rows a page may ask for
+PREVIEW_CHARS = 240  # text shown in a table cell; the full text is in the row view
+SWEEP_LIMIT = 24  # rows shown side by side for one id
+_MASKS_CACHED = 8
+_SUMMARIES_CACHED = 16
+_SORTABLE = ("latency_ms", "cost_usd", "total_tokens", "score", "attempts")
+# Numbers that vary from row to row (a line, a row, a count of seconds), not an HTTP status.
+_NUMBER_RUN = re.compile(r"(?<!HTTP )(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+
+
+@functools.lru_cache(maxsize=65536)
+def error_kind(text: str) -> str:
+    """An error's text with its row-specific numbers masked: what errors are grouped by.
+
+    >>> error_kind("input: line 12: prompt is null (column 'prompt')")
+    "input: line #: prompt is null (column 'prompt')"
+    """
+    return _NUMBER_RUN.sub("#", text)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which rows to show; every field None means every row.
+
+    >>> Filters(status="error", model="gpt-4o", search="capital")
+    """
+
+    status: str | None = None  # "ok" or "error"
+    model: str | None = None
+    error_kind: str | None = None  # an error_kind() key, as the frequent errors list it
+    error: str | None = None  # text the error contains (case-insensitive)
+    score_min: float | None = None
+    score_max: float | None = None
+    search: str | None = None  # text the prompt or the answer contains (case-insensitive)
+    source: int | None = None  # one file of several
+
+    @classmethod
+    def from_query(cls, query: dict[str, str]) -> Filters:
+        """Filters from a page's query string; empty values mean no filter."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = query.get(field.name, "").strip()
+            if not raw:
+                continue
+            if field.name in ("score_min", "score_max"):
+                try:
+                    values[field.name] = float(raw)
+                except ValueError:
+                    raise ValueError(f"{field.name} must be a number, not {raw!r}") from None
+            elif field.name == "source":
+                if not raw.isdigit():
+                    raise ValueError(f"source must be a file number, not {raw!r}")
+                values[field.name] = int(raw)
+            else:
+                values[field.name] = raw
+        if values.get("status") not in (None, "ok", "error"):
+            raise ValueError("status must be ok or error")
+        return cls(**values)
+
+
+@dataclass
+class _Index:
+    """The small columns of every visible row of one source, in display order."""
+
+    ids: pa.Array
+    models: pa.Array  # strings
+    kinds: pa.Array  # error_kind of the error, null when none
+    numbers: dict[str, np.ndarray]
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+
+class Dataset:
+    """Rows of one or many result sources, as the page asks for them.
+
+    Thread-safe: the web app calls it from worker threads, one call at a time per dataset.
+
+    >>> data = Dataset(open_sources(["out/eval.parquet"]))
+    >>> data.summary(Filters(status="error"))["totals"]["rows"]
+    """
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+        self.generation = 0
+        self._lock = threading.RLock()
+        self._indexes = [_build_index(s) for s in self.sources]
+        self._renderers: dict[int, RequestRenderer | None] = {}
+        self._masks: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._summaries: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self._combine()
+
+    # -- building ------------------------------------------------------------------------
+
+    def _combine(self) -> None:
+        indexes = self._indexes
+        sizes = [ix.rows for ix in indexes]
+        self.rows = int(sum(sizes))
+        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._source_of = np.repeat(np.arange(len(indexes), dtype=np.int16), sizes)
+        self._ids = pa.chunked_array([ix.ids for ix in indexes], pa.string())
+        models = pc.dictionary_encode(
+            pa.chunked_array([ix.models for ix in indexes], pa.string()).fill_null("")
+        ).combine_chunks()
+        self.models = [m for m in models.dictionary.to_pylist()]
+        self._model_codes = models.indices.to_numpy().astype(np.int32)
+        kinds = pc.dictionary_encode(
+            pa.chunked_array([ix.kinds for ix in indexes], pa.string())
+        ).combine_chunks()
+        self._kinds = kinds.dictionary.to_pylist()
+        self._kind_codes = kinds.indices.fill_null(-1).to_numpy().astype(np.int32)
+        self._numbers = {
+            name: np.concatenate([ix.numbers[name] for ix in indexes])
+            for name in indexes[0].numbers
+        }
+        self.columns = sorted({c for s in self.sources for c in s.columns})
+        self.generation += 1
+        self._masks.clear()
+        self._summaries.clear()
+
+    def refresh(self) -> bool:
+        """Read what live runs wrote since the last call; True when the rows changed."""
+        with self._lock:
+            changed = False
+            for number, source in enumerate(self.sources):
+                if isinstance(source, CheckpointSource) and source.finished():
+                    source = ParquetSource(source.output)  # the run ended: its file takes over
+                    self.sources[number] = source
+                    self._renderers.pop(number, None)
+                elif not source.refresh():
+                    continue
+                self._indexes[number] = _build_index(source)
+                changed = True
+            if changed:
+                self._combine()
+            return changed
+
+    @property
+    def live(self) -> bool:
+        """True while some source is a run's checkpoint."""
+        return any(s.live for s in self.sources)
+
+    # -- the page's questions ------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What the page needs to draw its filters: files, models, optional columns."""
+        with self._lock:
+            return {
+                "generation": self.generation,
+                "live": self.live,
+                "rows": self.rows,
+                "sources": [
+                    {"name": s.name, "live": s.live, "rows": int(ix.rows)}
+                    for s, ix in zip(self.sources, self._indexes)
+                ],
+                "models": [m for m in self.models if m],
+                "has_score": "score" in self.columns,
+                "has_cache_hit": "cache_hit" in self.columns,
+                "optional_columns": [
+                    c for c in ("score", "cache_hit", "parsed", "refusal") if c in self.columns
+                ],
+            }
+
+    def summary(self, filters: Filters) -> dict[str, Any]:
+        """Totals, frequent errors, per-model figures and latency histogram of the rows shown."""
+        with self._lock:
+            key = (self.generation, filters)
+            cached = self._summaries.get(key)
+            if cached is None:
+                cached = self._summary(self._mask(filters))
+                cached["generation"] = self.generation
+                self._summaries[key] = cached
+                while len(self._summaries) > _SUMMARIES_CACHED:
+                    self._summaries.popitem(last=False)
+            return cached
+
+    def page(
+        self, filters: Filters, *, offset: int = 0, limit: int = 50, sort: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the rows shown, with the total they come to."""
+        limit = max(1, min(limit, PAGE_LIMIT))
+        offset = max(0, offset)
+        with self._lock:
+            matching = np.flatnonzero(self._mask(filters))
+            if sort:
+                descending = sort.startswith("-")
+                name = sort.lstrip("-")
+                if name not in _SORTABLE or name not in self._numbers:
+                    raise ValueError(f"cannot sort by {name!r}")
+                keys = self._numbers[name][matching].astype(np.float64)
+                keys = np.where(np.isnan(keys), -np.inf if descending else np.inf, keys)
+                order = np.argsort(-keys if descending else keys, kind="stable")
+                matching = matching[order]
+            chosen = matching[offset : offset + limit]
+            return {
+                "generation": self.generation,
+                "total": int(len(matching)),
+                "offset": offset,
+                "limit": limit,
+                "rows": self._preview_rows(chosen),
+            }
+
+    def row(self, index: int) -> dict[str, Any]:
+        """One row in full, the request it sent, and the other rows with its id (a sweep)."""
+        with self._lock:
+            if not 0 <= index < self.rows:
+                raise KeyError(index)
+            number, position = self._locate(index)
+            source = self.sources[number]
+            table = source.read(np.array([position], dtype=np.int64), source.columns)
+            record = _records(table)[0]
+            renderer = self._renderer(number)
+            request = renderer.request(record) if renderer is not None else None
+            inputs = {k: v for k, v in record.items() if k not in RESULT_COLUMNS or k == "id"}
+            inputs.pop("id", None)
+            return {
+                "generation": self.generation,
+                "index": index,
+                "source": source.name,
+                "live": source.live,
+                "row": record,
+                "inputs": inputs,
+                "request": request,
+                "request_note": None if request is not None else _no_request_note(source),
+                "sweep": self._sweep(index, record.get("id")),
+            }
+
+    # -- masks ---------------------------------------------------------------------------
+
+    def _mask(self, filters: Filters) -> np.ndarray:
+        mask = np.ones(self.rows, dtype=bool)
+        ok = self._numbers["ok"]
+        if filters.status == "ok":
+            mask &= ok
+        elif filters.status == "error":
+            mask &= ~ok
+        if filters.source is not None:
+            mask &= self._source_of == filters.source
+        if filters.model is not None:
+            code = self.models.index(filters.model) if filters.model in self.models else -2
+            mask &= self._model_codes == code
+        if filters.error_kind is not None:
+            code = self._kinds.index(filters.error_kind) if filters.error_kind in self._kinds else -2
+            mask &= self._kind_codes == code
+        if filters.score_min is not None or filters.score_max is not None:
+            score = self._numbers["score"]
+            with np.errstate(invalid="ignore"):
+                if filters.score_min is not None:
+                    mask &= score >= filters.score_min
+                if filters.score_max is not None:
+                    mask &= score <= filters.score_max
+        if filters.error is not None:
+            mask &= self._text_mask(("error",), filters.error)
+        if filters.search is not None:
+            mask &= self._text_mask(None, filters.search)
+        return mask
+
+    def _text_mask(self, columns: tuple[str, ...] | None, text: str) -> np.ndarray:
+        """Rows where one of the columns (None: prompts and answers) contains `text`."""
+        key = (self.generation, columns, text.lower())
+        cached = self._masks.get(key)
+        if cached is not None:
+            self._masks.move_to_end(key)
+            return cached
+        mask = np.zeros(self.rows, dtype=bool)
+        for number, source in enumerate(self.sources):
+            wanted = list(columns) if columns is not None else _search_columns(source)
+            wanted = [c for c in wanted if c in source.columns]
+            if not wanted:
+                continue
+            physical: list[np.ndarray] = []
+            for batch in source.scan(wanted):
+                physical.append(_contains(batch, text))
+            found = np.concatenate(physical) if physical else np.zeros(0, dtype=bool)
+            start = self._offsets[number]
+            mask[start : start + len(source.visible)] = found[source.visible]
+        self._masks[key] = mask
+        while len(self._masks) > _MASKS_CACHED:
+            self._masks.popitem(last=False)
+        return mask
+
+    # -- figures -------------------------------------------------------------------------
+
+    def _summary(self, mask: np.ndarray) -> dict[str, Any]:
+        n = self._numbers
+        ok = n["ok"] & mask
+        cache_hit = n["cache_hit"] & mask
+        cost = np.nan_to_num(n["cost_usd"])
+        score = n["score"][mask]
+        scored = score[~np.isnan(score)]
+        rows = int(mask.sum())
+        totals = {
+            "rows": rows,
+            "ok": int(ok.sum()),
+            "errors": rows - int(ok.sum()),
+            "prompt_tokens": int(n["prompt_tokens"][mask].sum(dtype=np.int64)),
+            "completion_tokens": int(n["completion_tokens"][mask].sum(dtype=np.int64)),
+            "total_tokens": int(n["total_tokens"][mask].sum(dtype=np.int64)),
+            "cost_paid": float(cost[mask & ~n["cache_hit"]].sum()),
+            "cost_reused": float(cost[cache_hit].sum()),
+            "cache_hits": int(cache_hit.sum()),
+            "scored": int(len(scored)),
+            "mean_score": float(scored.mean()) if len(scored) else None,
+        }
+        return {
+            "totals": totals,
+            "errors": self._top_errors(mask & ~n["ok"]),
+            "models": self._per_model(mask),
+            "latency": self._latency_histogram(mask & n["ok"]),
+        }
+
+    def _top_errors(self, failed: np.ndarray, top: int = 10) -> list[dict[str, Any]]:
+        codes = self._kind_codes[failed]
+        codes = codes[codes >= 0]
+        if not len(codes):
+            return []
+        counts = np.bincount(codes, minlength=len(self._kinds))
+        order = np.argsort(-counts, kind="stable")[:top]
+        return [
+            {"kind": self._kinds[i], "count": int(counts[i])} for i in order if counts[i] > 0
+        ]
+
+    def _per_model(self, mask: np.ndarray) -> list[dict[str, Any]]:
+        n = self._numbers
+        codes = self._model_codes[mask]
+        size = len(self.models)
+
+        def total(values: np.ndarray) -> np.ndarray:
+            return np.bincount(codes, weights=values[mask], minlength=size)
+
+        rows = np.bincount(codes, minlength=size)
+        ok = total(n["ok"].astype(np.float64))
+        cost = total(np.nan_to_num(n["cost_usd"]))
+        prompt = total(n["prompt_tokens"].astype(np.float64))
+        completion = total(n["completion_tokens"].astype(np.float64))
+        score = n["score"][mask]
+        scored = ~np.isnan(score)
+        score_sum = np.bincount(codes[scored], weights=score[scored], minlength=size)
+        score_n = np.bincount(codes[scored], minlength=size)
+        latency = n["latency_ms"][mask]
+        out = []
+        for code in np.flatnonzero(rows):
+            lat = latency[(codes == code) & ~np.isnan(latency)]
+            p50, p95 = (np.percentile(lat, [50, 95]) if len(lat) else (None, None))
+            out.append(
+                {
+                    "model": self.models[code] or "(none)",
+                    "rows": int(rows[code]),
+                    "ok": int(ok[code]),
+                    "errors": int(rows[code] - ok[code]),
+                    "cost_usd": float(cost[code]),
+                    "prompt_tokens": int(prompt[code]),
+                    "completion_tokens": int(completion[code]),
+                    "mean_score": float(score_sum[code] / score_n[code]) if score_n[code] else None,
+                    "latency_p50": _number(p50),
+                    "latency_p95": _number(p95),
+                }
+            )
+        return out
+
+    def _latency_histogram(self, answered: np.ndarray, bins: int = 30) -> dict[str, Any]:
+        latency = self._numbers["latency_ms"][answered]
+        codes = self._model_codes[answered]
+        keep = ~np.isnan(latency)
+        latency, codes = latency[keep], codes[keep]
+        if not len(latency):
+            return {"edges": [], "series": []}
+        top = float(np.percentile(latency, 99)) or float(latency.max()) or 1.0
+        edges = np.linspace(0.0, top, bins + 1)
+        clipped = np.minimum(latency, top)  # the last bin holds the slowest 1% too
+        series = []
+        for code in np.unique(codes):
+            counts, _ = np.histogram(clipped[codes == code], bins=edges)
+            series.append({"model": self.models[code] or "(none)", "counts": counts.tolist()})
+        return {"edges": [round(float(e), 3) for e in edges], "series": series}
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        number = int(self._source_of[index])
+        visible = self.sources[number].visible
+        return number, int(visible[index - self._offsets[number]])
+
+    def _preview_rows(self, chosen: np.ndarray) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any] | None] = [None] * len(chosen)
+        numbers = self._source_of[chosen]
+        for number in np.unique(numbers):
+            where = np.flatnonzero(numbers == number)
+            source = self.sources[number]
+            visible = source.visible
+            positions = visible[chosen[where] - self._offsets[number]]
+            renderer = self._renderer(int(number))
+            wanted = [c for c in _PREVIEW_COLUMNS if c in source.columns]
+            if renderer is not None:
+                wanted += [c for c in renderer.needed if c not in wanted]
+            else:
+                wanted += [c for c in _fallback_prompt_columns(source)[:1] if c not in wanted]
+            table = _shortened(source.read(positions, wanted))
+            for at, record in zip(where, _records(table)):
+                prompt = renderer.prompt_text(record) if renderer is not None else None
+                if prompt is None:
+                    fallback = _fallback_prompt_columns(source)
+                    prompt = record.get(fallback[0]) if fallback else None
+                rows[at] = {
+                    "index": int(chosen[at]),
+                    "source": int(number),
+                    "prompt": _shorten(prompt),
+                    **{c: record.get(c) for c in _PREVIEW_COLUMNS if c in record},
+                }
+        return [r for r in rows if r is not None]
+
+    def _sweep(self, index: int, row_id: Any) -> list[dict[str, Any]]:
+        if row_id is None:
+            return []
+        same = pc.equal(self._ids, pa.scalar(str(row_id)))
+        found = np.flatnonzero(same.fill_null(False).to_numpy(zero_copy_only=False))
+        if len(found) < 2:
+            return []
+        found = found[:SWEEP_LIMIT]
+        out = []
+        for at in found:
+            number, position = self._locate(int(at))
+            source = self.sources[number]
+            wanted = [c for c in _SWEEP_COLUMNS if c in source.columns]
+            record = _records(source.read(np.array([position], dtype=np.int64), wanted))[0]
+            out.append({"index": int(at), "source": source.name, "current": int(at) == index,
+                        **record})
+        return out
+
+    def _renderer(self, number: int) -> RequestRenderer | None:
+        if number not in self._renderers:
+            source = self.sources[number]
+            self._renderers[number] = RequestRenderer.for_source(source)
+        return self._renderers[number]
+
+
+_PREVIEW_COLUMNS = (
+    "id", "model", "status", "content", "error", "score", "cache_hit", "total_tokens",
+    "cost_usd", "latency_ms", "attempts",
+)
+_SWEEP_COLUMNS = (
+    "id", "model", "status", "content", "choices", "error", "score", "cache_hit", "parsed",
+    "refusal", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "latency_ms",
+    "attempts", "finish_reason",
+)
+
+
+def _build_index(source: Source) -> _Index:
+    """Read a source's light columns into the small arrays of an _Index, in display order."""
+    ids: list[pa.Array] = []
+    models: list[pa.Array] = []
+    kinds: list[pa.Array] = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in _NUMBER_COLUMNS}
+    for batch in source.light():
+        size = batch.num_rows
+        ids.append(_strings(batch, "id", size))
+        models.append(_strings(batch, "model", size))
+        errors = _strings(batch, "error", size)
+        kinds.append(_kinds_of(errors))
+        parts["ok"].append(
+            pc.equal(_strings(batch, "status", size), "ok").fill_null(False).to_numpy(
+                zero_copy_only=False
+            )
+        )
+        parts["cache_hit"].append(_bools(batch, "cache_hit", size))
+        for name, dtype in _NUMBER_COLUMNS.items():
+            if name in ("ok", "cache_hit"):
+                continue
+            parts[name].append(_numbers(batch, name, size, dtype))
+    visible = source.visible
+    everything = isinstance(source, ParquetSource)  # every row shown, in file order
+
+    def pick(array: np.ndarray) -> np.ndarray:
+        return array if everything else array[visible]
+
+    def pick_arrow(pieces: list[pa.Array]) -> pa.Array:
+        array = pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
+        return array if everything else array.take(pa.array(visible, pa.int64()))
+
+    numbers = {
+        name: pick(np.concatenate(chunks) if chunks else np.zeros(0, dtype=_NUMBER_COLUMNS[name]))
+        for name, chunks in parts.items()
+    }
+    return _Index(
+        ids=pick_arrow(ids), models=pick_arrow(models), kinds=pick_arrow(kinds), numbers=numbers
+    )
+
+
+_NUMBER_COLUMNS: dict[str, Any] = {
+    "ok": np.bool_,
+    "cache_hit": np.bool_,
+    "prompt_tokens": np.int32,
+    "completion_tokens": np.int32,
+    "total_tokens": np.int32,
+    "attempts": np.int16,
+    "cost_usd": np.float64,
+    "latency_ms": np.float32,
+    "score": np.float32,
+}
+
+
+def _kinds_of(errors: pa.Array) -> pa.Array:
+    """error_kind() of each error, computed once per distinct text."""
+    encoded = pc.dictionary_encode(errors)
+    kinds = pa.array([error_kind(t) for t in encoded.dictionary.to_pylist()], pa.string())
+    return kinds.take(encoded.indices)
+
+
+def _strings(batch: pa.RecordBatch, name: str, size: int) -> pa.Array:
+    index = batch.schema.get_field_index(name)
+    if index < 0:
+        return pa.nulls(size, pa.string())
+    column = batch.column(index)
+    if column.type != pa.string():
+        column = column.cast(pa.string())
+    return column
+
+
+def _bools(batch: pa.RecordBatch, name: str, size: int) -> np.ndarray:
+    index = batch.schema.get_field_index(name)
+    if index < 0:
+        return np.zeros(size, dtype=bool)
+    column = batch.column(index).cast(pa.bool_())
+    return column.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _numbers(batch: pa.RecordBatch, name: str, size: int, dtype: Any) -> np.ndarray:
+    index = batch.schema.get_field_index(name)
+    floating = np.issubdtype(dtype, np.floating)
+    if index < 0:
+        return np.full(size, np.nan if floating else 0, dtype=dtype)
+    column = batch.column(index)
+    if floating:
+        return column.cast(pa.float64()).fill_null(math.nan).to_numpy().astype(dtype)
+    return column.cast(pa.int64()).fill_null(0).to_numpy().astype(dtype)
+
+
+def _contains(batch: pa.RecordBatch, text: str) -> np.ndarray:
+    """True where one of the batch's text columns contains `text`, ignoring case."""
+    found: pa.Array | None = None
+    for column in batch.columns:
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        hit = pc.match_substring(column, text, ignore_case=True).fill_null(False)
+        found = hit if found is None else pc.or_(found, hit)
+    if found is None:
+        return np.zeros(batch.num_rows, dtype=bool)
+    return found.to_numpy(zero_copy_only=False)
+
+
+def _search_columns(source: Source) -> list[str]:
+    """The columns a search looks in: the answer, and the input's text columns (the prompts)."""
+    names = ["content", "refusal"]
+    names += [c for c in source.columns if c not in RESULT_COLUMNS]
+    return names
+
+
+def _fallback_prompt_columns(source: Source) -> list[str]:
+    """Input columns to show as the prompt when the run's settings are not known."""
+    inputs = [c for c in source.columns if c not in RESULT_COLUMNS]
+    preferred = [c for c in ("prompt", "question", "text", "input", "messages") if c in inputs]
+    return preferred + [c for c in inputs if c not in preferred]
+
+
+def _shortened(table: pa.Table) -> pa.Table:
+    """Long text cut to what a table cell shows (the row view shows it whole)."""
+    columns = []
+    for name, column in zip(table.column_names, table.columns):
+        if pa.types.is_string(column.type) and name in ("content", "error"):
+            column = pc.utf8_slice_codeunits(column, 0, PREVIEW_CHARS + 1)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+def _shorten(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > PREVIEW_CHARS:
+        return value[:PREVIEW_CHARS] + "…"
+    return value
+
+
+def _records(table: pa.Table) -> list[dict[str, Any]]:
+    records = table.to_pylist()
+    for record in records:
+        for key, value in record.items():
+            record[key] = _plain(value)
+    return records
+
+
+def _plain(value: Any) -> Any:
+    """A value JSON can carry: NaN and infinities become null, bytes and dates text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 3) if math.isfinite(value) else None
+
+
+def _no_request_note(source: Source) -> str:
+    if source.live:
+        return ("the run is still going: its checkpoint holds results only; the input columns "
+                "and the messages sent show once the output is written")
+    return ("the run's settings (its checkpoint manifest) are not beside this file: "
+            "the input columns are shown instead of the messages sent")
