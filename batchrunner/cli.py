@@ -383,9 +383,12 @@ def view(results: tuple[str, ...], port: int, host: str, token: str | None,
       batchrunner view 'out/nightly-*.parquet' --no-browser
       batchrunner view out/big.parquet --host 0.0.0.0 --token "$(openssl rand -hex 16)"
     """
-    from .viewer import ViewerConfig, serve
+    from .checkpoint import use_system_allocator
+    from .viewer import ViewerConfig, return_freed_memory, serve
 
     _configure_logging()
+    use_system_allocator()  # decoded row groups go back to the system once a page is drawn
+    return_freed_memory()
     config = ViewerConfig(paths=results, host=host, port=port, token=token,
                           open_browser=not no_browser)
 

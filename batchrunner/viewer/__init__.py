@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .app import create_app
 from .dataset import Dataset, Filters
-from .server import ViewerConfig, is_loopback, serve, serve_async
+from .server import ViewerConfig, is_loopback, return_freed_memory, serve, serve_async
 from .sources import open_sources
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "create_app",
     "is_loopback",
     "open_sources",
+    "return_freed_memory",
     "serve",
     "serve_async",
 ]

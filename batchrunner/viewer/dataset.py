@@ -26,7 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .request_view import RequestRenderer
-from .sources import RESULT_COLUMNS, CheckpointSource, ParquetSource, Source
+from .sources import (
+    RESULT_COLUMNS,
+    CheckpointSource,
+    ParquetSource,
+    Source,
+    int64_array,
+)
 
 __all__ = ["Dataset", "Filters", "error_kind"]
 
@@ -96,9 +102,11 @@ class Filters:
 class _Index:
     """The small columns of every visible row of one source, in display order."""
 
-    ids: pa.Array
-    models: pa.Array  # strings
-    kinds: pa.Array  # error_kind of the error, null when none
+    ids: pa.ChunkedArray
+    model_names: list[str]
+    model_codes: np.ndarray  # int32 into model_names ("" for none)
+    kind_names: list[str]
+    kind_codes: np.ndarray  # int32 into kind_names, -1 where the row has no error
     numbers: dict[str, np.ndarray]
 
     @property
@@ -133,25 +141,27 @@ class Dataset:
         self.rows = int(sum(sizes))
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._source_of = np.repeat(np.arange(len(indexes), dtype=np.int16), sizes)
-        self._ids = pa.chunked_array([ix.ids for ix in indexes], pa.string())
-        models = pc.dictionary_encode(
-            pa.chunked_array([ix.models for ix in indexes], pa.string()).fill_null("")
-        ).combine_chunks()
-        self.models = [m for m in models.dictionary.to_pylist()]
-        self._model_codes = models.indices.to_numpy().astype(np.int32)
-        kinds = pc.dictionary_encode(
-            pa.chunked_array([ix.kinds for ix in indexes], pa.string())
-        ).combine_chunks()
-        self._kinds = kinds.dictionary.to_pylist()
-        self._kind_codes = kinds.indices.fill_null(-1).to_numpy().astype(np.int32)
+        self._ids = pa.chunked_array(
+            [chunk for ix in indexes for chunk in ix.ids.chunks], pa.string()
+        )
+        self.models, self._model_codes = _merge_codes(
+            [(ix.model_names, ix.model_codes) for ix in indexes]
+        )
+        self._kinds, self._kind_codes = _merge_codes(
+            [(ix.kind_names, ix.kind_codes) for ix in indexes]
+        )
         self._numbers = {
             name: np.concatenate([ix.numbers[name] for ix in indexes])
             for name in indexes[0].numbers
         }
+        for number, ix in enumerate(indexes):  # share the memory: views, not copies
+            start, stop = self._offsets[number], self._offsets[number + 1]
+            ix.numbers = {name: array[start:stop] for name, array in self._numbers.items()}
         self.columns = sorted({c for s in self.sources for c in s.columns})
         self.generation += 1
         self._masks.clear()
         self._summaries.clear()
+        pa.default_memory_pool().release_unused()
 
     def refresh(self) -> bool:
         """Read what live runs wrote since the last call; True when the rows changed."""
@@ -242,8 +252,10 @@ class Dataset:
                 raise KeyError(index)
             number, position = self._locate(index)
             source = self.sources[number]
-            table = source.read(np.array([position], dtype=np.int64), source.columns)
+            table = source.read(np.array([position], dtype=np.int64), source.columns, keep=False)
             record = _records(table)[0]
+            del table
+            pa.default_memory_pool().release_unused()  # a whole row group was decoded for it
             renderer = self._renderer(number)
             request = renderer.request(record) if renderer is not None else None
             inputs = {k: v for k, v in record.items() if k not in RESULT_COLUMNS or k == "id"}
@@ -309,6 +321,7 @@ class Dataset:
             found = np.concatenate(physical) if physical else np.zeros(0, dtype=bool)
             start = self._offsets[number]
             mask[start : start + len(source.visible)] = found[source.visible]
+        pa.default_memory_pool().release_unused()  # every row group's text was decoded
         self._masks[key] = mask
         while len(self._masks) > _MASKS_CACHED:
             self._masks.popitem(last=False)
@@ -317,35 +330,39 @@ class Dataset:
     # -- figures -------------------------------------------------------------------------
 
     def _summary(self, mask: np.ndarray) -> dict[str, Any]:
-        n = self._numbers
-        ok = n["ok"] & mask
-        cache_hit = n["cache_hit"] & mask
+        # Every array is taken once at the rows shown (not at all when every row is).
+        where = None if mask.all() else np.flatnonzero(mask)
+        n = {k: (v if where is None else v[where]) for k, v in self._numbers.items()}
+        codes = self._model_codes if where is None else self._model_codes[where]
+        kinds = self._kind_codes if where is None else self._kind_codes[where]
+        ok = n["ok"]
         cost = np.nan_to_num(n["cost_usd"])
-        score = n["score"][mask]
-        scored = score[~np.isnan(score)]
-        rows = int(mask.sum())
+        reused = n["cache_hit"]
+        score = n["score"]
+        scored = ~np.isnan(score)
+        rows = len(ok)
+        ok_count = int(np.count_nonzero(ok))
         totals = {
             "rows": rows,
-            "ok": int(ok.sum()),
-            "errors": rows - int(ok.sum()),
-            "prompt_tokens": int(n["prompt_tokens"][mask].sum(dtype=np.int64)),
-            "completion_tokens": int(n["completion_tokens"][mask].sum(dtype=np.int64)),
-            "total_tokens": int(n["total_tokens"][mask].sum(dtype=np.int64)),
-            "cost_paid": float(cost[mask & ~n["cache_hit"]].sum()),
-            "cost_reused": float(cost[cache_hit].sum()),
-            "cache_hits": int(cache_hit.sum()),
-            "scored": int(len(scored)),
-            "mean_score": float(scored.mean()) if len(scored) else None,
+            "ok": ok_count,
+            "errors": rows - ok_count,
+            "prompt_tokens": int(n["prompt_tokens"].sum(dtype=np.int64)),
+            "completion_tokens": int(n["completion_tokens"].sum(dtype=np.int64)),
+            "total_tokens": int(n["total_tokens"].sum(dtype=np.int64)),
+            "cost_paid": float(cost.sum() - cost[reused].sum()),
+            "cost_reused": float(cost[reused].sum()),
+            "cache_hits": int(np.count_nonzero(reused)),
+            "scored": int(np.count_nonzero(scored)),
+            "mean_score": float(score[scored].mean()) if scored.any() else None,
         }
         return {
             "totals": totals,
-            "errors": self._top_errors(mask & ~n["ok"]),
-            "models": self._per_model(mask),
-            "latency": self._latency_histogram(mask & n["ok"]),
+            "errors": self._top_errors(kinds[~ok]),
+            "models": self._per_model(n, codes, cost, scored),
+            "latency": self._latency_histogram(n["latency_ms"][ok], codes[ok]),
         }
 
-    def _top_errors(self, failed: np.ndarray, top: int = 10) -> list[dict[str, Any]]:
-        codes = self._kind_codes[failed]
+    def _top_errors(self, codes: np.ndarray, top: int = 10) -> list[dict[str, Any]]:
         codes = codes[codes >= 0]
         if not len(codes):
             return []
@@ -355,35 +372,34 @@ class Dataset:
             {"kind": self._kinds[i], "count": int(counts[i])} for i in order if counts[i] > 0
         ]
 
-    def _per_model(self, mask: np.ndarray) -> list[dict[str, Any]]:
-        n = self._numbers
-        codes = self._model_codes[mask]
+    def _per_model(
+        self, n: dict[str, np.ndarray], codes: np.ndarray, cost: np.ndarray, scored: np.ndarray
+    ) -> list[dict[str, Any]]:
         size = len(self.models)
 
         def total(values: np.ndarray) -> np.ndarray:
-            return np.bincount(codes, weights=values[mask], minlength=size)
+            return np.bincount(codes, weights=values, minlength=size)
 
         rows = np.bincount(codes, minlength=size)
-        ok = total(n["ok"].astype(np.float64))
-        cost = total(np.nan_to_num(n["cost_usd"]))
-        prompt = total(n["prompt_tokens"].astype(np.float64))
-        completion = total(n["completion_tokens"].astype(np.float64))
-        score = n["score"][mask]
-        scored = ~np.isnan(score)
-        score_sum = np.bincount(codes[scored], weights=score[scored], minlength=size)
+        ok = np.bincount(codes[n["ok"]], minlength=size)
+        money = total(cost)
+        prompt = total(n["prompt_tokens"])
+        completion = total(n["completion_tokens"])
+        score_sum = np.bincount(codes[scored], weights=n["score"][scored], minlength=size)
         score_n = np.bincount(codes[scored], minlength=size)
-        latency = n["latency_ms"][mask]
+        latency = n["latency_ms"]
+        timed = ~np.isnan(latency)
         out = []
         for code in np.flatnonzero(rows):
-            lat = latency[(codes == code) & ~np.isnan(latency)]
-            p50, p95 = (np.percentile(lat, [50, 95]) if len(lat) else (None, None))
+            lat = latency[(codes == code) & timed] if len(self.models) > 1 else latency[timed]
+            p50, p95 = np.percentile(lat, [50, 95]) if len(lat) else (None, None)
             out.append(
                 {
                     "model": self.models[code] or "(none)",
                     "rows": int(rows[code]),
                     "ok": int(ok[code]),
                     "errors": int(rows[code] - ok[code]),
-                    "cost_usd": float(cost[code]),
+                    "cost_usd": float(money[code]),
                     "prompt_tokens": int(prompt[code]),
                     "completion_tokens": int(completion[code]),
                     "mean_score": float(score_sum[code] / score_n[code]) if score_n[code] else None,
@@ -393,20 +409,25 @@ class Dataset:
             )
         return out
 
-    def _latency_histogram(self, answered: np.ndarray, bins: int = 30) -> dict[str, Any]:
-        latency = self._numbers["latency_ms"][answered]
-        codes = self._model_codes[answered]
+    def _latency_histogram(
+        self, latency: np.ndarray, codes: np.ndarray, bins: int = 30
+    ) -> dict[str, Any]:
         keep = ~np.isnan(latency)
         latency, codes = latency[keep], codes[keep]
         if not len(latency):
             return {"edges": [], "series": []}
         top = float(np.percentile(latency, 99)) or float(latency.max()) or 1.0
         edges = np.linspace(0.0, top, bins + 1)
-        clipped = np.minimum(latency, top)  # the last bin holds the slowest 1% too
-        series = []
-        for code in np.unique(codes):
-            counts, _ = np.histogram(clipped[codes == code], bins=edges)
-            series.append({"model": self.models[code] or "(none)", "counts": counts.tolist()})
+        # the last bin holds the slowest 1% too
+        slot = np.minimum((latency * (bins / top)).astype(np.int64), bins - 1)
+        size = len(self.models)
+        counts = np.bincount(codes.astype(np.int64) * bins + slot, minlength=size * bins)
+        counts = counts.reshape(size, bins)
+        series = [
+            {"model": self.models[code] or "(none)", "counts": counts[code].tolist()}
+            for code in range(size)
+            if counts[code].any()
+        ]
         return {"edges": [round(float(e), 3) for e in edges], "series": series}
 
     # -- rows ----------------------------------------------------------------------------
@@ -425,12 +446,7 @@ class Dataset:
             visible = source.visible
             positions = visible[chosen[where] - self._offsets[number]]
             renderer = self._renderer(int(number))
-            wanted = [c for c in _PREVIEW_COLUMNS if c in source.columns]
-            if renderer is not None:
-                wanted += [c for c in renderer.needed if c not in wanted]
-            else:
-                wanted += [c for c in _fallback_prompt_columns(source)[:1] if c not in wanted]
-            table = _shortened(source.read(positions, wanted))
+            table = _shortened(source.read(positions, self._page_columns(int(number))))
             for at, record in zip(where, _records(table)):
                 prompt = renderer.prompt_text(record) if renderer is not None else None
                 if prompt is None:
@@ -444,6 +460,17 @@ class Dataset:
                 }
         return [r for r in rows if r is not None]
 
+    def _page_columns(self, number: int) -> list[str]:
+        """What a page reads of a source: the table's columns and what its prompt needs."""
+        source = self.sources[number]
+        renderer = self._renderer(number)
+        wanted = [c for c in _PREVIEW_COLUMNS if c in source.columns]
+        if renderer is not None:
+            wanted += [c for c in renderer.needed if c not in wanted]
+        else:
+            wanted += [c for c in _fallback_prompt_columns(source)[:1] if c not in wanted]
+        return wanted
+
     def _sweep(self, index: int, row_id: Any) -> list[dict[str, Any]]:
         if row_id is None:
             return []
@@ -456,8 +483,11 @@ class Dataset:
         for at in found:
             number, position = self._locate(int(at))
             source = self.sources[number]
-            wanted = [c for c in _SWEEP_COLUMNS if c in source.columns]
+            # The columns of a page: the rows of a sweep are next to each other, in the
+            # row group the page just read, so this is usually read from the cache.
+            wanted = self._page_columns(number)
             record = _records(source.read(np.array([position], dtype=np.int64), wanted))[0]
+            record = {k: v for k, v in record.items() if k in _PREVIEW_COLUMNS}
             out.append({"index": int(at), "source": source.name, "current": int(at) == index,
                         **record})
         return out
@@ -473,30 +503,20 @@ _PREVIEW_COLUMNS = (
     "id", "model", "status", "content", "error", "score", "cache_hit", "total_tokens",
     "cost_usd", "latency_ms", "attempts",
 )
-_SWEEP_COLUMNS = (
-    "id", "model", "status", "content", "choices", "error", "score", "cache_hit", "parsed",
-    "refusal", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "latency_ms",
-    "attempts", "finish_reason",
-)
 
 
 def _build_index(source: Source) -> _Index:
     """Read a source's light columns into the small arrays of an _Index, in display order."""
     ids: list[pa.Array] = []
-    models: list[pa.Array] = []
-    kinds: list[pa.Array] = []
+    models = _Coder()
+    kinds = _Coder(error_kind)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in _NUMBER_COLUMNS}
     for batch in source.light():
         size = batch.num_rows
         ids.append(_strings(batch, "id", size))
-        models.append(_strings(batch, "model", size))
-        errors = _strings(batch, "error", size)
-        kinds.append(_kinds_of(errors))
-        parts["ok"].append(
-            pc.equal(_strings(batch, "status", size), "ok").fill_null(False).to_numpy(
-                zero_copy_only=False
-            )
-        )
+        models.add(_column(batch, "model", size))
+        kinds.add(_column(batch, "error", size))
+        parts["ok"].append(_is_ok(_column(batch, "status", size)))
         parts["cache_hit"].append(_bools(batch, "cache_hit", size))
         for name, dtype in _NUMBER_COLUMNS.items():
             if name in ("ok", "cache_hit"):
@@ -508,17 +528,80 @@ def _build_index(source: Source) -> _Index:
     def pick(array: np.ndarray) -> np.ndarray:
         return array if everything else array[visible]
 
-    def pick_arrow(pieces: list[pa.Array]) -> pa.Array:
-        array = pa.concat_arrays(pieces) if pieces else pa.array([], pa.string())
-        return array if everything else array.take(pa.array(visible, pa.int64()))
-
+    id_chunks = pa.chunked_array(ids, pa.string())
+    if not everything:
+        id_chunks = pa.chunked_array([id_chunks.take(int64_array(visible))], pa.string())
     numbers = {
         name: pick(np.concatenate(chunks) if chunks else np.zeros(0, dtype=_NUMBER_COLUMNS[name]))
         for name, chunks in parts.items()
     }
+    model_codes = models.codes()
+    model_codes[model_codes < 0] = models.code("")
     return _Index(
-        ids=pick_arrow(ids), models=pick_arrow(models), kinds=pick_arrow(kinds), numbers=numbers
+        ids=id_chunks,
+        model_names=models.names,
+        model_codes=pick(model_codes),
+        kind_names=kinds.names,
+        kind_codes=pick(kinds.codes()),
+        numbers=numbers,
     )
+
+
+class _Coder:
+    """Text values of a column as small integer codes, one Python string per distinct value.
+
+    Parquet's dictionary pages are read as Arrow dictionaries (see ParquetSource), so a
+    million rows of a few models or error texts cost four bytes each, not a string each.
+    `key` maps each distinct text to the name it is counted under (an error to its kind).
+    """
+
+    def __init__(self, key: Any = None) -> None:
+        self.names: list[str] = []
+        self._code_of: dict[str, int] = {}
+        self._key = key
+        self._parts: list[np.ndarray] = []
+
+    def code(self, name: str) -> int:
+        code = self._code_of.get(name)
+        if code is None:
+            code = self._code_of[name] = len(self.names)
+            self.names.append(name)
+        return code
+
+    def add(self, column: pa.Array) -> None:
+        if not pa.types.is_dictionary(column.type):
+            column = pc.dictionary_encode(column)
+        values = column.dictionary.cast(pa.string()).to_pylist()
+        key = self._key
+        mapping = np.array(
+            [self.code(key(v) if key else v) if v is not None else -1 for v in values] + [-1],
+            dtype=np.int32,
+        )
+        indices = column.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
+        self._parts.append(mapping[indices])
+
+    def codes(self) -> np.ndarray:
+        return np.concatenate(self._parts) if self._parts else np.zeros(0, dtype=np.int32)
+
+
+def _merge_codes(parts: list[tuple[list[str], np.ndarray]]) -> tuple[list[str], np.ndarray]:
+    """One list of names and the codes into it, from each source's own."""
+    names: list[str] = []
+    code_of: dict[str, int] = {}
+    merged = []
+    for own_names, codes in parts:
+        mapping = np.array([code_of.setdefault(n, len(code_of)) for n in own_names] + [-1],
+                           dtype=np.int32)
+        names = list(code_of)
+        merged.append(mapping[np.where(codes < 0, len(own_names), codes)])
+    return names, (np.concatenate(merged) if merged else np.zeros(0, dtype=np.int32))
+
+
+def _is_ok(status: pa.Array) -> np.ndarray:
+    if pa.types.is_dictionary(status.type):
+        ok = np.array([v == "ok" for v in status.dictionary.to_pylist()] + [False])
+        return ok[status.indices.fill_null(len(ok) - 1).to_numpy(zero_copy_only=False)]
+    return pc.equal(status, "ok").fill_null(False).to_numpy(zero_copy_only=False)
 
 
 _NUMBER_COLUMNS: dict[str, Any] = {
@@ -534,11 +617,9 @@ _NUMBER_COLUMNS: dict[str, Any] = {
 }
 
 
-def _kinds_of(errors: pa.Array) -> pa.Array:
-    """error_kind() of each error, computed once per distinct text."""
-    encoded = pc.dictionary_encode(errors)
-    kinds = pa.array([error_kind(t) for t in encoded.dictionary.to_pylist()], pa.string())
-    return kinds.take(encoded.indices)
+def _column(batch: pa.RecordBatch, name: str, size: int) -> pa.Array:
+    index = batch.schema.get_field_index(name)
+    return batch.column(index) if index >= 0 else pa.nulls(size, pa.string())
 
 
 def _strings(batch: pa.RecordBatch, name: str, size: int) -> pa.Array:
@@ -546,6 +627,8 @@ def _strings(batch: pa.RecordBatch, name: str, size: int) -> pa.Array:
     if index < 0:
         return pa.nulls(size, pa.string())
     column = batch.column(index)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
     if column.type != pa.string():
         column = column.cast(pa.string())
     return column
@@ -574,9 +657,15 @@ def _contains(batch: pa.RecordBatch, text: str) -> np.ndarray:
     """True where one of the batch's text columns contains `text`, ignoring case."""
     found: pa.Array | None = None
     for column in batch.columns:
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        if pa.types.is_dictionary(column.type):  # each distinct text once
+            if not pa.types.is_string(column.type.value_type):
+                continue
+            hit = pc.match_substring(column.dictionary, text, ignore_case=True)
+            hit = hit.fill_null(False).take(column.indices).fill_null(False)
+        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            hit = pc.match_substring(column, text, ignore_case=True).fill_null(False)
+        else:
             continue
-        hit = pc.match_substring(column, text, ignore_case=True).fill_null(False)
         found = hit if found is None else pc.or_(found, hit)
     if found is None:
         return np.zeros(batch.num_rows, dtype=bool)

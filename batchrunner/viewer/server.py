@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import logging
 import secrets
@@ -17,10 +18,10 @@ from aiohttp import web
 
 from ..errors import UsageError
 from .app import create_app
-from .dataset import Dataset
+from .dataset import Dataset, Filters
 from .sources import open_sources
 
-__all__ = ["ViewerConfig", "is_loopback", "serve"]
+__all__ = ["ViewerConfig", "is_loopback", "return_freed_memory", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ class ViewerConfig:
             raise UsageError(f"--port must be between 0 and 65535, not {self.port}")
         if self.token is not None and (len(self.token) < 8 or not self.token.isprintable()):
             raise UsageError("--token must be at least 8 printable characters")
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc hand large freed blocks back to the system at once.
+
+    Each page, search or row view decodes row groups (megabytes of text) and frees them.
+    glibc raises its mmap threshold after such a free, so later blocks come from the heap,
+    which seldom shrinks: on a 1,000,000-row file the server's peak went from about 300 MB
+    to 450 MB that way (bench/viewer.py). A fixed threshold keeps those blocks mmapped.
+    The CLI calls this (it changes the whole process); elsewhere it does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +93,7 @@ async def serve_async(
     token = config.token or secrets.token_urlsafe(18)
     sources = open_sources(list(config.paths))
     dataset = await asyncio.to_thread(Dataset, sources)
+    await asyncio.to_thread(dataset.summary, Filters())  # what the page asks first: ready now
     runner = web.AppRunner(create_app(dataset, token=token), access_log=None)
     await runner.setup()
     try:

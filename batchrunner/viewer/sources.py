@@ -50,7 +50,9 @@ LIGHT_COLUMNS = (
     "id", "status", "model", "prompt_tokens", "completion_tokens", "total_tokens",
     "cost_usd", "latency_ms", "attempts", "error", "score", "cache_hit",
 )
-_CACHED_PIECES = 3  # decoded row groups kept for paging (each up to 65,536 rows of a few columns)
+_DICTIONARY_COLUMNS = ("status", "model", "error", "finish_reason", "response_model")
+_CACHED_PIECES = 2
+_SCAN_ROWS = 16384  # decoded row groups kept for paging (each up to 65,536 rows of a few columns)
 
 
 class Source:
@@ -78,8 +80,11 @@ class Source:
         """The named columns of every physical row, in order, in pieces."""
         raise NotImplementedError
 
-    def read(self, positions: np.ndarray, columns: Sequence[str]) -> pa.Table:
-        """The rows at these physical positions, in the order given."""
+    def read(self, positions: np.ndarray, columns: Sequence[str], *, keep: bool = True) -> pa.Table:
+        """The rows at these physical positions, in the order given.
+
+        `keep`: cache what was decoded for the next call (paging); False for a one-off.
+        """
         raise NotImplementedError
 
     def refresh(self) -> bool:
@@ -101,7 +106,11 @@ class ParquetSource(Source):
         self.path = path
         self.name = path.name
         try:
-            self._file = pq.ParquetFile(path)
+            # Columns of few distinct values come as Arrow dictionaries: codes, not strings.
+            names = pq.read_schema(path).names
+            self._file = pq.ParquetFile(
+                path, read_dictionary=[c for c in _DICTIONARY_COLUMNS if c in names]
+            )
         except (OSError, pa.ArrowException) as exc:
             raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
         metadata = self._file.metadata
@@ -124,32 +133,35 @@ class ParquetSource(Source):
         return self._visible
 
     def scan(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
-        for group in range(self._file.metadata.num_row_groups):
-            table = self._file.read_row_group(group, columns=list(columns))
-            yield from table.combine_chunks().to_batches() or [_empty_batch(table.schema)]
+        # A quarter of a row group at a time: what a search decodes at once stays small.
+        yield from self._file.iter_batches(
+            batch_size=_SCAN_ROWS, columns=list(columns), use_threads=False
+        )
 
-    def read(self, positions: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    def read(self, positions: np.ndarray, columns: Sequence[str], *, keep: bool = True) -> pa.Table:
         columns = tuple(columns)
         groups = np.searchsorted(self._starts, positions, side="right") - 1
         pieces: list[pa.Table] = []
         order: list[np.ndarray] = []
         for group in np.unique(groups):
             where = np.flatnonzero(groups == group)
-            table = self._group(int(group), columns)
+            table = self._group(int(group), columns, keep)
             local = positions[where] - self._starts[group]
-            pieces.append(table.take(pa.array(local, pa.int64())))
+            pieces.append(table.take(int64_array(local)))
             order.append(where)
         if not pieces:
             return self._file.schema_arrow.empty_table().select(list(columns))
         table = pa.concat_tables(pieces)
         back = np.argsort(np.concatenate(order), kind="stable")
-        return table.take(pa.array(back, pa.int64()))
+        return table.take(int64_array(back))
 
-    def _group(self, group: int, columns: tuple[str, ...]) -> pa.Table:
+    def _group(self, group: int, columns: tuple[str, ...], keep: bool) -> pa.Table:
         key = (group, columns)
         table = self._cache.get(key)
         if table is None:
             table = self._file.read_row_group(group, columns=list(columns))
+            if not keep:
+                return table
             self._cache[key] = table
             while len(self._cache) > _CACHED_PIECES:
                 self._cache.popitem(last=False)
@@ -263,7 +275,7 @@ class CheckpointSource(Source):
                 [_column_or_nulls(batch, c) for c in columns], names=list(columns)
             )
 
-    def read(self, positions: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    def read(self, positions: np.ndarray, columns: Sequence[str], *, keep: bool = True) -> pa.Table:
         starts = np.asarray(self._starts, dtype=np.int64)
         batches = np.searchsorted(starts, positions, side="right") - 1
         rows: list[pa.RecordBatch] = []
@@ -276,7 +288,7 @@ class CheckpointSource(Source):
                 )
             )
         if not rows:
-            return pa.table({c: pa.array([], pa.null()) for c in columns})
+            return pa.table({c: pa.nulls(0) for c in columns})
         return pa.Table.from_batches(rows)
 
     def _batch(self, index: int) -> pa.RecordBatch:
@@ -378,12 +390,14 @@ def _last_of_each(rows: np.ndarray, models: np.ndarray) -> np.ndarray:
     return (len(keys) - 1 - first_in_reversed).astype(np.int64)
 
 
+def int64_array(values: np.ndarray) -> pa.Array:
+    """A numpy integer array as an Arrow int64 array, sharing its memory (take() indices)."""
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
 def _column_or_nulls(batch: pa.RecordBatch, name: str) -> pa.Array:
     index = batch.schema.get_field_index(name)
     if index < 0:
         return pa.nulls(batch.num_rows)
     return batch.column(index)
-
-
-def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist([], schema=schema)

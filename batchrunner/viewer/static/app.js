@@ -141,6 +141,8 @@
       renderRows(page, state);
       if (row) renderDetail(row); else $("detail").hidden = true;
       problem(null);
+      window.__viewerRenders = (window.__viewerRenders || 0) + 1; // for bench/viewer.py
+      window.__viewerLastRender = performance.now();
       if (firstPaint) {
         firstPaint = false;
         window.__viewerFirstPaint = performance.now();
@@ -465,7 +467,11 @@
         el("h4", {}, shown(other.model) + (info && info.sources.length > 1 ? " · " + other.source : "")),
         el("div", { class: "status-" + other.status }, shown(other.status) +
           (other.score !== undefined && other.score !== null ? " · score " + score(other.score) : "")),
-        el("div", { class: "muted" }, usd(other.cost_usd) + " · " + count(other.total_tokens) + " tokens · " + ms(other.latency_ms) + " ms"),
+        el("div", { class: "muted" }, [
+          other.cost_usd !== null && other.cost_usd !== undefined ? usd(other.cost_usd) : null,
+          other.total_tokens !== null && other.total_tokens !== undefined ? count(other.total_tokens) + " tokens" : null,
+          other.latency_ms !== null && other.latency_ms !== undefined ? ms(other.latency_ms) + " ms" : null,
+        ].filter((part) => part !== null).join(" · ")),
         el("pre", { class: "text" }, other.content !== null && other.content !== undefined ? other.content : (other.error || "")));
       cell.addEventListener("click", () => go({ row: other.index }));
       sweep.append(cell);
