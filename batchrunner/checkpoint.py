@@ -68,8 +68,14 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
+        # structured output (SPEC 17); dropped from the output of a run without a schema
+        ("parsed", pa.string()),
+        ("reasks", pa.int32()),
+        ("reask_cost_usd", pa.float64()),
     ]
 )
+_STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
+JSON_SCHEMA_METADATA = b"batchrunner.json_schema"  # a structured run's output records its schema
 _SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
 _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
     [
@@ -485,7 +491,7 @@ class Checkpoint:
             for table in input_tables:
                 stop = start + table.num_rows
                 results = self._results_for(start, stop)
-                joined = _join(table, results, id_column)
+                joined = self._structured_output(_join(table, results, id_column))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
                 writer.write_table(joined, row_group_size=65536)
@@ -493,7 +499,7 @@ class Checkpoint:
                 pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                 start = stop
             if writer is None:  # an empty input still gets a valid, empty file
-                empty = pa.Table.from_batches([], RESULT_SCHEMA)
+                empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
                 writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
             writer.close()
             writer = None
@@ -510,6 +516,14 @@ class Checkpoint:
                 tmp.unlink()
         self._manifest["finished"] = True
         self._write_manifest()
+
+    def _structured_output(self, table: pa.Table) -> pa.Table:
+        """A structured run's output records its schema; another run's has no parsed columns."""
+        schema = self._manifest.get("fingerprint", {}).get("settings", {}).get("json_schema")
+        if schema is None:
+            return table.drop_columns(list(_STRUCTURED_COLUMNS))
+        metadata = {JSON_SCHEMA_METADATA: json.dumps(schema["schema"]).encode()}
+        return table.replace_schema_metadata(metadata)
 
     @property
     def finished(self) -> bool:
@@ -687,6 +701,9 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.http_status for r in results],
         [r.error for r in results],
         [r.response_id for r in results],
+        [r.parsed for r in results],
+        [r.reasks for r in results],
+        [r.reask_cost_usd for r in results],
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],
@@ -758,7 +775,11 @@ def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]
     old_settings, new_settings = before.get("settings", {}), after.get("settings", {})
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
-            changes.append(f"{key}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+            old, new = repr(old_settings.get(key)), repr(new_settings.get(key))
+            if len(old) + len(new) > 240:  # a whole JSON schema: the key says enough
+                changes.append(f"{key} changed")
+                continue
+            changes.append(f"{key}: {old} -> {new}")
     return changes
 
 

@@ -78,13 +78,30 @@ def _params(param: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
+class _PathOrUri(click.ParamType):
+    """A local path, or an object-store URI kept as text (a Path would fold its `//`)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path | str:
+        from .storage import is_uri
+
+        if isinstance(value, str) and is_uri(value):
+            return value
+        return Path(value)
+
+
+_PATH_OR_URI = _PathOrUri()
+
+
 def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
     """The options shared by `run` and `estimate` (SPEC sections 3, 5-9, 13)."""
     options = [
         click.argument("job", required=False, type=click.Path(dir_okay=False, path_type=Path)),
-        click.option("-i", "--input", "input_", type=click.Path(path_type=Path),
-                     help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv."),
-        click.option("-o", "--output", type=click.Path(path_type=Path),
+        click.option("-i", "--input", "input_", type=_PATH_OR_URI,
+                     help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv "
+                          "(a path, or s3://bucket/key)."),
+        click.option("-o", "--output", type=_PATH_OR_URI,
                      help="Results file (Parquet); the checkpoint lives beside it."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
@@ -117,6 +134,10 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+                     metavar="FILE", help="Ask for JSON matching this schema (JSON or TOML)."),
+        click.option("--invalid-retries", type=int, metavar="N",
+                     help="Re-asks of an answer that fails the schema [2]."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -164,6 +185,11 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines format.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the final figures, with the exit code, to this JSON file.")
+@click.option("--engine", type=click.Choice(["local", "ray"]),
+              help="Where rows are processed: this process, or actors on a Ray cluster [local].")
+@click.option("--ray-address", metavar="ADDR",
+              help="Ray cluster to join [RAY_ADDRESS, else a local instance].")
+@click.option("--ray-actors", type=int, help="Ray actors [one per CPU of the cluster].")
 def run(job: Path | None, **kwargs: Any) -> None:
     """Send every row of the input and write the results to Parquet.
 
@@ -172,6 +198,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
       batchrunner run -i sample_data/prompts.jsonl -o out/results.parquet -m gpt-4o-mini --local
       batchrunner run jobs/nightly-eval.toml
       batchrunner run jobs/nightly-eval.toml --limit 10 -o out/smoke.parquet
+      batchrunner run jobs/nightly-eval.toml --engine ray --api-key-env KEY_A,KEY_B
       RU_LLM_API_KEY=sk-ru-... batchrunner run -i qs.parquet -o out/qs.parquet -m gpt-4o \\
           --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
 
@@ -200,9 +227,9 @@ def run(job: Path | None, **kwargs: Any) -> None:
 
 
 @main.command()
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=_PATH_OR_URI)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def status(output: Path, fmt: str) -> None:
+def status(output: Path | str, fmt: str) -> None:
     """Rows done, failed and pending, tokens and cost so far, for OUTPUT.
 
     Works while a run is going on, after an interruption and after the end.
@@ -213,8 +240,9 @@ def status(output: Path, fmt: str) -> None:
       batchrunner status out/results.parquet --format json
     """
     from .checkpoint import read_status
+    from .storage import local_view
 
-    state = read_status(output)
+    state = read_status(local_view(output))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
         data.update(output=str(state.output), pending=state.pending)
@@ -343,6 +371,8 @@ def validate(job: Path) -> None:
 @click.option("--drop-rate", type=float, default=0.0, help="Fraction of connections dropped.")
 @click.option("--rate-window", "rate_window_s", type=float, default=60.0, show_default=True,
               help="Seconds of the --rpm/--tpm window (shorter for quick tests).")
+@click.option("--invalid-json-rate", type=float, default=0.0,
+              help="Fraction of json_schema answers made invalid (not JSON, a field missing).")
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
 @click.option("--cache-min-tokens", type=int, default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")

@@ -14,6 +14,7 @@ from .errors import UsageError
 __all__ = [
     "DEFAULT_BASE_URL",
     "RunConfig",
+    "key_env_names",
     "resolve_api_key",
     "resolve_base_url",
 ]
@@ -71,6 +72,13 @@ class RunConfig:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    # structured output (SPEC 17): a schema file, or the schema itself (a job's inline table)
+    json_schema: Path | dict[str, Any] | None = None
+    invalid_retries: int = 2
+    # where the rows are processed (SPEC 14)
+    engine: str = "local"  # "local": this process; "ray": actors on a Ray cluster
+    ray_address: str | None = None  # None: the RAY_ADDRESS cluster, else a local instance
+    ray_actors: int | None = None  # None: one actor per CPU of the cluster
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -89,6 +97,12 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.invalid_retries < 0:
+            raise UsageError(f"--invalid-retries must not be negative, not {self.invalid_retries}")
+        if self.engine not in ("local", "ray"):
+            raise UsageError(f"--engine must be local or ray, not {self.engine!r}")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise UsageError(f"--ray-actors must be at least 1, not {self.ray_actors}")
         if self.restart and self.retry_failed:
             raise UsageError("--restart and --retry-failed cannot be used together")
 
@@ -107,7 +121,14 @@ class RunConfig:
             "id_column": self.id_column,
             "params": self.params,
             "stream": self.stream,
-        }
+        } | self._schema_settings()
+
+    def _schema_settings(self) -> dict[str, Any]:
+        if self.json_schema is None:
+            return {}  # absent, not None: checkpoints made before --json-schema stay valid
+        from .structured import load_schema
+
+        return {"json_schema": load_schema(self.json_schema).settings()}
 
 
 def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None) -> str:
@@ -128,12 +149,28 @@ def _checked_url(url: str, source: str) -> str:
     return url.strip().rstrip("/")
 
 
+def key_env_names(api_key_env: str | None) -> tuple[str, ...]:
+    """The variables `--api-key-env` names: one, or several separated by commas (SPEC 14).
+
+    >>> key_env_names("KEY_A, KEY_B")
+    ('KEY_A', 'KEY_B')
+    """
+    if not api_key_env:
+        return ()
+    return tuple(name.strip() for name in api_key_env.split(",") if name.strip())
+
+
 def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = None) -> str:
     """The key from the named variable, else RU_LLM_API_KEY, else OPENAI_API_KEY.
 
     The error names the variables, never a value.
     """
     environ = os.environ if environ is None else environ
+    if len(key_env_names(api_key_env)) > 1:
+        raise UsageError(
+            f"--api-key-env {api_key_env}: several keys are shared out among the actors of "
+            "--engine ray; the local engine uses one key"
+        )
     names = (api_key_env,) if api_key_env else API_KEY_ENVS
     for name in names:
         key = environ.get(name, "").strip()  # a key pasted with its newline still works

@@ -29,6 +29,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import UsageError
 from .pacing import parse_deadline
+from .storage import is_uri
 
 __all__ = [
     "JOB_KEYS",
@@ -85,13 +86,15 @@ def _nonempty_string(value: object) -> str:
     return text
 
 
-def _path(value: object) -> Path:
+def _path(value: object) -> Path | str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):
         raise _wrong("a path (a string)", value)
     if value == "":
         raise _Invalid("must not be empty")
+    if is_uri(value):
+        return value  # s3://bucket/key: a Path would fold its "//"
     return Path(value).expanduser()
 
 
@@ -151,7 +154,8 @@ def _url(value: object) -> str:
 
 def _env_name(value: object) -> str:
     text = _string(value)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+    # One NAME, or several separated by commas: the keys the Ray engine's actors share out.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*", text):
         # Most likely the key itself was pasted here; say so without repeating it.
         raise _Invalid(
             "must be the NAME of an environment variable (such as RU_LLM_API_KEY), "
@@ -199,6 +203,15 @@ def _json_value(value: object) -> Any:
     raise _wrong("a value JSON can carry (string, number, boolean, array or table)", value)
 
 
+def _schema_source(value: object) -> Path | dict[str, Any]:
+    """`json_schema`: a schema file, or the schema written inline as a table."""
+    if isinstance(value, dict):
+        return _json_value(value)
+    if isinstance(value, (str, os.PathLike)):
+        return _path(value)
+    raise _wrong("a path or a table", value)
+
+
 # --- the keys ------------------------------------------------------------------------------
 
 #: The checker of every option that may be a RunConfig field.
@@ -228,6 +241,11 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "json_schema": _schema_source,
+    "invalid_retries": _integer(minimum=0),
+    "engine": _choice("local", "ray"),
+    "ray_address": _nonempty_string,
+    "ray_actors": _integer(minimum=1),
 }
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
@@ -336,7 +354,14 @@ def load_job(path: Path) -> dict[str, Any]:
             _warn_if_typo(key, where)
 
     for key in PATH_KEYS & job.keys():
-        job[key] = Path(os.path.normpath(folder / job[key]))
+        if isinstance(job[key], Path):  # object-store URIs are absolute already
+            job[key] = Path(os.path.normpath(folder / job[key]))
+    if isinstance(job.get("json_schema"), Path):
+        job["json_schema"] = Path(os.path.normpath(folder / job["json_schema"]))
+    elif "json_schema" in job:  # an inline schema is checked here, where the file is known
+        from .structured import load_schema
+
+        load_schema(job["json_schema"], where=f"{path}: `json_schema`")
     if params:
         job["params"] = params
     return job

@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .config import RunConfig
 from .errors import UsageError
 from .pricing import PRICES_AS_OF, PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
+from .structured import StructuredSummary, summarize_files
 
 __all__ = [
     "CALIBRATION_MAX_ROWS",
@@ -112,6 +113,7 @@ class SummaryReport:
     unpriced_models: tuple[str | None, ...] = ()  # models of the rows counted unpriced
     prices_as_of: str | None = None  # the built-in prices' date, when costs were recomputed
     prices_file: str | None = None  # the price file overlaid on them, if any
+    structured: StructuredSummary | None = None  # SPEC 17, for files of --json-schema runs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: the same figures as the table, at full precision."""
@@ -124,7 +126,7 @@ class SummaryReport:
             "unpriced_models": list(self.unpriced_models),
             "groups": [_plain(asdict(g)) for g in self.groups],
             "total": _plain({k: v for k, v in asdict(self.total).items() if k != "key"}),
-        }
+        } | ({"structured": self.structured.to_dict()} if self.structured else {})
 
 
 def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[Path]:
@@ -170,7 +172,8 @@ def summarize(
     >>> report = summarize(["runs/2026-11-*.parquet"], by="dataset")
     """
     files = expand_paths(paths)
-    return _aggregate(files, by, prices)
+    report = _aggregate(files, by, prices)
+    return replace(report, structured=summarize_files(files))
 
 
 def summarize_days(
@@ -672,6 +675,8 @@ def _notes(report: SummaryReport) -> list[str]:
         )
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
+    if report.structured is not None:
+        notes.append(report.structured.render())
     return notes
 
 

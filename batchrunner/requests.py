@@ -63,6 +63,10 @@ class RequestBuilder:
         self._by_line = detect_format(config.input) == "jsonl"
         params = dict(config.params)
         params.pop("messages", None)
+        if config.json_schema is not None and "response_format" not in params:
+            from .structured import load_schema  # SPEC 17: a --param response_format wins
+
+            params["response_format"] = load_schema(config.json_schema).response_format()
         self._model: str | None = config.model or params.pop("model", None)
         params.pop("model", None)
         if config.stream:

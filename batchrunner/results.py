@@ -69,6 +69,11 @@ class Result:
     http_status: int | None = None
     error: str | None = None
     response_id: str | None = None
+    # structured output (SPEC 17): the valid answer as canonical JSON, the answers asked
+    # again for the schema and their cost; None where the run has no --json-schema
+    parsed: str | None = None
+    reasks: int | None = None
+    reask_cost_usd: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -699,11 +699,15 @@ def test_stats_count_requests_statuses_and_concurrency(start_gateway: Any) -> No
     assert asyncio.run(burst()) == [200] * 5
     chat(gateway, body_for(model="nope"))
     stats = call(gateway, "/_simulator/stats", key=None).json()
+    by_key = stats.pop("by_key")
+    assert list(by_key.values()) == [6]  # one key, named by a digest
+    assert all("sk-" not in label for label in by_key)
     assert stats == {
         "requests": 6,
         "in_flight": 0,
         "max_in_flight": 5,
         "dropped": 0,
+        "invalid_json": 0,
         "by_status": {"200": 5, "404": 1},
     }
     assert gateway.stats.max_in_flight == 5

@@ -27,11 +27,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .completions import ApiError, ChatRequest, Completion, answer, parse_request
+from .completions import ApiError, ChatRequest, Completion, Usage, answer, parse_request
 from .config import MODELS, GatewayConfig
-from .faults import FaultPlan, RateLimiter
+from .faults import FaultPlan, InvalidJsonPlan, RateLimiter
+from .json_answers import spoil
 from .prompt_cache import PromptCache
 from .stats import GatewayStats
+from .tokens import count_tokens
 
 __all__ = ["SIMULATOR", "Simulator", "create_app"]
 
@@ -86,6 +88,17 @@ def _chunk_choices(completion: Completion) -> list[str]:
     return chunks
 
 
+def _spoiled(prepared: _Prepared, how: float) -> _Prepared:
+    """The same request answered with invalid JSON (not JSON, or a required field missing)."""
+    completion = prepared.completion
+    schema = (prepared.request.response_format or {}).get("schema", {})
+    texts = tuple(spoil(text, schema, how) for text in completion.texts)
+    tokens = sum(count_tokens(text) for text in texts)
+    usage = Usage(completion.usage.prompt_tokens, tokens, completion.usage.cached_tokens)
+    spoiled = Completion(completion.model, texts, completion.finish_reasons, usage)
+    return _Prepared(prepared.request, spoiled, prepared.prefixes, prepared.model_json)
+
+
 def _usage_json(prompt: int, completion: int, cached: int) -> str:
     return (
         f'{{"prompt_tokens":{prompt},"completion_tokens":{completion},'
@@ -103,6 +116,7 @@ class Simulator:
         self.config = config
         self.stats = GatewayStats()
         self.faults = FaultPlan(config)
+        self.invalid_json = InvalidJsonPlan(config) if config.invalid_json_rate else None
         self.limiter = (
             RateLimiter(config.rpm, config.tpm, window=config.rate_window_s)
             if config.rpm is not None or config.tpm is not None
@@ -208,6 +222,11 @@ class Simulator:
         if faults.error_status is not None:
             return self._counted(self._server_error(faults.error_status))
 
+        if self.invalid_json is not None and prepared.request.response_format is not None:
+            how = self.invalid_json.draw()
+            if how is not None:
+                prepared = _spoiled(prepared, how)
+                self.stats.invalid_json += 1
         cached = (
             self.prompt_cache.lookup_and_store(prepared.prefixes) if prepared.prefixes else 0
         )
@@ -327,6 +346,7 @@ class Simulator:
             )
         key = header[7:].strip()
         if key in self._keys if self._keys else key.startswith(KEY_PREFIX) and key != KEY_PREFIX:
+            self.stats.count_key(key)
             return None
         # The key itself is never echoed: clients copy error messages into logs and results.
         return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import random
 import re
@@ -21,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from . import json_answers
 from .config import MODELS
 from .tokens import (
     WORD_CHARS_PER_TOKEN as _WORD_CHARS_PER_TOKEN,
@@ -85,6 +87,7 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    response_format: dict[str, Any] | None = None  # a checked json_object or json_schema one
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,7 @@ def parse_request(body: Any) -> ChatRequest:
         if not isinstance(options, dict):
             raise _wrong_type("stream_options", "an object", options)
         include_usage = options.get("include_usage") is True
+    response_format = _response_format(body.get("response_format"))
     if model not in MODELS:
         raise ApiError(
             404,
@@ -343,7 +347,54 @@ def parse_request(body: Any) -> ChatRequest:
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        response_format=response_format,
     )
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """A checked `response_format`: None for text, else the json_object or json_schema one."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _wrong_type("response_format", "an object", value)
+    kind = value.get("type")
+    if kind is None:
+        raise _missing("response_format.type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(
+            400,
+            f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', "
+            "and 'json_schema'.",
+            param="response_format.type",
+            code="invalid_value",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    spec = value.get("json_schema")
+    if spec is None:
+        raise _missing("response_format.json_schema")
+    if not isinstance(spec, dict):
+        raise _wrong_type("response_format.json_schema", "an object", spec)
+    name = spec.get("name")
+    if name is None:
+        raise _missing("response_format.json_schema.name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise ApiError(
+            400,
+            "Invalid 'response_format.json_schema.name': string does not match pattern. "
+            "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+            param="response_format.json_schema.name",
+            code="invalid_value",
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _wrong_type("response_format.json_schema.schema", "an object", schema)
+    return {"type": "json_schema", "name": name, "schema": schema}
 
 
 # -- answering -----------------------------------------------------------------------------
@@ -527,6 +578,25 @@ def _cut(text: str, tokens: int, request: ChatRequest) -> tuple[str, int, str]:
     return text, tokens, "stop"
 
 
+def _json_answer(
+    request: ChatRequest, seed: bytes, index: int, topics: tuple[str, ...]
+) -> tuple[str, int]:
+    """A JSON answer: valid against the json_schema, or an object for json_object."""
+    response_format = request.response_format
+    assert response_format is not None
+    schema = response_format.get("schema")
+    if schema is None:  # json_object: any object will do; one with the natural answer
+        text, _ = _generate(seed, index, topics, _MEAN_TOKENS)
+        value: Any = {"answer": text}
+    else:
+        material = b"%d\x1d%s\x1d%s" % (
+            index, seed, json.dumps(schema, sort_keys=True).encode()
+        )
+        value = json_answers.json_value(schema, material, topics)
+    text = json_answers.render(value)
+    return text, count_tokens(text)
+
+
 def answer(request: ChatRequest) -> Completion:
     """The simulator's deterministic answer to a checked request."""
     prompt_tokens = count_prompt_tokens(request.messages)
@@ -537,7 +607,10 @@ def answer(request: ChatRequest) -> Completion:
     reasons: list[str] = []
     completion_tokens = 0
     for index in range(request.n):
-        text, tokens, reason = _cut(*_generate(seed, index, topics, mean), request)
+        if request.response_format is not None:
+            text, tokens, reason = _cut(*_json_answer(request, seed, index, topics), request)
+        else:
+            text, tokens, reason = _cut(*_generate(seed, index, topics, mean), request)
         texts.append(text)
         reasons.append(reason)
         completion_tokens += tokens

@@ -29,12 +29,13 @@ class GatewayConfig:
     tpm: int | None = None  # tokens (prompt + completion) per sliding 60 s window
     drop_rate: float = 0.0  # fraction of answers whose connection is dropped midway
     rate_window_s: float = 60.0  # the rpm/tpm window; shorter only so tests see a limit reset
+    invalid_json_rate: float = 0.0  # fraction of json_schema answers made invalid on purpose
     fault_seed: int | None = None
     cache_min_tokens: int = 1024  # shortest prompt prefix that is cached
     cache_step_tokens: int = 128  # cached prefixes grow in steps of this many tokens
 
     def __post_init__(self) -> None:
-        for name in ("error_rate", "drop_rate"):
+        for name in ("error_rate", "drop_rate", "invalid_json_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {value}")

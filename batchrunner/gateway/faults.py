@@ -16,7 +16,7 @@ from typing import Callable
 
 from .config import GatewayConfig
 
-__all__ = ["FaultPlan", "Faults", "RateLimiter", "format_duration"]
+__all__ = ["FaultPlan", "Faults", "InvalidJsonPlan", "RateLimiter", "format_duration"]
 
 WINDOW_SECONDS = 60.0
 
@@ -56,6 +56,23 @@ class FaultPlan:
             error_status=(500 if u_status < 0.5 else 503) if u_error < config.error_rate else None,
             drop_at=u_cut if u_drop < config.drop_rate else None,
         )
+
+
+class InvalidJsonPlan:
+    """Which json_schema answers are made invalid (`invalid_json_rate`), and how.
+
+    Its own random stream, seeded from `fault_seed`: turning it on changes no other fault.
+    """
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self._rate = config.invalid_json_rate
+        seed = None if config.fault_seed is None else f"{config.fault_seed}:invalid-json"
+        self._rng = random.Random(seed)
+
+    def draw(self) -> float | None:
+        """None for a valid answer, else a number in [0, 1) choosing how it is spoiled."""
+        u_spoil, u_how = self._rng.random(), self._rng.random()
+        return u_how if u_spoil < self._rate else None
 
 
 def format_duration(seconds: float) -> str:
