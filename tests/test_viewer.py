@@ -271,7 +271,8 @@ def test_pages_read_only_row_groups_and_match_a_small_grouped_file(tmp_path: Pat
         "id": [f"r{i}" for i in range(n)],
         "prompt": [f"prompt {i}" for i in range(n)],
         "status": statuses,
-        "content": [None if s == "error" else f"answer {i}" for i, s in enumerate(statuses)],
+        "content": [None if s == "error" else ("x" * 1000 if i == 1 else f"answer {i}")
+                    for i, s in enumerate(statuses)],
         "model": ["m1" if i % 2 else "m2" for i in range(n)],
         "total_tokens": pa.array([10] * n, pa.int64()),
         "cost_usd": [0.001] * n,
@@ -300,6 +301,9 @@ def test_pages_read_only_row_groups_and_match_a_small_grouped_file(tmp_path: Pat
     assert high["total"] == sum(s >= 0.75 for s in scores)
     slowest = data.page(Filters(), limit=3, sort="-latency_ms")
     assert [r["id"] for r in slowest["rows"]] == ["r999", "r998", "r997"]
+    long = data.page(Filters(), limit=2)["rows"][1]["content"]
+    assert long == "x" * 240 + "…"  # a table cell; the row in full has it all
+    assert data.row(1)["row"]["content"] == "x" * 1000
     kind = data.page(Filters(error_kind="input: line #: prompt is null"), limit=5)
     assert kind["total"] == len(expected)
 
@@ -641,3 +645,24 @@ def test_readme_screenshot_is_a_small_png() -> None:
     png = ROOT / "docs" / "viewer.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size < 400_000
+
+
+def test_a_structured_run_shows_parsed_and_the_response_format_sent(
+    tmp_path: Path, gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+    questions = tmp_path / "questions.jsonl"
+    _write_questions(questions, 6)
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}},
+              "required": ["answer"], "additionalProperties": False}
+    (tmp_path / "answer.json").write_text(json.dumps(schema))
+    output = tmp_path / "structured.parquet"
+    _run(questions, output, "gpt-4o", gateway.base_url, json_schema=tmp_path / "answer.json")
+    data = Dataset(open_sources([output]))
+    assert "parsed" in data.describe()["optional_columns"]
+    detail = data.row(0)
+    expected = pq.read_table(output).column("parsed")[0].as_py()
+    assert detail["row"]["parsed"] == expected and json.loads(expected)
+    sent = detail["request"]["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == schema
+    assert "parsed" not in detail["inputs"] and "reasks" not in detail["inputs"]

@@ -452,12 +452,16 @@ class Dataset:
                 if prompt is None:
                     fallback = _fallback_prompt_columns(source)
                     prompt = record.get(fallback[0]) if fallback else None
-                rows[at] = {
+                preview = {
                     "index": int(chosen[at]),
                     "source": int(number),
                     "prompt": _shorten(prompt),
                     **{c: record.get(c) for c in _PREVIEW_COLUMNS if c in record},
                 }
+                for name in ("content", "error"):  # cut to a cell; the row view has it whole
+                    if name in preview:
+                        preview[name] = _shorten(preview[name])
+                rows[at] = preview
         return [r for r in rows if r is not None]
 
     def _page_columns(self, number: int) -> list[str]:

@@ -26,8 +26,14 @@ _SETTINGS = ("system", "template", "prompt_column", "messages_column", "id_colum
 class RequestRenderer:
     """Rebuilds the request body of a source's rows (see the module docstring)."""
 
-    def __init__(self, builder: RequestBuilder, names: dict[str, str]) -> None:
+    def __init__(
+        self,
+        builder: RequestBuilder,
+        names: dict[str, str],
+        response_format: dict[str, Any] | None = None,
+    ) -> None:
         self._builder = builder
+        self._response_format = response_format
         self._names = names  # output column -> the input column it carries
         by_input = {v: k for k, v in names.items()}
         self.needed: list[str] = [by_input[c] for c in builder.columns if c in by_input]
@@ -56,7 +62,7 @@ class RequestRenderer:
             builder = RequestBuilder(config, list(names.values()))
         except (BatchrunnerError, TypeError, ValueError):
             return None
-        return cls(builder, names)
+        return cls(builder, names, _response_format(settings.get("json_schema")))
 
     def request(self, record: dict[str, Any]) -> dict[str, Any]:
         """The body sent for this output row (or {"error": ...} when it could not be built)."""
@@ -65,6 +71,8 @@ class RequestRenderer:
         if row.body is None:
             return {"error": row.error}
         body = dict(row.body)
+        if self._response_format is not None and "response_format" not in body:
+            body["response_format"] = self._response_format  # --json-schema (SPEC 17)
         if record.get("model"):
             body["model"] = record["model"]  # the output's model: the one this row asked for
         return body
@@ -76,6 +84,17 @@ class RequestRenderer:
             if message.get("role") == "user" and isinstance(message.get("content"), str):
                 return message["content"]
         return None
+
+
+def _response_format(schema: Any) -> dict[str, Any] | None:
+    """The `response_format` a --json-schema run sent, from what its manifest records."""
+    if not isinstance(schema, dict) or "schema" not in schema:
+        return None
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": schema.get("name", "response"), "schema": schema["schema"],
+                        "strict": True},
+    }
 
 
 def _input_names(columns: list[str]) -> dict[str, str]:

@@ -29,22 +29,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..checkpoint import checkpoint_dir
+from ..checkpoint import RESULT_SCHEMA, checkpoint_dir
 from ..errors import UsageError
 
 __all__ = ["CheckpointSource", "ParquetSource", "Source", "open_sources"]
 
 log = logging.getLogger(__name__)
 
-#: Result columns (SPEC section 7) that are not input columns. Optional ones may be absent.
-RESULT_COLUMNS = frozenset(
-    {
-        "id", "status", "content", "choices", "finish_reason", "model", "response_model",
-        "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "cost_usd",
-        "attempts", "latency_ms", "ttft_ms", "http_status", "error", "response_id",
-        "refusal", "cache_hit", "score", "parsed",
-    }
-)
+#: Result columns (SPEC section 7) that are not input columns: the checkpoint's, and the
+#: optional ones other features add (some may be absent from a file).
+RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names) | {
+    "refusal", "cache_hit", "score", "parsed", "reasks", "reask_cost_usd",
+}
 #: What the index keeps of every row, when the file has it.
 LIGHT_COLUMNS = (
     "id", "status", "model", "prompt_tokens", "completion_tokens", "total_tokens",

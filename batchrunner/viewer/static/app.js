@@ -442,11 +442,11 @@
     clear(facts);
     const factKeys = ["status", "model", "response_model", "finish_reason", "prompt_tokens", "completion_tokens",
       "cached_tokens", "total_tokens", "cost_usd", "attempts", "latency_ms", "ttft_ms", "http_status",
-      "response_id", "score", "cache_hit", "refusal", "parsed"];
+      "response_id", "score", "cache_hit", "refusal", "parsed", "reasks", "reask_cost_usd"];
     for (const key of factKeys) {
       if (!(key in row)) continue;
       let value = row[key];
-      if (key === "cost_usd") value = usd(value);
+      if (key === "cost_usd" || key === "reask_cost_usd") value = usd(value);
       else if (key === "latency_ms" || key === "ttft_ms") value = ms(value);
       else value = shown(value);
       facts.append(el("tr", { "data-k": key }, el("th", {}, key), el("td", {}, value)));
