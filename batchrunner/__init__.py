@@ -19,8 +19,10 @@ from .errors import (
     CheckpointMismatch,
     InputError,
     OutputLocked,
+    StorageError,
     UsageError,
 )
+from .export import export_results
 from .jobs import build_config, load_job
 from .pricing import PriceTable
 from .reports import estimate, summarize
@@ -40,12 +42,14 @@ __all__ = [
     "RunConfig",
     "RunControl",
     "RunReport",
+    "StorageError",
     "Usage",
     "UsageError",
     "arun",
     "build_config",
     "check_job",
     "estimate",
+    "export_results",
     "list_models",
     "load_job",
     "read_status",

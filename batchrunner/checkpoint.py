@@ -7,6 +7,7 @@ Layout, beside the output `OUT.parquet`:
         lock              flock()ed by the live run; the kernel drops it when the process dies
         part-00001.arrows results of the first session, an Arrow IPC stream of record batches
         part-00002.arrows results of the session after the first interruption, and so on
+        storage-fault     4 KiB reserved for the record of a failed write (durability.py)
 
 Each session appends record batches to its own segment and fsyncs after every batch, so a
 SIGKILL at any instant loses at most the batch being written; a torn last batch is detected on
@@ -18,11 +19,12 @@ memory stays bounded by the chunk and not by the run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
+from .export import TableWriter, open_table_writer, output_format
 from .results import Result
+from .durability import read_fault
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -68,6 +71,7 @@ RESULT_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
+        ("cache_hit", pa.bool_()),
         # structured output (SPEC 17); dropped from the output of a run without a schema
         ("parsed", pa.string()),
         ("reasks", pa.int32()),
@@ -76,7 +80,9 @@ RESULT_SCHEMA = pa.schema(
 )
 _STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
 JSON_SCHEMA_METADATA = b"batchrunner.json_schema"  # a structured run's output records its schema
-_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA])
+# `_hash`: a hash of the row's request body (null for an input error), so that a row edited in
+# the input is told from one left alone (SPEC 8, incremental inputs).
+_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA, ("_hash", pa.int64())])
 _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
     [
         ("_row", pa.int64()),
@@ -87,6 +93,8 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
         ("cached_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
+        ("cache_hit", pa.bool_()),
+        ("_hash", pa.int64()),
     ]
 )
 
@@ -125,6 +133,7 @@ class _BatchRef:
     offset: int  # where its IPC message starts in the segment
     first_row: int
     last_row: int
+    schema: pa.Schema | None = None  # the segment's own layout, when older than this one's
 
 
 class DoneSet:
@@ -178,6 +187,9 @@ class CheckpointStatus:
     live: bool
     finished: bool
     segments: int
+    storage_fault: dict[str, Any] | None = None  # the last run's failed write (durability.py)
+    cache_hits: int = 0  # rows served from the response cache (their cost is not in cost_usd)
+    reused_cost_usd: float = 0.0  # what those rows cost when first paid for
 
     @property
     def pending(self) -> int:
@@ -209,6 +221,8 @@ class _Progress:
         self.state = np.zeros(rows, dtype=np.int8)
         self.sums: dict[str, float] = dict.fromkeys(self._SUMS, 0)
         self.unpriced = 0
+        self.hits = 0  # results served from the response cache
+        self.reused = 0.0  # their cost, part of sums["cost_usd"] but not paid by this output
 
     @classmethod
     def of(cls, summary: pa.Table, rows: int) -> _Progress:
@@ -219,7 +233,7 @@ class _Progress:
         positions = positions[row_numbers[positions] < rows]
         ok = summary.column("ok").to_numpy(zero_copy_only=False)[positions]
         progress.state[row_numbers[positions]] = np.where(ok, cls._OK, cls._ERROR)
-        sums = summary.select(list(cls._SUMS))  # not the ids: a million strings to copy
+        sums = summary.select([*cls._SUMS, "cache_hit"])  # not the ids: a million strings
         progress._add_sums(sums.take(pa.array(positions, pa.int64())))
         return progress
 
@@ -237,6 +251,9 @@ class _Progress:
         unpriced = pc.and_(pc.is_null(table.column("cost_usd")),
                            pc.is_valid(table.column("total_tokens")))
         self.unpriced += pc.sum(unpriced.cast(pa.int64())).as_py() or 0
+        hit = table.column("cache_hit").fill_null(False)
+        self.hits += pc.sum(hit.cast(pa.int64())).as_py() or 0
+        self.reused += pc.sum(pc.if_else(hit, table.column("cost_usd"), None)).as_py() or 0.0
 
     def complete(self, rows: int) -> bool:
         """True when each of the first `rows` rows has a result."""
@@ -251,8 +268,10 @@ class _Progress:
             "ok": ok,
             "failed": failed,
             **{name: int(self.sums[name]) for name in self._SUMS[:-1]},
-            "cost_usd": float(self.sums["cost_usd"]),
+            "cost_usd": float(self.sums["cost_usd"]) - float(self.reused),  # paid only
             "unpriced_rows": int(self.unpriced),
+            "cache_hits": int(self.hits),
+            "reused_cost_usd": float(self.reused),
         }
 
 
@@ -274,6 +293,8 @@ class Checkpoint:
         self._buffer: list[Result] = []
         self._segment_path: Path | None = None
         self._segment_file: Any = None
+        self._hashes: list[int | None] = []
+        self.incremental: dict[str, int] | None = None  # kept/new/changed/removed, when so
 
     # -- opening -------------------------------------------------------------------------
 
@@ -285,19 +306,22 @@ class Checkpoint:
         *,
         rows: int,
         restart: bool = False,
+        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
     ) -> Checkpoint:
         """Lock the output, check or write the manifest, and load what is done.
 
         Raises OutputLocked when another live run holds the output, CheckpointMismatch when
-        the input or settings changed (unless `restart`, which discards everything).
+        the settings changed, or the input did and `current` is not given (unless `restart`,
+        which discards everything). With `current` (the new input's ids and request hashes),
+        a changed input alone is reconciled: see `_reconcile`.
         """
         ckpt = cls(output)
         ckpt._lock()
         try:
             if restart:
                 ckpt._discard()
-            ckpt._check_manifest(fingerprint, rows)
-            ckpt._loaded = _load(ckpt.directory)
+            ckpt._check_manifest(fingerprint, rows, current)
+            ckpt._loaded = _load(ckpt.directory, ckpt._first_segment())
             ckpt._progress = _Progress.of(ckpt._loaded.summary, rows)
         except BaseException:
             ckpt.close()
@@ -340,7 +364,12 @@ class Checkpoint:
         with contextlib.suppress(FileNotFoundError):
             self.output.unlink()
 
-    def _check_manifest(self, fingerprint: dict[str, Any], rows: int) -> None:
+    def _check_manifest(
+        self,
+        fingerprint: dict[str, Any],
+        rows: int,
+        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
+    ) -> None:
         path = self.directory / "manifest.json"
         if path.exists():
             try:
@@ -348,7 +377,15 @@ class Checkpoint:
             except ValueError:
                 manifest = None  # torn before its atomic rename could complete: start afresh
             if manifest is not None:
-                changes = describe_changes(manifest.get("fingerprint", {}), fingerprint)
+                self._manifest = manifest
+                _finish_compaction(self.directory, self._first_segment())
+                old = manifest.get("fingerprint", {})
+                changes = describe_changes(old, fingerprint)
+                if (changes and current is not None
+                        and old.get("settings") == fingerprint.get("settings")):
+                    # Only the input changed: keep the results of the rows left as they were.
+                    self.incremental = _reconcile(self, fingerprint, rows, current)
+                    return
                 if changes:
                     raise CheckpointMismatch(
                         f"{self.output}: the checkpoint was made with other settings: "
@@ -367,6 +404,10 @@ class Checkpoint:
             "finished": False,
         }
         self._write_manifest()
+
+    def _first_segment(self) -> int:
+        """Segments numbered below this one were folded into it by an incremental run."""
+        return int(self._manifest.get("first_segment", 0))
 
     def _write_manifest(self) -> None:
         _atomic_write_bytes(
@@ -403,9 +444,10 @@ class Checkpoint:
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(self, result: Result) -> None:
-        """Buffer one result; `take_batch` + `write_batch` make it durable."""
+    def append(self, result: Result, request_hash: int | None = None) -> None:
+        """Buffer one result (and its request body's hash); `take_batch` + `write_batch` keep it."""
         self._buffer.append(result)
+        self._hashes.append(request_hash)
 
     @property
     def buffered(self) -> int:
@@ -417,7 +459,8 @@ class Checkpoint:
         if not self._buffer:
             return None
         results, self._buffer = self._buffer, []
-        return results_to_batch(results)
+        hashes, self._hashes = self._hashes, []
+        return results_to_batch(results, hashes)
 
     def write_batch(self, batch: pa.RecordBatch | None) -> None:
         """Append a batch to this session's segment and fsync it (safe to call in a thread).
@@ -428,15 +471,25 @@ class Checkpoint:
         """
         if batch is None or not batch.num_rows:
             return
-        if self._segment_file is None:
-            self._open_segment()
-            if self._manifest.get("finished"):  # new results: the output must be rebuilt
-                self._manifest["finished"] = False
-                self._write_manifest()
-        offset = self._segment_file.tell()
-        self._segment_file.write(batch.serialize())
-        self._segment_file.flush()
-        os.fsync(self._segment_file.fileno())
+        offset: int | None = None
+        try:
+            if self._segment_file is None:
+                self._open_segment()
+                if self._manifest.get("finished"):  # new results: the output must be rebuilt
+                    self._manifest["finished"] = False
+                    try:
+                        self._write_manifest()
+                    except OSError:
+                        self._manifest["finished"] = True  # still so on disk: write it next time
+                        raise
+            offset = self._segment_file.tell()
+            self._segment_file.write(batch.serialize())
+            self._segment_file.flush()
+            os.fsync(self._segment_file.fileno())
+            _check_same_file(self._segment_path, self._segment_file)  # type: ignore[arg-type]
+        except OSError:
+            self._drop_segment(offset)
+            raise
         rows = batch.column(0)
         self._loaded.batches.append(
             _BatchRef(
@@ -452,16 +505,44 @@ class Checkpoint:
         numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
         path = self.directory / f"part-{max(numbers, default=0) + 1:05d}.arrows"
         self._segment_file = open(path, "xb")
+        self._segment_path = path
         self._segment_file.write(_SEGMENT_SCHEMA.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
         _fsync_dir(self.directory)
-        self._segment_path = path
+
+    def _drop_segment(self, offset: int | None) -> None:
+        """After a failed write: cut the segment back to its last whole batch and close it.
+
+        The next write starts a new segment. Best effort: on a vanished folder or a dead disk
+        there is nothing to cut, and a torn tail is ignored on reading anyway.
+        """
+        handle, path = self._segment_file, self._segment_path
+        self._segment_file = self._segment_path = None
+        if handle is None or path is None:
+            return
+        try:
+            ours: os.stat_result | None = os.fstat(handle.fileno())
+        except OSError:
+            ours = None
+        with contextlib.suppress(OSError):
+            handle.close()  # may flush a partial buffer: cut afterwards
+        if ours is None:
+            return
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+                return  # the path names another file now (the folder was replaced): not ours
+            if offset is None or not any(b.segment == path for b in self._loaded.batches):
+                path.unlink()  # it holds no batch: a schema alone would only take space
+            else:
+                os.truncate(path, offset)
 
     def close(self) -> None:
         """Close the segment and release the lock (buffered results must be written first)."""
         if self._segment_file is not None:
-            self._segment_file.close()  # every batch was fsynced as it was written
+            with contextlib.suppress(OSError):  # every batch was fsynced as it was written
+                self._segment_file.close()
             self._segment_file = None
         if self._lock_file is not None:
             with contextlib.suppress(OSError):
@@ -485,7 +566,8 @@ class Checkpoint:
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        writer: pq.ParquetWriter | None = None
+        fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
+        writer: TableWriter | None = None
         start = 0
         try:
             for table in input_tables:
@@ -493,14 +575,14 @@ class Checkpoint:
                 results = self._results_for(start, stop)
                 joined = self._structured_output(_join(table, results, id_column))
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, joined.schema, compression="zstd")
+                    writer = open_table_writer(tmp, joined.schema, fmt)
                 writer.write_table(joined, row_group_size=65536)
                 del table, results, joined
                 pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                 start = stop
             if writer is None:  # an empty input still gets a valid, empty file
                 empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
-                writer = pq.ParquetWriter(tmp, empty.schema, compression="zstd")
+                writer = open_table_writer(tmp, empty.schema, fmt)
             writer.close()
             writer = None
             if start != rows:
@@ -535,15 +617,18 @@ class Checkpoint:
         refs = [b for b in self._loaded.batches if b.first_row < stop and b.last_row >= start]
         pieces: list[pa.RecordBatch] = []
         by_segment: dict[Path, list[int]] = {}
+        layouts: dict[Path, pa.Schema] = {}
         for ref in refs:
             by_segment.setdefault(ref.segment, []).append(ref.offset)
+            layouts[ref.segment] = ref.schema or _SEGMENT_SCHEMA
         # Segment by segment in the order they were written, so later results win; only the
         # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
             with pa.memory_map(str(segment)) as source:
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)
-                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), _SEGMENT_SCHEMA)
+                    batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), layouts[segment])
+                    batch = _conform(batch)
                     rows = batch.column(0)
                     keep = pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop))
                     pieces.append(batch.filter(keep))
@@ -554,7 +639,7 @@ class Checkpoint:
         got = picked.column("_row").to_numpy()
         if len(got) != stop - start or (len(got) and (got[0] != start or got[-1] != stop - 1)):
             raise UsageError(f"rows {start}..{stop - 1} are not all checkpointed; cannot finalize")
-        return picked.drop_columns(["_row"])
+        return picked.drop_columns(["_row", "_hash"])
 
 
 # -- reading segments -----------------------------------------------------------------------
@@ -585,7 +670,7 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
         except (pa.ArrowInvalid, OSError, StopIteration):
             log.warning("checkpoint: %s holds no complete batch; ignored", segment.name)
             return
-        if schema != _SEGMENT_SCHEMA:
+        if schema != _SEGMENT_SCHEMA and not _readable(schema):
             log.warning("checkpoint: %s has an unknown layout; ignored", segment.name)
             return
         kept = 0
@@ -603,10 +688,44 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
                 )
                 return
             kept += 1
-            yield offset, batch
+            yield offset, _conform(batch)
 
 
-def _load(directory: Path) -> _Loaded:
+def _readable(schema: pa.Schema) -> bool:
+    """True for an older layout: some of today's columns, none unknown (new ones are null)."""
+    current = {f.name: f.type for f in _SEGMENT_SCHEMA}
+    return "_row" in schema.names and all(current.get(f.name) == f.type for f in schema)
+
+
+def _conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of an older layout in today's: the columns it lacks are null."""
+    if batch.schema == _SEGMENT_SCHEMA:
+        return batch
+    names = batch.schema.names
+    columns = [
+        batch.column(f.name) if f.name in names else pa.nulls(batch.num_rows, f.type)
+        for f in _SEGMENT_SCHEMA
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
+
+
+def _segment_layout(segment: Path) -> pa.Schema | None:
+    """The schema a segment was written with, when it is not today's (None when it is)."""
+    try:
+        with pa.OSFile(str(segment)) as source:
+            schema = pa.ipc.read_schema(pa.ipc.read_message(source))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return None if schema == _SEGMENT_SCHEMA else schema
+
+
+def _segments(directory: Path, first: int = 0) -> list[Path]:
+    """The live segments, in the order they were written."""
+    found = sorted(directory.glob("part-*.arrows"), key=_segment_number)
+    return [p for p in found if _segment_number(p) >= first]
+
+
+def _load(directory: Path, first_segment: int = 0) -> _Loaded:
     """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
     loaded = _Loaded()
     pieces: list[pa.Table] = []
@@ -614,13 +733,14 @@ def _load(directory: Path) -> _Loaded:
     # ~32k rows at once: a batch holds whole answers, and memory must not grow with a segment.
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    for segment in sorted(directory.glob("part-*.arrows"), key=_segment_number):
+    for segment in _segments(directory, first_segment):
+        layout = _segment_layout(segment)
         for offset, batch in _read_batches(segment):
             rows = batch.column(0)
             if not batch.num_rows:
                 continue
             loaded.batches.append(
-                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py())
+                _BatchRef(segment, offset, pc.min(rows).as_py(), pc.max(rows).as_py(), layout)
             )
             pending.append(batch)
             pending_rows += batch.num_rows
@@ -655,6 +775,8 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         return values.to_numpy(zero_copy_only=False)[positions]
 
     ok = int(column("ok", False).sum())
+    hit = column("cache_hit", False).astype(bool)
+    costs = column("cost_usd")
     cost = summary.column("cost_usd")
     unpriced = pc.and_(pc.is_null(cost), pc.is_valid(summary.column("total_tokens")))
     return {
@@ -665,8 +787,10 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         "completion_tokens": int(column("completion_tokens").sum()),
         "cached_tokens": int(column("cached_tokens").sum()),
         "total_tokens": int(column("total_tokens").sum()),
-        "cost_usd": float(column("cost_usd").sum()),
+        "cost_usd": float(costs[~hit].sum()),  # paid: what the cache served is not spending
         "unpriced_rows": int(_bools(unpriced)[positions].sum()) if len(positions) else 0,
+        "cache_hits": int(hit.sum()),
+        "reused_cost_usd": float(costs[hit].sum()),
     }
 
 
@@ -678,7 +802,9 @@ def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
 # -- building batches and the output --------------------------------------------------------
 
 
-def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
+def results_to_batch(
+    results: Sequence[Result], hashes: Sequence[int | None] | None = None
+) -> pa.RecordBatch:
     """Results as one record batch of the segment schema (columnar, no per-cell objects)."""
     usages = [r.usage for r in results]
     columns = [
@@ -701,9 +827,11 @@ def results_to_batch(results: Sequence[Result]) -> pa.RecordBatch:
         [r.http_status for r in results],
         [r.error for r in results],
         [r.response_id for r in results],
+        [r.cache_hit for r in results],
         [r.parsed for r in results],
         [r.reasks for r in results],
         [r.reask_cost_usd for r in results],
+        list(hashes) if hashes is not None else [None] * len(results),
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],
@@ -739,14 +867,15 @@ def read_status(output: Path) -> CheckpointStatus:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
-    loaded = _load(directory)
+    loaded = _load(directory, int(manifest.get("first_segment", 0)))
     totals = _totals(loaded.summary)
     return CheckpointStatus(
         output=output,
         rows=int(manifest.get("rows", 0)),
         live=_is_locked(directory / "lock"),
         finished=bool(manifest.get("finished")) and output.exists(),
-        segments=len(list(directory.glob("part-*.arrows"))),
+        segments=len(_segments(directory, int(manifest.get("first_segment", 0)))),
+        storage_fault=read_fault(directory),
         **totals,
     )
 
@@ -793,9 +922,118 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _check_same_file(path: Path, handle: Any) -> None:
+    """Raise ENOENT when `path` no longer names the open file (its folder was removed).
+
+    Writes to a deleted file succeed on POSIX, into an inode nobody will ever read.
+    """
+    if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+        raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- incremental inputs (SPEC 8) -------------------------------------------------------------
+
+
+def _finish_compaction(directory: Path, first: int) -> None:
+    """Complete an incremental rewrite that a crash interrupted after its manifest was written."""
+    if not first:
+        return
+    target = directory / f"part-{first:05d}.arrows"
+    pending = directory / f"compact-{first:05d}.tmp"
+    if not target.exists() and pending.exists():
+        os.replace(pending, target)
+        _fsync_dir(directory)
+    for path in directory.glob("part-*.arrows"):
+        if _segment_number(path) < first:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    for path in directory.glob("compact-*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _reconcile(
+    ckpt: Checkpoint,
+    fingerprint: dict[str, Any],
+    rows: int,
+    current: Callable[[], tuple[pa.Array, np.ndarray]],
+) -> dict[str, int]:
+    """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
+
+    `current()` gives the new input's ids and request hashes (0 for a row that cannot be
+    sent). The kept results are rewritten, renumbered, into one new segment, written and
+    fsynced under a temporary name; the manifest (the new input, and that older segments are
+    gone) is the commit point; then the segment is renamed and the old ones removed. A crash at
+    any point leaves either the old checkpoint or the new one.
+    """
+    directory = ckpt.directory
+    first = ckpt._first_segment()
+    loaded = _load(directory, first)
+    summary = loaded.summary
+    assert summary is not None
+    old_rows = summary.column("_row").to_numpy()
+    positions = _last_positions(old_rows)
+    picked = pa.array(positions, pa.int64())
+    last_rows = old_rows[positions]
+    old_ids = summary.column("id").take(picked).combine_chunks()
+    old_hashes = summary.column("_hash").take(picked).combine_chunks()
+    del summary
+    new_ids, new_hashes = current()
+    where = pc.index_in(old_ids, value_set=new_ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    matched = where >= 0
+    hashed = old_hashes.is_valid().to_numpy(zero_copy_only=False)
+    same = matched & hashed
+    same[same] = old_hashes.fill_null(0).to_numpy()[same] == new_hashes[where[same]]
+    counts = {
+        "kept": int(same.sum()),
+        "new": int(len(new_ids) - matched.sum()),
+        "changed": int((matched & ~same).sum()),
+        "removed": int((~matched).sum()),
+    }
+    if not counts["changed"] and not counts["removed"] and np.array_equal(where, last_rows):
+        # Rows only appended: every result keeps its number, the segments stay as they are.
+        ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False)
+        ckpt._write_manifest()
+        _say_what_changed(ckpt.output, counts)
+        return counts
+    mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
+    mapping[last_rows[same]] = where[same]
+    del old_ids, old_hashes, new_ids, new_hashes, where
+
+    number = max((_segment_number(p) for p in directory.glob("part-*.arrows")), default=0) + 1
+    pending = directory / f"compact-{number:05d}.tmp"
+    with open(pending, "wb") as handle:
+        handle.write(_SEGMENT_SCHEMA.serialize())
+        for segment in _segments(directory, first):
+            for _offset, batch in _read_batches(segment):
+                renumbered = mapping[np.minimum(batch.column(0).to_numpy(), len(mapping) - 1)]
+                keep = renumbered >= 0
+                if not keep.any():
+                    continue
+                kept = batch.filter(pa.array(keep))
+                columns = [pa.array(renumbered[keep], pa.int64()), *kept.columns[1:]]
+                out = pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
+                handle.write(out.serialize())
+        handle.flush()
+        os.fsync(handle.fileno())
+    ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False, first_segment=number)
+    ckpt._write_manifest()  # the commit point
+    _finish_compaction(directory, number)
+    _say_what_changed(ckpt.output, counts)
+    return counts
+
+
+def _say_what_changed(output: Path, counts: dict[str, int]) -> None:
+    log.info(
+        "%s: the input changed: kept %s, new %s, changed %s, removed %s",
+        output, f"{counts['kept']:,}", f"{counts['new']:,}", f"{counts['changed']:,}",
+        f"{counts['removed']:,}",
+    )

@@ -6,8 +6,10 @@ The only module that imports click. Every command body is short: the work is in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__  # noqa: F401
-from .errors import BatchrunnerError, UsageError
+from .errors import BatchrunnerError, StorageError, UsageError
 
 log = logging.getLogger("batchrunner")
 
@@ -34,6 +36,36 @@ class _Group(click.Group):
         except BatchrunnerError as exc:
             click.echo(f"batchrunner: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BrokenPipeError:  # `batchrunner export ... | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+            ctx.exit(EXIT_BROKEN_PIPE)
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+            click.echo(crash_line(exc, path), err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+_CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
+_KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
+
+
+def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
+    """Have a bug in this command write its crash.log in `output`'s checkpoint folder."""
+    from .checkpoint import checkpoint_dir
+    from .storage import is_uri
+
+    meta = click.get_current_context().meta
+    if not is_uri(output):  # an object-store output's log goes to the current folder
+        meta[_CRASH_FOLDER] = checkpoint_dir(Path(output))
+    if api_key_env:
+        meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -60,21 +92,16 @@ def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None
     root.propagate = False
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word such as `--param user=alice`
-
-
 def _params(param: tuple[str, ...]) -> dict[str, Any]:
-    """`--param KEY=JSON` options as a dict (a value that is not JSON is taken as a string)."""
+    """`--param KEY=JSON` options as a dict; a value that is not JSON is a usage error."""
+    from .jobs import param_value
+
     params: dict[str, Any] = {}
     for item in param:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r}: expected KEY=JSON, e.g. --param seed=7")
-        params[key] = _json_value(value)
+        params[key] = param_value(key, value)
     return params
 
 
@@ -102,7 +129,8 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv "
                           "(a path, or s3://bucket/key)."),
         click.option("-o", "--output", type=_PATH_OR_URI,
-                     help="Results file (Parquet); the checkpoint lives beside it."),
+                     help="Results: .parquet, .jsonl or .csv (may hold {date}); the checkpoint "
+                          "lives beside it."),
         click.option("-m", "--model", help="Model for rows without a `model` column."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
@@ -134,6 +162,12 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--cache", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+                     help="Serve repeated requests from the response cache "
+                          "[$BATCHRUNNER_CACHE, else ~/.cache/batchrunner/responses.sqlite]."),
+        click.option("--cache-mode",
+                     type=click.Choice(["read-write", "read-only", "write-only", "refresh"]),
+                     help="How --cache is used [read-write]; refresh sends and replaces."),
         click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
                      metavar="FILE", help="Ask for JSON matching this schema (JSON or TOML)."),
         click.option("--invalid-retries", type=int, metavar="N",
@@ -151,6 +185,11 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     stop = kwargs.pop("stop")
     if stop:
         kwargs["stop"] = list(stop) if len(stop) > 1 else stop[0]
+    if str(kwargs.get("cache") or "").endswith(".toml"):
+        raise UsageError(f"--cache {kwargs['cache']}: that is a job file; write the job first "
+                         "(`run JOB.toml --cache`) or give the cache as --cache=PATH")
+    if kwargs.get("cache") is not None:
+        kwargs["cache"] = Path(kwargs["cache"]) if kwargs["cache"] else True  # bare --cache
     overrides = {k: v for k, v in kwargs.items() if v is not None}
     if params:
         overrides["params"] = params
@@ -204,13 +243,17 @@ def run(job: Path | None, **kwargs: Any) -> None:
 
     Running the same command again resumes: only rows with no result are sent.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
-    5 stopped by --max-cost/--deadline, 130/143 interrupted.
+    5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
+    the traceback is in crash.log in the checkpoint folder), 74 checkpoint or output
+    could not be written (disk full, read-only, I/O error).
     """
     from . import engine
     from .checkpoint import use_system_allocator
     from .progress import ProgressDisplay
 
+    _configure_logging()  # warnings about the options themselves (a --param typo)
     config = _config(job, kwargs)
+    _crash_folder(config.output, config.api_key_env)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
@@ -218,9 +261,11 @@ def run(job: Path | None, **kwargs: Any) -> None:
             report = engine.run(config, on_result=display.update)
         except BatchrunnerError as exc:
             if config.summary_json is not None:
-                engine.write_summary_json(
-                    config.summary_json, {"exit_code": exc.exit_code, "error": str(exc)}
-                )
+                data: dict[str, Any] = {"exit_code": exc.exit_code, "error": str(exc)}
+                if isinstance(exc, StorageError):
+                    data["storage_fault"] = {"path": exc.path, "cause": exc.cause}
+                with contextlib.suppress(OSError):  # on the same full disk: the error says it
+                    engine.write_summary_json(config.summary_json, data)
             raise
     display.final_summary(report)
     sys.exit(report.exit_code)
@@ -242,6 +287,7 @@ def status(output: Path | str, fmt: str) -> None:
     from .checkpoint import read_status
     from .storage import local_view
 
+    _crash_folder(output)
     state = read_status(local_view(output))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
@@ -249,6 +295,8 @@ def status(output: Path | str, fmt: str) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
+    if phase == "stopped" and state.storage_fault is not None:
+        phase = f"stopped on a storage fault: {state.storage_fault['message']}"
     click.echo(
         f"{state.output}: {phase}\n"
         f"  rows     {state.rows:>12,}\n"
@@ -258,6 +306,9 @@ def status(output: Path | str, fmt: str) -> None:
         f"cached {state.cached_tokens:,}, completion {state.completion_tokens:,}\n"
         f"  cost     {'$' + format(state.cost_usd, ',.4f'):>12}"
         + (f"   ({state.unpriced_rows:,} rows of unpriced models)" if state.unpriced_rows else "")
+        + (f"\n  reused   {'$' + format(state.reused_cost_usd, ',.4f'):>12}   "
+           f"{state.cache_hits:,} rows from the response cache, not paid again"
+           if state.cache_hits else "")
     )
 
 
@@ -318,6 +369,39 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
 
 
 @main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "batch-api"]),
+              help="jsonl, csv, or the OpenAI Batch API's output lines [from -o's extension].")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write to this file (replaced atomically) [stdout].")
+@click.option("--flatten", is_flag=True,
+              help="Make `parsed` (a --json-schema run's answers) a column per top-level field.")
+@click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
+              help="The schema --flatten follows [the one the results record].")
+def export(results: Path, fmt: str | None, output: Path | None, flatten: bool,
+           json_schema: Path | None) -> None:
+    """Write a Parquet results file as JSONL, CSV or OpenAI Batch API output lines.
+
+    \b
+    Examples:
+      batchrunner export out/results.parquet --format csv > results.csv
+      batchrunner export out/results.parquet -o out/results.jsonl
+      batchrunner export out/results.parquet --format batch-api -o out/batch_output.jsonl
+      batchrunner export out/entities.parquet --flatten --format csv -o out/entities.csv
+    """
+    from .export import export_results
+
+    if fmt is None:
+        suffix = output.suffix.lower() if output is not None else ""
+        fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
+        if fmt is None:
+            raise UsageError("give --format jsonl, csv or batch-api")
+    rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
+    if output is not None:
+        click.echo(f"{rows:,} rows written to {output}", err=True)
+
+
+@main.command()
 @click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL].")
 @click.option("--api-key-env", metavar="NAME", help="Variable holding the key.")
 @click.option("--local", is_flag=True, help="Ask the built-in gateway simulator.")
@@ -357,6 +441,65 @@ def validate(job: Path) -> None:
     info = check_job(config)
     click.echo(f"{job}: ok: {info.rows:,} rows from {config.input} ({info.format}), "
                f"results to {config.output}")
+
+
+@main.group()
+def cache() -> None:
+    """The response cache (SPEC 16): stats, prune, clear.
+
+    \b
+    Examples:
+      batchrunner cache stats
+      batchrunner cache prune --older-than 30d
+      batchrunner cache clear --path ~/.cache/batchrunner/responses.sqlite
+    """
+
+
+_cache_path = click.option(
+    "--path", type=click.Path(dir_okay=False, path_type=Path),
+    help="The cache file [$BATCHRUNNER_CACHE, else ~/.cache/batchrunner/responses.sqlite].",
+)
+
+
+@cache.command("stats")
+@_cache_path
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def cache_stats(path: Path | None, fmt: str) -> None:
+    """Entries, size, hits by model and cost saved."""
+    from .cache import cache_stats as read_stats
+
+    stats = read_stats(path)
+    if fmt == "json":
+        click.echo(json.dumps(stats.to_dict(), indent=2))
+        return
+    lines = [f"{stats.path}", f"  entries     {stats.entries:>12,}",
+             f"  size        {stats.size_bytes / 1e6:>10,.1f} MB",
+             f"  hits        {sum(stats.hits_by_model.values()):>12,}",
+             f"  cost saved  {'$' + format(stats.cost_saved_usd, ',.4f'):>12}"]
+    lines += [f"    {model or '(no model)':<30} {n:>10,} hits"
+              for model, n in stats.hits_by_model.items()]
+    click.echo("\n".join(lines))
+
+
+@cache.command("prune")
+@_cache_path
+@click.option("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m.")
+def cache_prune(path: Path | None, older_than: str) -> None:
+    """Remove the answers stored longer ago than AGE."""
+    from .cache import prune_cache
+
+    removed = prune_cache(path, older_than)
+    click.echo(f"removed {removed:,} answers stored more than {older_than} ago")
+
+
+@cache.command("clear")
+@_cache_path
+def cache_clear(path: Path | None) -> None:
+    """Remove every stored answer."""
+    from .cache import clear_cache
+
+    removed = clear_cache(path)
+    click.echo(f"removed {removed:,} answers")
 
 
 @main.command()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import UsageError
+from .paths import expand_date
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -27,6 +29,9 @@ BASE_URL_ENVS = ("RU_LLM_BASE_URL", "OPENAI_BASE_URL")
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, with the defaults of SPEC sections 5-8 and 13.
+
+    `{date}` and `{date:STRFTIME}` in `output` and `summary_json` are replaced by the local
+    date the config was made (the run's start), once.
 
     The API key is deliberately absent: only the name of the variable that holds it is kept,
     so a config can be printed, logged or pickled without leaking it.
@@ -67,6 +72,9 @@ class RunConfig:
     local: bool = False
     # cost (SPEC 9)
     prices: Path | None = None
+    # response cache (SPEC 16): True for the default file, a path for another; off when None
+    cache: bool | Path | None = None
+    cache_mode: str = "read-write"
     # progress and logs (SPEC 13)
     quiet: bool = False
     log_format: str = "text"
@@ -81,6 +89,13 @@ class RunConfig:
     ray_actors: int | None = None  # None: one actor per CPU of the cluster
 
     def __post_init__(self) -> None:
+        # {date} in the output paths: resolved once, here, so everything follows one path
+        started = datetime.now().astimezone()
+        for name in ("output", "summary_json"):
+            value = getattr(self, name)
+            if value is not None and "{" in str(value):
+                flag = "--" + name.replace("_", "-")
+                object.__setattr__(self, name, expand_date(value, now=started, what=flag))
         if self.concurrency < 1:
             raise UsageError(f"--concurrency must be at least 1, not {self.concurrency}")
         if self.max_attempts < 1:
@@ -97,10 +112,17 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.cache_mode not in ("read-write", "read-only", "write-only", "refresh"):
+            raise UsageError(
+                "--cache-mode must be read-write, read-only, write-only or refresh, "
+                f"not {self.cache_mode!r}"
+            )
         if self.invalid_retries < 0:
             raise UsageError(f"--invalid-retries must not be negative, not {self.invalid_retries}")
         if self.engine not in ("local", "ray"):
             raise UsageError(f"--engine must be local or ray, not {self.engine!r}")
+        if self.engine == "ray" and self.cache not in (None, False):
+            raise UsageError("--cache works with the local engine only, not with --engine ray")
         if self.ray_actors is not None and self.ray_actors < 1:
             raise UsageError(f"--ray-actors must be at least 1, not {self.ray_actors}")
         if self.restart and self.retry_failed:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import inputs, storage
+from .cache import LOOKUP_ROWS, CacheSession, request_hash
 from .checkpoint import Checkpoint, DoneSet
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
@@ -39,13 +40,16 @@ from .errors import (
     RateLimited,
     RequestError,
     RetryableError,
+    StorageError,
     UsageError,
 )
+from .export import check_output
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
+from .durability import CheckpointWriter, DurabilityGate, open_checkpoint
 from .structured import ask_until_valid, load_schema
 
 __all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
@@ -74,8 +78,10 @@ class Tally:
     completion_tokens: int = 0
     cached_tokens: int = 0
     total_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # paid: what the response cache served is in reused_cost_usd
     started: float = dataclasses.field(default_factory=time.monotonic)
+    cache_hits: int = 0
+    reused_cost_usd: float = 0.0
 
     @property
     def done(self) -> int:
@@ -98,7 +104,11 @@ class Tally:
         self.completion_tokens += usage.completion_tokens or 0
         self.cached_tokens += usage.cached_tokens or 0
         self.total_tokens += usage.total_tokens or 0
-        self.cost_usd += result.cost_usd or 0.0
+        if result.cache_hit:
+            self.cache_hits += 1
+            self.reused_cost_usd += result.cost_usd or 0.0
+        else:
+            self.cost_usd += result.cost_usd or 0.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,8 @@ class RunReport:
     cost_usd: float
     wall_seconds: float
     message: str = ""
+    cache_hits: int = 0  # rows served from the response cache, this run and earlier ones
+    reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
 
     @property
     def pending(self) -> int:
@@ -132,6 +144,7 @@ class RunReport:
         data["output"] = str(self.output)
         data["pending"] = self.pending
         data["cost_usd"] = round(self.cost_usd, 10)
+        data["reused_cost_usd"] = round(self.reused_cost_usd, 10)
         data["wall_seconds"] = round(self.wall_seconds, 3)
         return data
 
@@ -282,12 +295,14 @@ class _Run:
         self.stop_event = asyncio.Event()
         self.flush_event = asyncio.Event()
         self.busy = 0  # rows being processed right now
+        self.gate = DurabilityGate(config.checkpoint_every + config.concurrency)
         self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
         self.id_column: str | None = None
         self.feed_error: UsageError | None = None
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
+        self.cache: CacheSession | None = None
         self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
 
     def __repr__(self) -> str:
@@ -297,6 +312,7 @@ class _Run:
 
     async def execute(self) -> RunReport:
         config = self.config
+        check_output(config.output)  # nothing is paid for that cannot be written (SPEC 7)
         deadline = self._deadline()
         info = inputs.scan_input(config)
         builder = RequestBuilder(config, info.columns)
@@ -306,9 +322,27 @@ class _Run:
             "settings": config.request_settings(),
         }
         self.tally.rows = info.rows
-        with Checkpoint.open(
-            config.output, fingerprint, rows=info.rows, restart=config.restart
+        key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
+        self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
+        try:
+            return await self._execute(config, info, builder, fingerprint, deadline)
+        finally:
+            if self.cache is not None:
+                await self.cache.close()
+
+    async def _execute(
+        self,
+        config: RunConfig,
+        info: inputs.InputInfo,
+        builder: RequestBuilder,
+        fingerprint: dict[str, Any],
+        deadline: Deadline | None,
+    ) -> RunReport:
+        with open_checkpoint(
+            config.output, fingerprint, rows=info.rows, restart=config.restart,
+            current=lambda: _current_rows(config, builder),
         ) as ckpt:
+            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < info.rows or not ckpt.complete(info.rows):
@@ -334,6 +368,8 @@ class _Run:
             tally.cached_tokens = totals["cached_tokens"]
             tally.total_tokens = totals["total_tokens"]
             tally.cost_usd = totals["cost_usd"]
+            tally.cache_hits = totals.get("cache_hits", 0)
+            tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
         else:
             # Only the ok rows are kept; their figures are a lower bound shown until the end.
             tally.cost_usd = 0.0
@@ -371,7 +407,8 @@ class _Run:
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
                 # The last write: everything that finished is made durable before we return.
-                self._writes.append(executor.submit(ckpt.write_batch, ckpt.take_batch()))
+                self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+                self._writes.append(executor.submit(self.writer.last_attempt))
                 executor.shutdown(wait=True)
                 for write in self._writes:
                     write.result()  # a failed checkpoint write is an error, never a silent loss
@@ -383,6 +420,11 @@ class _Run:
         builder: RequestBuilder,
         done: DoneSet,
     ) -> None:
+        cached = self.cache is not None and self.cache.reads
+        lookups: list[Row] = []
+        # One batch is looked up (in the cache's thread) while the one before is served, so
+        # that the workers never wait for the cache.
+        looking: tuple[list[Row], asyncio.Future[Any]] | None = None
         try:
             for row in _rows_to_send(self.config, builder, done):
                 if self.stop_event.is_set():
@@ -390,13 +432,63 @@ class _Run:
                 if row.body is None:  # an input error: recorded, never sent
                     self._record(ckpt, _input_error_result(row, self.config.model))
                     continue
+                if cached:  # looked up in batches; only the misses are queued
+                    lookups.append(row)
+                    if len(lookups) >= LOOKUP_ROWS:
+                        looking = await self._look_up(lookups, looking, queue, ckpt)
+                        lookups = []
+                    continue
                 await queue.put(row)
+            if lookups:
+                looking = await self._look_up(lookups, looking, queue, ckpt)
+            if looking is not None:
+                await self._serve_cached(*looking, queue, ckpt)
+                looking = None
         except UsageError as exc:  # the input broke part-way: keep what is done, stop
             self.feed_error = exc
             self.control.stop("input", exc.exit_code)
             return
+        finally:
+            if looking is not None:
+                looking[1].cancel()
         for _ in range(self.config.concurrency):
             await queue.put(None)
+
+    async def _look_up(
+        self,
+        rows: list[Row],
+        previous: tuple[list[Row], asyncio.Future[Any]] | None,
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> tuple[list[Row], asyncio.Future[Any]]:
+        """Start looking `rows` up, then serve the batch looked up before; return the new one."""
+        assert self.cache is not None
+        started = asyncio.ensure_future(self.cache.lookup(rows))
+        if previous is not None:
+            try:
+                await self._serve_cached(*previous, queue, ckpt)
+            except BaseException:
+                started.cancel()
+                raise
+        return rows, started
+
+    async def _serve_cached(
+        self,
+        rows: list[Row],
+        lookup: asyncio.Future[Any],
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> None:
+        """Record the rows the response cache holds; queue the others to be sent."""
+        assert self.cache is not None
+        answers, hashes = await lookup
+        for row, answer, row_hash in zip(rows, answers, hashes):
+            if self.stop_event.is_set():
+                return
+            if answer is not None:
+                self._record(ckpt, self.cache.hit_result(row, answer), row_hash=row_hash)
+            else:
+                await queue.put(row)
 
     async def _worker(self, queue: asyncio.Queue[Row | None], ckpt: Checkpoint) -> None:
         while True:
@@ -407,7 +499,7 @@ class _Run:
             try:
                 result = await self._process(row)
                 if result is not None:
-                    self._record(ckpt, result)
+                    self._record(ckpt, result, row.body)
             except Exception:
                 self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
                 raise
@@ -426,12 +518,16 @@ class _Run:
             batch = ckpt.take_batch()
             if batch is None:
                 continue
-            write = executor.submit(ckpt.write_batch, batch)
+            write = executor.submit(self.writer.write, batch)
             self._writes.append(write)
             # Shielded: cancelling this task at the end must not cancel a write whose rows
             # have already left the buffer (they would be lost); the end waits for it instead.
             await asyncio.shield(asyncio.wrap_future(write))
             self._writes = [w for w in self._writes if not w.done() or w.exception()]
+            if self.writer.fault is not None:  # no new request from now on (SPEC 8)
+                self.control.stop("storage", StorageError.exit_code)
+                return
+            self.gate.written(batch.num_rows)
 
     async def _watch_deadline(self, deadline: Deadline) -> None:
         await asyncio.sleep(deadline.remaining())
@@ -441,6 +537,7 @@ class _Run:
     async def _watch_stop(self, workers: list[asyncio.Task[None]]) -> None:
         """Once a stop is asked, let in-flight rows finish (within a grace period), then end."""
         await self.stop_event.wait()
+        self.gate.release()
         if self.control.reason == "budget":
             grace = math.inf  # what is in flight is being paid for: let it finish
         elif self.control.reason == "auth":
@@ -453,8 +550,17 @@ class _Run:
         for task in workers:
             task.cancel()
 
-    def _record(self, ckpt: Checkpoint, result: Result) -> None:
-        ckpt.append(result)
+    def _record(
+        self,
+        ckpt: Checkpoint,
+        result: Result,
+        body: dict[str, Any] | None = None,
+        row_hash: int | None = None,
+    ) -> None:
+        if row_hash is None and body is not None:
+            row_hash = request_hash(body)
+        ckpt.append(result, row_hash)
+        self.gate.received()
         self.tally.add(result)
         if ckpt.buffered >= self.config.checkpoint_every:
             self.flush_event.set()
@@ -480,11 +586,17 @@ class _Run:
             if self.stop_event.is_set():
                 raise _Abandon()
             reserved = await self._reserve_budget(model, prompt_bound, completion_bound)
+            await self.gate.admit()  # at most one checkpoint interval waits to be durable
+            if self.stop_event.is_set():
+                if self.budget is not None:
+                    self.budget.settle(reserved, 0.0)
+                raise _Abandon()
             attempts += 1
             self.tally.sent += 1
             started = time.perf_counter()
             try:
-                return await self._attempt(body, tokens_estimate)
+                with self.gate.sending():
+                    return await self._attempt(body, tokens_estimate)
             except BaseException as exc:
                 if self.budget is not None:
                     # An answer cut short may still be billed: count the worst case.
@@ -523,7 +635,10 @@ class _Run:
                 http_status=exc.http_status,
                 error=str(exc),
             )
-        return self._ok_result(row, answer, attempts, reserved)
+        result = self._ok_result(row, answer, attempts, reserved)
+        if self.cache is not None:
+            self.cache.offer(row, result)
+        return result
 
     async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
         async with self.pacer.slot(tokens_estimate) as slot:
@@ -604,11 +719,16 @@ class _Run:
         control = self.control
         complete = ckpt.complete(rows)
         reason = control.reason
-        if complete and reason != "auth":
-            if not ckpt.finished:
-                # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
-                tables = inputs.iter_tables(self.config, batch_rows=32768)
-                ckpt.finalize(tables, rows, id_column=self.id_column)
+        fault = self.writer.fault
+        if complete and reason != "auth" and fault is None and not ckpt.finished:
+            # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
+            tables = inputs.iter_tables(self.config, batch_rows=32768)
+            fault = self.writer.finalize(tables, rows, id_column=self.id_column)
+        if fault is not None:  # a write failed: whatever else stopped the run, this is exit 74
+            self._use_totals(ckpt.done_totals())
+            code, reason, message = StorageError.exit_code, "storage", self.writer.message(rows)
+            self.writer.record(rows)
+        elif complete and reason != "auth":
             self._use_totals(ckpt.done_totals())
             code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
             reason = "complete"
@@ -634,9 +754,21 @@ class _Run:
             cost_usd=self.tally.cost_usd,
             wall_seconds=self.tally.elapsed,
             message=message,
+            cache_hits=self.tally.cache_hits,
+            reused_cost_usd=self.tally.reused_cost_usd,
         )
         if self.config.summary_json is not None:
-            write_summary_json(self.config.summary_json, report)
+            summary = report.to_dict()
+            if fault is not None:
+                summary["storage_fault"] = self.writer.details(rows)
+            try:
+                write_summary_json(self.config.summary_json, summary)
+            except OSError as exc:  # the monitoring file: said, but it changes no result
+                note = f"cannot write --summary-json {self.config.summary_json}: {exc.strerror}"
+                if fault is None:
+                    log.warning("%s", note)
+                else:  # the run ends with one line: keep it one
+                    report = dataclasses.replace(report, message=f"{report.message}; {note}")
         return report
 
     def _use_totals(self, totals: dict[str, Any]) -> None:
@@ -647,6 +779,8 @@ class _Run:
         tally.cached_tokens = totals["cached_tokens"]
         tally.total_tokens = totals["total_tokens"]
         tally.cost_usd = totals["cost_usd"]
+        tally.cache_hits = totals.get("cache_hits", 0)
+        tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
@@ -680,6 +814,28 @@ def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> 
         if one_by_one and done.contains(index, row.id):
             continue
         yield row
+
+
+def _current_rows(config: RunConfig, builder: RequestBuilder) -> tuple[Any, Any]:
+    """Every row's id and request hash (0 where it cannot be sent), for an incremental run."""
+    import numpy as np
+    import pyarrow as pa
+
+    id_chunks: list[pa.Array] = []
+    hash_chunks: list[np.ndarray] = []
+    ids: list[str] = []
+    hashes: list[int] = []
+    for index, record, error in inputs.iter_records(config, columns=builder.columns):
+        row = builder.build(index, record, error)
+        ids.append(row.id)
+        hashes.append(0 if row.body is None else request_hash(row.body))
+        if len(ids) >= 65536:  # columnar as it goes: no million Python strings at once
+            id_chunks.append(pa.array(ids, pa.string()))
+            hash_chunks.append(np.array(hashes, dtype=np.int64))
+            ids, hashes = [], []
+    id_chunks.append(pa.array(ids, pa.string()))
+    hash_chunks.append(np.array(hashes, dtype=np.int64))
+    return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
 
 
 def _input_error_result(row: Row, model: str | None) -> Result:
@@ -724,6 +880,7 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if config.deadline:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
+    check_output(config.output)
     if storage.is_uri(config.input):
         config = config.replace(input=storage.stage_input(str(config.input)))
     info = inputs.scan_input(config)

@@ -9,6 +9,7 @@ command, the exit code of SPEC section 11. Retry decisions key on these classes,
     │   ├── CheckpointMismatch    exit 2: input or settings changed since the checkpoint
     │   └── OutputLocked          exit 2: another run holds the output
     ├── AuthRefused               exit 4: the gateway refused the key (401/403)
+    ├── StorageError              exit 74: the checkpoint or the output could not be written
     └── RequestError              one HTTP attempt failed (never ends a command by itself)
         ├── RetryableError        worth another attempt
         │   ├── ConnectionFailed  refused, reset or dropped connection
@@ -35,6 +36,7 @@ __all__ = [
     "RequestError",
     "RetryableError",
     "ServerError",
+    "StorageError",
     "UsageError",
 ]
 
@@ -71,6 +73,20 @@ class AuthRefused(BatchrunnerError):
     def __init__(self, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
         self.http_status = http_status
+
+
+class StorageError(BatchrunnerError):
+    """The checkpoint or the output could not be written (disk full, read-only, I/O error).
+
+    `path` is what could not be written and `cause` the system's reason; nothing more is sent.
+    """
+
+    exit_code = 74
+
+    def __init__(self, message: str, *, path: str | None = None, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.cause = cause
 
 
 class RequestError(BatchrunnerError):

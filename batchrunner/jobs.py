@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "REQUEST_KEYS",
     "build_config",
     "load_job",
+    "param_value",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,16 @@ def _deadline(value: object) -> str:
     return value.strip()
 
 
+def _cache(value: object) -> bool | Path:
+    # `cache = true` (the default file), `cache = false`, or `cache = "path/to/cache.sqlite"`.
+    if isinstance(value, bool):
+        return value
+    try:
+        return _path(value)
+    except _Invalid:
+        raise _wrong("true, false or a path (a string)", value) from None
+
+
 def _stop(value: object) -> str | list[str]:
     if isinstance(value, str):
         return value
@@ -241,6 +253,8 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "cache": _cache,
+    "cache_mode": _choice("read-write", "read-only", "write-only", "refresh"),
     "json_schema": _schema_source,
     "invalid_retries": _integer(minimum=0),
     "engine": _choice("local", "ray"),
@@ -286,7 +300,7 @@ _RESERVED_PARAMS = {
     "messages": "messages come from the input (a messages column, `template` or `prompt_column`)",
 }
 
-# Fields of CreateChatCompletionRequest in ../shared/openai-chat-schema.json: used to tell a
+# Fields of CreateChatCompletionRequest in tests/data/openai-chat-schema.json: used to tell a
 # misplaced request field from a typo, never to refuse a field (gateways add their own).
 _OPENAI_REQUEST_FIELDS = frozenset(
     """audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens
@@ -362,6 +376,8 @@ def load_job(path: Path) -> dict[str, Any]:
         from .structured import load_schema
 
         load_schema(job["json_schema"], where=f"{path}: `json_schema`")
+    if isinstance(job.get("cache"), Path):
+        job["cache"] = Path(os.path.normpath(folder / job["cache"]))
     if params:
         job["params"] = params
     return job
@@ -407,6 +423,30 @@ def _warn_if_typo(key: str, where: str) -> None:
 # --- folding with the command line ---------------------------------------------------------
 
 
+def param_value(key: str, text: str) -> Any:
+    """The value of `--param KEY=TEXT`: TEXT must be JSON (SPEC section 6).
+
+    A bare word is refused rather than guessed at, since `{type:json}` or `0.5.1` sent as a
+    string would reach the gateway unnoticed; the message shows how to quote a string.
+
+    >>> param_value("seed", "7"), param_value("user", '"batch-7"')
+    (7, 'batch-7')
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        if text.lstrip().startswith(("{", "[")):
+            hint = (
+                "in an object or array, keys and strings need double quotes, e.g. "
+                """--param 'response_format={"type": "json_object"}'"""
+            )
+        else:
+            hint = f"""a string needs JSON quotes inside the shell's: --param '{key}="{shown}"'"""
+        raise UsageError(f"--param {key}: {shown!r} is not JSON; {hint}") from None
+
+
+
 def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RunConfig:
     """One RunConfig from a job (from load_job, or None) and the options the user gave.
 
@@ -434,6 +474,7 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
                 if name in _RESERVED_PARAMS:
                     raise UsageError(f"{where} is not allowed: {_RESERVED_PARAMS[name]}")
                 given_params[name] = _checked(_REQUEST_CHECKS.get(name, _json_value), item, where)
+                _warn_if_typo(name, where)
         elif key in _REQUEST_CHECKS:
             named_params[key] = _checked(_REQUEST_CHECKS[key], value, flag)
         elif key in _RUN_KEYS or key in _INVOCATION_KEYS:

@@ -109,13 +109,18 @@ class ProgressDisplay:
                       "message": "summary", "detail": figures.pop("message"), **figures}
             print(json.dumps(record), file=self.stream, flush=True)
             return
+        if report.reason == "storage":  # SPEC 8: one line, naming the path and the cause
+            print(f"batchrunner: error: {report.message}", file=self.stream, flush=True)
+            return
         lines = [
             f"batchrunner: {_headline(report)}",
             f"  rows      {report.rows:,}: ok {report.ok:,}, failed {report.failed:,}, "
             f"pending {report.pending:,} (resumed {report.resumed:,}, requests sent {report.sent:,})",
             f"  tokens    {report.total_tokens:,} (prompt {report.prompt_tokens:,}, "
             f"cached {report.cached_tokens:,}, completion {report.completion_tokens:,})",
-            f"  cost      ${report.cost_usd:,.4f}",
+            f"  cost      ${report.cost_usd:,.4f}"
+            + (f" paid; ${report.reused_cost_usd:,.4f} reused from the response cache "
+               f"({report.cache_hits:,} rows)" if report.cache_hits else ""),
             f"  wall time {_duration(report.wall_seconds)}",
         ]
         if report.reason == "complete":

@@ -92,6 +92,8 @@ class GroupSummary:
     unpriced_rows: int
     latency_p50_ms: float | None
     latency_p95_ms: float | None
+    cache_hits: int = 0  # rows served from the response cache: their cost is not in cost_usd
+    reused_cost_usd: float = 0.0  # what those rows cost when first paid (the files' cost_usd)
 
 
 _FIGURES = tuple(f for f in GroupSummary.__slots__ if f != "key")  # type: ignore[attr-defined]
@@ -225,6 +227,8 @@ _SUMS = (
     "c_completion",
     "file_cost",  # sum of the file's non-null cost_usd
     "file_uncosted",  # billable rows whose cost_usd is null
+    "hits",  # rows served from the response cache (not paid: out of every cost sum above)
+    "reused",  # their cost when first paid, from the files' cost_usd
 )
 
 
@@ -240,7 +244,8 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     if prices is None:
         needed.append("cost_usd")
     for path in files:
-        for table in _read_batches(path, by, needed):
+        extra = [c for c in ("cache_hit", "cost_usd") if c in _names(path) and c not in needed]
+        for table in _read_batches(path, by, [*needed, *extra]):
             tally = _tally(table, path, by, prices is not None, keys, models)
             pair_keys.append(tally.pair_keys)
             pair_models.append(tally.pair_models)
@@ -282,7 +287,7 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     def per_key(values: np.ndarray) -> np.ndarray:
         return np.bincount(pk, weights=values, minlength=nkeys)
 
-    by_key = {name: per_key(s[name]) for name in ("rows", "ok", *_TOKENS)}
+    by_key = {name: per_key(s[name]) for name in ("rows", "ok", *_TOKENS, "hits", "reused")}
     cost_by_key = per_key(pair_cost)
     unpriced_by_key = per_key(pair_unpriced)
     lk = np.concatenate(lat_keys) if lat_keys else np.zeros(0, np.int64)
@@ -356,9 +361,14 @@ def _tally(
     valid = {name: _bool(pc.is_valid(table.column(name))) for name in _TOKENS}
     billable = valid["prompt_tokens"] | valid["completion_tokens"] | valid["total_tokens"]
     complete = valid["prompt_tokens"] & valid["completion_tokens"]
+    hit = (_bool(pc.fill_null(table.column("cache_hit"), False))
+           if "cache_hit" in table.column_names else np.zeros(n, dtype=bool))
+    reused = (np.where(hit, _floats(pc.fill_null(table.column("cost_usd"), 0.0)), 0.0)
+              if hit.any() else np.zeros(n))
+    billable, complete = billable & ~hit, complete & ~hit  # a cache hit was not paid for
     if not recompute:
         cost_col = table.column("cost_usd")
-        file_cost = _floats(pc.fill_null(cost_col, 0.0))
+        file_cost = np.where(hit, 0.0, _floats(pc.fill_null(cost_col, 0.0)))
         uncosted = billable & ~_bool(pc.is_valid(cost_col))
     else:
         file_cost = np.zeros(n)
@@ -377,6 +387,8 @@ def _tally(
         np.where(complete, counts["completion_tokens"], 0),
         file_cost,
         uncosted,
+        hit,
+        reused,
     )
     # Group rows by (key, model) pair: a dense pair index, then one bincount per sum.
     width = int(mglobal.max(initial=0)) + 1
@@ -420,7 +432,17 @@ def _group(
         unpriced_rows=unpriced_rows,
         latency_p50_ms=None if p50 is None or math.isnan(p50) else float(p50),
         latency_p95_ms=None if p95 is None or math.isnan(p95) else float(p95),
+        cache_hits=int(round(sums.get("hits", 0))),
+        reused_cost_usd=float(sums.get("reused", 0.0)),
     )
+
+
+def _names(path: Path) -> list[str]:
+    """A result file's column names (none when it cannot be read: _read_batches says why)."""
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        return []
 
 
 def _grouped_quantiles(
@@ -673,6 +695,12 @@ def _notes(report: SummaryReport) -> list[str]:
             f"no price, or no prompt or completion count), of: {models}; '>=' marks the cost "
             "of the priced rows alone, '?' a cost wholly unknown"
         )
+    if report.total.cache_hits:
+        notes.append(
+            f"cost is what was paid; {report.total.cache_hits:,} rows came from the response "
+            f"cache, reused ${report.total.reused_cost_usd:,.{_COST_DIGITS}f} paid before "
+            "(not counted again)"
+        )
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
     if report.structured is not None:
@@ -918,6 +946,7 @@ class Estimate:
     calibration: Calibration | None = None
     prices_as_of: str = PRICES_AS_OF
     prices_file: str | None = None
+    cached_rows: int = 0  # with --cache: rows the response cache holds (not sent, no cost)
 
     @property
     def unpriced_models(self) -> tuple[str | None, ...]:
@@ -975,12 +1004,16 @@ def estimate(
     info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     tallies: dict[str | None, _ModelTally] = {}
-    rows = input_errors = 0
-    for index, record, error in iter_records(config, builder.columns):
+    rows = input_errors = cached_rows = 0
+    bodies = (builder.build(i, record, error).body
+              for i, record, error in iter_records(config, builder.columns))
+    for body, cached in _cache_marked(config, bodies):
         rows += 1
-        body = builder.build(index, record, error).body
         if body is None:
             input_errors += 1
+            continue
+        if cached:
+            cached_rows += 1
             continue
         model = body.get("model")
         tally = tallies.get(model)
@@ -1012,7 +1045,7 @@ def estimate(
     return Estimate(
         input=str(config.input),
         rows=rows,
-        rows_to_send=rows - input_errors,
+        rows_to_send=rows - input_errors - cached_rows,
         input_errors=input_errors,
         chars=sum(t.chars for t in tallies.values()),
         messages=sum(t.messages for t in tallies.values()),
@@ -1025,7 +1058,40 @@ def estimate(
         models=models,
         calibration=calibration,
         prices_file=None if prices.source is None else str(prices.source),
+        cached_rows=cached_rows,
     )
+
+
+def _cache_marked(
+    config: RunConfig, bodies: Iterable[dict[str, Any] | None]
+) -> Iterable[tuple[dict[str, Any] | None, bool]]:
+    """Each body, with True where the response cache (`config.cache`) holds its answer."""
+    from .cache import LOOKUP_ROWS, ResponseCache, cache_key, default_cache_path
+    from .config import resolve_base_url
+
+    path = None
+    if config.cache is not None and config.cache is not False:
+        path = default_cache_path() if config.cache is True else Path(config.cache)
+    if path is None or not path.exists() or config.cache_mode in ("write-only", "refresh"):
+        for body in bodies:
+            yield body, False
+        return
+    url = "batchrunner:local" if config.local else resolve_base_url(config.base_url)
+    with ResponseCache.open(path) as cache:
+        chunk: list[dict[str, Any] | None] = []
+        for body in bodies:
+            chunk.append(body)
+            if len(chunk) >= LOOKUP_ROWS:
+                yield from _marked_chunk(cache, chunk, url, cache_key)
+                chunk = []
+        yield from _marked_chunk(cache, chunk, url, cache_key)
+
+
+def _marked_chunk(cache: Any, chunk: list[Any], url: str, key: Any) -> Iterable[tuple[Any, bool]]:
+    keys = [None if body is None else key(body, url) for body in chunk]
+    found = cache.lookup([k for k in keys if k is not None])
+    for body, k in zip(chunk, keys):
+        yield body, k is not None and k in found
 
 
 def _text_length(content: Any) -> int:
@@ -1215,6 +1281,8 @@ def _calibration_rows(
 def render_estimate(est: Estimate) -> str:
     """The estimate as text for people: totals as low .. high ranges, then one line per model."""
     sent = f"{est.rows_to_send:,} to send"
+    if est.cached_rows:
+        sent += f", {est.cached_rows:,} in the response cache (not sent, no cost)"
     if est.input_errors:
         sent += f", {est.input_errors:,} with input errors (not sent, no cost)"
     lines = [f"input: {est.input}: {est.rows:,} rows, {sent}"]

@@ -3,11 +3,12 @@
 The rules, in order, for a row:
 
 1. a messages column (`--messages-column`, or a column called `messages` when neither
-   `--template` nor `--prompt-column` is given) holding a list of `{role, content}`, or a JSON
-   string of one, is used as is;
+   `--template` nor `--prompt-column` is given) holding a list of messages, or a JSON string
+   of one, is used as is (any message the OpenAI API accepts; only the shape is checked);
 2. otherwise the user message is `--template` rendered with the row's columns, or else the
    prompt column (`--prompt-column`, default `prompt`);
-3. `--system` adds a system message first, unless the messages already have one;
+3. `--system` adds a system message first, unless the messages already have a system (or
+   developer) message;
 4. a `model` column, where present and not null, overrides `--model` for that row;
 5. an OpenAI Batch API line (`custom_id`, `method`, `url`, `body`) is taken as is: `body` is the
    request, the job's settings filling only what it lacks (a null counts as lacking).
@@ -31,7 +32,11 @@ from .results import Row
 
 __all__ = ["CHARS_PER_TOKEN", "MESSAGE_TOKENS", "REPLY_TOKENS", "ROLES", "RequestBuilder"]
 
-ROLES = frozenset({"system", "user", "assistant"})
+#: The roles of the OpenAI chat API. Informative only: any string role is sent as it is.
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# A row that brings its own instructions (`developer` is the newer models' `system`) does not
+# get --system added in front of them.
+_SYSTEM_ROLES = frozenset({"system", "developer"})
 
 #: How many tokens a request's prompt is reckoned at before any answer says (the pacing of
 #: --tpm and `batchrunner estimate` both use it): characters of the message contents / 4, plus
@@ -179,7 +184,7 @@ class RequestBuilder:
         if self._system is None:
             return messages
         for message in messages:
-            if message["role"] == "system":
+            if message["role"] in _SYSTEM_ROLES:
                 return messages
         return [self._system, *messages]
 
@@ -212,8 +217,11 @@ class RequestBuilder:
 
 
 def _checked_messages(value: Any, where: str, text_allowed: bool = True) -> list[dict[str, Any]]:
-    """A list of {role, content} messages, or a _RowProblem saying what is wrong with it.
+    """A list of messages, or a _RowProblem saying what is wrong with it.
 
+    Only the shape is checked (SPEC section 5): a list of objects, each with a string `role`.
+    Whatever else the OpenAI API accepts passes as it is (roles `developer` and `tool`, content
+    parts, `tool_calls`, `tool_call_id`, `name`, null content): the gateway judges the rest.
     A column may hold the list as JSON text; a body, already JSON, may not.
     """
     if text_allowed and type(value) is str:
@@ -230,15 +238,34 @@ def _checked_messages(value: Any, where: str, text_allowed: bool = True) -> list
         if type(message) is not dict:
             raise _RowProblem(f"message {i} is not an object {{role, content}} ({where})")
         role = message.get("role")
-        if type(role) is not str or role not in ROLES:
-            raise _RowProblem(
-                f"message {i} has role {role!r}, not system, user or assistant ({where})"
-            )
-        if type(message.get("content")) is not str:
-            raise _RowProblem(f"message {i} has no text content ({where})")
-        if len(message) > 2 and None in message.values():
-            # Parquet structs give every message every field, absent ones as null: drop them.
+        if type(role) is not str or not role:
+            if role is None:
+                got = "no role"
+            elif role == "":
+                got = "an empty role"
+            else:
+                got = f"role {role!r}, not a string"
+            raise _RowProblem(f"message {i} has {got} ({where})")
+        if len(message) > 2 and _has_null(message):
+            # Parquet structs give every message every field, absent ones as null (and so do
+            # nested structs such as content parts and tool calls): drop them.
             if cleaned is value:
                 cleaned = list(value)
-            cleaned[i] = {k: v for k, v in message.items() if v is not None}
+            cleaned[i] = _without_nulls(message)
     return cleaned
+
+
+def _has_null(value: Any) -> bool:
+    if type(value) is dict:
+        return any(v is None or _has_null(v) for v in value.values())
+    if type(value) is list:
+        return any(_has_null(v) for v in value)
+    return False
+
+
+def _without_nulls(value: Any) -> Any:
+    if type(value) is dict:
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if type(value) is list:
+        return [_without_nulls(v) for v in value]
+    return value

@@ -69,6 +69,7 @@ class Result:
     http_status: int | None = None
     error: str | None = None
     response_id: str | None = None
+    cache_hit: bool = False  # served from the response cache: nothing was sent or paid
     # structured output (SPEC 17): the valid answer as canonical JSON, the answers asked
     # again for the schema and their cost; None where the run has no --json-schema
     parsed: str | None = None

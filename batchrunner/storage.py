@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import UsageError
+from .errors import StorageError, UsageError
 
 __all__ = ["PUSH_SECONDS", "StagedOutput", "is_uri", "stage_input", "staged_run", "staging_root"]
 
@@ -221,9 +221,16 @@ async def _pushing(staged: StagedOutput) -> AsyncIterator[None]:
     """Push the checkpoint every PUSH_SECONDS while the body runs, and once more at the end."""
 
     async def loop() -> None:
+        warned = False
         while True:
             await asyncio.sleep(PUSH_SECONDS)
-            await asyncio.to_thread(staged.push)
+            try:
+                await asyncio.to_thread(staged.push)
+            except OSError as exc:  # the store is away for a moment: the next push catches up
+                if not warned:
+                    log.warning("%s: the checkpoint could not be pushed (%s); retrying",
+                                _shown(staged.uri), exc)
+                    warned = True
 
     task = asyncio.create_task(loop())
     try:
@@ -232,7 +239,14 @@ async def _pushing(staged: StagedOutput) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.to_thread(staged.push)
+        try:
+            await asyncio.to_thread(staged.push)
+        except OSError as exc:
+            raise StorageError(
+                f"{_shown(staged.uri)}.checkpoint: the checkpoint could not be pushed ({exc}); "
+                f"it is kept in {staged.local_checkpoint}: run the same command again",
+                path=_shown(staged.uri), cause=str(exc),
+            ) from None
 
 
 async def staged_run(config: Any, run: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -254,7 +268,11 @@ async def staged_run(config: Any, run: Callable[[Any], Awaitable[Any]]) -> Any:
         try:
             await asyncio.to_thread(staged.push_output)
         except OSError as exc:
-            raise UsageError(f"{_shown(staged.uri)}: the output could not be uploaded: {exc}")
+            raise StorageError(
+                f"{_shown(staged.uri)}: the output could not be uploaded ({exc}); the checkpoint "
+                "is complete: run the same command again to write it without sending anything",
+                path=_shown(staged.uri), cause=str(exc),
+            ) from None
     with contextlib.suppress(AttributeError, TypeError):
         import dataclasses
 

@@ -1,12 +1,13 @@
-"""Validate JSON against the official OpenAI schema in `shared/openai-chat-schema.json`.
+"""Validate JSON against the official OpenAI schema in `tests/data/openai-chat-schema.json`.
 
 The file is a subset of OpenAI's OpenAPI document: schemas under `components.schemas`, refs as
 `#/components/schemas/NAME`, and OpenAPI's `nullable: true`, which JSON Schema does not know.
 Here every schema marked `nullable: true` becomes `anyOf: [itself, {"type": "null"}]`, and refs
 resolve inside the document.
 
-The file is found in `$BATCHRUNNER_SHARED`, else in the `shared/` folder beside the
-repository. If it is missing, `validate` raises: a test that relies on it fails, never skips.
+The file is part of the repository (tests/data/README.md says where it comes from and its
+licence), so a clean clone validates with nothing beside it. If it is missing, `validate`
+raises: a test that relies on it fails, never skips.
 
     validate(body, "CreateChatCompletionResponse")
     validate_stream(sse_text)  # every chunk of a stream, and the closing [DONE]
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,12 @@ SCHEMA_NAMES = (
 )  # the names most tests need; any name under components.schemas works
 
 
+SCHEMA_DIR = Path(__file__).resolve().parent / "data"
+
+
 def schema_path() -> Path:
-    """Where the schema file is: `$BATCHRUNNER_SHARED/`, else `shared/` beside the repo."""
-    shared = os.environ.get("BATCHRUNNER_SHARED")
-    folder = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
-    return folder / SCHEMA_FILE
+    """Where the schema file is: `tests/data/`, inside the repository."""
+    return SCHEMA_DIR / SCHEMA_FILE
 
 
 def _without_nullable(node: Any) -> Any:
@@ -60,8 +61,8 @@ def _document() -> dict[str, Any]:
     path = schema_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"the OpenAI schema is not at {path}: set BATCHRUNNER_SHARED to the folder holding "
-            f"{SCHEMA_FILE}"
+            f"the OpenAI schema is not at {path}: it belongs to the repository "
+            f"(tests/data/README.md)"
         )
     document = json.loads(path.read_text(encoding="utf-8"))
     return {"components": {"schemas": _without_nullable(document["components"]["schemas"])}}

@@ -274,11 +274,11 @@ def test_schema_helper_teaches_nullable() -> None:
 
 
 def test_schema_helper_fails_without_the_file(monkeypatch: Any, tmp_path: Any) -> None:
-    monkeypatch.setenv("BATCHRUNNER_SHARED", str(tmp_path))
+    monkeypatch.setattr(openapi_schema, "SCHEMA_DIR", tmp_path)
     openapi_schema._document.cache_clear()
     openapi_schema._validator.cache_clear()
     try:
-        with pytest.raises(FileNotFoundError, match="BATCHRUNNER_SHARED"):
+        with pytest.raises(FileNotFoundError, match="tests/data/README.md"):
             validate({}, "ErrorResponse")
     finally:
         openapi_schema._document.cache_clear()

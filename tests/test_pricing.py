@@ -19,12 +19,6 @@ LIST_PRICES = {
 }
 
 
-def reference_cost(prices: tuple[float, float, float], prompt: int, completion: int,
-                   cached: int) -> float:
-    inp, cin, out = prices
-    return ((prompt - cached) * inp + cached * cin + completion * out) / 1_000_000
-
-
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records
@@ -43,17 +37,32 @@ def test_builtin_list_prices_and_their_date() -> None:
         assert price.output > 0, model
 
 
-@pytest.mark.parametrize("model", sorted(LIST_PRICES))
+# Worked by hand from the formula and the published prices (USD per 1M tokens: gpt-4o 2.50 /
+# 1.25 cached / 10.00 out; gpt-4o-mini 0.15 / 0.075 / 0.60; Claude 3.5 Sonnet 3.00 / 0.30 /
+# 15.00; Claude 3.5 Haiku 0.80 / 0.08 / 4.00), not computed with the code under test.
 @pytest.mark.parametrize(
-    ("prompt", "completion", "cached"),
-    [(1000, 200, 0), (1200, 300, 1024), (1, 0, 0), (0, 4096, 0), (2_000_000, 1_000_000, 1_500_000)],
+    ("model", "prompt", "completion", "cached", "dollars"),
+    [
+        # 1000 x 2.50 + 200 x 10.00 = 4500 micro-dollars
+        ("gpt-4o", 1000, 200, 0, 0.0045),
+        # 176 uncached x 2.50 = 440, 1024 cached x 1.25 = 1280, 300 x 10.00 = 3000
+        ("gpt-4o", 1200, 300, 1024, 0.00472),
+        # 0.5M x 0.15 = 75,000, 1.5M x 0.075 = 112,500, 1M x 0.60 = 600,000
+        ("gpt-4o-mini", 2_000_000, 1_000_000, 1_500_000, 0.7875),
+        ("gpt-4o-mini", 1, 0, 0, 0.00000015),
+        # 2000 x 3.00 = 6000, 8000 x 0.30 = 2400, 500 x 15.00 = 7500
+        ("claude-3-5-sonnet-20241022", 10_000, 500, 8_000, 0.0159),
+        # 4096 x 4.00 = 16,384
+        ("claude-3-5-haiku-20241022", 0, 4096, 0, 0.016384),
+        # 176 x 0.80 = 140.8, 1024 x 0.08 = 81.92, 300 x 4.00 = 1200
+        ("claude-3-5-haiku-20241022", 1200, 300, 1024, 0.00142272),
+    ],
 )
 def test_cost_follows_the_formula_cached_tokens_included(
-    model: str, prompt: int, completion: int, cached: int
+    model: str, prompt: int, completion: int, cached: int, dollars: float
 ) -> None:
     table = PriceTable.load()
-    expected = reference_cost(LIST_PRICES[model], prompt, completion, cached)
-    assert table.cost(model, prompt, completion, cached) == pytest.approx(expected, rel=1e-12)
+    assert table.cost(model, prompt, completion, cached) == pytest.approx(dollars, rel=1e-9)
 
 
 def test_known_figures() -> None:
@@ -113,12 +122,9 @@ def test_get_does_not_warn_unless_asked(caplog: pytest.LogCaptureFixture) -> Non
 
 def test_worst_case_is_all_prompt_uncached_and_max_tokens_per_choice() -> None:
     table = PriceTable.load()
-    assert table.worst_case("gpt-4o", 1000, 256) == pytest.approx(
-        reference_cost(LIST_PRICES["gpt-4o"], 1000, 256, 0)
-    )
-    assert table.worst_case("gpt-4o", 1000, 256, n=3) == pytest.approx(
-        reference_cost(LIST_PRICES["gpt-4o"], 1000, 3 * 256, 0)
-    )
+    # 1000 x 2.50 + 256 x 10.00 = 5060 micro-dollars; with n = 3, 2500 + 768 x 10.00 = 10,180
+    assert table.worst_case("gpt-4o", 1000, 256) == pytest.approx(0.00506, rel=1e-9)
+    assert table.worst_case("gpt-4o", 1000, 256, n=3) == pytest.approx(0.01018, rel=1e-9)
     assert table.worst_case("gpt-4o", 1000, None) is None  # no bound exists
     # It bounds every real outcome of such a request.
     for cached in (0, 500, 1000):
@@ -163,9 +169,8 @@ def test_toml_overrides_and_adds_models(tmp_path: Path) -> None:
     assert table.get("gpt-4o") == ModelPrice(5.0, 2.5, 20.0)
     # cached_input is optional and defaults to input
     assert table.get("my-finetune:v2") == ModelPrice(1.0, 1.0, 3.0)
-    assert table.cost("my-finetune:v2", 1000, 100, 400) == pytest.approx(
-        reference_cost((1.0, 1.0, 3.0), 1000, 100, 400)
-    )
+    # 600 x 1.0 + 400 x 1.0 (cached at the input price) + 100 x 3.0 = 1300 micro-dollars
+    assert table.cost("my-finetune:v2", 1000, 100, 400) == pytest.approx(0.0013, rel=1e-9)
     # other built-ins are kept
     assert table.get("gpt-4o-mini") == BUILTIN_PRICES["gpt-4o-mini"]
     # loading from a str path works too, and an empty file is just the built-ins

@@ -189,12 +189,12 @@ def test_a_row_that_cannot_be_read_keeps_its_error_and_gets_an_id() -> None:
          "messages are not a list of {role, content}"),
         (("messages",), {}, {"messages": []}, "messages are empty (column 'messages')"),
         (("messages",), {}, {"messages": ["Hi"]}, "message 0 is not an object {role, content}"),
-        (("messages",), {}, {"messages": [{"role": "tool", "content": "x"}]},
-         "message 0 has role 'tool', not system, user or assistant (column 'messages')"),
-        (("messages",), {}, {"messages": [*HI, {"role": "user", "content": None}]},
-         "message 1 has no text content (column 'messages')"),
-        (("messages",), {}, {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
-         "message 0 has no text content"),
+        (("messages",), {}, {"messages": [{"content": "x"}]},
+         "message 0 has no role (column 'messages')"),
+        (("messages",), {}, {"messages": [*HI, {"role": 3, "content": "x"}]},
+         "message 1 has role 3, not a string (column 'messages')"),
+        (("messages",), {}, {"messages": [{"role": "", "content": "x"}]},
+         "message 0 has an empty role (column 'messages')"),
         (("messages",), {}, {"messages": None},
          "messages are null (column 'messages') and there is no prompt column"),
     ],
@@ -285,3 +285,85 @@ def test_built_bodies_fit_the_openai_schema() -> None:
     ]
     for row in bodies:
         validate(body(row), "CreateChatCompletionRequest")
+
+
+# --- every message the OpenAI API accepts (SPEC section 5) -------------------------------------
+
+TOOL_CALL = {"id": "call_1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+EVERY_KIND = [
+    {"role": "developer", "content": "Answer in French."},
+    {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+    {"role": "user", "name": "ann", "content": [
+        {"type": "text", "text": "What is in this picture, and the weather there?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+    ]},
+    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'},
+    {"role": "assistant", "content": "Il fait 3 degrés.", "name": "bot"},
+    {"role": "user", "content": [{"type": "text", "text": "Merci"}]},
+]
+
+
+def test_every_message_the_api_accepts_passes_in_a_column_and_a_batch_line() -> None:
+    column = builder(("id", "messages"), system="Ignored: the row has its own instructions")
+    line = builder(BATCH)
+    for row in (
+        column.build(0, {"id": "a", "messages": EVERY_KIND}, None),
+        column.build(1, {"id": "b", "messages": json.dumps(EVERY_KIND)}, None),
+        line.build(2, batch({"messages": EVERY_KIND}), None),
+    ):
+        sent = body(row)["messages"]
+        validate(body(row), "CreateChatCompletionRequest")
+        # as given, but for the null content next to tool_calls, which the API may lack
+        assert sent[3] == {"role": "assistant", "tool_calls": [TOOL_CALL]}
+        assert sent[:3] + sent[4:] == EVERY_KIND[:3] + EVERY_KIND[4:]
+
+
+def test_a_developer_message_counts_as_the_system_message() -> None:
+    b = builder(("messages",), system="S")
+    mine = [{"role": "developer", "content": "D"}, *HI]
+    assert body(b.build(0, {"messages": mine}, None))["messages"] == mine
+
+
+def test_parquet_structs_of_every_kind_of_message_lose_only_their_nulls(tmp_path: Path) -> None:
+    """Parquet gives every message every field of the column's struct, absent ones null."""
+    table = pa.table({"id": ["a"], "messages": [[
+        {"role": "developer", "content": "Answer in French."},
+        {"role": "assistant", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]]})
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path)
+    config = RunConfig(input=path, output=tmp_path / "o.parquet", model="gpt-4o")
+    info = scan_input(config)
+    b = RequestBuilder(config, info.columns)
+    [(index, record, error)] = list(iter_records(config, columns=b.columns))
+    assert record["messages"][0]["tool_calls"] is None  # what Parquet hands over
+    row = b.build(index, record, error)
+    validate(body(row), "CreateChatCompletionRequest")
+    assert body(row)["messages"] == [
+        {"role": "developer", "content": "Answer in French."},
+        {"role": "assistant", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]
+
+
+def test_every_kind_of_message_is_answered_end_to_end(
+        tmp_path: Path, gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchrunner import run
+
+    monkeypatch.setenv("RU_LLM_API_KEY", "sk-ru-requests-tests-1234567890abcdef")
+    path = tmp_path / "in.jsonl"
+    lines = [{"id": "col", "messages": EVERY_KIND},
+             {"custom_id": "line", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": EVERY_KIND}}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for line in lines:  # one input holds one kind of row
+        path.write_text(json.dumps(line) + "\n")
+        out = tmp_path / f"{next(iter(line.values()))}.parquet"
+        config = RunConfig(input=path, output=out, model="gpt-4o", base_url=gateway.base_url)
+        report = run(config, handle_signals=False)
+        [result] = pq.read_table(out).to_pylist()
+        assert report.exit_code == 0, result["error"]
+        assert result["status"] == "ok" and result["http_status"] == 200

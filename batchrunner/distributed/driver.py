@@ -151,7 +151,8 @@ class RayRun(_Run):
             for actor in actors:
                 with contextlib.suppress(Exception):
                     self._ray.kill(actor)
-            self._writes.append(executor.submit(ckpt.write_batch, ckpt.take_batch()))
+            self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+            self._writes.append(executor.submit(self.writer.last_attempt))  # after a fault
             executor.shutdown(wait=True)
             for write in self._writes:
                 write.result()
@@ -271,8 +272,9 @@ class RayRun(_Run):
                         continue
                     slot, block, allowance = in_flight.pop(future)
                     results, outcome = self._block_result(future)
-                    for result in results:
-                        self._record(ckpt, result)
+                    bodies = {row.index: row.body for row in block}
+                    for result in results:  # with its body's hash, as the local engine does
+                        self._record(ckpt, result, bodies[result.index])
                     self.tally.sent += outcome.sent
                     if left is not None:
                         left += max(0.0, allowance - outcome.cost_usd)

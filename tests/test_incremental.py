@@ -1,0 +1,169 @@
+"""Incremental inputs (SPEC 8): a changed input keeps the results of the rows left as they were.
+
+Runs go through the library against the gateway simulator; its request counters say what was
+really sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrunner import RunConfig, run
+from batchrunner.errors import CheckpointMismatch
+
+KEY = "sk-ru-incremental-tests-4c1d7e9a2b5f8c3e"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+
+
+def rows(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"id": f"q{i:04d}", "prompt": f"Question number {i}: why is the sky blue?"}
+            for i in range(start, start + n)]
+
+
+def write(path: Path, records: list[dict[str, Any]]) -> Path:
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def go(source: Path, output: Path, base_url: str, **settings: Any):  # type: ignore[no-untyped-def]
+    settings.setdefault("model", "gpt-4o-mini")
+    report = run(RunConfig(input=source, output=output, base_url=base_url, **settings),
+                 handle_signals=False)
+    return report, pq.read_table(output).to_pylist()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_added_edited_and_removed_rows(tmp_path: Path, gateway, suffix: str,  # type: ignore[no-untyped-def]
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    source, output = tmp_path / f"in{suffix}", tmp_path / "out.parquet"
+    first = rows(20)
+    write(source, first)
+    _, before = go(source, output, gateway.base_url)
+    by_id = {r["id"]: r for r in before}
+
+    edited = [dict(r) for r in first]
+    edited[4]["prompt"] = "An edited question: why is grass green?"
+    edited[11]["prompt"] = "Another edited question: what is a prime?"
+    del edited[15], edited[7], edited[0]  # three removed
+    edited.insert(5, rows(1, 500)[0])  # one new row in the middle...
+    edited += rows(4, 100)  # ...and four at the end
+    write(source, edited)
+    gateway.stats.reset()
+    with caplog.at_level(logging.INFO, logger="batchrunner"):
+        report, after = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 5 + 2  # the new and the edited rows, nothing else
+    assert report.exit_code == 0 and report.rows == len(edited) == 22
+    assert [r["id"] for r in after] == [r["id"] for r in edited]  # the current input, in order
+    assert [r["prompt"] for r in after] == [r["prompt"] for r in edited]
+    changed = {"q0004", "q0011"}
+    for row in after:
+        old = by_id.get(row["id"])
+        if old is not None and row["id"] not in changed:
+            assert row["response_id"] == old["response_id"]  # kept, not sent again
+            assert row["content"] == old["content"]
+    assert any("kept 15, new 5, changed 2, removed 3" in r.getMessage() for r in caplog.records)
+
+    # The rewritten checkpoint resumes as any other: nothing more to send.
+    gateway.stats.reset()
+    report, again = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 0 and again == after
+
+    # And a second edit folds the already folded checkpoint once more.
+    write(source, edited[:10])
+    gateway.stats.reset()
+    report, cut = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 0 and [r["id"] for r in cut] == [r["id"] for r in edited[:10]]
+    assert cut == after[:10]
+
+
+def test_changed_settings_are_still_refused(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    write(source, rows(6))
+    go(source, output, gateway.base_url)
+    write(source, rows(8))
+    with pytest.raises(CheckpointMismatch, match="model"):
+        go(source, output, gateway.base_url, model="gpt-4o")
+    with pytest.raises(CheckpointMismatch, match="params"):
+        go(source, output, gateway.base_url, params={"temperature": 0.3})
+    gateway.stats.reset()
+    report, out = go(source, output, gateway.base_url, model="gpt-4o", restart=True)
+    assert gateway.stats.requests == 8 and len(out) == 8
+
+
+def test_a_failed_row_stays_failed_unless_retried(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(error_rate=1.0, fault_seed=3)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    write(source, rows(3))
+    report, out = go(source, output, gw.base_url, max_attempts=1)
+    assert report.failed == 3
+    write(source, rows(4))
+    gw.stats.reset()
+    report, out = go(source, output, gw.base_url, max_attempts=1)
+    assert gw.stats.requests == 1  # only the new row: errors are results too
+    assert [r["status"] for r in out] == ["error"] * 4
+
+
+def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    gw = start_gateway()
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    first = rows(3000)
+    write(source, first)
+    _, before = go(source, output, gw.base_url, concurrency=32)
+    kept_ids = {r["id"]: r["response_id"] for r in before}
+    edited = first[1:] + rows(200, 5000)  # one removed, 200 appended
+    write(source, edited)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "RU_LLM_API_KEY": KEY, "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "batchrunner", "run", "-i", str(source), "-o", str(output),
+           "-m", "gpt-4o-mini", "--base-url", gw.base_url, "-q"]
+    gw.stats.reset()
+    for delay in (0.8, 1.2, 1.6, 2.0):  # around start-up and the rewrite of the checkpoint
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    done = subprocess.run(cmd, env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = pq.read_table(output).to_pylist()
+    assert [r["id"] for r in after] == [r["id"] for r in edited]
+    for row in after:
+        if row["id"] in kept_ids:
+            assert row["response_id"] == kept_ids[row["id"]]  # kept, never sent again
+    # What was sent: the 200 new rows, and at most those in flight at each kill again.
+    assert 200 <= gw.stats.requests <= 200 + 4 * 16
+
+
+def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner.checkpoint import checkpoint_dir
+
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    write(source, rows(30))
+    _, before = go(source, output, gateway.base_url)
+    segments = sorted(p.name for p in checkpoint_dir(output).glob("part-*.arrows"))
+    write(source, rows(30) + rows(6, 30))
+    gateway.stats.reset()
+    _, after = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 6 and after[:30] == before
+    # No rewrite: the first session's segment is still there, the new rows in a segment of their own.
+    now = sorted(p.name for p in checkpoint_dir(output).glob("part-*.arrows"))
+    assert now[: len(segments)] == segments and len(now) == len(segments) + 1
