@@ -666,3 +666,26 @@ def test_a_structured_run_shows_parsed_and_the_response_format_sent(
     sent = detail["request"]["response_format"]
     assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == schema
     assert "parsed" not in detail["inputs"] and "reasks" not in detail["inputs"]
+
+
+def test_a_checkpoint_folded_by_an_incremental_run_is_read_afresh(
+    tmp_path: Path, gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrunner.viewer.sources import CheckpointSource
+
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+    questions = tmp_path / "questions.jsonl"
+    _write_questions(questions, 12)
+    output = tmp_path / "folded.parquet"
+    _run(questions, output, "gpt-4o", gateway.base_url)
+    directory = output.with_name(output.name + ".checkpoint")
+    source = CheckpointSource(output)
+    assert source.rows == 12 and not source.refresh()  # nothing new
+    # What an incremental run does: the kept results in a new segment, the old ones removed.
+    (directory / "part-00001.arrows").rename(directory / "part-00002.arrows")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "first_segment": 2}))
+    assert source.refresh()
+    assert source.rows == 12
+    ids = source.read(source.visible[:3], ["id"]).column("id").to_pylist()
+    assert ids == ["q0000", "q0001", "q0002"]

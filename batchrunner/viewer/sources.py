@@ -183,6 +183,12 @@ class CheckpointSource(Source):
         self.output = output
         self.path = checkpoint_dir(output)
         self.name = output.name + " (checkpoint)"
+        self._reset(0)
+        self.refresh()
+
+    def _reset(self, first_segment: int) -> None:
+        """Forget what was read: start again from the segments numbered `first_segment` up."""
+        self._first_segment = first_segment
         self._segments: dict[Path, tuple[int, pa.Schema | None]] = {}  # next offset, schema
         self._refs: list[tuple[Path, int, pa.Schema]] = []  # one per batch read
         self._starts: list[int] = [0]  # physical position of each batch's first result
@@ -192,7 +198,6 @@ class CheckpointSource(Source):
         self._visible = np.zeros(0, dtype=np.int64)
         self._light_parts: list[pa.RecordBatch] = []
         self._cache: OrderedDict[int, pa.RecordBatch] = OrderedDict()
-        self.refresh()
 
     @property
     def columns(self) -> list[str]:
@@ -209,8 +214,16 @@ class CheckpointSource(Source):
 
     def refresh(self) -> bool:
         changed = False
+        # An incremental run folds the old segments into a new one and removes them (the
+        # manifest's first_segment says from which on they count): then read afresh.
+        first = int((self.manifest() or {}).get("first_segment", 0) or 0)
+        if first != self._first_segment or any(not p.exists() for p in self._segments):
+            self._reset(first)
+            changed = True
         segments = sorted(self.path.glob("part-*.arrows"), key=_segment_number)
         for segment in segments:
+            if _segment_number(segment) < first:
+                continue
             for offset, schema, batch in self._new_batches(segment):
                 if not self._columns:
                     self._columns = [c for c in schema.names if c != "_row"]
@@ -223,7 +236,8 @@ class CheckpointSource(Source):
                 )
                 changed = True
         if changed:
-            self._visible = _last_of_each(np.concatenate(self._rows_parts), self._models())
+            rows = np.concatenate(self._rows_parts) if self._rows_parts else np.zeros(0, np.int64)
+            self._visible = _last_of_each(rows, self._models())
         return changed
 
     def _models(self) -> np.ndarray:
