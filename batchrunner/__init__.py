@@ -12,7 +12,7 @@ __version__ = "0.1.0"  # before the imports: client.py sends it as the User-Agen
 
 from .checkpoint import CheckpointStatus, read_status
 from .config import RunConfig
-from .engine import RunControl, RunReport, arun, check_job, list_models, run
+from .engine import RunControl, RunReport, check_job, list_models
 from .errors import (
     AuthRefused,
     BatchrunnerError,
@@ -27,6 +27,9 @@ from .jobs import build_config, load_job
 from .pricing import PriceTable
 from .reports import estimate, summarize
 from .results import Result, Row, Usage
+from .compare import compare
+from .frame import arun, read_results, run
+from .scoring import parse_metric, score_results
 
 
 __all__ = [
@@ -48,11 +51,15 @@ __all__ = [
     "arun",
     "build_config",
     "check_job",
+    "compare",
     "estimate",
     "export_results",
     "list_models",
     "load_job",
+    "parse_metric",
+    "read_results",
     "read_status",
     "run",
+    "score_results",
     "summarize",
 ]

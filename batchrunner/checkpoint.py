@@ -557,12 +557,20 @@ class Checkpoint:
         return self._progress.complete(rows)
 
     def finalize(
-        self, input_tables: Iterable[pa.Table], rows: int, *, id_column: str | None = None
+        self,
+        input_tables: Iterable[pa.Table],
+        rows: int,
+        *,
+        id_column: str | None = None,
+        sweep: Any = None,
+        transform: Any = None,
     ) -> None:
         """Write the output: input columns and results in input order, replaced atomically.
 
         `id_column` names the input column the ids came from; when it is `id` it becomes the
-        output's `id` column rather than being carried as `input_id` beside it.
+        output's `id` column rather than being carried as `input_id` beside it. With a `sweep`
+        (sweep.Sweep) results are numbered by slot and each input row is repeated for its
+        slots; `transform(table)` (the scorer) may add columns before a chunk is written.
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
@@ -572,8 +580,14 @@ class Checkpoint:
         try:
             for table in input_tables:
                 stop = start + table.num_rows
-                results = self._results_for(start, stop)
+                if sweep is None:
+                    results = self._results_for(start, stop)
+                else:
+                    results = self._results_for(*sweep.span(start, stop))
+                    table = table.take(pa.array(sweep.repeats(start, stop), pa.int64()))
                 joined = self._structured_output(_join(table, results, id_column))
+                if transform is not None:
+                    joined = transform(joined)
                 if writer is None:
                     writer = open_table_writer(tmp, joined.schema, fmt)
                 writer.write_table(joined, row_group_size=65536)

@@ -131,7 +131,8 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-o", "--output", type=_PATH_OR_URI,
                      help="Results: .parquet, .jsonl or .csv (may hold {date}); the checkpoint "
                           "lives beside it."),
-        click.option("-m", "--model", help="Model for rows without a `model` column."),
+        click.option("-m", "--model", multiple=True,
+                     help="Model for rows without a `model` column; repeat it for a sweep."),
         click.option("--system", help="System message added first to every request."),
         click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
         click.option("--prompt-column", help="Column holding the prompt [default: prompt]."),
@@ -162,6 +163,10 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Run against the built-in gateway simulator; no key, no network."),
         click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
                      help="TOML price table adding or overriding models."),
+        click.option("--score", metavar="METRIC",
+                     help="Score answers: exact, normalized, contains, regex:P, numeric[:TOL], "
+                          "choice, json:FIELD, f1, python:MODULE:FUNC."),
+        click.option("--reference-column", metavar="COL", help="Column of reference answers."),
         click.option("--cache", is_flag=False, flag_value="", default=None, metavar="[PATH]",
                      help="Serve repeated requests from the response cache "
                           "[$BATCHRUNNER_CACHE, else ~/.cache/batchrunner/responses.sqlite]."),
@@ -182,6 +187,11 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Command-line values the user gave, keyed by RunConfig field (request options too)."""
     params = _params(kwargs.pop("param"))
     kwargs["input"] = kwargs.pop("input_")
+    model = kwargs.pop("model", ())
+    if len(model) == 1:
+        kwargs["model"] = model[0]
+    elif model:
+        kwargs["models"] = tuple(model)
     stop = kwargs.pop("stop")
     if stop:
         kwargs["stop"] = list(stop) if len(stop) > 1 else stop[0]
@@ -337,10 +347,75 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
     table = PriceTable.load(prices) if prices else None
     report = reports.summarize(list(results), by=by, prices=table)
     render = {"table": reports.render_table, "json": reports.to_json, "csv": reports.to_csv}[fmt]
-    click.echo(render(report))
+    click.echo(_with_scores(render(report), list(results), by, fmt))
     if plot is not None:
         reports.plot_summary(list(results), plot, by=by, prices=table)
         click.echo(f"plot written to {plot}", err=True)
+
+
+def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
+    """A summary with the score section (SPEC 15) where the results have scores."""
+    from .compare import render_groups, score_summary, to_csv
+
+    scores = score_summary(results, by=by)
+    if scores is None:
+        return text
+    if fmt == "json":
+        data = json.loads(text)
+        data["scores"] = [g.to_dict() for g in scores.groups]
+        return json.dumps(data, indent=2, allow_nan=False)
+    if fmt == "csv":
+        return text + "\n\n" + to_csv(scores)
+    return text + "\n\nscores\n" + "\n".join(render_groups(scores))
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--metric", required=True, metavar="M",
+              help="exact, normalized, contains, regex:PATTERN, numeric[:TOL], choice, "
+                   "json:FIELD, f1, python:MODULE:FUNCTION (or python:file.py:FUNCTION).")
+@click.option("--reference-column", required=True, metavar="COL",
+              help="The column holding the reference answers.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the scored results here [default: RESULTS, replaced atomically].")
+def score(results: Path, metric: str, reference_column: str, output: Path | None) -> None:
+    """Score (or re-score) finished results against references; sends nothing.
+
+    \b
+    Examples:
+      batchrunner score out/nightly-eval-2026-12-01.parquet --metric choice --reference-column reference
+      batchrunner score out/arith.parquet --metric numeric:0.001 --reference-column reference \\
+          -o out/arith-scored.parquet
+      batchrunner score out/qa.parquet --metric python:my_metrics.py:judge --reference-column gold
+    """
+    from .scoring import score_results
+
+    _configure_logging()
+    done = score_results(results, metric, reference_column, output=output)
+    mean = "-" if done["mean"] is None else f"{done['mean']:.4f}"
+    click.echo(f"{done['output']}: {done['scored']:,} of {done['rows']:,} rows scored "
+               f"with {done['metric']}, mean {mean}")
+
+
+@main.command("compare")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--by", default="model", show_default=True,
+              help="Group by this column, or 'file' for one group per file.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
+    """Compare models (or files, or any column) on the same scored rows, paired by id.
+
+    \b
+    Examples:
+      batchrunner compare out/nightly-eval-2026-12-01.parquet
+      batchrunner compare out/eval-t0.parquet out/eval-t1.parquet --by file --format json
+      batchrunner compare 'out/nightly-*.parquet' --by model --format csv
+    """
+    from .compare import compare, render_table, to_csv, to_json
+
+    report = compare(list(results), by=by)
+    render = {"table": render_table, "json": to_json, "csv": to_csv}[fmt]
+    click.echo(render(report))
 
 
 @main.command()
@@ -355,7 +430,7 @@ def estimate(job: Path | None, calibrate: tuple[Path, ...], fmt: str, **kwargs: 
     Examples:
       batchrunner estimate jobs/nightly-eval.toml
       batchrunner estimate -i sample_data/prompts.jsonl -o out/x.parquet -m gpt-4o --max-tokens 200
-      batchrunner estimate jobs/nightly-eval.toml --calibrate out/nightly-eval.parquet
+      batchrunner estimate jobs/nightly-eval.toml --calibrate out/nightly-eval-2026-12-01.parquet
     """
     from . import reports
     from .pricing import PriceTable

@@ -80,6 +80,10 @@ class RunConfig:
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    # evaluations (SPEC 15): a metric spec and the column holding references; a model sweep
+    score: str | None = None
+    reference_column: str | None = None
+    models: tuple[str, ...] = ()
     # structured output (SPEC 17): a schema file, or the schema itself (a job's inline table)
     json_schema: Path | dict[str, Any] | None = None
     invalid_retries: int = 2
@@ -112,6 +116,10 @@ class RunConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
         if self.log_format not in ("text", "json"):
             raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        if self.score is not None and not self.reference_column:
+            raise UsageError("--score needs --reference-column COL (job key `reference_column`)")
+        if self.models and len(set(self.models)) != len(self.models):
+            raise UsageError("--model: a model is given twice in the sweep")
         if self.cache_mode not in ("read-write", "read-only", "write-only", "refresh"):
             raise UsageError(
                 "--cache-mode must be read-write, read-only, write-only or refresh, "
@@ -132,6 +140,13 @@ class RunConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def sweep(self) -> tuple[str, ...]:
+        """The models every row is sent to: the sweep's, else the one `model` (or none)."""
+        if self.models:
+            return self.models
+        return (self.model,) if self.model else ()
+
     def request_settings(self) -> dict[str, Any]:
         """Every setting that changes what is sent: the checkpoint fingerprint covers these."""
         return {
@@ -143,6 +158,7 @@ class RunConfig:
             "id_column": self.id_column,
             "params": self.params,
             "stream": self.stream,
+            **({"models": list(self.models)} if len(self.models) > 1 else {}),
         } | self._schema_settings()
 
     def _schema_settings(self) -> dict[str, Any]:

@@ -186,11 +186,13 @@ class CheckpointWriter:
         return sum(batch.num_rows for batch in self._unwritten)
 
     def finalize(
-        self, input_tables: Iterable[pa.Table], rows: int, *, id_column: str | None
+        self, input_tables: Iterable[pa.Table], rows: int, *, id_column: str | None,
+        **options: Any,
     ) -> StorageFault | None:
-        """Write the output (Checkpoint.finalize); a failed write is returned as the fault."""
+        """Write the output (Checkpoint.finalize, with its `sweep` and `transform` options);
+        a failed write is returned as the fault."""
         try:
-            self.ckpt.finalize(input_tables, rows, id_column=id_column)
+            self.ckpt.finalize(input_tables, rows, id_column=id_column, **options)
         except OSError as exc:
             self.fault = StorageFault.of(exc, self.ckpt.output, "output")
         return self.fault

@@ -49,6 +49,8 @@ from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row
 from .retry import call_with_retries
+from .scoring import Metric, TableScorer, check_reference_column, parse_metric, score_results
+from .sweep import Sweep, sweep_rows
 from .durability import CheckpointWriter, DurabilityGate, open_checkpoint
 from .structured import ask_until_valid, load_schema
 
@@ -298,6 +300,8 @@ class _Run:
         self.gate = DurabilityGate(config.checkpoint_every + config.concurrency)
         self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
         self.id_column: str | None = None
+        self.metric: Metric | None = None
+        self.sweep: Sweep | None = None
         self.feed_error: UsageError | None = None
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
@@ -314,14 +318,18 @@ class _Run:
         config = self.config
         check_output(config.output)  # nothing is paid for that cannot be written (SPEC 7)
         deadline = self._deadline()
+        if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
+            config = self.config = config.replace(model=config.models[0])
         info = inputs.scan_input(config)
         builder = RequestBuilder(config, info.columns)
         self.id_column = inputs.resolve_columns(config, info.columns).id_column
+        self.metric = _check_scoring(config, info.columns)
+        self.sweep = Sweep.plan(config, info.columns, info.rows) if len(config.models) > 1 else None
         fingerprint = {
             "input": inputs.fingerprint_input(config.input),
             "settings": config.request_settings(),
         }
-        self.tally.rows = info.rows
+        self.tally.rows = self.sweep.total if self.sweep is not None else info.rows
         key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
         self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
         try:
@@ -338,20 +346,23 @@ class _Run:
         fingerprint: dict[str, Any],
         deadline: Deadline | None,
     ) -> RunReport:
+        total = self.sweep.total if self.sweep is not None else info.rows  # output rows
+        # A sweep's checkpoint is numbered by slot, not input row: no incremental remapping.
+        current = None if self.sweep is not None else (lambda: _current_rows(config, builder))
         with open_checkpoint(
-            config.output, fingerprint, rows=info.rows, restart=config.restart,
-            current=lambda: _current_rows(config, builder),
+            config.output, fingerprint, rows=total, restart=config.restart,
+            current=current,
         ) as ckpt:
             self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
-            if len(done) < info.rows or not ckpt.complete(info.rows):
+            if len(done) < total or not ckpt.complete(total):
                 self.control.bind(self.stop_event)
                 await self._dispatch(ckpt, builder, done, deadline)
             del done  # a million rows' ids: not needed to write the output
             if self.feed_error is not None:
                 raise self.feed_error
-            return self._finish(ckpt, info.rows)
+            return self._finish(ckpt, total, info.rows)
 
     def _deadline(self) -> Deadline | None:
         return Deadline.from_text(self.config.deadline) if self.config.deadline else None
@@ -426,11 +437,11 @@ class _Run:
         # that the workers never wait for the cache.
         looking: tuple[list[Row], asyncio.Future[Any]] | None = None
         try:
-            for row in _rows_to_send(self.config, builder, done):
+            for row in self._rows(builder, done):
                 if self.stop_event.is_set():
                     return
                 if row.body is None:  # an input error: recorded, never sent
-                    self._record(ckpt, _input_error_result(row, self.config.model))
+                    self._record(ckpt, _input_error_result(row, row.model or self.config.model))
                     continue
                 if cached:  # looked up in batches; only the misses are queued
                     lookups.append(row)
@@ -453,6 +464,12 @@ class _Run:
                 looking[1].cancel()
         for _ in range(self.config.concurrency):
             await queue.put(None)
+
+    def _rows(self, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
+        """The rows still to send, in output order: of the input, or of the sweep's slots."""
+        if self.sweep is None:
+            return _rows_to_send(self.config, builder, done)
+        return sweep_rows(self.config, builder, done, self.sweep)
 
     async def _look_up(
         self,
@@ -715,15 +732,24 @@ class _Run:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def _finish(self, ckpt: Checkpoint, rows: int) -> RunReport:
+    def _finish(self, ckpt: Checkpoint, rows: int, input_rows: int | None = None) -> RunReport:
         control = self.control
         complete = ckpt.complete(rows)
         reason = control.reason
         fault = self.writer.fault
+        scorer = _scorer(self.metric, self.config.reference_column)
         if complete and reason != "auth" and fault is None and not ckpt.finished:
             # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
             tables = inputs.iter_tables(self.config, batch_rows=32768)
-            fault = self.writer.finalize(tables, rows, id_column=self.id_column)
+            fault = self.writer.finalize(
+                tables, rows if input_rows is None else input_rows, id_column=self.id_column,
+                sweep=self.sweep, transform=scorer,
+            )
+            if scorer is not None and fault is None:
+                scorer.warnings.warn(scorer.metric)
+        elif complete and reason != "auth" and fault is None and scorer is not None:
+            # finished before: scoring it again (another metric, say) costs no request
+            score_results(self.config.output, scorer.metric, scorer.reference_column)
         if fault is not None:  # a write failed: whatever else stopped the run, this is exit 74
             self._use_totals(ckpt.done_totals())
             code, reason, message = StorageError.exit_code, "storage", self.writer.message(rows)
@@ -781,6 +807,21 @@ class _Run:
         tally.cost_usd = totals["cost_usd"]
         tally.cache_hits = totals.get("cache_hits", 0)
         tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
+
+
+def _check_scoring(config: RunConfig, columns: tuple[str, ...]) -> Metric | None:
+    """The run's metric, checked with its reference column before anything is sent."""
+    if config.score is None:
+        return None
+    metric = parse_metric(config.score)
+    check_reference_column(columns, config.reference_column, str(config.input))
+    return metric
+
+
+def _scorer(metric: Metric | None, reference_column: str | None) -> TableScorer | None:
+    if metric is None or reference_column is None:
+        return None
+    return TableScorer(metric, reference_column)
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
@@ -881,10 +922,13 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
     check_output(config.output)
+    if len(config.models) > 1:
+        config = config.replace(model=config.models[0])
     if storage.is_uri(config.input):
         config = config.replace(input=storage.stage_input(str(config.input)))
     info = inputs.scan_input(config)
     RequestBuilder(config, info.columns)
+    _check_scoring(config, info.columns)
     return info
 
 

@@ -182,6 +182,27 @@ def _deadline(value: object) -> str:
     return value.strip()
 
 
+def _metric(value: object) -> str:
+    from .scoring import parse_metric  # checked here so a bad metric stops before sending
+
+    text = _nonempty_string(value)
+    try:
+        parse_metric(text)
+    except UsageError as exc:
+        raise _Invalid(f"must be a metric: {exc}") from None
+    return text
+
+
+def _models(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _wrong("a non-empty array of model names", value)
+    if not all(isinstance(v, str) and v for v in value):
+        raise _Invalid("must hold model names (non-empty strings)")
+    return tuple(value)
+
+
 def _cache(value: object) -> bool | Path:
     # `cache = true` (the default file), `cache = false`, or `cache = "path/to/cache.sqlite"`.
     if isinstance(value, bool):
@@ -253,6 +274,9 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "quiet": _boolean,
     "log_format": _choice("text", "json"),
     "summary_json": _path,
+    "score": _metric,
+    "reference_column": _nonempty_string,
+    "models": _models,
     "cache": _cache,
     "cache_mode": _choice("read-write", "read-only", "write-only", "refresh"),
     "json_schema": _schema_source,
@@ -490,6 +514,12 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
     params.update(given_params)
     params.update(named_params)
 
+    if overrides.get("model") is not None and overrides.get("models") is None:
+        settings.pop("models", None)  # one --model on the command line replaces a job's sweep
+    if len(settings.get("models", ())) == 1:
+        settings["model"] = settings.pop("models")[0]
+    elif settings.get("models"):
+        settings["model"] = settings["models"][0]  # a sweep: rows are checked and built with it
     if "input" not in settings:
         raise UsageError("no input: give --input or `input` in the job file")
     if "output" not in settings:

@@ -998,16 +998,16 @@ def estimate(
     >>> est = estimate(config, prices=PriceTable.load(), calibrate=[Path("out/last.parquet")])
     >>> print(render_estimate(est))
     """
-    from .inputs import iter_records, scan_input
+    from .inputs import scan_input
     from .requests import RequestBuilder
+    from .sweep import slot_bodies, sweep_config
 
+    config = sweep_config(config)
     info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     tallies: dict[str | None, _ModelTally] = {}
     rows = input_errors = cached_rows = 0
-    bodies = (builder.build(i, record, error).body
-              for i, record, error in iter_records(config, builder.columns))
-    for body, cached in _cache_marked(config, bodies):
+    for body, cached in _cache_marked(config, slot_bodies(config, builder)):  # sweeps too
         rows += 1
         if body is None:
             input_errors += 1

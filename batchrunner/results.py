@@ -19,11 +19,12 @@ class Row:
     id: str
     body: dict[str, Any] | None
     error: str | None = None
+    sweep_model: str | None = None  # a sweep's model for a row that has no body
 
     @property
     def model(self) -> str | None:
         """The model this row asks for."""
-        return None if self.body is None else self.body.get("model")
+        return self.sweep_model if self.body is None else self.body.get("model")
 
 
 @dataclass(frozen=True, slots=True)

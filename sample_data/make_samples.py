@@ -437,6 +437,99 @@ def batch_api() -> list[dict[str, Any]]:
     ]
 
 
+# --- scored evaluations: multiple choice and short-answer arithmetic ----------------------------
+# Questions whose answers the gateway simulator can work out (batchrunner/gateway/evals.py), so
+# that `--local` runs score differently per model. References are computed, so always right.
+
+WORDS = ["apple", "banana", "cherry", "dolphin", "elephant", "falcon", "giraffe", "harbor",
+         "island", "jungle", "kettle", "lantern", "meadow", "needle", "orchard", "pepper",
+         "quartz", "rabbit", "saddle", "tunnel", "umbrella", "velvet", "walnut", "yogurt", "zebra",
+         "anchor", "basket", "candle", "desert", "engine", "forest", "garden", "hammer", "insect"]
+CHOICE_MARK = "Answer with the letter of the correct option."
+
+
+def _options(rng: random.Random, right: str, wrong: list[str]) -> tuple[list[str], str]:
+    """Four options (the right one at a random place) and the right one's letter."""
+    options = [right, *wrong[:3]]
+    rng.shuffle(options)
+    return options, "ABCD"[options.index(right)]
+
+
+def multiple_choice() -> list[dict[str, str]]:
+    rng = random.Random(1515)
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < 300:
+        kind = ["sum", "prime", "largest", "alphabet", "length"][len(rows) % 5]
+        if kind == "sum":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            question = f"What is {a} + {b}?"
+            right = a + b
+            wrong = rng.sample([right + d for d in (-11, -10, -2, -1, 1, 2, 9, 10)], 3)
+            options, letter = _options(rng, str(right), [str(w) for w in wrong])
+        elif kind == "prime":
+            primes = [n for n in range(11, 200) if all(n % d for d in range(2, int(n**0.5) + 1))]
+            composites = [n for n in range(11, 200) if n % 2 and n not in primes]
+            question = "Which of these numbers is prime?"
+            options, letter = _options(
+                rng, str(rng.choice(primes)), [str(n) for n in rng.sample(composites, 3)]
+            )
+        elif kind == "largest":
+            values = rng.sample(range(100, 999), 4)
+            texts = [f"{v / 100:.2f}" for v in values]
+            question = "Which of these numbers is the largest?"
+            top = texts[values.index(max(values))]
+            options, letter = _options(rng, top, [t for t in texts if t != top])
+        elif kind == "alphabet":
+            words = rng.sample(WORDS, 4)
+            question = "Which word comes first in alphabetical order?"
+            first = min(words)
+            options, letter = _options(rng, first, [w for w in words if w != first])
+        else:
+            word = rng.choice(WORDS)
+            n = len(word)
+            question = f"How many letters are in the word '{word}'?"
+            wrong = rng.sample([m for m in range(3, 12) if m != n], 3)
+            options, letter = _options(rng, str(n), [str(m) for m in wrong])
+        text = "\n".join([question, *(f"{'ABCD'[i]}) {o}" for i, o in enumerate(options)),
+                         CHOICE_MARK])
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append({"id": f"mc{len(rows) + 1:04d}", "question": text, "reference": letter,
+                     "topic": kind})
+    return rows
+
+
+def short_arithmetic() -> list[dict[str, str]]:
+    rng = random.Random(1516)
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < 300:
+        op = "+-×÷"[len(rows) % 4]
+        if op == "+":
+            a, b = rng.randint(100, 99_999), rng.randint(100, 99_999)
+            value = a + b
+        elif op == "-":
+            a, b = rng.randint(100, 9_999), rng.randint(100, 19_999)
+            value = a - b  # negative about half the time
+        elif op == "×":
+            a, b = rng.randint(12, 999), rng.randint(12, 99)
+            value = a * b
+        else:
+            b, q = rng.randint(3, 40), rng.randint(20, 2_500)
+            a, value = b * q, q
+        question = f"Calculate {a:,} {op} {b:,}."
+        if question in seen:
+            continue
+        seen.add(question)
+        rows.append({"id": f"ar{len(rows) + 1:04d}", "question": question,
+                     "reference": f"{value:,}", "topic": {"+": "addition", "-": "subtraction",
+                                                          "×": "multiplication",
+                                                          "÷": "division"}[op]})
+    return rows
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 
@@ -462,6 +555,8 @@ def main() -> None:
         "prompts": prompts,
         "eval_questions": eval_questions(),
         "generation": generation(),
+        "eval_multiple_choice": multiple_choice(),
+        "eval_arithmetic": short_arithmetic(),
     }
     for name, rows in sets.items():
         write_jsonl(f"{name}.jsonl", rows)

@@ -332,3 +332,25 @@ def test_input_and_output_in_a_bucket_on_ray(
     with s3.open_input_file(f"{name}/out.parquet") as f:
         table = pq.read_table(f)
     assert table.column("id").to_pylist() == [f"r{i}" for i in range(120)]
+
+
+def test_a_scored_sweep_on_ray_equals_the_local_engines(
+    ray_cluster: None, gateway: Any, tmp_path: Path
+) -> None:
+    source = tmp_path / "arith.jsonl"
+    source.write_text("".join(
+        json.dumps({"id": f"a{i}", "prompt": f"Calculate {i},000 + {i}.",
+                    "reference": f"{i * 1000 + i:,}"}) + "\n" for i in range(1, 41)))
+    common = dict(base_url=gateway.base_url, concurrency=4, models=("gpt-4o", "gpt-4o-mini"),
+                  score="numeric", reference_column="reference")
+    local = engine.run(_config(tmp_path, source, "local", **common), handle_signals=False)
+    on_ray = engine.run(
+        _config(tmp_path, source, "ray", engine="ray", ray_actors=2, **common),
+        handle_signals=False,
+    )
+    assert local.exit_code == on_ray.exit_code == 0 and on_ray.rows == 80
+    a, b = _stable(tmp_path / "ray.parquet"), _stable(tmp_path / "local.parquet")
+    assert a.to_pylist() == b.to_pylist()
+    assert [(r["id"], r["model"]) for r in a.to_pylist()[:4]] == [
+        ("a1", "gpt-4o"), ("a1", "gpt-4o-mini"), ("a2", "gpt-4o"), ("a2", "gpt-4o-mini")]
+    assert 0 < sum(a.column("score").to_pylist()) < 80

@@ -398,8 +398,20 @@ def test_an_unknown_key_with_nothing_close_lists_the_keys(tmp_path: Path) -> Non
 
 
 def test_an_unknown_table_is_an_unknown_key(tmp_path: Path) -> None:
+    message = error_of(write_job(tmp_path, '[voices."gpt-4o"]\ninput = 2.5\n'))
+    assert "unknown key `voices`" in message
+
+
+def test_models_is_a_sweep_and_a_table_of_models_is_refused(tmp_path: Path) -> None:
+    # `models` is a job key since the sweeps of SPEC 15: an array of names, nothing else
     message = error_of(write_job(tmp_path, '[models."gpt-4o"]\ninput = 2.5\n'))
-    assert "unknown key `models`" in message
+    assert "`models` must be a non-empty array of model names, not a table" in message
+    job = write_job(tmp_path, 'input = "in.jsonl"\noutput = "o.parquet"\n'
+                              'models = ["gpt-4o", "gpt-4o-mini"]\n')
+    config = build_config(load_job(job), {})
+    assert config.models == ("gpt-4o", "gpt-4o-mini") and config.model == "gpt-4o"
+    one = build_config(load_job(job), {"model": "claude-3-5-haiku-20241022"})
+    assert one.models == () and one.model == "claude-3-5-haiku-20241022"  # -m once: no sweep
 
 
 def test_a_request_field_at_the_top_level_points_to_params(tmp_path: Path) -> None:

@@ -37,7 +37,6 @@ from ..engine import (
     RunReport,
     _input_error_result,
     _local_gateway,
-    _rows_to_send,
     _Run,
 )
 from ..errors import AuthRefused, BatchrunnerError, UsageError
@@ -202,9 +201,9 @@ class RayRun(_Run):
     ) -> Iterator[list[Row]]:
         """Rows still to send, in blocks; rows with an input error are recorded, not sent."""
         block: list[Row] = []
-        for row in _rows_to_send(self.config, builder, done):
+        for row in self._rows(builder, done):  # a sweep's slots too
             if row.body is None:
-                self._record(ckpt, _input_error_result(row, self.config.model))
+                self._record(ckpt, _input_error_result(row, row.model or self.config.model))
                 continue
             block.append(row)
             if len(block) >= size:

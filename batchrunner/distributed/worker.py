@@ -88,8 +88,9 @@ class BlockWorker:
         try:
             source = folder / "block.jsonl"
             with source.open("w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps({"custom_id": row.id, "body": row.body}) + "\n")
+                # Positions as ids: in a sweep a row's id repeats, once per model.
+                for position, row in enumerate(rows):
+                    f.write(json.dumps({"custom_id": str(position), "body": row.body}) + "\n")
             config = _block_config(settings, source, max_cost, deadline_seconds)
             results: list[Result] = []
             self._control = control = engine.RunControl()
@@ -103,7 +104,10 @@ class BlockWorker:
             finally:
                 self._control = None
             # Positions in the block become the rows' numbers in the whole input.
-            placed = [dataclasses.replace(r, index=rows[r.index].index) for r in results]
+            placed = [
+                dataclasses.replace(r, index=rows[r.index].index, id=rows[r.index].id)
+                for r in results
+            ]
             cost = sum(r.cost_usd or 0.0 for r in results)
             # A refused key: the gateway's words, which the driver's own message wraps.
             message = str(run.auth_error) if run.auth_error is not None else report.message
@@ -151,4 +155,7 @@ def _block_config(
         engine="local",
         ray_address=None,
         ray_actors=None,
+        models=(),  # the driver already made a sweep's slots, each body with its model
+        score=None,  # the driver scores the whole output
+        reference_column=None,
     )

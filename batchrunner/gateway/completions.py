@@ -24,6 +24,7 @@ from typing import Any
 
 from . import json_answers
 from .config import MODELS
+from .evals import eval_answer
 from .tokens import (
     WORD_CHARS_PER_TOKEN as _WORD_CHARS_PER_TOKEN,
     count_prompt_tokens,
@@ -578,6 +579,13 @@ def _cut(text: str, tokens: int, request: ChatRequest) -> tuple[str, int, str]:
     return text, tokens, "stop"
 
 
+def _last_user_text(messages: tuple[dict[str, Any], ...]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message)
+    return ""
+
+
 def _json_answer(
     request: ChatRequest, seed: bytes, index: int, topics: tuple[str, ...]
 ) -> tuple[str, int]:
@@ -606,9 +614,13 @@ def answer(request: ChatRequest) -> Completion:
     texts: list[str] = []
     reasons: list[str] = []
     completion_tokens = 0
+    question = _last_user_text(request.messages)
     for index in range(request.n):
+        graded = eval_answer(request.model, question, seed, index)
         if request.response_format is not None:
             text, tokens, reason = _cut(*_json_answer(request, seed, index, topics), request)
+        elif graded is not None:
+            text, tokens, reason = _cut(graded, count_tokens(graded), request)
         else:
             text, tokens, reason = _cut(*_generate(seed, index, topics, mean), request)
         texts.append(text)
