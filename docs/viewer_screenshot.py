@@ -30,18 +30,16 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="viewer-shot-"))
     os.environ.setdefault("RU_LLM_API_KEY", "sk-ru-screenshot")
-    outputs = []
+    output = folder / "nightly-eval.parquet"
     with gateway_in_thread(GatewayConfig(port=0, error_rate=0.05, fault_seed=5,
                                          latency_ms=300, jitter_ms=250)) as gw:
-        for model in ("gpt-4o", "gpt-4o-mini"):
-            output = folder / f"nightly-eval-{model}.parquet"
-            config = batchrunner.build_config(
-                batchrunner.load_job(ROOT / "jobs" / "nightly-eval.toml"),
-                {"output": output, "model": model, "base_url": gw.base_url, "max_attempts": 1,
-                 "deadline": None, "rpm": None, "summary_json": None, "concurrency": 64},
-            )
-            batchrunner.run(config, handle_signals=False)
-            outputs.append(str(output))
+        config = batchrunner.build_config(
+            batchrunner.load_job(ROOT / "jobs" / "nightly-eval.toml"),
+            {"output": output, "base_url": gw.base_url, "max_attempts": 1, "deadline": None,
+             "rpm": None, "summary_json": None, "concurrency": 64},
+        )
+        batchrunner.run(config, handle_signals=False)  # the sweep: both models, scored
+    outputs = [str(output)]
     server = subprocess.Popen(
         [sys.executable, "-m", "batchrunner", "view", *outputs, "--port", "0", "--no-browser"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -689,3 +689,24 @@ def test_a_checkpoint_folded_by_an_incremental_run_is_read_afresh(
     assert source.rows == 12
     ids = source.read(source.visible[:3], ["id"]).column("id").to_pylist()
     assert ids == ["q0000", "q0001", "q0002"]
+
+
+def test_a_scored_sweep_in_one_file_shows_its_models_side_by_side(
+    tmp_path: Path, gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+    questions = tmp_path / "questions.jsonl"
+    _write_questions(questions, 10)
+    output = tmp_path / "sweep.parquet"
+    _run(questions, output, None, gateway.base_url, models=MODELS, score="contains",
+         reference_column="reference")
+    table = pq.read_table(output).to_pylist()
+    data = Dataset(open_sources([output]))
+    assert data.describe()["has_score"]
+    scores = [r["score"] for r in table if r["score"] is not None]
+    summary = data.summary(Filters())
+    assert summary["totals"]["mean_score"] == pytest.approx(sum(scores) / len(scores))
+    assert {m["model"] for m in summary["models"]} == set(MODELS)
+    detail = data.row(1)
+    assert [(s["model"], s["id"]) for s in detail["sweep"]] == [(m, table[0]["id"]) for m in MODELS]
+    assert detail["request"]["model"] == table[1]["model"]
