@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
+from .failures import ErrorCount, top_errors
 from .export import TableWriter, open_table_writer, output_format
 from .results import Result
 from .durability import read_fault
@@ -44,6 +45,8 @@ __all__ = [
     "CheckpointStatus",
     "DoneSet",
     "checkpoint_dir",
+    "checkpoint_results",
+    "read_done",
     "read_status",
 ]
 
@@ -187,6 +190,7 @@ class CheckpointStatus:
     live: bool
     finished: bool
     segments: int
+    errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
     storage_fault: dict[str, Any] | None = None  # the last run's failed write (durability.py)
     cache_hits: int = 0  # rows served from the response cache (their cost is not in cost_usd)
     reused_cost_usd: float = 0.0  # what those rows cost when first paid for
@@ -386,6 +390,10 @@ class Checkpoint:
                     # Only the input changed: keep the results of the rows left as they were.
                     self.incremental = _reconcile(self, fingerprint, rows, current)
                     return
+                if changes and not _holds_results(self.directory, self._first_segment()):
+                    # Nothing was kept under the old settings (a run stopped early because every
+                    # row failed the same way, say): nothing to protect, so the new ones rule.
+                    changes, manifest["fingerprint"] = [], fingerprint
                 if changes:
                     raise CheckpointMismatch(
                         f"{self.output}: the checkpoint was made with other settings: "
@@ -441,6 +449,12 @@ class Checkpoint:
     def done_totals(self) -> dict[str, Any]:
         """Counts, tokens and cost over the last result of each of this run's rows."""
         return self._progress.totals()
+
+    def top_errors(self) -> tuple[ErrorCount, ...]:
+        """The most frequent errors among the written results (reads the segments' errors)."""
+        if not self._progress.totals()["failed"]:
+            return ()
+        return _top_errors(self.directory, self._progress.rows, self._first_segment())
 
     # -- writing -------------------------------------------------------------------------
 
@@ -705,6 +719,15 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
             yield offset, _conform(batch)
 
 
+def _holds_results(directory: Path, first_segment: int = 0) -> bool:
+    """True when some segment of the checkpoint holds at least one result."""
+    for segment in _segments(directory, first_segment):
+        for _offset, batch in _read_batches(segment):
+            if batch.num_rows:
+                return True
+    return False
+
+
 def _readable(schema: pa.Schema) -> bool:
     """True for an older layout: some of today's columns, none unknown (new ones are null)."""
     current = {f.name: f.type for f in _SEGMENT_SCHEMA}
@@ -883,15 +906,88 @@ def read_status(output: Path) -> CheckpointStatus:
         raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
     loaded = _load(directory, int(manifest.get("first_segment", 0)))
     totals = _totals(loaded.summary)
+    rows = int(manifest.get("rows", 0))
     return CheckpointStatus(
         output=output,
-        rows=int(manifest.get("rows", 0)),
+        rows=rows,
         live=_is_locked(directory / "lock"),
         finished=bool(manifest.get("finished")) and output.exists(),
         segments=len(_segments(directory, int(manifest.get("first_segment", 0)))),
+        errors=(_top_errors(directory, rows or None, int(manifest.get("first_segment", 0)))
+                if totals["failed"] else ()),
         storage_fault=read_fault(directory),
         **totals,
     )
+
+
+def checkpoint_results(output: Path, columns: Sequence[str]) -> tuple[pa.Table, int]:
+    """The last checkpointed result of each row of `output` (result columns `columns`), in
+    row order, and the number of rows the run has; readable while a run is going on.
+
+    Raises UsageError when `output` has no checkpoint.
+    """
+    directory = checkpoint_dir(output)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{output}: no result file and no checkpoint at {directory}") from None
+    except ValueError:
+        raise UsageError(f"{directory / 'manifest.json'}: the manifest is unreadable") from None
+    rows = int(manifest.get("rows", 0))
+    first = int(manifest.get("first_segment", 0))
+    return _last_results(directory, columns, rows or None, first), rows
+
+
+def read_done(output: Path) -> tuple[DoneSet, dict[str, Any]] | None:
+    """The rows of `output` that have a checkpointed result, and the checkpoint's fingerprint;
+    None when there is no checkpoint. Takes no lock: a run may be going on."""
+    directory = checkpoint_dir(output)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    first = int(manifest.get("first_segment", 0))
+    return _done_of(directory, first), manifest.get("fingerprint", {})
+
+
+def _done_of(directory: Path, first_segment: int = 0) -> DoneSet:
+    summary = _load(directory, first_segment).summary
+    if summary is None or not summary.num_rows:
+        return DoneSet(np.zeros(0, dtype=np.int64), pa.array([], pa.string()))
+    positions = _last_positions(summary.column("_row").to_numpy())
+    return DoneSet(
+        summary.column("_row").to_numpy()[positions],
+        summary.column("id").take(pa.array(positions, pa.int64())).combine_chunks(),
+    )
+
+
+def _last_results(
+    directory: Path, columns: Sequence[str], rows: int | None, first_segment: int = 0
+) -> pa.Table:
+    """Columns of the last result of each row (of the first `rows`), from the segments."""
+    wanted = ["_row", *dict.fromkeys(c for c in columns if c != "_row")]
+    schema = pa.schema([_SEGMENT_SCHEMA.field(c) for c in wanted])
+    # Copied out of each batch (take), so that a batch's answers are not kept alive.
+    pieces = [
+        pa.Table.from_batches([_conform(batch)]).select(wanted).take(np.arange(batch.num_rows))
+        for segment in _segments(directory, first_segment)
+        for _offset, batch in _read_batches(segment)
+        if batch.num_rows
+    ]
+    table = pa.concat_tables(pieces).combine_chunks() if pieces else schema.empty_table()
+    row_numbers = table.column("_row").to_numpy()
+    positions = _last_positions(row_numbers)
+    if rows is not None:
+        positions = positions[row_numbers[positions] < rows]
+    return table.take(pa.array(positions, pa.int64())).drop_columns(["_row"])
+
+
+def _top_errors(
+    directory: Path, rows: int | None, first_segment: int = 0
+) -> tuple[ErrorCount, ...]:
+    table = _last_results(directory, ("status", "error"), rows, first_segment)
+    failed = table.filter(pc.not_equal(table.column("status"), "ok"))
+    return top_errors(failed.column("error"))
 
 
 def _is_locked(lock_path: Path) -> bool:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .errors import BatchrunnerError, StorageError, UsageError
 
 log = logging.getLogger("batchrunner")
 
+_error_format = {"json": False}  # --log-format json also shapes the error line (SPEC 13)
 
 
 # -- shared plumbing ------------------------------------------------------------------------
@@ -30,13 +32,25 @@ log = logging.getLogger("batchrunner")
 class _Group(click.Group):
     """Maps batchrunner's expected errors to one line on stderr and their exit code."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Seen before the command parses its options, so that even their errors are JSON.
+        wanted = [a.partition("=")[2] if a.startswith("--log-format=") else None for a in args]
+        wanted += [b for a, b in zip(args, args[1:]) if a == "--log-format"]
+        _error_format["json"] = "json" in wanted
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BatchrunnerError as exc:
-            click.echo(f"batchrunner: error: {exc}", err=True)
+            _echo_error(str(exc), exc.exit_code)
             ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except click.ClickException as exc:  # a bad option, with --log-format json: one object
+            if not _error_format["json"]:
+                raise
+            _echo_error(exc.format_message(), exc.exit_code)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.Abort):
             raise
         except BrokenPipeError:  # `batchrunner export ... | head`: the reader has had enough
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -47,8 +61,22 @@ class _Group(click.Group):
 
             path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
                                    key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
-            click.echo(crash_line(exc, path), err=True)
+            line = crash_line(exc, path)
+            if _error_format["json"]:
+                _echo_error(line.removeprefix("batchrunner: "), EXIT_INTERNAL)
+            else:
+                click.echo(line, err=True)
             ctx.exit(EXIT_INTERNAL)
+
+
+def _echo_error(message: str, exit_code: int) -> None:
+    """The one error line on stderr: text, or one JSON object with --log-format json."""
+    if _error_format["json"]:
+        record = {"time": round(time.time(), 3), "level": "error", "logger": "batchrunner",
+                  "message": message, "exit_code": exit_code}
+        click.echo(json.dumps(record), err=True)
+    else:
+        click.echo(f"batchrunner: error: {message}", err=True)
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
@@ -81,6 +109,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None:
+    _error_format["json"] = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -153,7 +182,9 @@ def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tpm", type=float, help="Estimated tokens started per minute, at most."),
         click.option("--max-attempts", type=int, help="HTTP attempts per row [6]."),
         click.option("--timeout", type=float, help="Seconds per attempt [120]."),
-        click.option("--max-cost", type=float, metavar="USD", help="Stop before spending more."),
+        click.option("--max-cost", type=float, metavar="USD",
+                     help="Stop before the spending on this output passes USD; counts every "
+                     "run that built it (resumes included)."),
         click.option("--deadline", help="Stop sending at a time: '45m', '2h', '06:00'."),
         click.option("--checkpoint-every", type=int, help="Rows per checkpoint write [100]."),
         click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL]."),
@@ -231,7 +262,10 @@ def main() -> None:
 @click.option("--restart", is_flag=True, default=None, help="Discard the checkpoint; send all.")
 @click.option("--retry-failed", is_flag=True, default=None, help="Send error rows again.")
 @click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings and the summary.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines format.")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="Log lines format; json shapes error lines too.")
+@click.option("--preflight/--no-preflight", default=None,
+              help="Check the run's models against GET /models before sending [on].")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the final figures, with the exit code, to this JSON file.")
 @click.option("--engine", type=click.Choice(["local", "ray"]),
@@ -252,7 +286,9 @@ def run(job: Path | None, **kwargs: Any) -> None:
           --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
 
     Running the same command again resumes: only rows with no result are sent.
-    Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error, 4 key refused,
+    --max-cost is the spending on the output across all its runs.
+    Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error (an unknown model
+    too), 3 every answered row failed the same way (resumable), 4 key refused,
     5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
     the traceback is in crash.log in the checkpoint folder), 74 checkpoint or output
     could not be written (disk full, read-only, I/O error).
@@ -262,13 +298,14 @@ def run(job: Path | None, **kwargs: Any) -> None:
     from .progress import ProgressDisplay
 
     _configure_logging()  # warnings about the options themselves (a --param typo)
+    _error_format["json"] = kwargs.get("log_format") == "json"
     config = _config(job, kwargs)
     _crash_folder(config.output, config.api_key_env)
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:
         try:
-            report = engine.run(config, on_result=display.update)
+            report = engine.run(config, on_result=display.update, on_start=display.start)
         except BatchrunnerError as exc:
             if config.summary_json is not None:
                 data: dict[str, Any] = {"exit_code": exc.exit_code, "error": str(exc)}
@@ -295,13 +332,16 @@ def status(output: Path | str, fmt: str) -> None:
       batchrunner status out/results.parquet --format json
     """
     from .checkpoint import read_status
+    from .failures import render_errors
+    from .progress import plural
     from .storage import local_view
 
     _crash_folder(output)
     state = read_status(local_view(output))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
-        data.update(output=str(state.output), pending=state.pending)
+        data.update(output=str(state.output), pending=state.pending,
+                    errors=[e.to_dict() for e in state.errors])
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
@@ -315,11 +355,15 @@ def status(output: Path | str, fmt: str) -> None:
         f"  tokens   {state.total_tokens:>12,}   prompt {state.prompt_tokens:,}, "
         f"cached {state.cached_tokens:,}, completion {state.completion_tokens:,}\n"
         f"  cost     {'$' + format(state.cost_usd, ',.4f'):>12}"
-        + (f"   ({state.unpriced_rows:,} rows of unpriced models)" if state.unpriced_rows else "")
+        + (f"   ({plural(state.unpriced_rows, 'row')} of unpriced models)"
+           if state.unpriced_rows else "")
         + (f"\n  reused   {'$' + format(state.reused_cost_usd, ',.4f'):>12}   "
            f"{state.cache_hits:,} rows from the response cache, not paid again"
            if state.cache_hits else "")
     )
+    if state.errors:
+        click.echo("  most frequent errors (rows, error):")
+        click.echo("\n".join(render_errors(state.errors, indent="    ")))
 
 
 @main.command()
@@ -514,7 +558,9 @@ def validate(job: Path) -> None:
 
     config = build_config(load_job(job), {})
     info = check_job(config)
-    click.echo(f"{job}: ok: {info.rows:,} rows from {config.input} ({info.format}), "
+    from .progress import plural
+
+    click.echo(f"{job}: ok: {plural(info.rows, 'row')} from {config.input} ({info.format}), "
                f"results to {config.output}")
 
 

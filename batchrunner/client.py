@@ -184,7 +184,7 @@ async def _error_for(response: Response) -> RequestError | AuthRefused:
         return ServerError(
             text, http_status=status, retry_after=parse_retry_after(response.headers)
         )
-    return PermanentError(text, http_status=status)
+    return PermanentError(text, http_status=status, code=_error_code(raw))
 
 
 def _error_message(raw: bytes) -> str | None:
@@ -200,6 +200,17 @@ def _error_message(raw: bytes) -> str | None:
         if isinstance(error, str):
             return error
     return None
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The `error.code` of an OpenAI error body, as text; None where there is none."""
+    try:
+        payload = orjson.loads(raw)
+    except ValueError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return None if code is None else str(code)
 
 
 def _parse_completion(

@@ -84,6 +84,8 @@ class RunConfig:
     score: str | None = None
     reference_column: str | None = None
     models: tuple[str, ...] = ()
+    # fail fast (SPEC 6): check the run's models against GET /models before sending
+    preflight: bool = True
     # structured output (SPEC 17): a schema file, or the schema itself (a job's inline table)
     json_schema: Path | dict[str, Any] | None = None
     invalid_retries: int = 2

@@ -27,9 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs, storage
+from . import inputs, preflight, storage
 from .cache import LOOKUP_ROWS, CacheSession, request_hash
-from .checkpoint import Checkpoint, DoneSet
+from .checkpoint import Checkpoint, DoneSet, checkpoint_dir
 from .client import Answer, Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
 from .errors import (
@@ -37,6 +37,7 @@ from .errors import (
     AuthRefused,
     ConnectionFailed,
     InvalidResponse,
+    PermanentError,
     RateLimited,
     RequestError,
     RetryableError,
@@ -44,6 +45,7 @@ from .errors import (
     UsageError,
 )
 from .export import check_output
+from .failures import ErrorCount
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
@@ -64,6 +66,8 @@ DEFAULT_COMPLETION_GUESS = 256  # tokens, for tpm pacing before any usage has co
 BUDGET_MAX_TOKENS_GUESS = 4096  # worst case per request for --max-cost when max_tokens is unset
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_AUTH, EXIT_STOPPED = 0, 1, 4, 5
+EXIT_SYSTEMATIC = 3  # every answered row failed the same way (SPEC section 6)
+PREFLIGHT_ROWS = 10_000  # the models of this many first rows are checked before sending
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
@@ -132,6 +136,7 @@ class RunReport:
     cost_usd: float
     wall_seconds: float
     message: str = ""
+    errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
     cache_hits: int = 0  # rows served from the response cache, this run and earlier ones
     reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
 
@@ -148,6 +153,7 @@ class RunReport:
         data["cost_usd"] = round(self.cost_usd, 10)
         data["reused_cost_usd"] = round(self.reused_cost_usd, 10)
         data["wall_seconds"] = round(self.wall_seconds, 3)
+        data["errors"] = [e.to_dict() for e in self.errors]
         return data
 
 
@@ -186,6 +192,7 @@ class _Abandon(Exception):
 
 
 ResultCallback = Callable[[Result, Tally], None]
+StartCallback = Callable[[Tally], None]
 
 
 async def arun(
@@ -193,8 +200,12 @@ async def arun(
     *,
     on_result: ResultCallback | None = None,
     control: RunControl | None = None,
+    on_start: StartCallback | None = None,
 ) -> RunReport:
     """Run a job to the end, or until stopped; return its RunReport.
+
+    `on_start(tally)` is called once, as sending starts (resumed rows already counted);
+    `on_result(result, tally)` once a row has a result.
 
     >>> report = await arun(RunConfig(input=Path("prompts.jsonl"),
     ...                               output=Path("out.parquet"), model="gpt-4o", local=True))
@@ -205,7 +216,8 @@ async def arun(
     if storage.is_uri(config.input) or storage.is_uri(config.output):
         # Object-store paths: the run works on local copies kept in step with the store.
         return await storage.staged_run(
-            config, lambda local: arun(local, on_result=on_result, control=control)
+            config,
+            lambda local: arun(local, on_result=on_result, control=control, on_start=on_start),
         )
     if config.engine == "ray":
         from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
@@ -213,10 +225,10 @@ async def arun(
         return await arun_on_ray(config, on_result=on_result, control=control)
     if config.local:
         async with _local_gateway() as (base_url, key):
-            return await _Run(config, base_url, key, on_result, control).execute()
+            return await _Run(config, base_url, key, on_result, control, on_start).execute()
     base_url = resolve_base_url(config.base_url)
     key = resolve_api_key(config.api_key_env)
-    return await _Run(config, base_url, key, on_result, control).execute()
+    return await _Run(config, base_url, key, on_result, control, on_start).execute()
 
 
 def run(
@@ -225,6 +237,7 @@ def run(
     on_result: ResultCallback | None = None,
     control: RunControl | None = None,
     handle_signals: bool = True,
+    on_start: StartCallback | None = None,
 ) -> RunReport:
     """Synchronous `arun`: Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
 
@@ -235,7 +248,7 @@ def run(
     async def main() -> RunReport:
         if handle_signals and threading.current_thread() is threading.main_thread():
             _install_signal_handlers(control)
-        return await arun(config, on_result=on_result, control=control)
+        return await arun(config, on_result=on_result, control=control, on_start=on_start)
 
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
         return runner.run(main())
@@ -259,6 +272,10 @@ def _install_signal_handlers(control: RunControl) -> None:
 
     def on_signal(reason: str, code: int) -> None:
         if control.stopping and reason == "interrupted":
+            log.warning(
+                "interrupted again: quitting now, without waiting; what was checkpointed is "
+                "kept: run the same command again to resume"
+            )
             os._exit(code)  # the second Ctrl-C: leave now; segments are fsynced per batch
         control.stop(reason, code)
 
@@ -284,7 +301,13 @@ class _Run:
         api_key: str,
         on_result: ResultCallback | None,
         control: RunControl,
+        on_start: StartCallback | None = None,
     ) -> None:
+        self.on_start = on_start
+        self.streak = preflight.FailureStreak()
+        # id() of a failed Result -> its non-retryable failure, until the result is recorded
+        self._failure_keys: dict[int, preflight.FailureKey] = {}
+        self._held_hashes: dict[int, int | None] = {}  # id() of a sent row's Result -> its hash
         self.config = config
         self.base_url = base_url
         self._api_key = api_key
@@ -330,6 +353,8 @@ class _Run:
             "settings": config.request_settings(),
         }
         self.tally.rows = self.sweep.total if self.sweep is not None else info.rows
+        if config.preflight and not _finished_before(config.output):
+            await self._check_models(builder)
         key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
         self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
         try:
@@ -358,11 +383,53 @@ class _Run:
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < total or not ckpt.complete(total):
                 self.control.bind(self.stop_event)
+                if self.on_start is not None:
+                    self.on_start(self.tally)
                 await self._dispatch(ckpt, builder, done, deadline)
             del done  # a million rows' ids: not needed to write the output
             if self.feed_error is not None:
                 raise self.feed_error
             return self._finish(ckpt, total, info.rows)
+
+    async def _check_models(self, builder: RequestBuilder) -> None:
+        """SPEC 6's pre-flight: the run's models against GET /models, before anything is sent.
+
+        The models are --model and those the first PREFLIGHT_ROWS rows ask for (a `model`
+        column, Batch API bodies); a gateway that does not answer is not an error.
+        """
+        models = self._run_models(builder)
+        if not models:
+            return
+        key = self._api_key
+        if not key:  # a driver that holds no key (the Ray engine's) asks with the job's own
+            try:
+                key = resolve_api_key(self.config.api_key_env)
+            except UsageError:
+                return
+        try:
+            async with Client(
+                self.base_url, key, concurrency=1, timeout=min(self.config.timeout, 30)
+            ) as client:
+                listed = await client.models()
+        except (RequestError, AuthRefused) as exc:
+            log.debug("pre-flight: GET /models did not answer (%s); models not checked", exc)
+            return
+        preflight.check_models(models, listed)
+
+    def _run_models(self, builder: RequestBuilder) -> set[str]:
+        models = {self.config.model} if self.config.model else set()
+        models.update(self.config.models)  # a sweep's
+        plan = inputs.resolve_columns(self.config, builder.columns)
+        if plan.model_column is None and not plan.batch_api:
+            return models
+        records = inputs.iter_records(self.config, columns=builder.columns)
+        for index, record, error in records:
+            if index >= PREFLIGHT_ROWS:
+                break
+            model = builder.build(index, record, error).model
+            if isinstance(model, str):
+                models.add(model)
+        return models
 
     def _deadline(self) -> Deadline | None:
         return Deadline.from_text(self.config.deadline) if self.config.deadline else None
@@ -417,6 +484,8 @@ class _Run:
                 for task in (feeder, *workers, *watchers, flusher):
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
+                for held in self.streak.release():  # a streak that did not trip: real results
+                    self._record(ckpt, held, row_hash=self._held_hashes.pop(id(held), None))
                 # The last write: everything that finished is made durable before we return.
                 self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
                 self._writes.append(executor.submit(self.writer.last_attempt))
@@ -516,12 +585,28 @@ class _Run:
             try:
                 result = await self._process(row)
                 if result is not None:
-                    self._record(ckpt, result, row.body)
+                    self._record_answer(ckpt, result, row.body)
             except Exception:
                 self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
                 raise
             finally:
                 self.busy -= 1
+
+    def _record_answer(
+        self, ckpt: Checkpoint, result: Result, body: dict[str, Any] | None = None
+    ) -> None:
+        """Record a sent row's result, unless it extends a streak of identical failures."""
+        key = self._failure_keys.pop(id(result), None)
+        self._held_hashes[id(result)] = None if body is None else request_hash(body)
+        was_tripped = self.streak.tripped
+        for ready in self.streak.observe(result, key):
+            self._record(ckpt, ready, row_hash=self._held_hashes.pop(id(ready), None))
+        if self.streak.tripped and not was_tripped:
+            log.warning(
+                "stopping: the last %d answered rows all failed the same way: %s; "
+                "no new requests are sent", self.streak.count, self.streak.error()
+            )
+            self.control.stop("systematic", EXIT_SYSTEMATIC)
 
     async def _flush_loop(self, ckpt: Checkpoint, executor: ThreadPoolExecutor) -> None:
         """Write the buffered results every `checkpoint_every` rows or FLUSH_SECONDS."""
@@ -554,6 +639,14 @@ class _Run:
     async def _watch_stop(self, workers: list[asyncio.Task[None]]) -> None:
         """Once a stop is asked, let in-flight rows finish (within a grace period), then end."""
         await self.stop_event.wait()
+        if self.control.reason in ("interrupted", "terminated"):
+            busy = self.busy
+            waiting = (
+                f"waiting for {busy} request{'s' if busy != 1 else ''} in flight "
+                f"(at most {STOP_GRACE_SECONDS:g} s)" if busy else "no request in flight"
+            )
+            again = "; Ctrl-C again to quit now" if self.control.reason == "interrupted" else ""
+            log.warning("stopping: %s%s", waiting, again)
         self.gate.release()
         if self.control.reason == "budget":
             grace = math.inf  # what is in flight is being paid for: let it finish
@@ -642,7 +735,7 @@ class _Run:
             self.control.stop("auth", EXIT_AUTH)
             return None
         except RequestError as exc:
-            return Result(
+            failed = Result(
                 index=row.index,
                 id=row.id,
                 status="error",
@@ -652,6 +745,9 @@ class _Run:
                 http_status=exc.http_status,
                 error=str(exc),
             )
+            if isinstance(exc, PermanentError):  # for the systematic-failure stop
+                self._failure_keys[id(failed)] = (exc.http_status, exc.code)
+            return failed
         result = self._ok_result(row, answer, attempts, reserved)
         if self.cache is not None:
             self.cache.offer(row, result)
@@ -719,7 +815,11 @@ class _Run:
                 log.warning("no price for model %s: --max-cost cannot bound its spending", model)
             worst = 0.0
         if not await self.budget.acquire(worst):
-            log.warning("budget of $%.4f reached: no new requests are sent", self.config.max_cost)
+            if "reached" not in self._warned_budget:  # once a run, not once a worker
+                self._warned_budget.add("reached")
+                log.warning(
+                    "budget of $%.4f reached: no new requests are sent", self.config.max_cost
+                )
             self.control.stop("budget", EXIT_STOPPED)
             raise _Abandon()
         return worst
@@ -764,6 +864,8 @@ class _Run:
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)
+            if reason == "systematic" and self.streak.tripped:
+                message = self.streak.describe()
         report = RunReport(
             exit_code=code,
             reason=reason,
@@ -780,6 +882,7 @@ class _Run:
             cost_usd=self.tally.cost_usd,
             wall_seconds=self.tally.elapsed,
             message=message,
+            errors=ckpt.top_errors(),
             cache_hits=self.tally.cache_hits,
             reused_cost_usd=self.tally.reused_cost_usd,
         )
@@ -822,6 +925,13 @@ def _scorer(metric: Metric | None, reference_column: str | None) -> TableScorer 
     if metric is None or reference_column is None:
         return None
     return TableScorer(metric, reference_column)
+def _finished_before(output: Path) -> bool:
+    """True when a previous run finished this output (nothing is left to send)."""
+    try:
+        manifest = json.loads((checkpoint_dir(output) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("finished")) and output.exists()
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
@@ -841,6 +951,11 @@ def _stop_message(reason: str, auth_error: AuthRefused | None) -> str:
         return "stopped at the --max-cost budget; run again with a larger budget to go on"
     if reason == "deadline":
         return "stopped at the --deadline; run the same command again to go on"
+    if reason == "systematic":
+        return (
+            "stopped early: the answered rows all failed the same way; fix the cause and run "
+            "the same command again"
+        )
     return "interrupted; run the same command again to resume"
 
 

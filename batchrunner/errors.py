@@ -140,4 +140,13 @@ class InvalidResponse(RetryableError):
 
 
 class PermanentError(RequestError):
-    """A 4xx other than 401/403/408/409/429: the request itself is wrong; not retried."""
+    """A 4xx other than 401/403/408/409/429: the request itself is wrong; not retried.
+
+    `code` is the gateway's `error.code` (such as "model_not_found"), where it sent one.
+    """
+
+    def __init__(
+        self, message: str, *, http_status: int | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, http_status=http_status)
+        self.code = code

@@ -277,6 +277,7 @@ _OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
     "score": _metric,
     "reference_column": _nonempty_string,
     "models": _models,
+    "preflight": _boolean,
     "cache": _cache,
     "cache_mode": _choice("read-write", "read-only", "write-only", "refresh"),
     "json_schema": _schema_source,

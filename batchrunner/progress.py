@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .config import RunConfig
 from .engine import RunReport, Tally
+from .failures import render_errors
 from .results import Result
 
 __all__ = ["ProgressDisplay"]
@@ -45,23 +46,41 @@ class ProgressDisplay:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def start(self, tally: Tally) -> None:
+        """The engine's on_start callback: the bar appears as sending starts."""
+        if self.use_bar and self._bar is None:
+            self._open_bar(tally)
+
+    def _open_bar(self, tally: Tally) -> None:
+        # Resumed rows are the bar's starting point, and counted there only.
+        self._bar = tqdm(
+            total=tally.rows,
+            initial=tally.resumed,
+            unit="row",
+            file=self.stream,
+            dynamic_ncols=True,
+            mininterval=0.25,
+        )
+        self._last_done = tally.resumed
+        self._postfix(tally, refresh=True)
+
+    def _postfix(self, tally: Tally, *, refresh: bool = False) -> None:
+        assert self._bar is not None
+        self._bar.set_postfix_str(
+            f"ok={tally.ok:,}, failed={tally.failed:,}, tokens={tally.total_tokens:,}, "
+            f"cost=${tally.cost_usd:,.4f}",
+            refresh=refresh,
+        )
+
     def update(self, result: Result, tally: Tally) -> None:
         """The engine's on_result callback."""
         if self.use_bar:
             if self._bar is None:
-                self._bar = tqdm(
-                    total=tally.rows,
-                    initial=tally.resumed,
-                    unit="row",
-                    file=self.stream,
-                    dynamic_ncols=True,
-                    mininterval=0.25,
-                )
+                self._open_bar(tally)
+            assert self._bar is not None
             self._bar.update(tally.done - self._last_done)
             self._last_done = tally.done
-            self._bar.set_postfix(
-                ok=tally.ok, failed=tally.failed, tokens=tally.total_tokens, refresh=False
-            )
+            self._postfix(tally)
         elif self.use_lines and time.monotonic() >= self._next_line:
             self._next_line = time.monotonic() + LOG_EVERY_SECONDS
             self._line(tally)
@@ -90,7 +109,7 @@ class ProgressDisplay:
             pct = 100.0 * tally.done / tally.rows if tally.rows else 100.0
             eta_text = "?" if eta is None else _duration(eta)
             log.info(
-                "%d/%d rows (%.1f%%), ok %d, failed %d, %.1f rows/s, %d tokens, $%.4f, eta %s",
+                "rows %d/%d (%.1f%%), ok %d, failed %d, %.1f rows/s, %d tokens, $%.4f, eta %s",
                 tally.done, tally.rows, pct, tally.ok, tally.failed, rate,
                 tally.total_tokens, tally.cost_usd, eta_text,
             )
@@ -127,19 +146,28 @@ class ProgressDisplay:
             lines.append(f"  output    {report.output}")
         else:
             lines.append(f"  {report.message}")
+        if report.errors:
+            lines.append("  most frequent errors (rows, error):")
+            lines.extend(render_errors(report.errors, indent="    "))
         print("\n".join(lines), file=self.stream, flush=True)
 
 
 def _headline(report: RunReport) -> str:
     if report.reason == "complete":
-        return "done" if report.failed == 0 else f"done, {report.failed:,} rows failed"
+        return "done" if report.failed == 0 else f"done, {plural(report.failed, 'row')} failed"
     return {
         "budget": "stopped at the budget (exit 5)",
         "deadline": "stopped at the deadline (exit 5)",
         "interrupted": "interrupted (exit 130)",
         "terminated": "terminated (exit 143)",
         "auth": "the gateway refused the API key (exit 4)",
+        "systematic": "stopped early: every answered row failed the same way (exit 3)",
     }.get(report.reason, f"stopped ({report.reason})")
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 row`, `2 rows`, `1,000 rows`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _duration(seconds: float) -> str:

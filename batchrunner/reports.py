@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checkpoint import RESULT_SCHEMA
+from .checkpoint import RESULT_SCHEMA, checkpoint_dir, checkpoint_results
 from .config import RunConfig
 from .errors import UsageError
+from .failures import ErrorCount, merge_counts, render_errors, value_counts
 from .pricing import PRICES_AS_OF, PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 from .structured import StructuredSummary, summarize_files
@@ -115,6 +116,8 @@ class SummaryReport:
     unpriced_models: tuple[str | None, ...] = ()  # models of the rows counted unpriced
     prices_as_of: str | None = None  # the built-in prices' date, when costs were recomputed
     prices_file: str | None = None  # the price file overlaid on them, if any
+    errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
+    from_checkpoint: tuple[str, ...] = ()  # outputs read from their checkpoint (not finished)
     structured: StructuredSummary | None = None  # SPEC 17, for files of --json-schema runs
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +129,8 @@ class SummaryReport:
             "prices_file": self.prices_file,
             "files": list(self.files),
             "unpriced_models": list(self.unpriced_models),
+            "errors": [e.to_dict() for e in self.errors],
+            "from_checkpoint": list(self.from_checkpoint),
             "groups": [_plain(asdict(g)) for g in self.groups],
             "total": _plain({k: v for k, v in asdict(self.total).items() if k != "key"}),
         } | ({"structured": self.structured.to_dict()} if self.structured else {})
@@ -134,8 +139,9 @@ class SummaryReport:
 def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[Path]:
     """Files named by `paths`: globs expanded (`**` too), folders give their `*.parquet`.
 
-    A path or pattern that matches no file is a UsageError naming it; a file matched twice
-    is read once.
+    An output whose run is going on or was interrupted counts as a file too (its checkpoint
+    is read). A path or pattern that matches no file is a UsageError naming it; a file matched
+    twice is read once.
     """
     found: dict[str, Path] = {}
     for raw in paths:
@@ -143,10 +149,14 @@ def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[
         if glob.has_magic(text):
             matches = sorted(glob.glob(text, recursive=True))
             matches = [m for m in matches if os.path.isfile(m)]
+            matches += _unfinished_outputs(glob.glob(text + ".checkpoint", recursive=True))
         elif os.path.isdir(text):
             matches = sorted(glob.glob(os.path.join(glob.escape(text), "*.parquet")))
+            matches += _unfinished_outputs(
+                glob.glob(os.path.join(glob.escape(text), "*.parquet.checkpoint"))
+            )
         else:
-            matches = [text] if os.path.isfile(text) else []
+            matches = [text] if os.path.isfile(text) or _has_checkpoint(Path(text)) else []
         if not matches:
             raise UsageError(f"{what}: no file matches {text}")
         for m in matches:
@@ -154,6 +164,30 @@ def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[
     if not found:
         raise UsageError(f"{what}: no file given")
     return list(found.values())
+
+
+_CHECKPOINT = ".checkpoint"
+
+
+def _has_checkpoint(output: Path) -> bool:
+    return (checkpoint_dir(output) / "manifest.json").is_file()
+
+
+def _unfinished_outputs(folders: Iterable[str]) -> list[str]:
+    """The outputs of checkpoint folders that have no output file yet."""
+    outputs = [f[: -len(_CHECKPOINT)] for f in sorted(folders) if f.endswith(_CHECKPOINT)]
+    return [o for o in outputs if not os.path.isfile(o) and _has_checkpoint(Path(o))]
+
+
+def _read_from_checkpoint(output: Path) -> bool:
+    """True when the summary of `output` must come from its checkpoint: the run is going on,
+    was interrupted, or is going again (the file, if any, is not the latest)."""
+    manifest = checkpoint_dir(output) / "manifest.json"
+    try:
+        finished = json.loads(manifest.read_text()).get("finished")
+    except (OSError, ValueError):
+        return False
+    return not (finished and output.is_file())
 
 
 def summarize(
@@ -240,12 +274,23 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     lat_keys: list[np.ndarray] = []
     lat_values: list[np.ndarray] = []
 
-    needed = ["model", "status", *_TOKENS, "latency_ms"]
+    needed = ["model", "status", *_TOKENS, "latency_ms", "error"]
     if prices is None:
         needed.append("cost_usd")
+    error_pairs: list[tuple[str, int]] = []
+    from_checkpoint: list[str] = []
     for path in files:
-        extra = [c for c in ("cache_hit", "cost_usd") if c in _names(path) and c not in needed]
-        for table in _read_batches(path, by, [*needed, *extra]):
+        if _read_from_checkpoint(path):
+            from_checkpoint.append(str(path))
+            # the checkpoint has every result column (cache_hit and cost_usd included)
+            extra = [c for c in ("cache_hit", "cost_usd") if c not in needed]
+            batches = _checkpoint_batches(path, by, [*needed, *extra])
+        else:
+            extra = [c for c in ("cache_hit", "cost_usd") if c in _names(path) and c not in needed]
+            batches = _read_batches(path, by, [*needed, *extra])
+        for table in batches:
+            failed = table.filter(pc.fill_null(pc.not_equal(table.column("status"), "ok"), True))
+            error_pairs.extend(value_counts(failed.column("error")))
             tally = _tally(table, path, by, prices is not None, keys, models)
             pair_keys.append(tally.pair_keys)
             pair_models.append(tally.pair_models)
@@ -326,6 +371,8 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
         unpriced_models=tuple(sorted(unpriced_models, key=lambda m: (m is None, str(m)))),
         prices_as_of=None if prices is None else PRICES_AS_OF,
         prices_file=None if prices is None or prices.source is None else str(prices.source),
+        errors=merge_counts(error_pairs),
+        from_checkpoint=tuple(from_checkpoint),
     )
 
 
@@ -524,6 +571,21 @@ def _read_batches(path: Path, by: str, needed: Sequence[str]) -> Iterator[pa.Tab
         raise UsageError(f"{path}: cannot be read ({exc})") from None
 
 
+def _checkpoint_batches(output: Path, by: str, needed: Sequence[str]) -> Iterator[pa.Table]:
+    """The results so far of an unfinished output, from its checkpoint (result columns only)."""
+    columns = list(dict.fromkeys(needed))
+    if by != _DAY and by not in columns:
+        if by not in RESULT_SCHEMA.names:
+            raise UsageError(
+                f"{output}: the run has not finished, and its checkpoint holds the result "
+                f"columns only, not {by!r}: group by a result column (model, status) until "
+                "the output is written"
+            )
+        columns.append(by)
+    table, _rows = checkpoint_results(output, columns)
+    yield table
+
+
 def _codes(column: pa.ChunkedArray, name: str, path: Path) -> tuple[np.ndarray, list[Any]]:
     """Dense codes of a column's values, and the values; null is the last value."""
     try:
@@ -550,7 +612,8 @@ def _codes(column: pa.ChunkedArray, name: str, path: Path) -> tuple[np.ndarray, 
 def _day_codes(table: pa.Table, path: Path) -> tuple[np.ndarray, list[Any]]:
     """The UTC day of each row: from a `created` column where set, else the file's mtime."""
     n = table.num_rows
-    mtime_day = np.datetime64(int(os.stat(path).st_mtime), "s").astype("datetime64[D]")
+    stat_path = path if path.exists() else checkpoint_dir(path)  # an unfinished output
+    mtime_day = np.datetime64(int(os.stat(stat_path).st_mtime), "s").astype("datetime64[D]")
     days = np.full(n, mtime_day)
     created = next((c for c in _DAY_COLUMNS if c in table.column_names), None)
     if created is not None:
@@ -691,7 +754,8 @@ def _notes(report: SummaryReport) -> list[str]:
     if report.total.unpriced_rows:
         models = ", ".join(_key_text(m) for m in report.unpriced_models) or "?"
         notes.append(
-            f"{report.total.unpriced_rows:,} rows reported usage but have no cost (a model with "
+            f"{_plural(report.total.unpriced_rows, 'row')} reported usage but "
+            f"{'has' if report.total.unpriced_rows == 1 else 'have'} no cost (a model with "
             f"no price, or no prompt or completion count), of: {models}; '>=' marks the cost "
             "of the priced rows alone, '?' a cost wholly unknown"
         )
@@ -703,9 +767,18 @@ def _notes(report: SummaryReport) -> list[str]:
         )
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
+    for output in report.from_checkpoint:
+        notes.append(f"{output}: not finished: its results so far, read from its checkpoint")
+    if report.errors:
+        notes.append("most frequent errors (rows, error):")
+        notes.extend(render_errors(report.errors))
     if report.structured is not None:
         notes.append(report.structured.render())
     return notes
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def to_json(report: SummaryReport | Estimate) -> str:
@@ -946,6 +1019,9 @@ class Estimate:
     calibration: Calibration | None = None
     prices_as_of: str = PRICES_AS_OF
     prices_file: str | None = None
+    done_rows: int = 0  # rows the output's checkpoint already has a result for: not sent
+    checkpoint: str | None = None  # the output whose checkpoint was read, if any
+    checkpoint_note: str | None = None  # why a checkpoint was not used
     cached_rows: int = 0  # with --cache: rows the response cache holds (not sent, no cost)
 
     @property
@@ -1000,14 +1076,15 @@ def estimate(
     """
     from .inputs import scan_input
     from .requests import RequestBuilder
-    from .sweep import slot_bodies, sweep_config
+    from .sweep import sweep_config
 
     config = sweep_config(config)
     info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     tallies: dict[str | None, _ModelTally] = {}
     rows = input_errors = cached_rows = 0
-    for body, cached in _cache_marked(config, slot_bodies(config, builder)):  # sweeps too
+    done, checkpoint_note = _checkpointed(config)
+    for body, cached in _cache_marked(config, _bodies_to_send(config, builder, done)):
         rows += 1
         if body is None:
             input_errors += 1
@@ -1042,9 +1119,10 @@ def estimate(
     priced = [m.cost_usd for m in models if m.cost_usd is not None]
     unpriced_rows = sum(m.rows for m in models if m.cost_usd is None)
     known = sum(priced, _ZERO)
+    done_rows = max(0, info.rows - rows) if done is not None else 0
     return Estimate(
         input=str(config.input),
-        rows=rows,
+        rows=rows + done_rows,
         rows_to_send=rows - input_errors - cached_rows,
         input_errors=input_errors,
         chars=sum(t.chars for t in tallies.values()),
@@ -1058,8 +1136,73 @@ def estimate(
         models=models,
         calibration=calibration,
         prices_file=None if prices.source is None else str(prices.source),
+        done_rows=done_rows,
+        checkpoint=None if done is None else str(config.output),
+        checkpoint_note=checkpoint_note,
         cached_rows=cached_rows,
     )
+
+
+def _bodies_to_send(
+    config: RunConfig, builder: Any, done: Any
+) -> Iterator[dict[str, Any] | None]:
+    """The body of every output row `run` would still send (None for an input error).
+
+    One per input row, or in a sweep one per input row and model; rows the checkpoint
+    (`done`, a DoneSet or None) already has are left out, as `run` leaves them.
+    """
+    from .inputs import detect_format, iter_records
+    from .sweep import slot_bodies
+
+    if done is None or not len(done):
+        yield from slot_bodies(config, builder)
+        return
+    sweep = config.models if len(config.models) > 1 else ()
+    if sweep:  # a sweep's checkpoint is keyed by output row: count them one by one
+        slot = 0
+        for index, record, error in iter_records(config, builder.columns):
+            row = builder.build(index, record, error)
+            own = record is not None and record.get("model") not in (None, "")
+            for model in (None,) if own else sweep:
+                if not done.contains(slot, row.id):
+                    yield row.body if model is None or row.body is None else {
+                        **row.body, "model": model
+                    }
+                slot += 1
+        return
+    one_by_one = detect_format(config.input) == "jsonl"  # Parquet and CSV skip in bulk
+    for index, record, error in iter_records(config, builder.columns, skip=done.mask):
+        row = builder.build(index, record, error)
+        if one_by_one and done.contains(index, row.id):
+            continue  # already has a result: `run` would not send it
+        yield row.body
+
+
+def _checkpointed(config: RunConfig) -> tuple[Any, str | None]:
+    """The rows of `config.output` that have a checkpointed result (a DoneSet), if the
+    checkpoint is one `run` would resume; else None and, for a checkpoint it would refuse,
+    why."""
+    from .checkpoint import describe_changes, read_done
+    from .inputs import fingerprint_input
+
+    found = read_done(Path(config.output))
+    if found is None:
+        return None, None
+    done, fingerprint = found
+    now = {"input": fingerprint_input(config.input), "settings": config.request_settings()}
+    changes = describe_changes(fingerprint, now)
+    if changes and fingerprint.get("settings") == now["settings"]:
+        return None, (
+            f"the input changed since the checkpoint of {config.output} was made: run will "
+            "keep the results of unchanged rows; this estimate is for every row (at most)"
+        )
+    if changes:
+        return None, (
+            f"the checkpoint of {config.output} was made with other settings "
+            f"({'; '.join(changes)}): run would refuse it without --restart, so this estimate "
+            "is for every row"
+        )
+    return done, None
 
 
 def _cache_marked(
@@ -1281,18 +1424,23 @@ def _calibration_rows(
 def render_estimate(est: Estimate) -> str:
     """The estimate as text for people: totals as low .. high ranges, then one line per model."""
     sent = f"{est.rows_to_send:,} to send"
+    if est.checkpoint is not None:
+        sent = f"{est.done_rows:,} done (checkpoint of {est.checkpoint}), " + sent
     if est.cached_rows:
         sent += f", {est.cached_rows:,} in the response cache (not sent, no cost)"
     if est.input_errors:
         sent += f", {est.input_errors:,} with input errors (not sent, no cost)"
-    lines = [f"input: {est.input}: {est.rows:,} rows, {sent}"]
+    lines = [f"input: {est.input}: {_plural(est.rows, 'row')}, {sent}"]
+    if est.checkpoint_note:
+        lines.append(est.checkpoint_note)
     lines.append(f"prompt tokens:      {_range_text(est.prompt_tokens, _tokens)}")
     lines.append(f"completion tokens:  {_range_text(est.completion_tokens, _tokens)}")
     if est.cost_usd is not None:
         lines.append(f"cost (USD):         {_range_text(est.cost_usd, _dollars)}")
     else:
         lines.append(
-            f"cost (USD):         unknown: {est.unpriced_rows:,} rows ask for a model with no "
+            f"cost (USD):         unknown: {_plural(est.unpriced_rows, 'row')} "
+            f"{'asks' if est.unpriced_rows == 1 else 'ask'} for a model with no "
             f"price; the priced rows: {_range_text(est.cost_usd_known, _dollars)}"
         )
     header = ["model", "rows", "prompt tokens", "completion tokens", "cost (USD)"]

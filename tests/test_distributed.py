@@ -256,6 +256,11 @@ def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(tmp_path: Pa
         driver = start_and_wait_for(_status(output, env)["done"] + 200)
         driver.send_signal(signal.SIGKILL)
         driver.communicate(timeout=30)
+        # The dead driver's actors go with it; their last requests must not count as the
+        # next run's.
+        limit = time.monotonic() + 60
+        while (_block_workers() or _stats(base_url)["in_flight"]) and time.monotonic() < limit:
+            time.sleep(0.2)
         done_before = _status(output, env)["done"]
         assert 300 <= done_before < 1000, "the driver was not killed mid-run"
         sent_before = _stats(base_url)["requests"]

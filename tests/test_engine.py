@@ -148,10 +148,10 @@ def test_4xx_is_not_retried_and_keeps_the_gateways_message(tmp_path: Path, gatew
     assert gateway.stats.requests == 3
 
 
-def test_an_unknown_model_is_a_row_error(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_model_is_a_row_error_without_the_preflight(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
     rows = prompts(3)
     rows[1]["model"] = "gpt-9-imaginary"
-    report, out = go(tmp_path, gateway.base_url, rows)
+    report, out = go(tmp_path, gateway.base_url, rows, preflight=False)
     assert report.exit_code == 1
     assert [r["status"] for r in out] == ["ok", "error", "ok"]
     assert out[1]["http_status"] == 404 and out[1]["model"] == "gpt-9-imaginary"
@@ -229,7 +229,8 @@ def test_requests_sent_validate_against_the_official_schema(tmp_path: Path) -> N
                            base_url=server.base_url, model="gpt-4o-mini", system="Be brief.",
                            params={"temperature": 0.2, "top_p": 0.9, "max_tokens": 50,
                                    "stop": ["\n\n"], "n": 2, "seed": 11,
-                                   "response_format": {"type": "text"}})
+                                   "response_format": {"type": "text"}},
+                           preflight=False)  # the script answers chat requests only
         report = run(config, handle_signals=False)
     assert report.exit_code == 0
     bodies = sorted((request.json() for request in server.requests),
@@ -256,7 +257,8 @@ def test_429_is_retried_after_the_wait_it_asks_for(tmp_path: Path, retry_after: 
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": "only", "prompt": "hello"}])
     with scripted_server(answer) as server:
         config = RunConfig(input=source, output=tmp_path / "out.parquet",
-                           base_url=server.base_url, model="gpt-4o")
+                           base_url=server.base_url, model="gpt-4o",
+                           preflight=False)  # the script answers chat requests only
         report = run(config, handle_signals=False)
     assert report.exit_code == 0
     out = pq.read_table(config.output).to_pylist()

@@ -468,8 +468,8 @@ def test_a_re_ask_that_fails_ends_the_row_with_the_schema_error(tmp_path: Path) 
             return _completion('{"language": "xx"}')
         return Reply(status=400, json={"error": {"message": "nope", "type": "invalid_request"}})
 
-    with scripted_server(answer) as server:
-        report, rows = go(tmp_path, server.base_url, n=1, invalid_retries=3)
+    with scripted_server(answer) as server:  # it answers chat requests only: no pre-flight
+        report, rows = go(tmp_path, server.base_url, n=1, invalid_retries=3, preflight=False)
     assert len(server.requests) == 2 and report.exit_code == 1
     (row,) = rows
     assert row["attempts"] == 2 and row["reasks"] == 0

@@ -152,6 +152,7 @@ def _block_config(
         quiet=True,
         summary_json=None,
         progress=False,
+        preflight=False,  # the driver checked the models once, for the whole run
         engine="local",
         ray_address=None,
         ray_actors=None,
