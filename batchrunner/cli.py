@@ -655,5 +655,46 @@ def gateway(**kwargs: Any) -> None:
     serve(GatewayConfig(**kwargs))
 
 
+@main.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("--port", default=8765, show_default=True, type=int, help="0: any free port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback is guarded by the token.")
+@click.option("--token", help="Access token for every request [random, in the printed URL].")
+@click.option("--no-browser", is_flag=True, help="Only print the URL.")
+def view(results: tuple[str, ...], port: int, host: str, token: str | None,
+         no_browser: bool) -> None:
+    """A local web page to browse, filter and compare results (Ctrl-C stops it).
+
+    Reads finished Parquet results, or the checkpoint of a run still going (refreshed
+    every few seconds). Several files (globs too) are shown together: a sweep's models side
+    by side on the same id.
+
+    \b
+    Examples:
+      batchrunner view out/nightly-eval.parquet
+      batchrunner view out/eval-gpt-4o.parquet out/eval-gpt-4o-mini.parquet --port 9000
+      batchrunner view 'out/nightly-*.parquet' --no-browser
+      batchrunner view out/big.parquet --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    from .checkpoint import use_system_allocator
+    from .viewer import ViewerConfig, return_freed_memory, serve
+
+    _configure_logging()
+    use_system_allocator()  # decoded row groups go back to the system once a page is drawn
+    return_freed_memory()
+    config = ViewerConfig(paths=results, host=host, port=port, token=token,
+                          open_browser=not no_browser)
+
+    def ready(url: str) -> None:
+        click.echo(f"batchrunner view: serving {len(results)} result path(s) at {url}")
+        click.echo("Ctrl-C stops it.", err=True)
+
+    try:
+        serve(config, on_ready=ready)
+    except KeyboardInterrupt:
+        click.echo("batchrunner view: stopped", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
