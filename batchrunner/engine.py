@@ -16,11 +16,10 @@ import json
 import logging
 import math
 import os
-import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +30,7 @@ from . import inputs, preflight, storage
 from .cache import LOOKUP_ROWS, CacheSession, request_hash
 from .checkpoint import Checkpoint, DoneSet, checkpoint_dir
 from .client import Answer, Client
-from .config import RunConfig, resolve_api_key, resolve_base_url
+from .config import RunConfig, resolve_api_key
 from .errors import (
     AttemptTimeout,
     AuthRefused,
@@ -47,6 +46,7 @@ from .errors import (
 from .openfiles import ensure_room_for
 from .export import check_output
 from .failures import ErrorCount
+from .local import endpoint, run_endpoint
 from .pacing import Budget, Deadline, Pacer, parse_deadline
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
@@ -224,12 +224,8 @@ async def arun(
         from .distributed import arun_on_ray  # Ray is an extra: imported only when asked for
 
         return await arun_on_ray(config, on_result=on_result, control=control)
-    if config.local:
-        async with _local_gateway() as (base_url, key):
-            return await _Run(config, base_url, key, on_result, control, on_start).execute()
-    base_url = resolve_base_url(config.base_url)
-    key = resolve_api_key(config.api_key_env)
-    return await _Run(config, base_url, key, on_result, control, on_start).execute()
+    async with run_endpoint(config) as (base_url, key):  # --local: the simulator's (local.py)
+        return await _Run(config, base_url, key, on_result, control, on_start).execute()
 
 
 def run(
@@ -282,14 +278,6 @@ def _install_signal_handlers(control: RunControl) -> None:
 
     loop.add_signal_handler(signal.SIGINT, on_signal, "interrupted", EXIT_SIGINT)
     loop.add_signal_handler(signal.SIGTERM, on_signal, "terminated", EXIT_SIGTERM)
-
-
-@contextlib.asynccontextmanager
-async def _local_gateway() -> AsyncIterator[tuple[str, str]]:
-    from .gateway import GatewayConfig, running_gateway  # server side: only for --local
-
-    async with running_gateway(GatewayConfig(port=0)) as gateway:
-        yield gateway.base_url, "sk-ru-local-" + secrets.token_hex(12)
 
 
 class _Run:
@@ -1054,11 +1042,6 @@ async def list_models(
     *, base_url: str | None = None, api_key_env: str | None = None, local: bool = False
 ) -> list[dict[str, Any]]:
     """The models the gateway lists (GET /models)."""
-    if local:
-        async with _local_gateway() as (url, key):
-            async with Client(url, key, concurrency=1, timeout=30) as client:
-                return await client.models()
-    async with Client(
-        resolve_base_url(base_url), resolve_api_key(api_key_env), concurrency=1, timeout=30
-    ) as client:
-        return await client.models()
+    async with endpoint(local, base_url, api_key_env) as (url, key):
+        async with Client(url, key, concurrency=1, timeout=30) as client:
+            return await client.models()
