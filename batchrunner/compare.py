@@ -249,8 +249,8 @@ def compare(paths: Sequence[str | Path], *, by: str = "model") -> Comparison:
 
 def score_summary(paths: Sequence[str | Path], *, by: str = "model") -> Comparison | None:
     """The per-group scores of `summary` (no pairs), or None when no row has a score."""
-    files = expand_paths(paths)
-    if not any("score" in _schema(path).names for path in files):
+    files = [f for f in expand_paths(paths) if f.is_file()]  # not outputs still checkpoints
+    if not files or not any("score" in _schema(path).names for path in files):
         return None
     try:
         data, _ = _read(files, by)

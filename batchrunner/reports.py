@@ -209,7 +209,8 @@ def summarize(
     """
     files = expand_paths(paths)
     report = _aggregate(files, by, prices)
-    return replace(report, structured=summarize_files(files))
+    written = [f for f in files if not _read_from_checkpoint(f)]  # structured figures: files
+    return replace(report, structured=summarize_files(written))
 
 
 def summarize_days(
