@@ -47,13 +47,21 @@ def _nullable_types() -> dict[pa.DataType, Any]:
     }
 
 
-def read_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+def read_results(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    flatten: bool = False,
+    json_schema: Path | str | Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
     """Result files (globs and folders too) as one DataFrame with the output's types.
 
     Integer columns stay integers where they have nulls (`Int64`, `Int32`), strings are
     pandas strings, booleans `boolean`, floats float64 (null as NaN), lists Python lists.
+    `flatten` makes `parsed` (a --json-schema run's answers) a column per top-level field of
+    `json_schema`, else of the schema the results record (SPEC 17).
 
     >>> df = batchrunner.read_results("out/nightly-*.parquet")
+    >>> entities = batchrunner.read_results("out/entities.parquet", flatten=True)
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -69,6 +77,10 @@ def read_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
             raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
         else tables[0]
+    if flatten:
+        from .structured import flatten as flatten_parsed
+
+        table = flatten_parsed(table, json_schema)
     return table.to_pandas(types_mapper=_nullable_types().get)
 
 

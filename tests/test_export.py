@@ -256,3 +256,23 @@ def test_export_flatten_makes_typed_columns_of_parsed(tmp_path: Path) -> None:
         assert line["entities"] == answer["entities"]  # a list of objects, not JSON text
     refused = CliRunner().invoke(main, ["export", str(output), "--flatten", "--format", "batch-api"])
     assert refused.exit_code == 2 and "batch-api" in refused.output
+
+
+def test_read_results_flattens_parsed_too(tmp_path: Path) -> None:
+    from batchrunner import read_results
+
+    repo = Path(__file__).resolve().parent.parent
+    output = tmp_path / "entities.parquet"
+    run(
+        RunConfig(
+            input=repo / "sample_data" / "entities.jsonl", output=output, model="gpt-4o-mini",
+            json_schema=repo / "jobs" / "entities.schema.json", template="Text: {text}",
+            local=True,
+        ),
+        handle_signals=False,
+    )
+    frame = read_results(output, flatten=True)
+    parsed = [json.loads(r) for r in pq.read_table(output).column("parsed").to_pylist()]
+    assert "parsed" not in frame.columns
+    assert list(frame["language"]) == [p["language"] for p in parsed]
+    assert [list(e) for e in frame["entities"]] == [p["entities"] for p in parsed]
