@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .durations import format_duration, parse_deadline, parse_duration  # re-exported
 from .errors import UsageError
 from .paths import expand_date
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "RunConfig",
+    "format_duration",
     "key_env_names",
+    "parse_deadline",
+    "parse_duration",
     "resolve_api_key",
     "resolve_base_url",
 ]

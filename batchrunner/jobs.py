@@ -29,7 +29,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import UsageError
-from .pacing import parse_deadline
+from .durations import parse_deadline
 from .storage import is_uri
 
 __all__ = [
