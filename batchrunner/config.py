@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .durations import format_duration, parse_deadline, parse_duration  # re-exported
 from .errors import UsageError
 from .options import OPTIONS, InvalidValue, checked_base_url
 from .paths import expand_date
@@ -16,7 +17,10 @@ from .paths import expand_date
 __all__ = [
     "DEFAULT_BASE_URL",
     "RunConfig",
+    "format_duration",
     "key_env_names",
+    "parse_deadline",
+    "parse_duration",
     "resolve_api_key",
     "resolve_base_url",
 ]

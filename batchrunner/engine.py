@@ -47,7 +47,8 @@ from .errors import (
 from .openfiles import ensure_room_for
 from .export import check_output
 from .failures import ErrorCount
-from .pacing import Budget, Deadline, Pacer, parse_deadline
+from .limits import Budget, Deadline, parse_deadline
+from .pacing import Pacer
 from .pricing import PriceTable
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS, RequestBuilder
 from .results import Result, Row

@@ -27,7 +27,6 @@ from typing import Any
 from .config import RunConfig
 from .errors import UsageError
 from .options import OPTION_BY_NAME, OPTIONS, InvalidValue, json_value, path_value, type_name
-from .pacing import parse_deadline
 
 __all__ = [
     "JOB_KEYS",

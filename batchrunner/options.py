@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .durations import parse_deadline
 from .errors import UsageError
 from .storage import is_uri
 
@@ -168,8 +169,6 @@ def _env_name(value: object) -> str:
 
 
 def _deadline(value: object) -> str:
-    from .pacing import parse_deadline  # the deadline grammar lives with the deadline
-
     # A TOML local time (`deadline = 06:00:00`) is as natural as the string "06:00".
     expected = 'a duration such as "45m" or a time of day such as "06:00"'
     if isinstance(value, dt.time):
