@@ -356,7 +356,7 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
 
 def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
     """A summary with the score section (SPEC 15) where the results have scores."""
-    from .compare import render_groups, score_summary, to_csv
+    from .reports.compare import render_groups, score_summary, to_csv
 
     scores = score_summary(results, by=by)
     if scores is None:
@@ -412,7 +412,7 @@ def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
       batchrunner compare out/eval-t0.parquet out/eval-t1.parquet --by file --format json
       batchrunner compare 'out/nightly-*.parquet' --by model --format csv
     """
-    from .compare import compare, render_table, to_csv, to_json
+    from .reports.compare import compare, render_table, to_csv, to_json
 
     report = compare(list(results), by=by)
     render = {"table": render_table, "json": to_json, "csv": to_csv}[fmt]
