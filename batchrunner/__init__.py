@@ -26,7 +26,7 @@ from .jobs import build_config, load_job
 from .pricing import PriceTable
 from .reports import estimate, summarize
 from .results import Result, Row, Usage
-from .compare import compare
+from .reports.compare import compare
 from .frame import arun, read_results, run
 from .scoring import parse_metric, score_results
 

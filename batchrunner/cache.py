@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from .durations import parse_duration
 from .errors import UsageError
 from .results import Result, Usage
 
@@ -160,16 +161,11 @@ class CacheStats:
 
 
 def parse_age(text: str) -> float:
-    """'30d', '12h', '90m', '45s', '2w' as seconds; anything else is a UsageError."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    value = text.strip().lower()
-    try:
-        number = float(value[:-1]) if value[-1:] in units else float("nan")
-    except ValueError:
-        number = float("nan")
-    if not number >= 0 or number == float("inf"):
+    """'30d', '12h', '90m', '45s', '2w' (any duration of durations.py) as seconds; else UsageError."""
+    seconds = parse_duration(text)
+    if seconds is None:
         raise UsageError(f"--older-than {text!r}: expected a duration such as 30d, 12h or 90m")
-    return number * units[value[-1]]
+    return seconds
 
 
 def _create_private(path: Path) -> None:

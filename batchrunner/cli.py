@@ -150,68 +150,39 @@ class _PathOrUri(click.ParamType):
 _PATH_OR_URI = _PathOrUri()
 
 
-def job_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """The options shared by `run` and `estimate` (SPEC sections 3, 5-9, 13)."""
-    options = [
+def _click_option(option: Any) -> Callable[..., Any]:
+    """The click option of one `run` option of options.py."""
+    kinds: dict[str, dict[str, Any]] = {
+        "text": {},
+        "int": {"type": int},
+        "float": {"type": float},
+        "path": {"type": _PATH_OR_URI},
+        "file": {"type": click.Path(dir_okay=False, path_type=Path)},
+        "choice": {"type": click.Choice(list(option.choices))},
+        "flag": {"is_flag": True, "default": None},
+        "switch": {"default": None},
+        "many": {"multiple": True},
+        "optional": {"is_flag": False, "flag_value": "", "default": None},
+    }
+    names = (*option.flags, option.dest) if option.dest else option.flags
+    return click.option(*names, help=option.help, metavar=option.metavar, **kinds[option.kind])
+
+
+def job_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The JOB argument and the options of `command` ("run" or "estimate"), from options.py."""
+    from .options import OPTIONS
+
+    decorators = [
         click.argument("job", required=False, type=click.Path(dir_okay=False, path_type=Path)),
-        click.option("-i", "--input", "input_", type=_PATH_OR_URI,
-                     help="Prompts: .jsonl/.ndjson (optionally .gz), .parquet or .csv "
-                          "(a path, or s3://bucket/key)."),
-        click.option("-o", "--output", type=_PATH_OR_URI,
-                     help="Results: .parquet, .jsonl or .csv (may hold {date}); the checkpoint "
-                          "lives beside it."),
-        click.option("-m", "--model", multiple=True,
-                     help="Model for rows without a `model` column; repeat it for a sweep."),
-        click.option("--system", help="System message added first to every request."),
-        click.option("--template", help="User message from row columns, e.g. 'Translate: {text}'."),
-        click.option("--prompt-column", help="Column holding the prompt [default: prompt]."),
-        click.option("--messages-column", help="Column holding chat messages [default: messages]."),
-        click.option("--id-column", help="Column holding row ids [default: id, else custom_id]."),
-        click.option("--temperature", type=float),
-        click.option("--top-p", type=float),
-        click.option("--max-tokens", type=int),
-        click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
-        click.option("--n", type=int, help="Choices per request."),
-        click.option("--seed", type=int),
-        click.option("--param", multiple=True, metavar="KEY=JSON",
-                     help="Any other request body field (repeatable)."),
-        click.option("--stream/--no-stream", default=None, help="Ask for SSE streaming."),
-        click.option("--limit", type=int, help="Only the first N rows (a smoke test)."),
-        click.option("-c", "--concurrency", type=int, help="Requests in flight at most [16]."),
-        click.option("--rpm", type=float, help="Requests started per minute, at most."),
-        click.option("--tpm", type=float, help="Estimated tokens started per minute, at most."),
-        click.option("--max-attempts", type=int, help="HTTP attempts per row [6]."),
-        click.option("--timeout", type=float, help="Seconds per attempt [120]."),
-        click.option("--max-cost", type=float, metavar="USD",
-                     help="Stop before the spending on this output passes USD; counts every "
-                     "run that built it (resumes included)."),
-        click.option("--deadline", help="Stop sending at a time: '45m', '2h', '06:00'."),
-        click.option("--checkpoint-every", type=int, help="Rows per checkpoint write [100]."),
-        click.option("--base-url", help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL]."),
-        click.option("--api-key-env", metavar="NAME",
-                     help="Environment variable holding the key [RU_LLM_API_KEY, OPENAI_API_KEY]."),
-        click.option("--local", is_flag=True, default=None,
-                     help="Run against the built-in gateway simulator; no key, no network."),
-        click.option("--prices", type=click.Path(dir_okay=False, path_type=Path),
-                     help="TOML price table adding or overriding models."),
-        click.option("--score", metavar="METRIC",
-                     help="Score answers: exact, normalized, contains, regex:P, numeric[:TOL], "
-                          "choice, json:FIELD, f1, python:MODULE:FUNC."),
-        click.option("--reference-column", metavar="COL", help="Column of reference answers."),
-        click.option("--cache", is_flag=False, flag_value="", default=None, metavar="[PATH]",
-                     help="Serve repeated requests from the response cache "
-                          "[$BATCHRUNNER_CACHE, else ~/.cache/batchrunner/responses.sqlite]."),
-        click.option("--cache-mode",
-                     type=click.Choice(["read-write", "read-only", "write-only", "refresh"]),
-                     help="How --cache is used [read-write]; refresh sends and replaces."),
-        click.option("--json-schema", type=click.Path(dir_okay=False, path_type=Path),
-                     metavar="FILE", help="Ask for JSON matching this schema (JSON or TOML)."),
-        click.option("--invalid-retries", type=int, metavar="N",
-                     help="Re-asks of an answer that fails the schema [2]."),
+        *(_click_option(o) for o in OPTIONS if o.flags and command in o.commands),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return decorate
 
 
 def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -258,21 +229,7 @@ def main() -> None:
 
 
 @main.command()
-@job_options
-@click.option("--restart", is_flag=True, default=None, help="Discard the checkpoint; send all.")
-@click.option("--retry-failed", is_flag=True, default=None, help="Send error rows again.")
-@click.option("-q", "--quiet", is_flag=True, default=None, help="Only warnings and the summary.")
-@click.option("--log-format", type=click.Choice(["text", "json"]),
-              help="Log lines format; json shapes error lines too.")
-@click.option("--preflight/--no-preflight", default=None,
-              help="Check the run's models against GET /models before sending [on].")
-@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the final figures, with the exit code, to this JSON file.")
-@click.option("--engine", type=click.Choice(["local", "ray"]),
-              help="Where rows are processed: this process, or actors on a Ray cluster [local].")
-@click.option("--ray-address", metavar="ADDR",
-              help="Ray cluster to join [RAY_ADDRESS, else a local instance].")
-@click.option("--ray-actors", type=int, help="Ray actors [one per CPU of the cluster].")
+@job_options("run")
 def run(job: Path | None, **kwargs: Any) -> None:
     """Send every row of the input and write the results to Parquet.
 
@@ -399,7 +356,7 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
 
 def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
     """A summary with the score section (SPEC 15) where the results have scores."""
-    from .compare import render_groups, score_summary, to_csv
+    from .reports.compare import render_groups, score_summary, to_csv
 
     scores = score_summary(results, by=by)
     if scores is None:
@@ -455,7 +412,7 @@ def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
       batchrunner compare out/eval-t0.parquet out/eval-t1.parquet --by file --format json
       batchrunner compare 'out/nightly-*.parquet' --by model --format csv
     """
-    from .compare import compare, render_table, to_csv, to_json
+    from .reports.compare import compare, render_table, to_csv, to_json
 
     report = compare(list(results), by=by)
     render = {"table": render_table, "json": to_json, "csv": to_csv}[fmt]
@@ -463,7 +420,7 @@ def compare_command(results: tuple[str, ...], by: str, fmt: str) -> None:
 
 
 @main.command()
-@job_options
+@job_options("estimate")
 @click.option("--calibrate", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Finished result files whose real token counts tighten the estimate.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")

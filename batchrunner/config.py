@@ -8,15 +8,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from .durations import format_duration, parse_deadline, parse_duration  # re-exported
 from .errors import UsageError
+from .options import OPTIONS, InvalidValue, checked_base_url
 from .paths import expand_date
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "RunConfig",
+    "format_duration",
     "key_env_names",
+    "parse_deadline",
+    "parse_duration",
     "resolve_api_key",
     "resolve_base_url",
 ]
@@ -102,39 +106,13 @@ class RunConfig:
             if value is not None and "{" in str(value):
                 flag = "--" + name.replace("_", "-")
                 object.__setattr__(self, name, expand_date(value, now=started, what=flag))
-        if self.concurrency < 1:
-            raise UsageError(f"--concurrency must be at least 1, not {self.concurrency}")
-        if self.max_attempts < 1:
-            raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
-        if self.checkpoint_every < 1:
-            raise UsageError(f"--checkpoint-every must be at least 1, not {self.checkpoint_every}")
-        if self.limit is not None and self.limit < 0:
-            raise UsageError(f"--limit must not be negative, not {self.limit}")
-        if self.timeout <= 0:
-            raise UsageError(f"--timeout must be positive, not {self.timeout}")
-        for name in ("rpm", "tpm", "max_cost"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, not {value}")
-        if self.log_format not in ("text", "json"):
-            raise UsageError(f"--log-format must be text or json, not {self.log_format!r}")
+        _check_options(self)
         if self.score is not None and not self.reference_column:
             raise UsageError("--score needs --reference-column COL (job key `reference_column`)")
         if self.models and len(set(self.models)) != len(self.models):
             raise UsageError("--model: a model is given twice in the sweep")
-        if self.cache_mode not in ("read-write", "read-only", "write-only", "refresh"):
-            raise UsageError(
-                "--cache-mode must be read-write, read-only, write-only or refresh, "
-                f"not {self.cache_mode!r}"
-            )
-        if self.invalid_retries < 0:
-            raise UsageError(f"--invalid-retries must not be negative, not {self.invalid_retries}")
-        if self.engine not in ("local", "ray"):
-            raise UsageError(f"--engine must be local or ray, not {self.engine!r}")
         if self.engine == "ray" and self.cache not in (None, False):
             raise UsageError("--cache works with the local engine only, not with --engine ray")
-        if self.ray_actors is not None and self.ray_actors < 1:
-            raise UsageError(f"--ray-actors must be at least 1, not {self.ray_actors}")
         if self.restart and self.retry_failed:
             raise UsageError("--restart and --retry-failed cannot be used together")
 
@@ -183,10 +161,26 @@ def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None
 
 
 def _checked_url(url: str, source: str) -> str:
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"{source} must be an http:// or https:// URL with a host")
-    return url.strip().rstrip("/")
+    try:
+        return checked_base_url(url)
+    except InvalidValue as exc:
+        raise UsageError(f"{source} {exc}") from None
+
+
+def _check_options(config: RunConfig) -> None:
+    """Each field given a value checked as its option is (options.py), named by its flag."""
+    defaults = _DEFAULTS
+    for option in OPTIONS:
+        if option.check is None or option.name not in defaults:
+            continue
+        value = getattr(config, option.name)
+        default = defaults[option.name]
+        if value is None or (type(value) is type(default) and value == default):
+            continue  # the defaults are valid; None means "not set"
+        try:
+            option.check(value)
+        except InvalidValue as exc:
+            raise UsageError(f"{option.flag} {exc}") from None
 
 
 def key_env_names(api_key_env: str | None) -> tuple[str, ...]:
@@ -222,3 +216,11 @@ def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = No
     raise UsageError(
         f"no API key: set {wanted} in the environment (or use --local to try the built-in gateway)"
     )
+
+
+#: Each field's default (None for the required ones); request fields are not RunConfig fields.
+_DEFAULTS: dict[str, Any] = {
+    f.name: None if f.default is dataclasses.MISSING else f.default
+    for f in dataclasses.fields(RunConfig)
+    if f.name != "params"
+}

@@ -29,7 +29,7 @@ from .runstate import EXIT_STOPPED
 from .sweep import sweep_rows
 
 if TYPE_CHECKING:
-    from .pacing import Deadline
+    from .limits import Deadline
 
 log = logging.getLogger("batchrunner.engine")
 

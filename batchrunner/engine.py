@@ -33,7 +33,8 @@ from .errors import AuthRefused, RequestError, UsageError
 from .openfiles import ensure_room_for
 from .export import check_output
 from .local import endpoint, run_endpoint
-from .pacing import Budget, Deadline, Pacer, parse_deadline
+from .limits import Budget, Deadline, parse_deadline
+from .pacing import Pacer
 from .pricing import PriceTable
 from .requests import RequestBuilder
 from .results import Result

@@ -7,6 +7,7 @@ against the job file's folder; options given on the command line override the fi
 
 `restart` and `retry_failed` are not job keys: they decide what one invocation does with an
 existing checkpoint, and a job file that discarded its results on every cron run would be a trap.
+The keys, their checks and which of them are paths come from options.py, as the CLI's do.
 
     job = load_job(Path("jobs/nightly-eval.toml"))
     config = build_config(job, {"limit": 10, "params": {"temperature": 0.2}})
@@ -14,14 +15,10 @@ existing checkpoint, and a job file that discarded its results on every cron run
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import difflib
 import json
 import logging
-import math
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,8 +26,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import UsageError
-from .pacing import parse_deadline
-from .storage import is_uri
+from .options import OPTION_BY_NAME, OPTIONS, InvalidValue, json_value, path_value, type_name
 
 __all__ = [
     "JOB_KEYS",
@@ -44,278 +40,33 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class _Invalid(Exception):
-    """A value a checker refuses; the message completes "`key` must be ..."."""
+# The keys and their checks come from the one description of each option (options.py).
 
-
-# --- value checkers: each takes a parsed value and returns it typed, or raises _Invalid -------
-
-
-def _type_name(value: object) -> str:
-    """What a TOML (or Python) value is, in words, without showing the value itself."""
-    names: list[tuple[type | tuple[type, ...], str]] = [
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        ((list, tuple), "an array"),
-        (dict, "a table"),
-        (dt.datetime, "a date-time"),
-        (dt.date, "a date"),
-        (dt.time, "a time"),
-    ]
-    for kind, name in names:
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def _wrong(expected: str, value: object) -> _Invalid:
-    # The value is never echoed: a misplaced API key must not end up in an error message.
-    return _Invalid(f"must be {expected}, not {_type_name(value)}")
-
-
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise _wrong("a string", value)
-    return value
-
-
-def _nonempty_string(value: object) -> str:
-    text = _string(value)
-    if text == "":
-        raise _Invalid("must not be empty")
-    return text
-
-
-def _path(value: object) -> Path | str:
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str):
-        raise _wrong("a path (a string)", value)
-    if value == "":
-        raise _Invalid("must not be empty")
-    if is_uri(value):
-        return value  # s3://bucket/key: a Path would fold its "//"
-    return Path(value).expanduser()
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _wrong("true or false", value)
-    return value
-
-
-def _integer(minimum: int | None = None) -> Callable[[object], int]:
-    def check(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _wrong("an integer", value)
-        if minimum is not None and value < minimum:
-            raise _Invalid(f"must be at least {minimum}, not {value}")
-        return value
-
-    return check
-
-
-def _number(
-    low: float | None = None, high: float | None = None, *, positive: bool = False
-) -> Callable[[object], float]:
-    def check(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _wrong("a number", value)
-        number = float(value)
-        if not math.isfinite(number):
-            raise _Invalid("must be a finite number")
-        if positive and number <= 0:
-            raise _Invalid(f"must be positive, not {value}")
-        if low is not None and number < low:
-            raise _Invalid(f"must be at least {low:g}, not {value}")
-        if high is not None and number > high:
-            raise _Invalid(f"must be at most {high:g}, not {value}")
-        return number
-
-    return check
-
-
-def _choice(*options: str) -> Callable[[object], str]:
-    def check(value: object) -> str:
-        text = _string(value)
-        if text not in options:
-            raise _Invalid(f"must be one of {', '.join(options)}, not {text!r}")
-        return text
-
-    return check
-
-
-def _url(value: object) -> str:
-    text = _string(value)
-    if not re.match(r"https?://[^/\s]", text):
-        raise _Invalid("must be an http:// or https:// URL")
-    return text
-
-
-def _env_name(value: object) -> str:
-    text = _string(value)
-    # One NAME, or several separated by commas: the keys the Ray engine's actors share out.
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*", text):
-        # Most likely the key itself was pasted here; say so without repeating it.
-        raise _Invalid(
-            "must be the NAME of an environment variable (such as RU_LLM_API_KEY), "
-            "not the key itself"
-        )
-    return text
-
-
-def _deadline(value: object) -> str:
-    # A TOML local time (`deadline = 06:00:00`) is as natural as the string "06:00".
-    expected = 'a duration such as "45m" or a time of day such as "06:00"'
-    if isinstance(value, dt.time):
-        return value.strftime("%H:%M" if value.second == 0 else "%H:%M:%S")
-    if isinstance(value, (dt.datetime, dt.date)):
-        raise _Invalid(f"must be {expected}, not a date")
-    if not isinstance(value, str):
-        raise _wrong(expected, value)
-    try:
-        parse_deadline(value, dt.datetime(2000, 1, 1))
-    except UsageError:
-        raise _Invalid(f"must be {expected}, not {value!r}") from None
-    return value.strip()
-
-
-def _metric(value: object) -> str:
-    from .scoring import parse_metric  # checked here so a bad metric stops before sending
-
-    text = _nonempty_string(value)
-    try:
-        parse_metric(text)
-    except UsageError as exc:
-        raise _Invalid(f"must be a metric: {exc}") from None
-    return text
-
-
-def _models(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _wrong("a non-empty array of model names", value)
-    if not all(isinstance(v, str) and v for v in value):
-        raise _Invalid("must hold model names (non-empty strings)")
-    return tuple(value)
-
-
-def _cache(value: object) -> bool | Path:
-    # `cache = true` (the default file), `cache = false`, or `cache = "path/to/cache.sqlite"`.
-    if isinstance(value, bool):
-        return value
-    try:
-        return _path(value)
-    except _Invalid:
-        raise _wrong("true, false or a path (a string)", value) from None
-
-
-def _stop(value: object) -> str | list[str]:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise _wrong("a string or a non-empty array of strings", value)
-
-
-def _json_value(value: object) -> Any:
-    """Any request body field: what JSON can carry (TOML dates and NaN cannot)."""
-    if isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _Invalid("must be a finite number (JSON has no nan or inf)")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    raise _wrong("a value JSON can carry (string, number, boolean, array or table)", value)
-
-
-def _schema_source(value: object) -> Path | dict[str, Any]:
-    """`json_schema`: a schema file, or the schema written inline as a table."""
-    if isinstance(value, dict):
-        return _json_value(value)
-    if isinstance(value, (str, os.PathLike)):
-        return _path(value)
-    raise _wrong("a path or a table", value)
-
-
-# --- the keys ------------------------------------------------------------------------------
-
-#: The checker of every option that may be a RunConfig field.
-_OPTION_CHECKS: dict[str, Callable[[object], Any]] = {
-    "input": _path,
-    "output": _path,
-    "model": _nonempty_string,
-    "system": _string,
-    "template": _nonempty_string,
-    "prompt_column": _nonempty_string,
-    "messages_column": _nonempty_string,
-    "id_column": _nonempty_string,
-    "stream": _boolean,
-    "limit": _integer(minimum=0),
-    "concurrency": _integer(minimum=1),
-    "rpm": _number(positive=True),
-    "tpm": _number(positive=True),
-    "max_attempts": _integer(minimum=1),
-    "timeout": _number(positive=True),
-    "max_cost": _number(positive=True),
-    "deadline": _deadline,
-    "checkpoint_every": _integer(minimum=1),
-    "base_url": _url,
-    "api_key_env": _env_name,
-    "local": _boolean,
-    "prices": _path,
-    "quiet": _boolean,
-    "log_format": _choice("text", "json"),
-    "summary_json": _path,
-    "score": _metric,
-    "reference_column": _nonempty_string,
-    "models": _models,
-    "preflight": _boolean,
-    "cache": _cache,
-    "cache_mode": _choice("read-write", "read-only", "write-only", "refresh"),
-    "json_schema": _schema_source,
-    "invalid_retries": _integer(minimum=0),
-    "engine": _choice("local", "ray"),
-    "ray_address": _nonempty_string,
-    "ray_actors": _integer(minimum=1),
+#: Job keys that go to RunConfig, with their checks (a key follows its field in and out).
+_RUN_KEYS: dict[str, Callable[[object], Any]] = {
+    o.name: o.check for o in OPTIONS if o.job and not o.request and o.check is not None
 }
-
-_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig))
-
-#: Job keys: the options RunConfig has (a key follows its field in and out of RunConfig).
-_RUN_KEYS = {key: check for key, check in _OPTION_CHECKS.items() if key in _FIELDS}
 
 #: Request body fields that may be top-level keys as well as `[params]` entries.
 _REQUEST_CHECKS: dict[str, Callable[[object], Any]] = {
-    "temperature": _number(0.0, 2.0),
-    "top_p": _number(0.0, 1.0),
-    "max_tokens": _integer(minimum=1),
-    "stop": _stop,
-    "n": _integer(minimum=1),
-    "seed": _integer(),
+    o.name: o.check for o in OPTIONS if o.request and o.check is not None
 }
 
-#: RunConfig fields that only the command line sets (one invocation, not the job).
-_INVOCATION_KEYS = {
-    key: check
-    for key, check in {"restart": _boolean, "retry_failed": _boolean, "progress": _boolean}.items()
-    if key in _FIELDS
+#: RunConfig fields that only the command line (or a library caller) sets: one invocation.
+_INVOCATION_KEYS: dict[str, Callable[[object], Any]] = {
+    o.name: o.check for o in OPTIONS if not o.job and o.check is not None
 }
 
-JOB_KEYS: frozenset[str] = frozenset(_RUN_KEYS) | frozenset(_REQUEST_CHECKS) | {"params"}
+#: Job keys holding a path relative to the job file's folder (or an object-store URI).
+_RELATIVE_KEYS = frozenset(o.name for o in OPTIONS if o.job and o.relative)
+
+JOB_KEYS: frozenset[str] = frozenset(o.name for o in OPTIONS if o.job)
 """Every key a job file may hold at the top level."""
 
 REQUEST_KEYS: frozenset[str] = frozenset(_REQUEST_CHECKS)
 """Request body fields that may be written as top-level job keys (or as options)."""
 
-PATH_KEYS: frozenset[str] = frozenset(k for k, check in _RUN_KEYS.items() if check is _path)
+PATH_KEYS: frozenset[str] = frozenset(k for k, check in _RUN_KEYS.items() if check is path_value)
 """Job keys holding paths, resolved against the job file's folder when relative."""
 
 # Body fields batchrunner sets itself: a [params] entry for one of them would fight the option.
@@ -380,7 +131,7 @@ def load_job(path: Path) -> dict[str, Any]:
     if "params" in data:
         table = data["params"]
         if not isinstance(table, dict):
-            raise UsageError(f"{path}: `params` must be a table, not {_type_name(table)}")
+            raise UsageError(f"{path}: `params` must be a table, not {type_name(table)}")
         for key, value in table.items():
             where = f"{path}: `params.{key}`"
             if key in _RESERVED_PARAMS:
@@ -389,20 +140,17 @@ def load_job(path: Path) -> dict[str, Any]:
                 raise UsageError(
                     f"{path}: `{key}` is given twice, at the top level and in [params]"
                 )
-            params[key] = _checked(_REQUEST_CHECKS.get(key, _json_value), value, where)
+            params[key] = _checked(_REQUEST_CHECKS.get(key, json_value), value, where)
             _warn_if_typo(key, where)
 
-    for key in PATH_KEYS & job.keys():
+    for key in _RELATIVE_KEYS & job.keys():
         if isinstance(job[key], Path):  # object-store URIs are absolute already
             job[key] = Path(os.path.normpath(folder / job[key]))
-    if isinstance(job.get("json_schema"), Path):
-        job["json_schema"] = Path(os.path.normpath(folder / job["json_schema"]))
-    elif "json_schema" in job:  # an inline schema is checked here, where the file is known
+    if "json_schema" in job and not isinstance(job["json_schema"], Path):
+        # an inline schema is checked here, where the file is known
         from .structured import load_schema
 
         load_schema(job["json_schema"], where=f"{path}: `json_schema`")
-    if isinstance(job.get("cache"), Path):
-        job["cache"] = Path(os.path.normpath(folder / job["cache"]))
     if params:
         job["params"] = params
     return job
@@ -411,13 +159,14 @@ def load_job(path: Path) -> dict[str, Any]:
 def _checked(check: Callable[[object], Any], value: object, where: str) -> Any:
     try:
         return check(value)
-    except _Invalid as e:
+    except InvalidValue as e:
         raise UsageError(f"{where} {e}") from None
 
 
 def _unknown_key(key: str) -> str:
-    if key in ("restart", "retry_failed"):
-        flag = "--" + key.replace("_", "-")
+    option = OPTION_BY_NAME.get(key)
+    if option is not None and not option.job and option.flags:
+        flag = option.flag
         return (
             f"`{key}` is not a job key: it applies to one invocation, "
             f"so give {flag} on the command line"
@@ -492,13 +241,13 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
     for key, value in overrides.items():
         if value is None or (key == "stop" and isinstance(value, (list, tuple)) and not value):
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = "--" + key.replace("_", "-")  # `models` too: named by its field
         if key == "params":
             for name, item in dict(value).items():
                 where = f"--param {name}"
                 if name in _RESERVED_PARAMS:
                     raise UsageError(f"{where} is not allowed: {_RESERVED_PARAMS[name]}")
-                given_params[name] = _checked(_REQUEST_CHECKS.get(name, _json_value), item, where)
+                given_params[name] = _checked(_REQUEST_CHECKS.get(name, json_value), item, where)
                 _warn_if_typo(name, where)
         elif key in _REQUEST_CHECKS:
             named_params[key] = _checked(_REQUEST_CHECKS[key], value, flag)

@@ -1,7 +1,7 @@
-"""Flow control: concurrency, rpm/tpm pacing, the shared 429 pause, budget and deadline.
+"""Flow control: concurrency, rpm/tpm pacing, the shared 429 pause, adaptive slow-down, headers.
 
 Each concern is one small object on an injected `Clock`, so pacing and backoff are tested on a
-`FakeClock` without waiting. `Pacer` only composes them for the engine's workers:
+virtual clock (tests/fakeclock.py) without waiting. `Pacer` only composes them for the engine's workers:
 
     pacer = Pacer(concurrency=16, rpm=500, tpm=200_000)
     async with pacer.slot(tokens_estimate) as slot:  # prompt + completion tokens, for tpm
@@ -12,36 +12,27 @@ Each concern is one small object on an injected `Clock`, so pacing and backoff a
             raise
         slot.succeeded(answer.usage.total_tokens, answer.headers)
 
-`Budget` (--max-cost) and `Deadline` (--deadline) stand beside the pacer: the engine asks them
-before it takes a slot, so a worker waiting on the budget holds no concurrency.
+What stops a run early, the budget and the deadline, lives in `limits.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import math
 import random
-import re
-import time
 from collections import deque
 from collections.abc import Mapping
-from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Protocol
 
-from .errors import UsageError
+from .clock import SYSTEM_CLOCK, Clock, SystemClock
+from .durations import parse_duration
 
 __all__ = [
     "SYSTEM_CLOCK",
     "WINDOW",
     "AdaptiveConcurrency",
-    "Budget",
     "Clock",
-    "Deadline",
-    "FakeClock",
     "Grant",
     "HeaderPacer",
     "Pacer",
@@ -49,7 +40,6 @@ __all__ = [
     "SharedPause",
     "Slot",
     "SystemClock",
-    "parse_deadline",
     "parse_reset",
 ]
 
@@ -60,104 +50,6 @@ WINDOW = 60.0
 
 # A wait shorter than this still sleeps this long: float rounding must never make a wait loop spin.
 MIN_SLEEP = 1e-6
-
-
-# --------------------------------------------------------------------------------------- clocks
-
-
-class Clock(Protocol):
-    """Where pacing reads the time and waits: the real clock in a run, a FakeClock in tests."""
-
-    def monotonic(self) -> float:
-        """Seconds on a clock that never goes back."""
-        ...
-
-    async def sleep(self, seconds: float) -> None:
-        """Wait this many seconds."""
-        ...
-
-
-class SystemClock:
-    """The real clock: time.monotonic and asyncio.sleep."""
-
-    monotonic = staticmethod(time.monotonic)
-
-    async def sleep(self, seconds: float) -> None:
-        """Wait this many real seconds."""
-        await asyncio.sleep(seconds)
-
-
-SYSTEM_CLOCK: Clock = SystemClock()
-
-
-class FakeClock:
-    """Virtual time for tests: sleep() costs no real time and sleepers wake in time order.
-
-    Time moves only when every task on the loop is blocked, and then straight to the earliest
-    wake-up, so concurrent tasks share one consistent timeline. Use one FakeClock per event loop
-    (two would each wait for the other to go idle); asyncio's own timeouts still run in real time.
-
-    >>> clock = FakeClock()
-    >>> asyncio.run(clock.sleep(3600)); clock.monotonic()
-    3600.0
-    """
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = float(start)
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-        self._driver: asyncio.Task[None] | None = None
-
-    def monotonic(self) -> float:
-        """The virtual time."""
-        return self._now
-
-    def advance(self, seconds: float) -> None:
-        """Move time on by hand, for code that reads the clock without sleeping."""
-        if seconds < 0:
-            raise ValueError(f"time cannot go back ({seconds})")
-        self._now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        """Return once virtual time has reached now + seconds (at once for seconds <= 0)."""
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[None] = loop.create_future()
-        heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), wake))
-        driver = self._driver
-        if driver is None or driver.done() or driver.get_loop() is not loop:
-            self._driver = loop.create_task(self._drive())
-        await wake
-
-    async def _drive(self) -> None:
-        loop = asyncio.get_running_loop()
-        sleepers = self._sleepers
-        while True:
-            await _until_idle(loop)
-            # A cancelled sleeper, or one from a finished loop, must not move time.
-            while sleepers and (sleepers[0][2].done() or sleepers[0][2].get_loop() is not loop):
-                heapq.heappop(sleepers)
-            if not sleepers:
-                return
-            self._now = max(self._now, sleepers[0][0])
-            while sleepers and sleepers[0][0] <= self._now:
-                wake = heapq.heappop(sleepers)[2]
-                if not wake.done():
-                    wake.set_result(None)
-
-
-async def _until_idle(loop: asyncio.AbstractEventLoop) -> None:
-    """Yield until no other callback is ready to run: every task is blocked."""
-    await asyncio.sleep(0)
-    ready = getattr(loop, "_ready", None)  # CPython's run queue; other loops get a fixed number
-    if ready is None:
-        for _ in range(100):
-            await asyncio.sleep(0)
-        return
-    while ready:
-        await asyncio.sleep(0)
 
 
 # ---------------------------------------------------------------------------------- rate limits
@@ -443,9 +335,6 @@ class SharedPause:
 
 # -------------------------------------------------------------------------------------- headers
 
-_GO_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:h|ms|m|s|us|µs|ns))+")
-_GO_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
-_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _MAX_RESET = 86400.0  # a reset further off than a day is not a duration we understand
 
 
@@ -459,9 +348,10 @@ def parse_reset(text: str) -> float | None:
     try:
         seconds = float(text)
     except ValueError:
-        if not _GO_DURATION.fullmatch(text):
+        parsed = parse_duration(text)  # the Go-style values are a subset of the one grammar
+        if parsed is None:
             return None
-        seconds = sum(float(n) * _GO_UNITS[unit] for n, unit in _GO_PART.findall(text))
+        seconds = parsed
     if not 0 <= seconds <= _MAX_RESET:  # also rejects nan
         return None
     return seconds
@@ -745,161 +635,3 @@ class Pacer:
         )
         if slows:
             self._quiet = False
-
-
-# ------------------------------------------------------------------------------- budget, deadline
-
-
-class Budget:
-    """--max-cost: no request starts whose worst case could take the spending past the budget.
-
-    Spending so far plus the worst case of every request in flight stays within the budget, as
-    long as each worst case (from max_tokens) is a true upper bound of what the request costs.
-
-    >>> budget = Budget(5.00)
-    >>> if await budget.acquire(worst):     # False: stop sending
-    ...     budget.settle(worst, actual_cost)
-    """
-
-    def __init__(self, max_cost_usd: float) -> None:
-        if not max_cost_usd > 0:
-            raise ValueError(f"budget must be positive, not {max_cost_usd}")
-        self.max_cost = float(max_cost_usd)
-        self._ceiling = self.max_cost * (1 + 1e-12)  # exact fits must not fail on float rounding
-        self._spent = 0.0
-        self._reserved = 0.0
-        self._in_flight = 0
-        self._exhausted = False
-        self._waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def spent(self) -> float:
-        """USD settled so far."""
-        return self._spent
-
-    @property
-    def reserved(self) -> float:
-        """USD held for requests in flight (their worst cases)."""
-        return self._reserved
-
-    @property
-    def exhausted(self) -> bool:
-        """True once a request could not be started: the run stops sending."""
-        return self._exhausted
-
-    def reserve(self, worst_case_usd: float) -> bool:
-        """Hold the worst case of one request if it fits beside spending and what is in flight.
-
-        False if it does not fit now; `exhausted` turns True when it never can (spending alone
-        leaves no room), or after acquire() gave up.
-        """
-        if worst_case_usd < 0:
-            raise ValueError(f"a cost cannot be negative ({worst_case_usd})")
-        if self._exhausted:
-            return False
-        if self._spent + self._reserved + worst_case_usd > self._ceiling:
-            if self._spent + worst_case_usd > self._ceiling:
-                self._exhausted = True
-            return False
-        self._reserved += worst_case_usd
-        self._in_flight += 1
-        return True
-
-    async def acquire(self, worst_case_usd: float) -> bool:
-        """Reserve, waiting for requests in flight to settle if that may make room.
-
-        False: the budget is exhausted and the run stops sending (and every later call is False).
-        """
-        while not self.reserve(worst_case_usd):
-            if self._exhausted:
-                return False
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-        return True
-
-    def add_spent(self, usd: float) -> None:
-        """Count spending made outside this budget's reservations (earlier sessions of a run)."""
-        self._spent += usd
-        if self._spent > self._ceiling:
-            self._exhausted = True
-
-    def settle(self, reserved_usd: float, actual_usd: float | None) -> None:
-        """A reserved request ended: release its hold and add what it cost.
-
-        `actual_usd` None means unknown and charges the whole reservation; pass 0.0 for an
-        attempt known not to be billed (a 429, a 4xx, a refused connection).
-        """
-        self._in_flight -= 1
-        self._reserved = self._reserved - reserved_usd if self._in_flight else 0.0
-        self._spent += reserved_usd if actual_usd is None else actual_usd
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
-_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-_LOCAL_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
-
-
-def parse_deadline(text: str, now: datetime) -> datetime:
-    """When --deadline falls: a duration from now ("45m", "90s", "2h30m", "1.5h"), or a local
-    time ("06:00", "6:00:30") meaning its next occurrence, today or tomorrow.
-
-    >>> parse_deadline("06:00", datetime(2024, 5, 1, 23, 0))
-    datetime.datetime(2024, 5, 2, 6, 0)
-    """
-    value = text.strip().lower().replace(" ", "")
-    if _DURATION.fullmatch(value):
-        seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(value))
-        if seconds <= 0:
-            raise UsageError(f"--deadline {text!r}: the duration must be more than zero")
-        return now + timedelta(seconds=seconds)
-    match = _LOCAL_TIME.fullmatch(value)
-    if match:
-        hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
-        if hour > 23 or minute > 59 or second > 59:
-            raise UsageError(f"--deadline {text!r}: no such time of day")
-        at = now.replace(hour=hour, minute=minute, second=second, microsecond=0)
-        return at if at > now else at + timedelta(days=1)
-    raise UsageError(
-        f"--deadline {text!r}: expected a duration such as 45m, 90s or 2h30m, "
-        "or a local time such as 06:00"
-    )
-
-
-class Deadline:
-    """The moment the run stops sending, on the monotonic clock.
-
-    >>> deadline = Deadline.from_text("2h30m")
-    >>> deadline.passed, deadline.remaining()
-    (False, 9000.0)
-    """
-
-    def __init__(self, seconds_from_now: float, clock: Clock = SYSTEM_CLOCK) -> None:
-        self._clock = clock
-        self.at = clock.monotonic() + seconds_from_now
-        """Monotonic time of the deadline."""
-
-    @classmethod
-    def from_text(
-        cls, text: str, clock: Clock = SYSTEM_CLOCK, now: datetime | None = None
-    ) -> Deadline:
-        """Parse --deadline against the local wall clock (or `now`)."""
-        if now is None:
-            now = datetime.now()
-        at = parse_deadline(text, now)
-        # .timestamp() reads naive datetimes as local time, so a DST change overnight is counted.
-        return cls(at.timestamp() - now.timestamp(), clock)
-
-    def remaining(self) -> float:
-        """Seconds left (0.0 once passed)."""
-        return max(0.0, self.at - self._clock.monotonic())
-
-    @property
-    def passed(self) -> bool:
-        """True from the deadline on: start nothing more."""
-        return self._clock.monotonic() >= self.at

@@ -17,7 +17,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 import batchrunner
 from batchrunner import RunConfig, UsageError, read_results, run
-from batchrunner.compare import compare, render_table, to_csv
+from batchrunner.reports.compare import compare, render_table, to_csv
 from batchrunner.gateway.evals import eval_answer
 
 REPO = Path(__file__).resolve().parent.parent

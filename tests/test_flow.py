@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrunner import RunConfig, build_config, engine, load_job, read_status, run
-from batchrunner.pacing import WINDOW, Deadline, FakeClock, Pacer, Slot
+from batchrunner.limits import Deadline
+from batchrunner.pacing import WINDOW, Pacer, Slot
 from batchrunner.pricing import PriceTable
+from fakeclock import FakeClock
 
 REPO = Path(__file__).resolve().parents[1]
 

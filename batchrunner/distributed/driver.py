@@ -40,7 +40,7 @@ from ..engine import (
 )
 from ..local import local_gateway
 from ..errors import AuthRefused, BatchrunnerError, UsageError
-from ..pacing import Deadline
+from ..limits import Deadline
 from ..requests import RequestBuilder
 from ..results import Row
 from .worker import BlockOutcome, BlockWorker, WorkerSettings

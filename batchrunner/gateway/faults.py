@@ -7,13 +7,13 @@ the same sequence of requests.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from ..durations import format_duration
 from .config import GatewayConfig
 
 __all__ = ["FaultPlan", "Faults", "InvalidJsonPlan", "RateLimiter", "format_duration"]
@@ -73,16 +73,6 @@ class InvalidJsonPlan:
         """None for a valid answer, else a number in [0, 1) choosing how it is spoiled."""
         u_spoil, u_how = self._rng.random(), self._rng.random()
         return u_how if u_spoil < self._rate else None
-
-
-def format_duration(seconds: float) -> str:
-    """A duration as OpenAI writes `x-ratelimit-reset-*`: `120ms`, `1.5s`, `1m0s`."""
-    if seconds < 1:
-        return f"{max(math.ceil(seconds * 1000), 0)}ms"
-    if seconds < 60:
-        return f"{math.ceil(seconds * 1000) / 1000:g}s"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{math.ceil(rest * 1000) / 1000:g}s"
 
 
 class RateLimiter:

@@ -25,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UsageError
-from .reports import expand_paths
-from .scoring import read_result_batches
-from .stats import Interval, is_binary, mcnemar_exact, mean_interval, paired_difference
+from ..errors import UsageError
+from ..scoring import read_result_batches
+from ..stats import Interval, is_binary, mcnemar_exact, mean_interval, paired_difference
+from .summary import expand_paths
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,0 +1,50 @@
+"""Usage and cost reports over result files, and cost estimates before a run (SPEC section 9).
+
+    >>> report = summarize(["out/*.parquet"], by="model", prices=PriceTable.load())
+    >>> print(render_table(report))
+    >>> plot_summary(["out/*.parquet"], Path("usage.png"))
+    >>> print(render_estimate(estimate(config, prices=PriceTable.load())))
+
+One module a concept: `summary` (aggregation of result files and checkpoints), `estimate` (the
+pre-run estimate and its calibration), `render` (table, JSON and CSV text of both), `plots`
+(matplotlib charts, imported lazily) and `compare` (scored groups compared, SPEC section 15).
+The renderers return text and print nothing; the CLI decides where it goes.
+"""
+
+from __future__ import annotations
+
+from ..requests import CHARS_PER_TOKEN
+from .estimate import (
+    CALIBRATED_MIN_MARGIN,
+    CALIBRATION_MAX_ROWS,
+    Calibration,
+    Estimate,
+    ModelEstimate,
+    Range,
+    estimate,
+)
+from .plots import plot_summary
+from .render import estimate_to_json, render_estimate, render_table, to_csv, to_json
+from .summary import GroupSummary, SummaryReport, expand_paths, summarize, summarize_days
+
+__all__ = [
+    "CALIBRATION_MAX_ROWS",
+    "CALIBRATED_MIN_MARGIN",
+    "CHARS_PER_TOKEN",
+    "Calibration",
+    "Estimate",
+    "GroupSummary",
+    "ModelEstimate",
+    "Range",
+    "SummaryReport",
+    "estimate",
+    "estimate_to_json",
+    "expand_paths",
+    "plot_summary",
+    "render_estimate",
+    "render_table",
+    "summarize",
+    "summarize_days",
+    "to_csv",
+    "to_json",
+]

@@ -1,0 +1,541 @@
+"""The pre-run estimate: rows, tokens and cost of a run from its input alone, and calibration.
+
+    >>> est = estimate(config, prices=PriceTable.load(), calibrate=["out/last.parquet"])
+
+Nothing is sent. Calibration measures tokens per character, completion length and cache hits
+on the ok rows of finished result files, and narrows the ranges to prediction intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..checkpoint import RESULT_SCHEMA
+from ..config import RunConfig
+from ..errors import UsageError
+from ..pricing import PRICES_AS_OF, PriceTable
+from ..requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
+from .summary import _json_value, expand_paths
+
+__all__ = [
+    "CALIBRATED_MIN_MARGIN",
+    "CALIBRATION_MAX_ROWS",
+    "Calibration",
+    "Estimate",
+    "ModelEstimate",
+    "Range",
+    "SPREAD_SIGMAS",
+    "estimate",
+]
+
+
+#: The prompt-token rule of an estimate is requests.py's (CHARS_PER_TOKEN, MESSAGE_TOKENS,
+#: REPLY_TOKENS); its range allows 6 (plain English prose) to 2 (code, Cyrillic) characters a
+#: token. CJK text can fall outside it: calibrate.
+CHARS_PER_TOKEN_LOW, CHARS_PER_TOKEN_HIGH = 6.0, 2.0
+#: A calibrated range is the expected figure +- this many standard deviations of a total of
+#: that many rows, given how the calibration rows varied (a prediction interval that assumes
+#: the calibration run is representative of the job: same kind of prompts and answers).
+SPREAD_SIGMAS = 3.0
+#: ...but never narrower than this share of the expected figure either way: another job's
+#: prompts and answers differ from the calibration run's by more than sampling noise (other
+#: words, other tokens per character), which the rows' own spread cannot show.
+CALIBRATED_MIN_MARGIN = 0.10
+#: At most this many rows of the calibration files are read (the first ones).
+CALIBRATION_MAX_ROWS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """An estimated figure: `low` <= `expected` <= `high`.
+
+    `expected` is None when nothing says where in the range the figure lies (completion
+    length before any calibration); `high` is None when there is no upper bound (rows with no
+    `max_tokens` and no calibration).
+    """
+
+    low: float
+    expected: float | None
+    high: float | None
+
+    def __add__(self, other: Range) -> Range:
+        return Range(
+            self.low + other.low,
+            None if self.expected is None or other.expected is None
+            else self.expected + other.expected,
+            None if self.high is None or other.high is None else self.high + other.high,
+        )
+
+
+_ZERO = Range(0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """What finished results say about a job's tokens, from their ok rows."""
+
+    files: tuple[str, ...]
+    rows: int
+    chars: int
+    tokens_per_char: float  # prompt tokens beyond the per-message framing, per character
+    prompt_residual_std: float  # per row, tokens
+    completion_mean: float  # per request (all n choices), tokens
+    completion_std: float
+    cached_fraction: float  # of prompt tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEstimate:
+    """The estimate for the rows of one model; `cost_usd` is None for a model with no price."""
+
+    model: str | None
+    rows: int
+    prompt_tokens: Range
+    completion_tokens: Range
+    cost_usd: Range | None
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a run would send and cost, computed from the input alone (nothing is sent).
+
+    Token and cost figures cover the rows that would be sent (not input errors). `cost_usd` is
+    None when some of those rows ask for a model with no price (`unpriced_rows`); then
+    `cost_usd_known` is the estimate for the priced rows alone. Costs assume no cache hits,
+    except that a calibrated estimate applies the calibration run's share of cached prompt
+    tokens to its low and expected figures.
+    """
+
+    input: str
+    rows: int
+    rows_to_send: int
+    input_errors: int
+    chars: int
+    messages: int
+    unbounded_rows: int  # rows with no max_tokens: no upper bound on their completions
+    prompt_tokens: Range
+    completion_tokens: Range
+    cost_usd: Range | None
+    cost_usd_known: Range
+    unpriced_rows: int
+    models: tuple[ModelEstimate, ...]
+    calibration: Calibration | None = None
+    prices_as_of: str = PRICES_AS_OF
+    prices_file: str | None = None
+    done_rows: int = 0  # rows the output's checkpoint already has a result for: not sent
+    checkpoint: str | None = None  # the output whose checkpoint was read, if any
+    checkpoint_note: str | None = None  # why a checkpoint was not used
+    cached_rows: int = 0  # with --cache: rows the response cache holds (not sent, no cost)
+
+    @property
+    def unpriced_models(self) -> tuple[str | None, ...]:
+        """The models of rows that have no price."""
+        return tuple(m.model for m in self.models if m.cost_usd is None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: the figures of `render_estimate`, costs at full precision."""
+        data = asdict(self)
+        data["unpriced_models"] = list(self.unpriced_models)
+        data["rule"] = _RULE
+        return _plain_tree(data)
+
+
+_RULE = (
+    f"prompt tokens = characters of the message contents / {CHARS_PER_TOKEN:g} "
+    f"(range / {CHARS_PER_TOKEN_LOW:g} .. / {CHARS_PER_TOKEN_HIGH:g}) + {MESSAGE_TOKENS} per "
+    f"message + {REPLY_TOKENS} per request; completion tokens 1 per choice .. max_tokens; "
+    f"calibrated: measured tokens per character and completion length, +-{SPREAD_SIGMAS:g} "
+    f"sigma and at least +-{CALIBRATED_MIN_MARGIN:.0%}"
+)
+
+
+class _ModelTally:
+    """Running sums of the rows of one model while the input is read."""
+
+    __slots__ = ("rows", "chars", "messages", "choices", "cap", "unbounded")
+
+    def __init__(self) -> None:
+        self.rows = self.chars = self.messages = self.choices = self.cap = self.unbounded = 0
+
+
+def estimate(
+    config: RunConfig,
+    *,
+    prices: PriceTable,
+    calibrate: Sequence[str | Path] = (),
+) -> Estimate:
+    """Rows, prompt and completion tokens, and cost of the run `config` describes, as ranges.
+
+    Reads the input as the run would (checking it the same way: an unusable input is an
+    InputError) and builds every request, sending nothing. Prompt tokens follow the rule of
+    `CHARS_PER_TOKEN`; completions range from 1 token per choice to `max_tokens` per choice.
+    With `calibrate` (finished result files of this job or a similar one), tokens per character,
+    completion length and cache hits are measured on their ok rows, and the ranges become
+    prediction intervals around the measured figures (`SPREAD_SIGMAS`, at least
+    `CALIBRATED_MIN_MARGIN`), capped by `max_tokens`.
+
+    >>> est = estimate(config, prices=PriceTable.load(), calibrate=[Path("out/last.parquet")])
+    >>> print(render_estimate(est))
+    """
+    from ..inputs import scan_input
+    from ..requests import RequestBuilder
+    from ..sweep import sweep_config
+
+    config = sweep_config(config)
+    info = scan_input(config)
+    builder = RequestBuilder(config, info.columns)
+    tallies: dict[str | None, _ModelTally] = {}
+    rows = input_errors = cached_rows = 0
+    done, checkpoint_note = _checkpointed(config)
+    for body, cached in _cache_marked(config, _bodies_to_send(config, builder, done)):
+        rows += 1
+        if body is None:
+            input_errors += 1
+            continue
+        if cached:
+            cached_rows += 1
+            continue
+        model = body.get("model")
+        tally = tallies.get(model)
+        if tally is None:
+            tally = tallies[model] = _ModelTally()
+        tally.rows += 1
+        for message in body["messages"]:
+            tally.chars += _text_length(message.get("content"))
+            tally.messages += 1
+        n = body.get("n") or 1
+        tally.choices += n
+        bound = body.get("max_completion_tokens") or body.get("max_tokens")
+        if bound is None:
+            tally.unbounded += 1
+        else:
+            tally.cap += int(bound) * n
+
+    calibration = _calibrate(config, calibrate) if calibrate else None
+    models = tuple(
+        _model_estimate(model, t, prices, calibration)
+        for model, t in sorted(tallies.items(), key=lambda kv: (kv[0] is None, str(kv[0])))
+    )
+    def total(name: str) -> Range:
+        return sum((getattr(m, name) for m in models), _ZERO)
+
+    priced = [m.cost_usd for m in models if m.cost_usd is not None]
+    unpriced_rows = sum(m.rows for m in models if m.cost_usd is None)
+    known = sum(priced, _ZERO)
+    done_rows = max(0, info.rows - rows) if done is not None else 0
+    return Estimate(
+        input=str(config.input),
+        rows=rows + done_rows,
+        rows_to_send=rows - input_errors - cached_rows,
+        input_errors=input_errors,
+        chars=sum(t.chars for t in tallies.values()),
+        messages=sum(t.messages for t in tallies.values()),
+        unbounded_rows=sum(t.unbounded for t in tallies.values()),
+        prompt_tokens=total("prompt_tokens"),
+        completion_tokens=total("completion_tokens"),
+        cost_usd=None if unpriced_rows else known,
+        cost_usd_known=known,
+        unpriced_rows=unpriced_rows,
+        models=models,
+        calibration=calibration,
+        prices_file=None if prices.source is None else str(prices.source),
+        done_rows=done_rows,
+        checkpoint=None if done is None else str(config.output),
+        checkpoint_note=checkpoint_note,
+        cached_rows=cached_rows,
+    )
+
+
+def _bodies_to_send(
+    config: RunConfig, builder: Any, done: Any
+) -> Iterator[dict[str, Any] | None]:
+    """The body of every output row `run` would still send (None for an input error).
+
+    One per input row, or in a sweep one per input row and model; rows the checkpoint
+    (`done`, a DoneSet or None) already has are left out, as `run` leaves them.
+    """
+    from ..inputs import detect_format, iter_records
+    from ..sweep import slot_bodies
+
+    if done is None or not len(done):
+        yield from slot_bodies(config, builder)
+        return
+    sweep = config.models if len(config.models) > 1 else ()
+    if sweep:  # a sweep's checkpoint is keyed by output row: count them one by one
+        slot = 0
+        for index, record, error in iter_records(config, builder.columns):
+            row = builder.build(index, record, error)
+            own = record is not None and record.get("model") not in (None, "")
+            for model in (None,) if own else sweep:
+                if not done.contains(slot, row.id):
+                    yield row.body if model is None or row.body is None else {
+                        **row.body, "model": model
+                    }
+                slot += 1
+        return
+    one_by_one = detect_format(config.input) == "jsonl"  # Parquet and CSV skip in bulk
+    for index, record, error in iter_records(config, builder.columns, skip=done.mask):
+        row = builder.build(index, record, error)
+        if one_by_one and done.contains(index, row.id):
+            continue  # already has a result: `run` would not send it
+        yield row.body
+
+
+def _checkpointed(config: RunConfig) -> tuple[Any, str | None]:
+    """The rows of `config.output` that have a checkpointed result (a DoneSet), if the
+    checkpoint is one `run` would resume; else None and, for a checkpoint it would refuse,
+    why."""
+    from ..checkpoint import describe_changes, read_done
+    from ..inputs import fingerprint_input
+
+    found = read_done(Path(config.output))
+    if found is None:
+        return None, None
+    done, fingerprint = found
+    now = {"input": fingerprint_input(config.input), "settings": config.request_settings()}
+    changes = describe_changes(fingerprint, now)
+    if changes and fingerprint.get("settings") == now["settings"]:
+        return None, (
+            f"the input changed since the checkpoint of {config.output} was made: run will "
+            "keep the results of unchanged rows; this estimate is for every row (at most)"
+        )
+    if changes:
+        return None, (
+            f"the checkpoint of {config.output} was made with other settings "
+            f"({'; '.join(changes)}): run would refuse it without --restart, so this estimate "
+            "is for every row"
+        )
+    return done, None
+
+
+def _cache_marked(
+    config: RunConfig, bodies: Iterable[dict[str, Any] | None]
+) -> Iterable[tuple[dict[str, Any] | None, bool]]:
+    """Each body, with True where the response cache (`config.cache`) holds its answer."""
+    from ..cache import LOOKUP_ROWS, ResponseCache, cache_key, default_cache_path
+    from ..config import resolve_base_url
+
+    path = None
+    if config.cache is not None and config.cache is not False:
+        path = default_cache_path() if config.cache is True else Path(config.cache)
+    if path is None or not path.exists() or config.cache_mode in ("write-only", "refresh"):
+        for body in bodies:
+            yield body, False
+        return
+    url = "batchrunner:local" if config.local else resolve_base_url(config.base_url)
+    with ResponseCache.open(path) as cache:
+        chunk: list[dict[str, Any] | None] = []
+        for body in bodies:
+            chunk.append(body)
+            if len(chunk) >= LOOKUP_ROWS:
+                yield from _marked_chunk(cache, chunk, url, cache_key)
+                chunk = []
+        yield from _marked_chunk(cache, chunk, url, cache_key)
+
+
+def _marked_chunk(cache: Any, chunk: list[Any], url: str, key: Any) -> Iterable[tuple[Any, bool]]:
+    keys = [None if body is None else key(body, url) for body in chunk]
+    found = cache.lookup([k for k in keys if k is not None])
+    for body, k in zip(chunk, keys):
+        yield body, k is not None and k in found
+
+
+def _text_length(content: Any) -> int:
+    """Characters of a message's text (text parts of a list content; other parts are free)."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(part["text"])
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def _model_estimate(
+    model: str | None, t: _ModelTally, prices: PriceTable, cal: Calibration | None
+) -> ModelEstimate:
+    overhead = MESSAGE_TOKENS * t.messages + REPLY_TOKENS * t.rows
+    cap = None if t.unbounded else t.cap  # most completion tokens these rows can produce
+    if cal is None:
+        prompt = Range(
+            t.chars / CHARS_PER_TOKEN_LOW + overhead,
+            t.chars / CHARS_PER_TOKEN + overhead,
+            t.chars / CHARS_PER_TOKEN_HIGH + overhead,
+        )
+        completion = Range(t.choices, None, cap)
+        cached = 0.0
+    else:
+        expected = cal.tokens_per_char * t.chars + overhead
+        # The rows' own spread, plus the uncertainty of the ratio measured on cal.rows rows
+        # (which grows with how much more text this input has than the calibration rows).
+        share = t.chars / cal.chars if cal.chars else 0.0
+        sd = cal.prompt_residual_std * math.sqrt(t.rows + cal.rows * share**2)
+        prompt = _interval(expected, sd, floor=overhead, ceiling=None)
+        sd = cal.completion_std * math.sqrt(t.rows + t.rows**2 / cal.rows)
+        completion = _interval(cal.completion_mean * t.rows, sd, floor=t.choices, ceiling=cap)
+        cached = cal.cached_fraction
+    prompt, completion = _whole(prompt), _whole(completion)
+    price = prices.get(model, warn=True)
+    cost = None
+    if price is not None:
+        def dollars(p: float, c: float, cached_share: float) -> float:
+            return price.cost(p, c, p * cached_share)
+
+        cost = Range(
+            dollars(prompt.low, completion.low, cached),
+            None if completion.expected is None or prompt.expected is None
+            else dollars(prompt.expected, completion.expected, cached),
+            None if completion.high is None or prompt.high is None
+            else dollars(prompt.high, completion.high, 0.0),
+        )
+    return ModelEstimate(model, t.rows, prompt, completion, cost)
+
+
+def _interval(expected: float, sd: float, *, floor: float, ceiling: float | None) -> Range:
+    margin = max(SPREAD_SIGMAS * sd, CALIBRATED_MIN_MARGIN * expected)
+    low = max(expected - margin, floor)
+    high = expected + margin
+    if ceiling is not None:
+        high = min(high, ceiling)
+        low = min(low, ceiling)
+    return Range(low, min(max(expected, low), high), high)
+
+
+def _whole(r: Range) -> Range:
+    """Token counts are whole: the low bound rounds down, the high bound up."""
+    return Range(
+        math.floor(r.low),
+        None if r.expected is None else round(r.expected),
+        None if r.high is None else math.ceil(r.high),
+    )
+
+
+def _calibrate(config: RunConfig, paths: Sequence[str | Path]) -> Calibration:
+    """Measure tokens per character, completion length and cache hits on finished results."""
+    files = expand_paths(paths, what="--calibrate")
+    chars: list[int] = []
+    messages: list[int] = []
+    prompt: list[int] = []
+    completion: list[int] = []
+    cached: list[int] = []
+    for path in files:
+        for record, usage in _calibration_rows(config, path, CALIBRATION_MAX_ROWS - len(chars)):
+            c = m = 0
+            for message in record:
+                c += _text_length(message.get("content"))
+                m += 1
+            chars.append(c)
+            messages.append(m)
+            prompt.append(usage[0])
+            completion.append(usage[1])
+            cached.append(usage[2] or 0)
+        if len(chars) >= CALIBRATION_MAX_ROWS:
+            break
+    if not chars:
+        raise UsageError(
+            f"--calibrate: no ok row with token counts in {', '.join(map(str, files))}"
+        )
+    c, t = np.array(chars, float), np.array(prompt, float)
+    overhead = MESSAGE_TOKENS * np.array(messages, float) + REPLY_TOKENS
+    ratio = float((t - overhead).sum() / c.sum()) if c.sum() else 1 / CHARS_PER_TOKEN
+    residual = t - (ratio * c + overhead)
+    done = np.array(completion, float)
+    k = len(chars)
+    return Calibration(
+        files=tuple(str(p) for p in files),
+        rows=k,
+        chars=int(c.sum()),
+        tokens_per_char=ratio,
+        prompt_residual_std=float(residual.std(ddof=1)) if k > 1 else float(abs(residual[0])),
+        completion_mean=float(done.mean()),
+        completion_std=float(done.std(ddof=1)) if k > 1 else float(done[0]),
+        cached_fraction=float(np.sum(cached) / t.sum()) if t.sum() else 0.0,
+    )
+
+
+_RESULT_NAMES = frozenset(RESULT_SCHEMA.names)
+
+
+def _calibration_rows(
+    config: RunConfig, path: Path, limit: int
+) -> Iterator[tuple[list[dict[str, Any]], tuple[int, int, int | None]]]:
+    """The messages each ok row of a result file sent, rebuilt from its carried input columns.
+
+    The job's own request rules are tried first (template, prompt column, system message);
+    where the file lacks the columns they read, its `messages` or `prompt` column is used.
+    """
+    from ..requests import RequestBuilder
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"--calibrate: {path}: not a readable Parquet file ({exc})") from None
+    usage = ("status", "prompt_tokens", "completion_tokens", "cached_tokens")
+    for name in ("model", *usage):
+        if name not in schema.names:
+            raise UsageError(f"--calibrate: {path}: no column {name!r} (not a result file?)")
+    # The input's columns as the run saw them: carried ones were renamed input_X on a clash.
+    physical: dict[str, str] = {}
+    for name in schema.names:
+        if name.startswith("input_") and name[6:] in _RESULT_NAMES:
+            physical[name[6:]] = name
+        elif name not in _RESULT_NAMES:
+            physical.setdefault(name, name)
+    physical["model"] = "model"  # the model each row requested
+    columns = tuple(physical)
+    cal_config = config.replace(input=Path(path), limit=None)
+    try:
+        builder = RequestBuilder(cal_config, columns)
+    except UsageError:
+        generic = cal_config.replace(
+            template=None, prompt_column=None, messages_column=None, id_column=None
+        )
+        try:
+            builder = RequestBuilder(generic, columns)
+        except UsageError:
+            raise UsageError(
+                f"--calibrate: {path} carries neither the input columns this job reads nor a "
+                "'messages' or 'prompt' column: its prompts cannot be measured"
+            ) from None
+    read = [physical[c] for c in builder.columns if c in physical]
+    wanted = list(dict.fromkeys([*read, *usage]))
+    logical = {v: k for k, v in physical.items()}
+    pf = pq.ParquetFile(path)
+    done = 0
+    for batch in pf.iter_batches(columns=wanted, batch_size=8192):
+        for raw in batch.to_pylist():
+            if done >= limit:
+                return
+            if raw["status"] != "ok" or raw["prompt_tokens"] is None:
+                continue
+            if raw["completion_tokens"] is None:
+                continue
+            record = {logical[c]: raw[c] for c in read}
+            body = builder.build(done, record, None).body
+            if body is None:
+                continue
+            done += 1
+            yield body["messages"], (
+                raw["prompt_tokens"],
+                raw["completion_tokens"],
+                raw["cached_tokens"],
+            )
+
+
+def _plain_tree(value: Any) -> Any:
+    """JSON-ready: dicts and lists all the way down, numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_tree(v) for v in value]
+    return _json_value(value)

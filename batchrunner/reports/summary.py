@@ -1,0 +1,642 @@
+"""Usage and cost summaries of result files (SPEC section 9): aggregation, results, checkpoints.
+
+    >>> report = summarize(["out/*.parquet"], by="model", prices=PriceTable.load())
+
+Summaries read only the columns they need and aggregate with numpy, never row by row in Python:
+ten million result rows take a few seconds. An output whose run is going on or was interrupted
+is read from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..checkpoint import RESULT_SCHEMA, checkpoint_dir, checkpoint_results
+from ..errors import UsageError
+from ..failures import ErrorCount, merge_counts, value_counts
+from ..pricing import PRICES_AS_OF, PriceTable
+from ..structured import StructuredSummary, summarize_files
+
+__all__ = ["GroupSummary", "SummaryReport", "expand_paths", "summarize", "summarize_days"]
+
+_TOKENS = ("prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
+_DAY = "__day__"  # pseudo-column: the UTC day of each row (a `created` column, else file mtime)
+_DAY_COLUMNS = ("created", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    """Usage, cost and latency of the rows of one group (or of all rows, for the total).
+
+    `cost_usd` is None when any row of the group reported usage but has no cost (a model with
+    no price): the sum would silently be too low. `cost_usd_known` is then the cost of the
+    priced rows alone, a lower bound, and `unpriced_rows` counts the others. Rows with no usage
+    at all (input errors, requests that got no answer) cost nothing and are not unpriced.
+    Latencies are over the ok rows (linear interpolation between ranks, as numpy's default);
+    None where a group has no ok row with a latency.
+    """
+
+    key: Any
+    rows: int
+    ok: int
+    errors: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+    cost_usd_known: float
+    unpriced_rows: int
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    cache_hits: int = 0  # rows served from the response cache: their cost is not in cost_usd
+    reused_cost_usd: float = 0.0  # what those rows cost when first paid (the files' cost_usd)
+
+
+_FIGURES = tuple(f for f in GroupSummary.__slots__ if f != "key")  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryReport:
+    """A summary of result files: one `GroupSummary` per value of `by`, and their total.
+
+    `cost_source` is "prices" when costs were recomputed from the usage columns and a price
+    table, "files" when the files' own `cost_usd` column was summed.
+    """
+
+    by: str
+    groups: tuple[GroupSummary, ...]
+    total: GroupSummary
+    files: tuple[str, ...]
+    cost_source: str
+    unpriced_models: tuple[str | None, ...] = ()  # models of the rows counted unpriced
+    prices_as_of: str | None = None  # the built-in prices' date, when costs were recomputed
+    prices_file: str | None = None  # the price file overlaid on them, if any
+    errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
+    from_checkpoint: tuple[str, ...] = ()  # outputs read from their checkpoint (not finished)
+    structured: StructuredSummary | None = None  # SPEC 17, for files of --json-schema runs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: the same figures as the table, at full precision."""
+        return {
+            "by": self.by,
+            "cost_source": self.cost_source,
+            "prices_as_of": self.prices_as_of,
+            "prices_file": self.prices_file,
+            "files": list(self.files),
+            "unpriced_models": list(self.unpriced_models),
+            "errors": [e.to_dict() for e in self.errors],
+            "from_checkpoint": list(self.from_checkpoint),
+            "groups": [_plain(asdict(g)) for g in self.groups],
+            "total": _plain({k: v for k, v in asdict(self.total).items() if k != "key"}),
+        } | ({"structured": self.structured.to_dict()} if self.structured else {})
+
+
+def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[Path]:
+    """Files named by `paths`: globs expanded (`**` too), folders give their `*.parquet`.
+
+    An output whose run is going on or was interrupted counts as a file too (its checkpoint
+    is read). A path or pattern that matches no file is a UsageError naming it; a file matched
+    twice is read once.
+    """
+    found: dict[str, Path] = {}
+    for raw in paths:
+        text = str(raw)
+        if glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            matches = [m for m in matches if os.path.isfile(m)]
+            matches += _unfinished_outputs(glob.glob(text + ".checkpoint", recursive=True))
+        elif os.path.isdir(text):
+            matches = sorted(glob.glob(os.path.join(glob.escape(text), "*.parquet")))
+            matches += _unfinished_outputs(
+                glob.glob(os.path.join(glob.escape(text), "*.parquet.checkpoint"))
+            )
+        else:
+            matches = [text] if os.path.isfile(text) or _has_checkpoint(Path(text)) else []
+        if not matches:
+            raise UsageError(f"{what}: no file matches {text}")
+        for m in matches:
+            found.setdefault(os.path.realpath(m), Path(m))
+    if not found:
+        raise UsageError(f"{what}: no file given")
+    return list(found.values())
+
+
+_CHECKPOINT = ".checkpoint"
+
+
+def _has_checkpoint(output: Path) -> bool:
+    return (checkpoint_dir(output) / "manifest.json").is_file()
+
+
+def _unfinished_outputs(folders: Iterable[str]) -> list[str]:
+    """The outputs of checkpoint folders that have no output file yet."""
+    outputs = [f[: -len(_CHECKPOINT)] for f in sorted(folders) if f.endswith(_CHECKPOINT)]
+    return [o for o in outputs if not os.path.isfile(o) and _has_checkpoint(Path(o))]
+
+
+def _read_from_checkpoint(output: Path) -> bool:
+    """True when the summary of `output` must come from its checkpoint: the run is going on,
+    was interrupted, or is going again (the file, if any, is not the latest)."""
+    manifest = checkpoint_dir(output) / "manifest.json"
+    try:
+        finished = json.loads(manifest.read_text()).get("finished")
+    except (OSError, ValueError):
+        return False
+    return not (finished and output.is_file())
+
+
+def summarize(
+    paths: Sequence[str | Path],
+    *,
+    by: str = "model",
+    prices: PriceTable | None = None,
+) -> SummaryReport:
+    """Usage, cost and latency of one or many result files, per value of column `by`.
+
+    `paths` may hold globs and folders (see `expand_paths`). `by` is any column of the files:
+    `model` (the model requested), `status`, or a carried input column; a file without it is a
+    UsageError naming the column and the file. With `prices`, each row's cost is recomputed
+    from its usage columns and the table (a model the table lacks is warned about once and its
+    rows are unpriced); without, the files' `cost_usd` column is summed, and rows with usage
+    but a null `cost_usd` are unpriced. See `GroupSummary` for what each figure means.
+
+    >>> report = summarize(["runs/2026-11-*.parquet"], by="dataset")
+    """
+    files = expand_paths(paths)
+    report = _aggregate(files, by, prices)
+    written = [f for f in files if not _read_from_checkpoint(f)]  # structured figures: files
+    return replace(report, structured=summarize_files(written))
+
+
+def summarize_days(
+    paths: Sequence[str | Path], *, prices: PriceTable | None = None
+) -> SummaryReport:
+    """Like `summarize`, per UTC day (`by` is "day", keys are "YYYY-MM-DD" strings).
+
+    A row's day is that of its `created` (or `created_at`) column where the file has one and the
+    row's value is set (epoch seconds, or a timestamp); else the file's modification time, as
+    result files have no timestamp column of their own.
+    """
+    return _aggregate(expand_paths(paths), _DAY, prices)
+
+
+class _Groups:
+    """Values of a grouping key seen across files, each given a dense global id."""
+
+    def __init__(self) -> None:
+        self.ids: dict[Any, int] = {}
+        self.values: list[Any] = []
+
+    def lookup(self, uniques: list[Any], codes: np.ndarray) -> np.ndarray:
+        """The global id of each row, from a file's codes into its unique values."""
+        used = np.bincount(codes, minlength=len(uniques)) > 0
+        out = np.full(len(uniques), -1, dtype=np.int64)
+        for i in np.flatnonzero(used):
+            value = uniques[i]
+            key = _hashable(value)
+            gid = self.ids.get(key)
+            if gid is None:
+                gid = self.ids[key] = len(self.values)
+                self.values.append(value)
+            out[i] = gid
+        return out[codes]
+
+
+# Per (group, model) sums, in this order.
+_SUMS = (
+    "rows",
+    "ok",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "billable",  # rows that reported any usage
+    "complete",  # rows with both prompt and completion counts: those that can be priced
+    "c_prompt",
+    "c_cached",
+    "c_completion",
+    "file_cost",  # sum of the file's non-null cost_usd
+    "file_uncosted",  # billable rows whose cost_usd is null
+    "hits",  # rows served from the response cache (not paid: out of every cost sum above)
+    "reused",  # their cost when first paid, from the files' cost_usd
+)
+
+
+def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> SummaryReport:
+    keys, models = _Groups(), _Groups()
+    pair_keys: list[np.ndarray] = []
+    pair_models: list[np.ndarray] = []
+    pair_sums: list[np.ndarray] = []
+    lat_keys: list[np.ndarray] = []
+    lat_values: list[np.ndarray] = []
+
+    needed = ["model", "status", *_TOKENS, "latency_ms", "error"]
+    if prices is None:
+        needed.append("cost_usd")
+    error_pairs: list[tuple[str, int]] = []
+    from_checkpoint: list[str] = []
+    for path in files:
+        if _read_from_checkpoint(path):
+            from_checkpoint.append(str(path))
+            # the checkpoint has every result column (cache_hit and cost_usd included)
+            extra = [c for c in ("cache_hit", "cost_usd") if c not in needed]
+            batches = _checkpoint_batches(path, by, [*needed, *extra])
+        else:
+            extra = [c for c in ("cache_hit", "cost_usd") if c in _names(path) and c not in needed]
+            batches = _read_batches(path, by, [*needed, *extra])
+        for table in batches:
+            failed = table.filter(pc.fill_null(pc.not_equal(table.column("status"), "ok"), True))
+            error_pairs.extend(value_counts(failed.column("error")))
+            tally = _tally(table, path, by, prices is not None, keys, models)
+            pair_keys.append(tally.pair_keys)
+            pair_models.append(tally.pair_models)
+            pair_sums.append(tally.sums)
+            lat_keys.append(tally.latency_keys)
+            lat_values.append(tally.latencies)
+
+    nkeys = len(keys.values)
+    pk = np.concatenate(pair_keys) if pair_keys else np.zeros(0, np.int64)
+    pm = np.concatenate(pair_models) if pair_models else np.zeros(0, np.int64)
+    sums = np.concatenate(pair_sums, axis=1) if pair_sums else np.zeros((len(_SUMS), 0))
+    s = dict(zip(_SUMS, sums, strict=True))
+
+    # Cost per (key, model) pair: linear in the token sums, so priced once per pair, not per row.
+    if prices is None:
+        pair_cost = s["file_cost"]
+        pair_unpriced = s["file_uncosted"]
+        unpriced_models = {models.values[m] for m in np.unique(pm[pair_unpriced > 0])}
+    else:
+        # Warn (once per table) only about models that have usage to price.
+        billable_by_model = np.bincount(pm, weights=s["billable"], minlength=len(models.values))
+        price_of = [
+            prices.get(m, warn=bool(b > 0))
+            for m, b in zip(models.values, billable_by_model, strict=True)
+        ]
+        known = np.array([p is not None for p in price_of], dtype=bool)
+        rate = np.array(
+            [(p.input, p.cached_input, p.output) if p else (0.0, 0.0, 0.0) for p in price_of]
+        ).reshape(-1, 3)
+        r = rate[pm] if len(pm) else np.zeros((0, 3))
+        pair_cost = (
+            (s["c_prompt"] - s["c_cached"]) * r[:, 0]
+            + s["c_cached"] * r[:, 1]
+            + s["c_completion"] * r[:, 2]
+        ) / 1e6
+        pair_unpriced = np.where(known[pm], s["billable"] - s["complete"], s["billable"])
+        unpriced_models = {models.values[m] for m in np.unique(pm[pair_unpriced > 0])}
+
+    def per_key(values: np.ndarray) -> np.ndarray:
+        return np.bincount(pk, weights=values, minlength=nkeys)
+
+    by_key = {name: per_key(s[name]) for name in ("rows", "ok", *_TOKENS, "hits", "reused")}
+    cost_by_key = per_key(pair_cost)
+    unpriced_by_key = per_key(pair_unpriced)
+    lk = np.concatenate(lat_keys) if lat_keys else np.zeros(0, np.int64)
+    lv = np.concatenate(lat_values) if lat_values else np.zeros(0)
+    p50, p95 = _grouped_quantiles(lk, lv, nkeys, (0.50, 0.95))
+
+    groups = [
+        _group(
+            keys.values[g],
+            {name: by_key[name][g] for name in by_key},
+            cost_by_key[g],
+            unpriced_by_key[g],
+            p50[g],
+            p95[g],
+        )
+        for g in range(nkeys)
+    ]
+    groups.sort(key=_sort_key)
+    total_p50, total_p95 = (
+        (float(np.percentile(lv, 50)), float(np.percentile(lv, 95))) if len(lv) else (None, None)
+    )
+    total = _group(
+        None,
+        {name: by_key[name].sum() for name in by_key},
+        float(cost_by_key.sum()),
+        unpriced_by_key.sum(),
+        total_p50,
+        total_p95,
+    )
+    return SummaryReport(
+        by="day" if by == _DAY else by,
+        groups=tuple(groups),
+        total=total,
+        files=tuple(str(p) for p in files),
+        cost_source="files" if prices is None else "prices",
+        unpriced_models=tuple(sorted(unpriced_models, key=lambda m: (m is None, str(m)))),
+        prices_as_of=None if prices is None else PRICES_AS_OF,
+        prices_file=None if prices is None or prices.source is None else str(prices.source),
+        errors=merge_counts(error_pairs),
+        from_checkpoint=tuple(from_checkpoint),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """The sums of one batch of rows per (key, model) pair, and its ok rows' latencies."""
+
+    pair_keys: np.ndarray
+    pair_models: np.ndarray
+    sums: np.ndarray  # one row per name of _SUMS, one column per pair
+    latency_keys: np.ndarray
+    latencies: np.ndarray
+
+
+def _tally(
+    table: pa.Table, path: Path, by: str, recompute: bool, keys: _Groups, models: _Groups
+) -> _Tally:
+    """Vectorised sums of one batch; keys and models get global ids from `keys`, `models`."""
+    n = table.num_rows
+    if by == _DAY:
+        kcodes, kuniques = _day_codes(table, path)
+    else:
+        kcodes, kuniques = _codes(table.column(by), by, path)
+    mcodes, muniques = kcodes, kuniques
+    if by != "model":
+        mcodes, muniques = _codes(table.column("model"), "model", path)
+    kglobal = keys.lookup(kuniques, kcodes)
+    mglobal = models.lookup(muniques, mcodes)
+
+    scodes, suniques = _codes(table.column("status"), "status", path)
+    ok = np.isin(scodes, [i for i, v in enumerate(suniques) if v == "ok"])
+    counts = {name: _counts(table.column(name)) for name in _TOKENS}
+    valid = {name: _bool(pc.is_valid(table.column(name))) for name in _TOKENS}
+    billable = valid["prompt_tokens"] | valid["completion_tokens"] | valid["total_tokens"]
+    complete = valid["prompt_tokens"] & valid["completion_tokens"]
+    hit = (_bool(pc.fill_null(table.column("cache_hit"), False))
+           if "cache_hit" in table.column_names else np.zeros(n, dtype=bool))
+    reused = (np.where(hit, _floats(pc.fill_null(table.column("cost_usd"), 0.0)), 0.0)
+              if hit.any() else np.zeros(n))
+    billable, complete = billable & ~hit, complete & ~hit  # a cache hit was not paid for
+    if not recompute:
+        cost_col = table.column("cost_usd")
+        file_cost = np.where(hit, 0.0, _floats(pc.fill_null(cost_col, 0.0)))
+        uncosted = billable & ~_bool(pc.is_valid(cost_col))
+    else:
+        file_cost = np.zeros(n)
+        uncosted = np.zeros(n, dtype=bool)
+    columns = (
+        np.ones(n),
+        ok,
+        counts["prompt_tokens"],
+        counts["cached_tokens"],
+        counts["completion_tokens"],
+        counts["total_tokens"],
+        billable,
+        complete,
+        np.where(complete, counts["prompt_tokens"], 0),
+        np.where(complete, counts["cached_tokens"], 0),
+        np.where(complete, counts["completion_tokens"], 0),
+        file_cost,
+        uncosted,
+        hit,
+        reused,
+    )
+    # Group rows by (key, model) pair: a dense pair index, then one bincount per sum.
+    width = int(mglobal.max(initial=0)) + 1
+    pair = kglobal * width + mglobal
+    space = int(pair.max(initial=-1)) + 1
+    if space <= 4 * n + 1024:  # dense enough to count into directly
+        inverse, pairs = pair, np.arange(space)
+    else:
+        pairs, inverse = np.unique(pair, return_inverse=True)
+    sums = np.stack([np.bincount(inverse, weights=c, minlength=len(pairs)) for c in columns])
+    seen = sums[0] > 0
+
+    latency = _floats(table.column("latency_ms"))
+    timed = ok & ~np.isnan(latency)
+    return _Tally(pairs[seen] // width, pairs[seen] % width, sums[:, seen],
+                  kglobal[timed].astype(np.int32), latency[timed])
+
+
+def _group(
+    key: Any,
+    sums: dict[str, Any],
+    cost: float,
+    unpriced: float,
+    p50: float | None,
+    p95: float | None,
+) -> GroupSummary:
+    rows, ok = int(round(sums["rows"])), int(round(sums["ok"]))
+    unpriced_rows = int(round(unpriced))
+    cost = float(cost)
+    return GroupSummary(
+        key=key,
+        rows=rows,
+        ok=ok,
+        errors=rows - ok,
+        prompt_tokens=int(round(sums["prompt_tokens"])),
+        cached_tokens=int(round(sums["cached_tokens"])),
+        completion_tokens=int(round(sums["completion_tokens"])),
+        total_tokens=int(round(sums["total_tokens"])),
+        cost_usd=None if unpriced_rows else cost,
+        cost_usd_known=cost,
+        unpriced_rows=unpriced_rows,
+        latency_p50_ms=None if p50 is None or math.isnan(p50) else float(p50),
+        latency_p95_ms=None if p95 is None or math.isnan(p95) else float(p95),
+        cache_hits=int(round(sums.get("hits", 0))),
+        reused_cost_usd=float(sums.get("reused", 0.0)),
+    )
+
+
+def _names(path: Path) -> list[str]:
+    """A result file's column names (none when it cannot be read: _read_batches says why)."""
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        return []
+
+
+def _grouped_quantiles(
+    keys: np.ndarray, values: np.ndarray, nkeys: int, qs: Sequence[float]
+) -> list[np.ndarray]:
+    """Per-key quantiles of `values`, exactly as numpy's default (linear) method; NaN if empty.
+
+    Rows are bucketed by key with one stable sort (a radix sort for small key counts), then each
+    bucket is partitioned (O(n)) rather than sorted; many small buckets are sorted as one array.
+    """
+    out = [np.full(nkeys, np.nan) for _ in qs]
+    if not len(values):
+        return out
+    if nkeys <= _PARTITION_MAX_GROUPS:
+        order = np.argsort(keys.astype(np.uint16), kind="stable")
+        values = values[order]
+        counts = np.bincount(keys, minlength=nkeys)
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        for g in np.flatnonzero(counts):
+            found = np.percentile(values[bounds[g] : bounds[g + 1]], [q * 100 for q in qs])
+            for result, value in zip(out, found, strict=True):
+                result[g] = value
+        return out
+    order = np.lexsort((values, keys))
+    keys, values = keys[order], values[order]
+    counts = np.bincount(keys, minlength=nkeys)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    has = counts > 0
+    last = starts[has] + counts[has] - 1
+    for result, q in zip(out, qs, strict=True):
+        pos = starts[has] + q * (counts[has] - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, last)
+        result[has] = values[lo] + (values[hi] - values[lo]) * (pos - lo)
+    return out
+
+
+_PARTITION_MAX_GROUPS = 2_000  # fits uint16; above it one lexsort beats a loop of partitions
+
+
+_BATCH_ROWS = 1 << 18  # rows aggregated at a time: memory stays flat however large a file
+
+
+def _read_batches(path: Path, by: str, needed: Sequence[str]) -> Iterator[pa.Table]:
+    """Only the columns a summary needs, from one result file, a batch at a time.
+
+    Errors name the file (and the column).
+    """
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
+    columns = list(dict.fromkeys(needed))
+    if by == _DAY:
+        columns += [c for c in _DAY_COLUMNS if c in schema.names][:1]
+    elif by not in columns:
+        columns.append(by)
+    for name in columns:
+        if name not in schema.names:
+            if name == by:
+                raise UsageError(f"{path}: no column {name!r} to group by (--by)")
+            raise UsageError(f"{path}: no column {name!r} (is it a batchrunner result file?)")
+    # Result files store these dictionary-encoded: reading them so skips decoding and rehashing.
+    strings = [
+        c
+        for c in columns
+        if c in (by, "model", "status")
+        and (pa.types.is_string(schema.field(c).type)
+             or pa.types.is_large_string(schema.field(c).type))
+    ]
+    try:
+        pf = pq.ParquetFile(path, read_dictionary=strings)
+        if pf.metadata.num_rows == 0:
+            yield schema.empty_table().select(columns)
+            return
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            yield pa.Table.from_batches([batch])
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: cannot be read ({exc})") from None
+
+
+def _checkpoint_batches(output: Path, by: str, needed: Sequence[str]) -> Iterator[pa.Table]:
+    """The results so far of an unfinished output, from its checkpoint (result columns only)."""
+    columns = list(dict.fromkeys(needed))
+    if by != _DAY and by not in columns:
+        if by not in RESULT_SCHEMA.names:
+            raise UsageError(
+                f"{output}: the run has not finished, and its checkpoint holds the result "
+                f"columns only, not {by!r}: group by a result column (model, status) until "
+                "the output is written"
+            )
+        columns.append(by)
+    table, _rows = checkpoint_results(output, columns)
+    yield table
+
+
+def _codes(column: pa.ChunkedArray, name: str, path: Path) -> tuple[np.ndarray, list[Any]]:
+    """Dense codes of a column's values, and the values; null is the last value."""
+    try:
+        if pa.types.is_dictionary(column.type):
+            column = pa.table({"c": column}).unify_dictionaries().column("c")
+        else:
+            column = pc.dictionary_encode(column)
+    except (pa.ArrowException, TypeError) as exc:
+        raise UsageError(
+            f"{path}: cannot group by column {name!r} of type {column.type} ({exc})"
+        ) from None
+    chunks = column.chunks
+    dictionary = chunks[0].dictionary if chunks else pa.array([], type=pa.null())
+    uniques = dictionary.to_pylist()
+    null_code = len(uniques)
+    if chunks:
+        indices = pa.chunked_array([c.indices for c in chunks])
+        codes = pc.fill_null(indices, null_code).to_numpy().astype(np.int64)
+    else:
+        codes = np.zeros(0, dtype=np.int64)
+    return codes, [*uniques, None]
+
+
+def _day_codes(table: pa.Table, path: Path) -> tuple[np.ndarray, list[Any]]:
+    """The UTC day of each row: from a `created` column where set, else the file's mtime."""
+    n = table.num_rows
+    stat_path = path if path.exists() else checkpoint_dir(path)  # an unfinished output
+    mtime_day = np.datetime64(int(os.stat(stat_path).st_mtime), "s").astype("datetime64[D]")
+    days = np.full(n, mtime_day)
+    created = next((c for c in _DAY_COLUMNS if c in table.column_names), None)
+    if created is not None:
+        col = table.column(created)
+        if pa.types.is_timestamp(col.type):
+            scale = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[col.type.unit]
+            seconds = _floats(col.cast(pa.int64()).cast(pa.float64())) / scale
+        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            seconds = _floats(col.cast(pa.float64()))  # epoch seconds, like OpenAI's `created`
+        else:
+            seconds = np.full(n, np.nan)
+        have = ~np.isnan(seconds)
+        days[have] = seconds[have].astype("datetime64[s]").astype("datetime64[D]")
+    uniques, codes = np.unique(days, return_inverse=True)
+    return codes.astype(np.int64), [str(d) for d in uniques]
+
+
+def _bool(values: pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _counts(values: pa.ChunkedArray) -> np.ndarray:
+    # float64, as bincount weights are: exact for sums below 2**53 tokens.
+    return pc.fill_null(values, 0).to_numpy().astype(np.float64)
+
+
+def _floats(values: pa.ChunkedArray) -> np.ndarray:
+    return values.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _sort_key(group: GroupSummary) -> tuple[int, str, Any]:
+    key = group.key
+    if key is None:
+        return (2, "", 0)
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        return (0, "", key)
+    return (1, str(key), 0)
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json_value(v) for k, v in data.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
