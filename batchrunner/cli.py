@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from . import __version__  # noqa: F401
+from ._version import __version__
 from .errors import BatchrunnerError, StorageError, UsageError
 
 log = logging.getLogger("batchrunner")

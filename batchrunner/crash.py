@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["EXIT_INTERNAL", "crash_line", "scrub", "write_crash_log"]
 

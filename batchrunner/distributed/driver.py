@@ -36,9 +36,9 @@ from ..engine import (
     RunControl,
     RunReport,
     _input_error_result,
-    _local_gateway,
     _Run,
 )
+from ..local import local_gateway
 from ..errors import AuthRefused, BatchrunnerError, UsageError
 from ..limits import Deadline
 from ..requests import RequestBuilder
@@ -95,7 +95,7 @@ async def arun_on_ray(
             )
     try:
         if config.local:
-            async with _local_gateway() as (base_url, _key):
+            async with local_gateway() as (base_url, _key):
                 return await RayRun(config, base_url, "", on_result, control, ray).execute()
         from ..config import resolve_base_url
 

@@ -1,0 +1,250 @@
+"""The dispatch of a run: a feeder (with the response cache), workers, a flusher, watchers.
+
+`Dispatch` is a part of `engine._Run` (a mixin: the state is the run's). The feeder streams
+rows into a bounded queue, serving what the response cache holds; a fixed set of workers takes
+rows from it to `RowProcessing._process`; one flusher task writes the buffered results to the
+checkpoint; watchers end the run at a deadline or a stop. The Ray driver replaces `_dispatch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from . import inputs
+from .cache import LOOKUP_ROWS
+from .checkpoint import Checkpoint, DoneSet
+from .client import Client
+from .config import RunConfig
+from .errors import StorageError, UsageError
+from .requests import RequestBuilder
+from .results import Result, Row
+from .runstate import EXIT_STOPPED
+from .sweep import sweep_rows
+
+if TYPE_CHECKING:
+    from .limits import Deadline
+
+log = logging.getLogger("batchrunner.engine")
+
+FLUSH_SECONDS = 2.0  # at most this much finished work waits for the next checkpoint write
+STOP_GRACE_SECONDS = 5.0  # in-flight requests get this long to finish after Ctrl-C or a deadline
+
+
+class Dispatch:
+    """`_Run`'s dispatch part: feeds rows to the workers and the results to the checkpoint."""
+
+    async def _dispatch(
+        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: Deadline | None
+    ) -> None:
+        config = self.config
+        queue: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * config.concurrency)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        async with Client(
+            self.base_url, self._api_key, concurrency=config.concurrency, timeout=config.timeout
+        ) as client:
+            self.client = client
+            workers = [
+                asyncio.create_task(self._worker(queue, ckpt)) for _ in range(config.concurrency)
+            ]
+            feeder = asyncio.create_task(self._feed(queue, ckpt, builder, done))
+            flusher = asyncio.create_task(self._flush_loop(ckpt, executor))
+            watchers = [asyncio.create_task(self._watch_stop(workers))]
+            if deadline is not None:
+                watchers.append(asyncio.create_task(self._watch_deadline(deadline)))
+            try:
+                outcomes = await asyncio.gather(*workers, return_exceptions=True)
+                failures = [
+                    o for o in outcomes
+                    if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
+                ]
+                if failures:
+                    raise failures[0]
+            finally:
+                for task in (feeder, *workers, *watchers, flusher):
+                    task.cancel()
+                await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
+                for held in self.streak.release():  # a streak that did not trip: real results
+                    self._record(ckpt, held, row_hash=self._held_hashes.pop(id(held), None))
+                # The last write: everything that finished is made durable before we return.
+                self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+                self._writes.append(executor.submit(self.writer.last_attempt))
+                executor.shutdown(wait=True)
+                for write in self._writes:
+                    write.result()  # a failed checkpoint write is an error, never a silent loss
+
+    async def _feed(
+        self,
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+        builder: RequestBuilder,
+        done: DoneSet,
+    ) -> None:
+        cached = self.cache is not None and self.cache.reads
+        lookups: list[Row] = []
+        # One batch is looked up (in the cache's thread) while the one before is served, so
+        # that the workers never wait for the cache.
+        looking: tuple[list[Row], asyncio.Future[Any]] | None = None
+        try:
+            for row in self._rows(builder, done):
+                if self.stop_event.is_set():
+                    return
+                if row.body is None:  # an input error: recorded, never sent
+                    self._record(ckpt, _input_error_result(row, row.model or self.config.model))
+                    continue
+                if cached:  # looked up in batches; only the misses are queued
+                    lookups.append(row)
+                    if len(lookups) >= LOOKUP_ROWS:
+                        looking = await self._look_up(lookups, looking, queue, ckpt)
+                        lookups = []
+                    continue
+                await queue.put(row)
+            if lookups:
+                looking = await self._look_up(lookups, looking, queue, ckpt)
+            if looking is not None:
+                await self._serve_cached(*looking, queue, ckpt)
+                looking = None
+        except UsageError as exc:  # the input broke part-way: keep what is done, stop
+            self.feed_error = exc
+            self.control.stop("input", exc.exit_code)
+            return
+        finally:
+            if looking is not None:
+                looking[1].cancel()
+        for _ in range(self.config.concurrency):
+            await queue.put(None)
+
+    def _rows(self, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
+        """The rows still to send, in output order: of the input, or of the sweep's slots."""
+        if self.sweep is None:
+            return _rows_to_send(self.config, builder, done)
+        return sweep_rows(self.config, builder, done, self.sweep)
+
+    async def _look_up(
+        self,
+        rows: list[Row],
+        previous: tuple[list[Row], asyncio.Future[Any]] | None,
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> tuple[list[Row], asyncio.Future[Any]]:
+        """Start looking `rows` up, then serve the batch looked up before; return the new one."""
+        assert self.cache is not None
+        started = asyncio.ensure_future(self.cache.lookup(rows))
+        if previous is not None:
+            try:
+                await self._serve_cached(*previous, queue, ckpt)
+            except BaseException:
+                started.cancel()
+                raise
+        return rows, started
+
+    async def _serve_cached(
+        self,
+        rows: list[Row],
+        lookup: asyncio.Future[Any],
+        queue: asyncio.Queue[Row | None],
+        ckpt: Checkpoint,
+    ) -> None:
+        """Record the rows the response cache holds; queue the others to be sent."""
+        assert self.cache is not None
+        answers, hashes = await lookup
+        for row, answer, row_hash in zip(rows, answers, hashes):
+            if self.stop_event.is_set():
+                return
+            if answer is not None:
+                self._record(ckpt, self.cache.hit_result(row, answer), row_hash=row_hash)
+            else:
+                await queue.put(row)
+
+    async def _worker(self, queue: asyncio.Queue[Row | None], ckpt: Checkpoint) -> None:
+        while True:
+            row = await queue.get()
+            if row is None or self.stop_event.is_set():
+                return
+            self.busy += 1
+            try:
+                result = await self._process(row)
+                if result is not None:
+                    self._record_answer(ckpt, result, row.body)
+            except Exception:
+                self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
+                raise
+            finally:
+                self.busy -= 1
+
+    async def _flush_loop(self, ckpt: Checkpoint, executor: ThreadPoolExecutor) -> None:
+        """Write the buffered results every `checkpoint_every` rows or FLUSH_SECONDS."""
+        while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the event fires, and this task would then never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_SECONDS):
+                    await self.flush_event.wait()
+            self.flush_event.clear()
+            batch = ckpt.take_batch()
+            if batch is None:
+                continue
+            write = executor.submit(self.writer.write, batch)
+            self._writes.append(write)
+            # Shielded: cancelling this task at the end must not cancel a write whose rows
+            # have already left the buffer (they would be lost); the end waits for it instead.
+            await asyncio.shield(asyncio.wrap_future(write))
+            self._writes = [w for w in self._writes if not w.done() or w.exception()]
+            if self.writer.fault is not None:  # no new request from now on (SPEC 8)
+                self.control.stop("storage", StorageError.exit_code)
+                return
+            self.gate.written(batch.num_rows)
+
+    async def _watch_deadline(self, deadline: Deadline) -> None:
+        await asyncio.sleep(deadline.remaining())
+        log.warning("deadline reached: no new requests are sent")
+        self.control.stop("deadline", EXIT_STOPPED)
+
+    async def _watch_stop(self, workers: list[asyncio.Task[None]]) -> None:
+        """Once a stop is asked, let in-flight rows finish (within a grace period), then end."""
+        await self.stop_event.wait()
+        if self.control.reason in ("interrupted", "terminated"):
+            busy = self.busy
+            waiting = (
+                f"waiting for {busy} request{'s' if busy != 1 else ''} in flight "
+                f"(at most {STOP_GRACE_SECONDS:g} s)" if busy else "no request in flight"
+            )
+            again = "; Ctrl-C again to quit now" if self.control.reason == "interrupted" else ""
+            log.warning("stopping: %s%s", waiting, again)
+        self.gate.release()
+        if self.control.reason == "budget":
+            grace = math.inf  # what is in flight is being paid for: let it finish
+        elif self.control.reason == "auth":
+            grace = 0.0
+        else:
+            grace = STOP_GRACE_SECONDS
+        limit = time.monotonic() + grace
+        while self.busy and time.monotonic() < limit:
+            await asyncio.sleep(0.05)
+        for task in workers:
+            task.cancel()
+
+
+def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
+    """Rows with no checkpointed result, built into requests, lazily and in input order."""
+    skip = done.mask if len(done) else None
+    records = inputs.iter_records(config, columns=builder.columns, skip=skip)
+    # iter_records skips finished Parquet and CSV rows in bulk; JSONL rows are checked here.
+    one_by_one = skip is not None and inputs.detect_format(config.input) == "jsonl"
+    for index, record, error in records:
+        row = builder.build(index, record, error)
+        if one_by_one and done.contains(index, row.id):
+            continue
+        yield row
+
+
+def _input_error_result(row: Row, model: str | None) -> Result:
+    return Result(
+        index=row.index, id=row.id, status="error", model=model, attempts=0, error=row.error
+    )

@@ -1,0 +1,172 @@
+"""A result's way into the checkpoint and the tally, and the run's end: output and report.
+
+`Recording` is a part of `engine._Run` (a mixin: the state is the run's): `_record` and
+`_record_answer` (with the systematic-failure streak) take results; `_finish` assembles the
+output when every row has one, scores it, and makes the RunReport and `--summary-json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from . import inputs
+from .cache import request_hash
+from .checkpoint import Checkpoint
+from .errors import AuthRefused, StorageError
+from .results import Result
+from .runstate import EXIT_OK, EXIT_ROW_ERRORS, EXIT_STOPPED, EXIT_SYSTEMATIC, RunReport
+from .scoring import Metric, TableScorer, score_results
+
+log = logging.getLogger("batchrunner.engine")
+
+
+class Recording:
+    """`_Run`'s recording part: results into the checkpoint and tally; the end of the run."""
+
+    def _record_answer(
+        self, ckpt: Checkpoint, result: Result, body: dict[str, Any] | None = None
+    ) -> None:
+        """Record a sent row's result, unless it extends a streak of identical failures."""
+        key = self._failure_keys.pop(id(result), None)
+        self._held_hashes[id(result)] = None if body is None else request_hash(body)
+        was_tripped = self.streak.tripped
+        for ready in self.streak.observe(result, key):
+            self._record(ckpt, ready, row_hash=self._held_hashes.pop(id(ready), None))
+        if self.streak.tripped and not was_tripped:
+            log.warning(
+                "stopping: the last %d answered rows all failed the same way: %s; "
+                "no new requests are sent", self.streak.count, self.streak.error()
+            )
+            self.control.stop("systematic", EXIT_SYSTEMATIC)
+
+    def _record(
+        self,
+        ckpt: Checkpoint,
+        result: Result,
+        body: dict[str, Any] | None = None,
+        row_hash: int | None = None,
+    ) -> None:
+        if row_hash is None and body is not None:
+            row_hash = request_hash(body)
+        ckpt.append(result, row_hash)
+        self.gate.received()
+        self.tally.add(result)
+        if ckpt.buffered >= self.config.checkpoint_every:
+            self.flush_event.set()
+        if self.on_result is not None:
+            self.on_result(result, self.tally)
+
+    def _finish(self, ckpt: Checkpoint, rows: int, input_rows: int | None = None) -> RunReport:
+        control = self.control
+        complete = ckpt.complete(rows)
+        reason = control.reason
+        fault = self.writer.fault
+        scorer = _scorer(self.metric, self.config.reference_column)
+        if complete and reason != "auth" and fault is None and not ckpt.finished:
+            # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
+            tables = inputs.iter_tables(self.config, batch_rows=32768)
+            fault = self.writer.finalize(
+                tables, rows if input_rows is None else input_rows, id_column=self.id_column,
+                sweep=self.sweep, transform=scorer,
+            )
+            if scorer is not None and fault is None:
+                scorer.warnings.warn(scorer.metric)
+        elif complete and reason != "auth" and fault is None and scorer is not None:
+            # finished before: scoring it again (another metric, say) costs no request
+            score_results(self.config.output, scorer.metric, scorer.reference_column)
+        if fault is not None:  # a write failed: whatever else stopped the run, this is exit 74
+            self._use_totals(ckpt.done_totals())
+            code, reason, message = StorageError.exit_code, "storage", self.writer.message(rows)
+            self.writer.record(rows)
+        elif complete and reason != "auth":
+            self._use_totals(ckpt.done_totals())
+            code = EXIT_OK if self.tally.failed == 0 else EXIT_ROW_ERRORS
+            reason = "complete"
+            message = ""
+        else:
+            self._use_totals(ckpt.done_totals())
+            code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
+            reason = reason or "stopped"
+            message = _stop_message(reason, self.auth_error)
+            if reason == "systematic" and self.streak.tripped:
+                message = self.streak.describe()
+        report = RunReport(
+            exit_code=code,
+            reason=reason,
+            output=self.config.output,
+            rows=rows,
+            ok=self.tally.ok,
+            failed=self.tally.failed,
+            resumed=self.tally.resumed,
+            sent=self.tally.sent,
+            prompt_tokens=self.tally.prompt_tokens,
+            completion_tokens=self.tally.completion_tokens,
+            cached_tokens=self.tally.cached_tokens,
+            total_tokens=self.tally.total_tokens,
+            cost_usd=self.tally.cost_usd,
+            wall_seconds=self.tally.elapsed,
+            message=message,
+            errors=ckpt.top_errors(),
+            cache_hits=self.tally.cache_hits,
+            reused_cost_usd=self.tally.reused_cost_usd,
+        )
+        if self.config.summary_json is not None:
+            summary = report.to_dict()
+            if fault is not None:
+                summary["storage_fault"] = self.writer.details(rows)
+            try:
+                write_summary_json(self.config.summary_json, summary)
+            except OSError as exc:  # the monitoring file: said, but it changes no result
+                note = f"cannot write --summary-json {self.config.summary_json}: {exc.strerror}"
+                if fault is None:
+                    log.warning("%s", note)
+                else:  # the run ends with one line: keep it one
+                    report = dataclasses.replace(report, message=f"{report.message}; {note}")
+        return report
+
+    def _use_totals(self, totals: dict[str, Any]) -> None:
+        tally = self.tally
+        tally.ok, tally.failed = totals["ok"], totals["failed"]
+        tally.prompt_tokens = totals["prompt_tokens"]
+        tally.completion_tokens = totals["completion_tokens"]
+        tally.cached_tokens = totals["cached_tokens"]
+        tally.total_tokens = totals["total_tokens"]
+        tally.cost_usd = totals["cost_usd"]
+        tally.cache_hits = totals.get("cache_hits", 0)
+        tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
+
+
+def _scorer(metric: Metric | None, reference_column: str | None) -> TableScorer | None:
+    if metric is None or reference_column is None:
+        return None
+    return TableScorer(metric, reference_column)
+
+
+def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
+    """Write the final figures for monitoring, atomically."""
+    data = report.to_dict() if isinstance(report, RunReport) else report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _stop_message(reason: str, auth_error: AuthRefused | None) -> str:
+    if reason == "auth":
+        detail = f" ({auth_error})" if auth_error is not None else ""
+        return f"the gateway refused the API key{detail}; finished rows are checkpointed"
+    if reason == "budget":
+        return "stopped at the --max-cost budget; run again with a larger budget to go on"
+    if reason == "deadline":
+        return "stopped at the --deadline; run the same command again to go on"
+    if reason == "systematic":
+        return (
+            "stopped early: the answered rows all failed the same way; fix the cause and run "
+            "the same command again"
+        )
+    return "interrupted; run the same command again to resume"
