@@ -306,20 +306,12 @@ class _Run(Dispatch, RowProcessing, Recording):
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
         totals = ckpt.done_totals()
         tally = self.tally
-        tally.ok = totals["ok"]
-        tally.failed = 0 if retry_failed else totals["failed"]
-        tally.resumed = tally.ok + tally.failed
         if not retry_failed:
-            tally.prompt_tokens = totals["prompt_tokens"]
-            tally.completion_tokens = totals["completion_tokens"]
-            tally.cached_tokens = totals["cached_tokens"]
-            tally.total_tokens = totals["total_tokens"]
-            tally.cost_usd = totals["cost_usd"]
-            tally.cache_hits = totals.get("cache_hits", 0)
-            tally.reused_cost_usd = totals.get("reused_cost_usd", 0.0)
+            self._use_totals(totals)
         else:
             # Only the ok rows are kept; their figures are a lower bound shown until the end.
-            tally.cost_usd = 0.0
+            tally.ok, tally.failed, tally.cost_usd = totals["ok"], 0, 0.0
+        tally.resumed = tally.ok + tally.failed
         if self.budget is not None:
             self.budget.add_spent(totals["cost_usd"])
 
