@@ -523,7 +523,7 @@ def validate(job: Path) -> None:
 
 @main.group()
 def cache() -> None:
-    """The response cache (SPEC 16): stats, prune, clear.
+    """The response cache (never pay twice for one request): stats, prune, clear.
 
     \b
     Examples:
