@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -45,16 +45,14 @@ class Dispatch:
     ) -> None:
         config = self.config
         queue: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         async with Client(
             self.base_url, self._api_key, concurrency=config.concurrency, timeout=config.timeout
-        ) as client:
+        ) as client, self._checkpointing(ckpt):
             self.client = client
             workers = [
                 asyncio.create_task(self._worker(queue, ckpt)) for _ in range(config.concurrency)
             ]
             feeder = asyncio.create_task(self._feed(queue, ckpt, builder, done))
-            flusher = asyncio.create_task(self._flush_loop(ckpt, executor))
             watchers = [asyncio.create_task(self._watch_stop(workers))]
             if deadline is not None:
                 watchers.append(asyncio.create_task(self._watch_deadline(deadline)))
@@ -67,17 +65,31 @@ class Dispatch:
                 if failures:
                     raise failures[0]
             finally:
-                for task in (feeder, *workers, *watchers, flusher):
+                for task in (feeder, *workers, *watchers):
                     task.cancel()
-                await asyncio.gather(feeder, *workers, *watchers, flusher, return_exceptions=True)
+                await asyncio.gather(feeder, *workers, *watchers, return_exceptions=True)
                 for held in self.streak.release():  # a streak that did not trip: real results
                     self._record(ckpt, held, row_hash=self._held_hashes.pop(id(held), None))
-                # The last write: everything that finished is made durable before we return.
-                self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
-                self._writes.append(executor.submit(self.writer.last_attempt))
-                executor.shutdown(wait=True)
-                for write in self._writes:
-                    write.result()  # a failed checkpoint write is an error, never a silent loss
+
+    @contextlib.asynccontextmanager
+    async def _checkpointing(self, ckpt: Checkpoint) -> AsyncIterator[None]:
+        """The flusher while the body runs; at the end, everything that finished made durable.
+
+        Both engines' dispatch run inside it (the Ray driver's too).
+        """
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        flusher = asyncio.create_task(self._flush_loop(ckpt, executor))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            # The last write, and the last attempt at what a failed write left behind.
+            self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
+            self._writes.append(executor.submit(self.writer.last_attempt))
+            executor.shutdown(wait=True)
+            for write in self._writes:
+                write.result()  # a failed checkpoint write is an error, never a silent loss
 
     async def _feed(
         self,

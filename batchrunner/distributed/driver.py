@@ -24,7 +24,6 @@ import math
 import signal
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..checkpoint import Checkpoint, DoneSet
@@ -139,22 +138,14 @@ class RayRun(_Run):
     async def _dispatch(
         self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: Deadline | None
     ) -> None:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        flusher = asyncio.create_task(self._flush_loop(ckpt, executor))
-        actors = self._start_actors()
-        try:
-            await self._drive(ckpt, builder, done, deadline, actors)
-        finally:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    self._ray.kill(actor)
-            self._writes.append(executor.submit(self.writer.write, ckpt.take_batch()))
-            self._writes.append(executor.submit(self.writer.last_attempt))  # after a fault
-            executor.shutdown(wait=True)
-            for write in self._writes:
-                write.result()
+        async with self._checkpointing(ckpt):
+            actors = self._start_actors()
+            try:
+                await self._drive(ckpt, builder, done, deadline, actors)
+            finally:
+                for actor in actors:
+                    with contextlib.suppress(Exception):
+                        self._ray.kill(actor)
 
     # -- actors ----------------------------------------------------------------------------
 
