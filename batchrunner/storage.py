@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -273,11 +274,7 @@ async def staged_run(config: Any, run: Callable[[Any], Awaitable[Any]]) -> Any:
                 "is complete: run the same command again to write it without sending anything",
                 path=_shown(staged.uri), cause=str(exc),
             ) from None
-    with contextlib.suppress(AttributeError, TypeError):
-        import dataclasses
-
-        report = dataclasses.replace(report, output=staged.uri)
-    return report
+    return dataclasses.replace(report, output=staged.uri)  # the RunReport names the URI
 
 
 def local_view(output: str | Path) -> Path:
