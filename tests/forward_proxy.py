@@ -60,7 +60,7 @@ class ForwardProxy:
                 await self._forward(writer, method, target, lines[1:], body)
                 return  # the answer said Connection: close
         finally:
-            writer.close()
+            await _closed(writer)
 
     async def _tunnel(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
@@ -93,7 +93,7 @@ class ForwardProxy:
         upstream_writer.write(head.encode("latin-1") + body)
         await upstream_writer.drain()
         answer = await upstream_reader.read()  # the origin closes: Connection: close
-        upstream_writer.close()
+        await _closed(upstream_writer)
         # The answer may say keep-alive; the client is told this connection ends with it.
         status_end = answer.index(b"\r\n") + 2
         writer.write(answer[:status_end] + b"Connection: close\r\n" + _without_connection(
@@ -113,7 +113,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write(data)
             await writer.drain()
     finally:
-        writer.close()
+        await _closed(writer)
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until it is (the loop may stop right after the test)."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 @contextlib.contextmanager
