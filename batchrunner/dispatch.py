@@ -191,7 +191,7 @@ class Dispatch:
                 self.busy -= 1
 
     async def _flush_loop(self, ckpt: Checkpoint, executor: ThreadPoolExecutor) -> None:
-        """Write the buffered results every `checkpoint_every` rows or FLUSH_SECONDS."""
+        """Write the buffered results every half `checkpoint_every` rows or FLUSH_SECONDS."""
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
             # lands as the event fires, and this task would then never end.

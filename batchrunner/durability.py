@@ -101,8 +101,9 @@ class DurabilityGate:
 
     The engine sets `limit` to `checkpoint_every + concurrency`: a request starts only while
     fewer answers than one checkpoint interval wait for their write, so a failed write loses at
-    most the requests in flight plus one interval. A fast disk never holds anything back; a
-    slow one holds the requests whose answers would otherwise pile up while it writes.
+    most the requests in flight plus one interval. Writes start at half an interval, so a fast
+    disk never holds anything back; a slow one holds the requests whose answers would
+    otherwise pile up while it writes.
     """
 
     def __init__(self, limit: int) -> None:
