@@ -51,6 +51,10 @@ class DoneSet:
         return done
 
 
+_OK_STATUS = pa.scalar("ok")
+_NO_COST = pa.scalar(None, pa.float64())
+
+
 class _Progress:
     """Per row: no result, ok or error (one byte a row); and running sums of usage and cost.
 
@@ -86,20 +90,25 @@ class _Progress:
     def add(self, batch: pa.RecordBatch) -> None:
         """Count a batch of new results (segment schema)."""
         rows = batch.column("_row").to_numpy()
-        ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
+        ok = pc.equal(batch.column("status"), _OK_STATUS).to_numpy(zero_copy_only=False)
         inside = rows < self.rows
         self.state[rows[inside]] = np.where(ok[inside], self._OK, self._ERROR)
         self._add_sums(batch)
 
     def _add_sums(self, table: pa.Table | pa.RecordBatch) -> None:
+        # Once per checkpoint write, on the run's event loop: a few compute calls, no Python
+        # scalars converted on each call (that was most of their cost).
         for name in self._SUMS:
             self.sums[name] += pc.sum(table.column(name)).as_py() or 0
-        unpriced = pc.and_(pc.is_null(table.column("cost_usd")),
-                           pc.is_valid(table.column("total_tokens")))
-        self.unpriced += pc.sum(unpriced.cast(pa.int64())).as_py() or 0
-        hit = table.column("cache_hit").fill_null(False)
-        self.hits += pc.sum(hit.cast(pa.int64())).as_py() or 0
-        self.reused += pc.sum(pc.if_else(hit, table.column("cost_usd"), None)).as_py() or 0.0
+        cost = table.column("cost_usd")
+        if cost.null_count:
+            unpriced = pc.and_(pc.is_null(cost), pc.is_valid(table.column("total_tokens")))
+            self.unpriced += pc.sum(unpriced).as_py() or 0
+        hit = table.column("cache_hit")
+        if pc.any(hit).as_py():
+            hit = hit.fill_null(False)
+            self.hits += pc.sum(hit).as_py() or 0
+            self.reused += pc.sum(pc.if_else(hit, cost, _NO_COST)).as_py() or 0.0
 
     def complete(self, rows: int) -> bool:
         """True when each of the first `rows` rows has a result."""
