@@ -81,7 +81,7 @@ class OutputAssembly:
         got = picked.column("_row").to_numpy()
         if len(got) != stop - start or (len(got) and (got[0] != start or got[-1] != stop - 1)):
             raise UsageError(f"rows {start}..{stop - 1} are not all checkpointed; cannot finalize")
-        return picked.drop_columns(["_row", "_hash"])
+        return picked.drop_columns(["_row", "_hash", "_ihash"])
 
 
 def output_column_names(input_columns: Sequence[str]) -> list[str]:

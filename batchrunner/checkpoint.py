@@ -24,10 +24,10 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -146,6 +146,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         self._segment_path: Path | None = None
         self._segment_file: Any = None
         self._hashes: list[int | None] = []
+        self._input_hashes: list[int | None] = []
         self.incremental: dict[str, int] | None = None  # kept/new/changed/removed, when so
 
     def _finish_compaction(self) -> None:
@@ -156,7 +157,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         self,
         fingerprint: dict[str, Any],
         rows: int,
-        current: Callable[[], tuple[pa.Array, np.ndarray]],
+        current: CurrentInput,
     ) -> dict[str, int]:
         """Keep the results of the rows a changed input left as they were (`_reconcile`)."""
         return _reconcile(self, fingerprint, rows, current)
@@ -169,10 +170,14 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(self, result: Result, request_hash: int | None = None) -> None:
-        """Buffer one result (and its request body's hash); `take_batch` + `write_batch` keep it."""
+    def append(
+        self, result: Result, request_hash: int | None = None, input_hash: int | None = None
+    ) -> None:
+        """Buffer one result (and the hashes of its request body and of the input values it
+        was built from); `take_batch` + `write_batch` keep it."""
         self._buffer.append(result)
         self._hashes.append(request_hash)
+        self._input_hashes.append(input_hash)
 
     @property
     def buffered(self) -> int:
@@ -185,7 +190,8 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
             return None
         results, self._buffer = self._buffer, []
         hashes, self._hashes = self._hashes, []
-        return results_to_batch(results, hashes)
+        input_hashes, self._input_hashes = self._input_hashes, []
+        return results_to_batch(results, hashes, input_hashes)
 
     def write_batch(self, batch: pa.RecordBatch | None) -> None:
         """Append a batch to this session's segment and fsync it (safe to call in a thread).
@@ -422,6 +428,16 @@ def _fsync_dir(directory: Path) -> None:
 # -- incremental inputs (SPEC 8) -------------------------------------------------------------
 
 
+class CurrentInput(Protocol):
+    """The changed input an incremental run folds the checkpoint onto (engine.ChangedInput)."""
+
+    def rows(self) -> tuple[pa.Array, np.ndarray | None]:
+        """Every row's id, and the hash of its input values (None where not available)."""
+
+    def body_hashes(self, wanted: np.ndarray) -> np.ndarray:
+        """The request body hashes of the rows where `wanted` is True (0 elsewhere)."""
+
+
 def _finish_compaction(directory: Path, first: int) -> None:
     """Complete an incremental rewrite that a crash interrupted after its manifest was written."""
     if not first:
@@ -444,11 +460,12 @@ def _reconcile(
     ckpt: Checkpoint,
     fingerprint: dict[str, Any],
     rows: int,
-    current: Callable[[], tuple[pa.Array, np.ndarray]],
+    current: CurrentInput,
 ) -> dict[str, int]:
     """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
 
-    `current()` gives the new input's ids and request hashes (0 for a row that cannot be
+    `current` is the new input (`engine.CurrentInput`): its ids and input-value hashes, and
+    the body hashes of the rows whose values do not match (0 for a row that cannot be
     sent). The kept results are rewritten, renumbered, into one new segment, written and
     fsynced under a temporary name; the manifest (the new input, and that older segments are
     gone) is the commit point; then the segment is renamed and the old ones removed. A crash at
@@ -456,8 +473,7 @@ def _reconcile(
     """
     directory = ckpt.directory
     first = ckpt._first_segment()
-    loaded = _load(directory, first)
-    summary = loaded.summary
+    summary = _load(directory, first, ("_row", "id", "_hash", "_ihash")).summary
     assert summary is not None
     old_rows = summary.column("_row").to_numpy()
     positions = _last_positions(old_rows)
@@ -465,13 +481,27 @@ def _reconcile(
     last_rows = old_rows[positions]
     old_ids = summary.column("id").take(picked).combine_chunks()
     old_hashes = summary.column("_hash").take(picked).combine_chunks()
+    old_inputs = summary.column("_ihash").take(picked).combine_chunks()
     del summary
-    new_ids, new_hashes = current()
+    pa.default_memory_pool().release_unused()
+    new_ids, new_inputs = current.rows()
+    pa.default_memory_pool().release_unused()  # each batch's Python strings, let go
     where = pc.index_in(old_ids, value_set=new_ids).fill_null(-1).to_numpy(zero_copy_only=False)
     matched = where >= 0
+    # First the input values: a row whose values hash as they did has the same body (the
+    # settings are the same), so no request is built for it.
+    same = np.zeros(len(where), dtype=bool)
+    if new_inputs is not None:
+        same = matched & old_inputs.is_valid().to_numpy(zero_copy_only=False)
+        same[same] = old_inputs.fill_null(0).to_numpy()[same] == new_inputs[where[same]]
+    # The others (values edited, or hashed by an older version or not at all): their bodies.
     hashed = old_hashes.is_valid().to_numpy(zero_copy_only=False)
-    same = matched & hashed
-    same[same] = old_hashes.fill_null(0).to_numpy()[same] == new_hashes[where[same]]
+    unsure = matched & hashed & ~same
+    if unsure.any():
+        wanted = np.zeros(len(new_ids), dtype=bool)
+        wanted[where[unsure]] = True
+        bodies = current.body_hashes(wanted)
+        same[unsure] = old_hashes.fill_null(0).to_numpy()[unsure] == bodies[where[unsure]]
     counts = {
         "kept": int(same.sum()),
         "new": int(len(new_ids) - matched.sum()),
@@ -486,7 +516,7 @@ def _reconcile(
         return counts
     mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
     mapping[last_rows[same]] = where[same]
-    del old_ids, old_hashes, new_ids, new_hashes, where
+    del old_ids, old_hashes, old_inputs, new_ids, new_inputs, where
 
     number = max((_segment_number(p) for p in directory.glob("part-*.arrows")), default=0) + 1
     pending = directory / f"compact-{number:05d}.tmp"

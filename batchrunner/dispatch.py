@@ -69,7 +69,7 @@ class Dispatch:
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, return_exceptions=True)
                 for held in self.streak.release():  # a streak that did not trip: real results
-                    self._record(ckpt, held, row_hash=self._held_hashes.pop(id(held), None))
+                    self._record(ckpt, held, *self._held_hashes.pop(id(held), (None, None)))
 
     @contextlib.asynccontextmanager
     async def _checkpointing(self, ckpt: Checkpoint) -> AsyncIterator[None]:
@@ -170,7 +170,8 @@ class Dispatch:
             if self.stop_event.is_set():
                 return
             if answer is not None:
-                self._record(ckpt, self.cache.hit_result(row, answer), row_hash=row_hash)
+                self._record(ckpt, self.cache.hit_result(row, answer), row_hash=row_hash,
+                             input_hash=row.input_hash)
             else:
                 await queue.put(row)
 
@@ -183,7 +184,7 @@ class Dispatch:
             try:
                 result = await self._process(row)
                 if result is not None:
-                    self._record_answer(ckpt, result, row.body)
+                    self._record_answer(ckpt, result, row)
             except Exception:
                 self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
                 raise
@@ -246,11 +247,11 @@ class Dispatch:
 def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
     """Rows with no checkpointed result, built into requests, lazily and in input order."""
     skip = done.mask if len(done) else None
-    records = inputs.iter_records(config, columns=builder.columns, skip=skip)
-    # iter_records skips finished Parquet and CSV rows in bulk; JSONL rows are checked here.
+    records = inputs.iter_hashed_records(config, columns=builder.columns, skip=skip)
+    # Finished Parquet and CSV rows are skipped in bulk; JSONL rows are checked here.
     one_by_one = skip is not None and inputs.detect_format(config.input) == "jsonl"
-    for index, record, error in records:
-        row = builder.build(index, record, error)
+    for index, record, error, input_hash in records:
+        row = builder.build(index, record, error, input_hash)
         if one_by_one and done.contains(index, row.id):
             continue
         yield row

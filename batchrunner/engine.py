@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import inputs, preflight, storage
+from . import inputs, preflight, rowhash, storage
 from .cache import CacheSession, request_hash
 from .checkpoint import Checkpoint, checkpoint_dir
 from .client import Client
@@ -203,7 +203,8 @@ class _Run(Dispatch, RowProcessing, Recording):
         self.streak = preflight.FailureStreak()
         # id() of a failed Result -> its non-retryable failure, until the result is recorded
         self._failure_keys: dict[int, preflight.FailureKey] = {}
-        self._held_hashes: dict[int, int | None] = {}  # id() of a sent row's Result -> its hash
+        # id() of a sent row's Result -> the hashes of its body and of its input values
+        self._held_hashes: dict[int, tuple[int | None, int | None]] = {}
         self.config = config
         self.base_url = base_url
         self._api_key = api_key
@@ -269,7 +270,7 @@ class _Run(Dispatch, RowProcessing, Recording):
     ) -> RunReport:
         total = self.sweep.total if self.sweep is not None else info.rows  # output rows
         # A sweep's checkpoint is numbered by slot, not input row: no incremental remapping.
-        current = None if self.sweep is not None else (lambda: _current_rows(config, builder))
+        current = None if self.sweep is not None else ChangedInput(config, builder)
         with open_checkpoint(
             config.output, fingerprint, rows=total, restart=config.restart,
             current=current,
@@ -361,26 +362,75 @@ def _finished_before(output: Path) -> bool:
     return bool(manifest.get("finished")) and output.exists()
 
 
-def _current_rows(config: RunConfig, builder: RequestBuilder) -> tuple[Any, Any]:
-    """Every row's id and request hash (0 where it cannot be sent), for an incremental run."""
-    import numpy as np
-    import pyarrow as pa
+class ChangedInput:
+    """A changed input, as an incremental run compares it with the checkpoint (SPEC 8).
 
-    id_chunks: list[pa.Array] = []
-    hash_chunks: list[np.ndarray] = []
-    ids: list[str] = []
-    hashes: list[int] = []
-    for index, record, error in inputs.iter_records(config, columns=builder.columns):
-        row = builder.build(index, record, error)
-        ids.append(row.id)
-        hashes.append(0 if row.body is None else request_hash(row.body))
-        if len(ids) >= 65536:  # columnar as it goes: no million Python strings at once
-            id_chunks.append(pa.array(ids, pa.string()))
-            hash_chunks.append(np.array(hashes, dtype=np.int64))
-            ids, hashes = [], []
-    id_chunks.append(pa.array(ids, pa.string()))
-    hash_chunks.append(np.array(hashes, dtype=np.int64))
-    return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
+    `rows()` gives every row's id and the hash of its input values (`rowhash`), a batch at a
+    time without building a request; for a JSONL input those hashes are None (its lines are
+    parsed one by one anyway). `body_hashes(rows)` builds the requests of just those rows and
+    hashes them: the exact comparison, for the rows whose input values do not match.
+    """
+
+    def __init__(self, config: RunConfig, builder: RequestBuilder) -> None:
+        self.config = config
+        self.builder = builder
+
+    def rows(self) -> tuple[Any, Any]:
+        import numpy as np
+        import pyarrow as pa
+
+        if inputs.detect_format(self.config.input) == "jsonl":
+            ids = [self.builder.build(index, record, error).id for index, record, error
+                   in inputs.iter_records(self.config, columns=self.builder.columns)]
+            return pa.array(ids, pa.string()), None
+        id_chunks: list[pa.Array] = []
+        hash_chunks: list[np.ndarray] = []
+        start = 0
+        for table in inputs.iter_tables(self.config, batch_rows=16384):
+            columns = [c for c in self.builder.columns if c in table.column_names]
+            id_chunks.append(self._ids(table, start))
+            hash_chunks.append(rowhash.input_hashes(table, columns))
+            start += table.num_rows
+        return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
+
+    def _ids(self, table: Any, start: int) -> Any:
+        """The rows' ids by the builder's rule (a missing id is named by its row)."""
+        import numpy as np
+        import pyarrow as pa
+
+        id_column = self.builder._id_column
+        batch = table.combine_chunks().to_batches()
+        ids = inputs._batch_ids(batch[0] if batch else table, id_column, start)
+        if ids.null_count:
+            missing = np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))
+            values = ids.to_pylist()
+            for offset in missing.tolist():
+                values[offset] = self.builder._fallback_id(start + offset)
+            ids = pa.array(values, pa.string())
+        return ids
+
+    def body_hashes(self, wanted: Any) -> Any:
+        """For each current row where `wanted` is True, its request body's hash (0 when it
+        cannot be sent); 0 elsewhere."""
+        import numpy as np
+
+        hashes = np.zeros(len(wanted), dtype=np.int64)
+        if not wanted.any():
+            return hashes
+
+        def skip(ids: Any, first: int) -> Any:
+            return ~wanted[first:first + len(ids)]
+
+        fmt_skips = inputs.detect_format(self.config.input) != "jsonl"
+        records = inputs.iter_records(
+            self.config, columns=self.builder.columns, skip=skip if fmt_skips else None
+        )
+        for index, record, error in records:
+            if index >= len(wanted) or not wanted[index]:
+                continue
+            row = self.builder.build(index, record, error)
+            hashes[index] = 0 if row.body is None else request_hash(row.body)
+        return hashes
 
 
 def check_job(config: RunConfig) -> inputs.InputInfo:

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from .config import RunConfig
 from .errors import InputError
+from .rowhash import input_hashes
 
 __all__ = [
     "ColumnPlan",
@@ -675,12 +676,34 @@ def iter_records(
     run turns no finished row into Python objects (JSONL rows are parsed anyway: the caller
     filters them).
     """
+    for index, row, error, _hash in _records(config, columns, skip, hashed=False):
+        yield index, row, error
+
+
+def iter_hashed_records(
+    config: RunConfig,
+    columns: Sequence[str],
+    skip: Callable[[pa.Array, int], np.ndarray] | None = None,
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None, int | None]]:
+    """`iter_records`, each row with the hash of its values in `columns` (`rowhash`).
+
+    The hash is None for a JSONL input (whose lines are parsed one by one anyway).
+    """
+    return _records(config, columns, skip, hashed=True)
+
+
+def _records(
+    config: RunConfig,
+    columns: Sequence[str] | None,
+    skip: Callable[[pa.Array, int], np.ndarray] | None,
+    hashed: bool,
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None, int | None]]:
     path = Path(config.input)
     fmt = detect_format(path)
     limit = config.limit
     if fmt == "jsonl":
         for index, (obj, error, _size) in enumerate(_jsonl_lines(path, limit)):
-            yield index, obj, error
+            yield index, obj, error, None
         return
     all_columns = _arrow_columns(path, fmt)
     id_column = resolve_columns(config, all_columns).id_column if skip is not None else None
@@ -689,6 +712,7 @@ def iter_records(
     else:
         asked = set(columns) | ({id_column} if id_column else set())
         wanted = [name for name in all_columns if name in asked]
+    hash_columns = [name for name in columns or () if name in all_columns] if hashed else None
     if fmt == "parquet":
         pf = _open_parquet(path)
         batch_rows = _parquet_batch_rows(pf, _RECORD_BATCH_ROWS, _RECORD_BATCH_BYTES)
@@ -698,6 +722,7 @@ def iter_records(
     index = 0
     for batch in batches:
         count = batch.num_rows
+        positions: np.ndarray | None = None
         if skip is not None:
             keep = ~skip(_batch_ids(batch, id_column, index), index)
             if not keep.any():
@@ -705,19 +730,27 @@ def iter_records(
                 continue
             if not keep.all():
                 positions = np.flatnonzero(keep)
-                chosen = batch.take(pa.array(positions))
-                rows = chosen.to_pylist() if chosen.num_columns else [{} for _ in positions]
-                for offset, row in zip(positions.tolist(), rows):
-                    yield index + offset, row, None
-                index += count
-                continue
-        if wanted is not None and not wanted:
-            rows: list[dict[str, Any]] = [{} for _ in range(count)]
+        hashes: list[int] | None = None
+        if hash_columns is not None:
+            every = input_hashes(batch, hash_columns)
+            hashes = (every if positions is None else every[positions]).tolist()
+        if positions is not None:
+            chosen = batch.take(pa.array(positions))
+            rows = chosen.to_pylist() if chosen.num_columns else [{} for _ in positions]
+            numbers = (positions + index).tolist()
         else:
-            rows = batch.to_pylist()
-        for row in rows:
-            yield index, row, None
-            index += 1
+            if wanted is not None and not wanted:
+                rows = [{} for _ in range(count)]
+            else:
+                rows = batch.to_pylist()
+            numbers = range(index, index + count)
+        if hashes is None:
+            for number, row in zip(numbers, rows):
+                yield number, row, None, None
+        else:
+            for number, row, row_hash in zip(numbers, rows, hashes):
+                yield number, row, None, row_hash
+        index += count
 
 
 def _batch_ids(batch: pa.RecordBatch, id_column: str | None, start: int) -> pa.Array:

@@ -11,19 +11,15 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import pyarrow as pa
 
 from .errors import CheckpointMismatch, OutputLocked, UsageError
 from .resume import _Progress
 from .segments import _holds_results, _load
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, CurrentInput
 
 MANIFEST_VERSION = 1
 
@@ -45,7 +41,7 @@ class LockAndManifest:
         *,
         rows: int,
         restart: bool = False,
-        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
+        current: CurrentInput | None = None,
     ) -> Checkpoint:
         """Lock the output, check or write the manifest, and load what is done.
 
@@ -107,7 +103,7 @@ class LockAndManifest:
         self,
         fingerprint: dict[str, Any],
         rows: int,
-        current: Callable[[], tuple[pa.Array, np.ndarray]] | None = None,
+        current: CurrentInput | None = None,
     ) -> None:
         path = self.directory / "manifest.json"
         if path.exists():

@@ -18,7 +18,7 @@ from . import inputs
 from .cache import request_hash
 from .checkpoint import Checkpoint
 from .errors import AuthRefused, StorageError
-from .results import Result
+from .results import Result, Row
 from .runstate import EXIT_OK, EXIT_ROW_ERRORS, EXIT_STOPPED, EXIT_SYSTEMATIC, RunReport
 from .scoring import Metric, TableScorer, score_results
 
@@ -28,15 +28,16 @@ log = logging.getLogger("batchrunner.engine")
 class Recording:
     """`_Run`'s recording part: results into the checkpoint and tally; the end of the run."""
 
-    def _record_answer(
-        self, ckpt: Checkpoint, result: Result, body: dict[str, Any] | None = None
-    ) -> None:
+    def _record_answer(self, ckpt: Checkpoint, result: Result, row: Row | None = None) -> None:
         """Record a sent row's result, unless it extends a streak of identical failures."""
         key = self._failure_keys.pop(id(result), None)
-        self._held_hashes[id(result)] = None if body is None else request_hash(body)
+        if row is not None and row.body is not None:
+            self._held_hashes[id(result)] = (request_hash(row.body), row.input_hash)
+        else:
+            self._held_hashes[id(result)] = (None, None)
         was_tripped = self.streak.tripped
         for ready in self.streak.observe(result, key):
-            self._record(ckpt, ready, row_hash=self._held_hashes.pop(id(ready), None))
+            self._record(ckpt, ready, *self._held_hashes.pop(id(ready), (None, None)))
         if self.streak.tripped and not was_tripped:
             log.warning(
                 "stopping: the last %d answered rows all failed the same way: %s; "
@@ -48,12 +49,15 @@ class Recording:
         self,
         ckpt: Checkpoint,
         result: Result,
-        body: dict[str, Any] | None = None,
         row_hash: int | None = None,
+        input_hash: int | None = None,
+        *,
+        body: dict[str, Any] | None = None,
     ) -> None:
+        """Keep a result; `row_hash` is its body's (made from `body` when not given)."""
         if row_hash is None and body is not None:
             row_hash = request_hash(body)
-        ckpt.append(result, row_hash)
+        ckpt.append(result, row_hash, input_hash)
         self.gate.received()
         self.tally.add(result)
         # A write starts when half an interval waits: the other half may arrive while it is

@@ -91,10 +91,17 @@ class RequestBuilder:
         self._model_column = plan.model_column
         self._batch_api = plan.batch_api
 
-    def build(self, index: int, record: dict[str, Any] | None, error: str | None) -> Row:
+    def build(
+        self,
+        index: int,
+        record: dict[str, Any] | None,
+        error: str | None,
+        input_hash: int | None = None,
+    ) -> Row:
         """The request of row `index` (0-based), or a Row with the reason it has none.
 
-        `record` and `error` are as `iter_records` yields them: a row that could not be read
+        `record`, `error` and `input_hash` are as `iter_records` or `iter_hashed_records`
+        yield them: a row that could not be read
         has no record and its error is passed through.
         """
         if record is None:
@@ -117,7 +124,7 @@ class RequestBuilder:
                 body.update(self._params)
         except _RowProblem as problem:
             return Row(index, row_id, None, self._error(index, str(problem)))
-        return Row(index, row_id, body)
+        return Row(index, row_id, body, input_hash=input_hash)
 
     # --- the parts of a body ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ class Row:
     body: dict[str, Any] | None
     error: str | None = None
     sweep_model: str | None = None  # a sweep's model for a row that has no body
+    input_hash: int | None = None  # of the input values the body is built from (rowhash.py)
 
     @property
     def model(self) -> str | None:

@@ -56,8 +56,12 @@ _STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
 JSON_SCHEMA_METADATA = b"batchrunner.json_schema"  # a structured run's output records its schema
 
 # `_hash`: a hash of the row's request body (null for an input error), so that a row edited in
-# the input is told from one left alone (SPEC 8, incremental inputs).
-_SEGMENT_SCHEMA = pa.schema([("_row", pa.int64()), *RESULT_SCHEMA, ("_hash", pa.int64())])
+# the input is told from one left alone (SPEC 8, incremental inputs); `_ihash`: of the input
+# values the body was built from (rowhash.py; null for JSONL inputs and older checkpoints),
+# which tells most rows unchanged without building their bodies again.
+_SEGMENT_SCHEMA = pa.schema(
+    [("_row", pa.int64()), *RESULT_SCHEMA, ("_hash", pa.int64()), ("_ihash", pa.int64())]
+)
 
 _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
     [
@@ -71,18 +75,23 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
         ("cost_usd", pa.float64()),
         ("cache_hit", pa.bool_()),
         ("_hash", pa.int64()),
+        ("_ihash", pa.int64()),
     ]
 )
 
 
-def _summarize(batches: list[pa.RecordBatch]) -> pa.Table:
-    """The summary columns of some segment batches, copied out of them (so they can go)."""
+def _summarize(batches: list[pa.RecordBatch], names: Sequence[str] | None = None) -> pa.Table:
+    """The summary columns of some segment batches (or just `names` of them), copied out of
+    them (so they can go)."""
     table = pa.Table.from_batches(batches, _SEGMENT_SCHEMA)
+    schema = _SUMMARY_SCHEMA if names is None else pa.schema(
+        [_SUMMARY_SCHEMA.field(name) for name in names]
+    )
     columns = [
         pc.equal(table.column("status"), "ok") if name == "ok" else table.column(name)
-        for name in _SUMMARY_SCHEMA.names
+        for name in schema.names
     ]
-    summary = pa.Table.from_arrays(columns, schema=_SUMMARY_SCHEMA)
+    summary = pa.Table.from_arrays(columns, schema=schema)
     return summary.take(pa.array(np.arange(summary.num_rows), pa.int64()))
 
 
@@ -183,7 +192,7 @@ def _segment_layout(segment: Path) -> pa.Schema | None:
     try:
         with pa.OSFile(str(segment)) as source:
             schema = pa.ipc.read_schema(pa.ipc.read_message(source))
-    except (pa.ArrowInvalid, OSError):
+    except (pa.ArrowInvalid, OSError, EOFError):  # EOFError: killed before its schema was in
         return None
     return None if schema == _SEGMENT_SCHEMA else schema
 
@@ -194,8 +203,11 @@ def _segments(directory: Path, first: int = 0) -> list[Path]:
     return [p for p in found if _segment_number(p) >= first]
 
 
-def _load(directory: Path, first_segment: int = 0) -> _Loaded:
-    """Read every segment's row numbers, ids, statuses and usage; remember batch extents."""
+def _load(
+    directory: Path, first_segment: int = 0, names: Sequence[str] | None = None
+) -> _Loaded:
+    """Read every segment's row numbers, ids, statuses and usage (or just the summary columns
+    `names`); remember batch extents."""
     loaded = _Loaded()
     pieces: list[pa.Table] = []
     # Batches are summarised a few hundred at a time (cheaper per row), and never more than
@@ -214,12 +226,13 @@ def _load(directory: Path, first_segment: int = 0) -> _Loaded:
             pending.append(batch)
             pending_rows += batch.num_rows
             if len(pending) >= 256 or pending_rows >= 32_768:
-                pieces.append(_summarize(pending))
+                pieces.append(_summarize(pending, names))
                 pending, pending_rows = [], 0
     if pending:
-        pieces.append(_summarize(pending))
+        pieces.append(_summarize(pending, names))
     if pieces:
         loaded.summary = pa.concat_tables(pieces)
+    pa.default_memory_pool().release_unused()  # the segments' answers, read and let go
     return loaded
 
 
@@ -269,7 +282,9 @@ def _bools(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def results_to_batch(
-    results: Sequence[Result], hashes: Sequence[int | None] | None = None
+    results: Sequence[Result],
+    hashes: Sequence[int | None] | None = None,
+    input_hashes: Sequence[int | None] | None = None,
 ) -> pa.RecordBatch:
     """Results as one record batch of the segment schema (columnar, no per-cell objects)."""
     usages = [r.usage for r in results]
@@ -299,6 +314,7 @@ def results_to_batch(
         [r.reask_cost_usd for r in results],
         [r.refusal for r in results],
         list(hashes) if hashes is not None else [None] * len(results),
+        list(input_hashes) if input_hashes is not None else [None] * len(results),
     ]
     return pa.RecordBatch.from_arrays(
         [pa.array(values, type=f.type) for values, f in zip(columns, _SEGMENT_SCHEMA)],

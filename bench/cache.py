@@ -219,13 +219,15 @@ def section_lookup(args: argparse.Namespace) -> None:
 
 
 def incremental_template(path: Path, rows: int, base_url: str) -> Path:
-    """A checkpoint of `rows` ok results over `path`, with the request hashes a run records."""
+    """A checkpoint of `rows` ok results over `path`, with the hashes a run records (of each
+    request body and of its input values)."""
     import batchrunner
     from batchrunner import engine, inputs
     from batchrunner import checkpoint as checkpoint_module
     from batchrunner.checkpoint import Checkpoint, results_to_batch
     from batchrunner.requests import RequestBuilder
     from batchrunner.results import Result, Usage
+    import numpy as np
 
     output = RESULTS / "incremental-template" / "out.parquet"
     config = _config(path, base_url, output)
@@ -242,7 +244,9 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
     started = time.perf_counter()
     info = inputs.scan_input(config)
     builder = RequestBuilder(config, info.columns)
-    ids, hashes = engine._current_rows(config, builder)
+    current = engine.ChangedInput(config, builder)
+    ids, input_hashes = current.rows()  # what a run records of each row, as a run computes it
+    hashes = current.body_hashes(np.ones(len(ids), dtype=bool))
     ids = ids.to_pylist()
     prices = batchrunner.PriceTable.load(None)
     usage = Usage(prompt_tokens=21, completion_tokens=13, total_tokens=34, cached_tokens=0)
@@ -260,7 +264,8 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
                        response_id=f"chatcmpl-inc{i:x}")
                 for i in range(start, stop)
             ]
-            ckpt.write_batch(results_to_batch(results, hashes[start:stop].tolist()))
+            ckpt.write_batch(results_to_batch(results, hashes[start:stop].tolist(),
+                                              input_hashes[start:stop].tolist()))
     finally:
         ckpt.close()
     marker.write_text(key)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -34,6 +35,8 @@ def rows(n: int, start: int = 0) -> list[dict[str, Any]]:
 def write(path: Path, records: list[dict[str, Any]]) -> Path:
     if path.suffix == ".parquet":
         pq.write_table(pa.Table.from_pylist(records), path)
+    elif path.suffix == ".csv":
+        pacsv.write_csv(pa.Table.from_pylist(records), path)
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -46,7 +49,7 @@ def go(source: Path, output: Path, base_url: str, **settings: Any):  # type: ign
     return report, pq.read_table(output).to_pylist()
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
 def test_added_edited_and_removed_rows(tmp_path: Path, gateway, suffix: str,  # type: ignore[no-untyped-def]
                                        caplog: pytest.LogCaptureFixture) -> None:
     source, output = tmp_path / f"in{suffix}", tmp_path / "out.parquet"
@@ -167,3 +170,64 @@ def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None
     # No rewrite: the first session's segment is still there, the new rows in a segment of their own.
     now = sorted(p.name for p in checkpoint_dir(output).glob("part-*.arrows"))
     assert now[: len(segments)] == segments and len(now) == len(segments) + 1
+
+
+def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row numbers RequestBuilder.build is asked for, from now on."""
+    from batchrunner.requests import RequestBuilder
+
+    built: list[int] = []
+    original = RequestBuilder.build
+
+    def build(self, index, record, error, input_hash=None):  # type: ignore[no-untyped-def]
+        built.append(index)
+        return original(self, index, record, error, input_hash)
+
+    monkeypatch.setattr(RequestBuilder, "build", build)
+    return built
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_unchanged_rows_are_told_by_their_values_without_building_them(
+    tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch, suffix: str  # type: ignore[no-untyped-def]
+) -> None:
+    source, output = tmp_path / f"in{suffix}", tmp_path / "out.parquet"
+    first = rows(40)
+    write(source, first)
+    go(source, output, gateway.base_url)
+    edited = [dict(r) for r in first] + rows(5, 40)
+    edited[7]["prompt"] = "An edited question: why is grass green?"
+    write(source, edited)
+    built = count_builds(monkeypatch)
+    gateway.stats.reset()
+    report, after = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 6 and report.exit_code == 0
+    # Built: the edited row twice (compared, then sent) and the five new ones, nothing else.
+    assert sorted(built) == [7, 7, 40, 41, 42, 43, 44]
+    assert after[7]["prompt"] == edited[7]["prompt"]
+
+
+def test_a_checkpoint_without_input_hashes_is_compared_by_its_bodies(
+    tmp_path: Path, gateway  # type: ignore[no-untyped-def]
+) -> None:
+    """A checkpoint of an older version (no `_ihash` column): nothing paid for is sent again."""
+    from batchrunner.checkpoint import checkpoint_dir
+
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    first = rows(30)
+    write(source, first)
+    _, before = go(source, output, gateway.base_url)
+    for segment in checkpoint_dir(output).glob("part-*.arrows"):  # rewritten as the old layout
+        table = pa.ipc.open_stream(segment.read_bytes()).read_all().drop_columns(["_ihash"])
+        with pa.OSFile(str(segment), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
+            out.write_table(table)
+    edited = [dict(r) for r in first] + rows(3, 30)
+    edited[2]["prompt"] = "An edited question: what is a prime?"
+    write(source, edited)
+    gateway.stats.reset()
+    report, after = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 3 + 1 and report.exit_code == 0
+    kept = [r for r in after[:30] if r["id"] != "q0002"]
+    assert [r["response_id"] for r in kept] == [
+        r["response_id"] for r in before if r["id"] != "q0002"
+    ]

@@ -264,7 +264,7 @@ class RayRun(_Run):
                     results, outcome = self._block_result(future)
                     bodies = {row.index: row.body for row in block}
                     for result in results:  # with its body's hash, as the local engine does
-                        self._record(ckpt, result, bodies[result.index])
+                        self._record(ckpt, result, body=bodies[result.index])
                     self.tally.sent += outcome.sent
                     if left is not None:
                         left += max(0.0, allowance - outcome.cost_usd)
