@@ -6,6 +6,7 @@ usage and cost) and `DoneState`, the part of `Checkpoint` that answers "what is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,11 @@ class DoneSet:
         return done
 
 
-_OK_STATUS = pa.scalar("ok")
-_NO_COST = pa.scalar(None, pa.float64())
+@functools.cache
+def _scalar(value: Any, kind: pa.DataType) -> pa.Scalar:
+    """An Arrow scalar made once (each compute call would convert a Python one again); not
+    at import, where making one imports pandas."""
+    return pa.scalar(value, kind)
 
 
 class _Progress:
@@ -90,7 +94,8 @@ class _Progress:
     def add(self, batch: pa.RecordBatch) -> None:
         """Count a batch of new results (segment schema)."""
         rows = batch.column("_row").to_numpy()
-        ok = pc.equal(batch.column("status"), _OK_STATUS).to_numpy(zero_copy_only=False)
+        ok = pc.equal(batch.column("status"), _scalar("ok", pa.string()))
+        ok = ok.to_numpy(zero_copy_only=False)
         inside = rows < self.rows
         self.state[rows[inside]] = np.where(ok[inside], self._OK, self._ERROR)
         self._add_sums(batch)
@@ -108,7 +113,7 @@ class _Progress:
         if pc.any(hit).as_py():
             hit = hit.fill_null(False)
             self.hits += pc.sum(hit).as_py() or 0
-            self.reused += pc.sum(pc.if_else(hit, cost, _NO_COST)).as_py() or 0.0
+            self.reused += pc.sum(pc.if_else(hit, cost, _scalar(None, pa.float64()))).as_py() or 0.0
 
     def complete(self, rows: int) -> bool:
         """True when each of the first `rows` rows has a result."""
