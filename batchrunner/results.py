@@ -51,7 +51,10 @@ class Usage:
         )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though read-only by intent: one is made for every row, and a frozen dataclass's
+# __init__ (22 fields, each set through object.__setattr__) costs 4x as much. It still hashes
+# and compares by value.
+@dataclass(slots=True, unsafe_hash=True)
 class Result:
     """The outcome of one row: what SPEC section 7 writes, less the carried input columns."""
 
