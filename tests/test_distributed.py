@@ -225,8 +225,10 @@ def test_a_killed_actor_costs_a_retry_of_its_block_and_loses_nothing(
 
 def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "BR_KEY_A": KEY_A}
+    # 60 ms a request, 8 in flight: ~130 rows/s, so the kill below lands seconds before the
+    # end even when each `status` poll (a process of its own) takes a second on a busy machine.
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "gateway", "--port", "0", "--latency-ms", "20"],
+        [sys.executable, "-m", "batchrunner", "gateway", "--port", "0", "--latency-ms", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
