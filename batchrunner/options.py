@@ -338,7 +338,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("deadline", ("--deadline",), _deadline,
            help="Stop sending at a time: '45m', '2h', '06:00'."),
     Option("checkpoint_every", ("--checkpoint-every",), _integer(minimum=1), "int",
-           help="Rows per checkpoint write [100]."),
+           help="Answers that may wait for a checkpoint write [100] (a write starts at half)."),
     Option("base_url", ("--base-url",), _url,
            help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL]."),
     Option("api_key_env", ("--api-key-env",), _env_name, metavar="NAME",

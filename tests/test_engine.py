@@ -281,3 +281,31 @@ def test_local_runs_against_the_built_in_gateway(tmp_path: Path, monkeypatch) ->
     monkeypatch.delenv("RU_LLM_API_KEY")
     report, out = go(tmp_path, "http://127.0.0.1:9/v1", prompts(6), local=True)
     assert report.exit_code == 0 and len(out) == 6
+
+
+def test_collections_are_rarer_during_a_run_and_put_back_after(
+    tmp_path: Path, gateway  # type: ignore[no-untyped-def]
+) -> None:
+    import gc
+
+    from batchrunner.engine import YOUNG_GC_THRESHOLD
+
+    seen: list[int] = []
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+        config = RunConfig(input=source, output=tmp_path / "out.parquet",
+                           base_url=gateway.base_url, model="gpt-4o-mini")
+        report = run(config, handle_signals=False,
+                     on_result=lambda result, tally: seen.append(gc.get_threshold()[0]))
+        assert report.exit_code == 0
+        assert seen == [YOUNG_GC_THRESHOLD] * 3
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(0)  # a program that turned collection off keeps it off
+        seen.clear()
+        run(config.replace(output=tmp_path / "again.parquet"), handle_signals=False,
+            on_result=lambda result, tally: seen.append(gc.get_threshold()[0]))
+        assert seen == [0] * 3 and gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
