@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import jsonschema.exceptions
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -110,7 +108,9 @@ class Schema:
         except ValueError as exc:
             cut = " (cut at max_tokens)" if finish_reason == "length" else ""
             return Check(error=f"schema: not JSON{cut}: {_short(str(exc))}")
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+        from jsonschema.exceptions import best_match  # imported once a run has a schema
+
+        error = best_match(self._validator.iter_errors(value))
         if error is not None:
             where = json_path(error.absolute_path)
             return Check(error=f"schema: {where}: {_short(error.message)}")
@@ -172,6 +172,9 @@ def load_schema(source: Path | str | Mapping[str, Any], *, where: str | None = N
 @functools.lru_cache(maxsize=16)
 def _checked_validator(text: str) -> Any:
     """A validator for the schema in `text` (check_schema is slow: a run loads it thrice)."""
+    # jsonschema is imported here, when a run has a schema: at the top it cost every run 0.1 s.
+    import jsonschema
+
     document = json.loads(text)
     validator_class = jsonschema.validators.validator_for(
         document, default=jsonschema.Draft202012Validator
@@ -181,9 +184,11 @@ def _checked_validator(text: str) -> Any:
 
 
 def _validator(document: dict[str, Any], label: str) -> Any:
+    from jsonschema.exceptions import SchemaError
+
     try:
         return _checked_validator(json.dumps(document, sort_keys=True, default=str))
-    except jsonschema.exceptions.SchemaError as exc:
+    except SchemaError as exc:
         at = json_path(exc.absolute_path)
         raise UsageError(
             f"{label}: not a valid JSON Schema: at {at}: {_short(exc.message)}"
