@@ -464,7 +464,7 @@ def _reconcile(
 ) -> dict[str, int]:
     """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
 
-    `current` is the new input (`engine.CurrentInput`): its ids and input-value hashes, and
+    `current` is the new input (`engine.ChangedInput`): its ids and input-value hashes, and
     the body hashes of the rows whose values do not match (0 for a row that cannot be
     sent). The kept results are rewritten, renumbered, into one new segment, written and
     fsynced under a temporary name; the manifest (the new input, and that older segments are

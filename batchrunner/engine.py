@@ -367,53 +367,56 @@ class ChangedInput:
 
     `rows()` gives every row's id and the hash of its input values (`rowhash`), a batch at a
     time without building a request; for a JSONL input those hashes are None (its lines are
-    parsed one by one anyway). `body_hashes(rows)` builds the requests of just those rows and
-    hashes them: the exact comparison, for the rows whose input values do not match.
+    parsed one by one anyway, and its bodies are hashed in the same pass). `body_hashes(rows)`
+    builds the requests of just those rows and hashes them: the exact comparison, for the
+    rows whose input values do not match.
     """
 
     def __init__(self, config: RunConfig, builder: RequestBuilder) -> None:
         self.config = config
         self.builder = builder
+        self._bodies: Any = None  # a JSONL input's body hashes, from the pass of `rows`
 
     def rows(self) -> tuple[Any, Any]:
         import numpy as np
         import pyarrow as pa
 
         if inputs.detect_format(self.config.input) == "jsonl":
-            ids = [self.builder.build(index, record, error).id for index, record, error
-                   in inputs.iter_records(self.config, columns=self.builder.columns)]
+            ids, bodies = [], []
+            for index, record, error in inputs.iter_records(
+                self.config, columns=self.builder.columns
+            ):
+                row = self.builder.build(index, record, error)
+                ids.append(row.id)
+                bodies.append(0 if row.body is None else request_hash(row.body))
+            self._bodies = np.array(bodies, dtype=np.int64)
             return pa.array(ids, pa.string()), None
-        id_chunks: list[pa.Array] = []
-        hash_chunks: list[np.ndarray] = []
+        id_chunks: list[pa.Array] = [pa.array([], pa.string())]
+        hash_chunks: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
         start = 0
         for table in inputs.iter_tables(self.config, batch_rows=16384):
-            columns = [c for c in self.builder.columns if c in table.column_names]
-            id_chunks.append(self._ids(table, start))
-            hash_chunks.append(rowhash.input_hashes(table, columns))
-            start += table.num_rows
+            if not table.num_rows:
+                continue
+            batch = table.combine_chunks().to_batches()[0]
+            columns = [c for c in self.builder.columns if c in batch.schema.names]
+            id_chunks.append(self._ids(batch, start))
+            hash_chunks.append(rowhash.input_hashes(batch, columns))
+            start += batch.num_rows
         return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
 
-    def _ids(self, table: Any, start: int) -> Any:
-        """The rows' ids by the builder's rule (a missing id is named by its row)."""
-        import numpy as np
+    def _ids(self, batch: Any, start: int) -> Any:
+        """The rows' ids as text, by the builder's rule (the scan refused missing ones)."""
         import pyarrow as pa
 
-        id_column = self.builder._id_column
-        batch = table.combine_chunks().to_batches()
-        ids = inputs._batch_ids(batch[0] if batch else table, id_column, start)
-        if ids.null_count:
-            missing = np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))
-            values = ids.to_pylist()
-            for offset in missing.tolist():
-                values[offset] = self.builder._fallback_id(start + offset)
-            ids = pa.array(values, pa.string())
-        return ids
+        return inputs._batch_ids(batch, self.builder._id_column, start).cast(pa.string())
 
     def body_hashes(self, wanted: Any) -> Any:
         """For each current row where `wanted` is True, its request body's hash (0 when it
         cannot be sent); 0 elsewhere."""
         import numpy as np
 
+        if self._bodies is not None:
+            return np.where(wanted, self._bodies, 0)
         hashes = np.zeros(len(wanted), dtype=np.int64)
         if not wanted.any():
             return hashes
@@ -421,15 +424,12 @@ class ChangedInput:
         def skip(ids: Any, first: int) -> Any:
             return ~wanted[first:first + len(ids)]
 
-        fmt_skips = inputs.detect_format(self.config.input) != "jsonl"
-        records = inputs.iter_records(
-            self.config, columns=self.builder.columns, skip=skip if fmt_skips else None
-        )
-        for index, record, error in records:
-            if index >= len(wanted) or not wanted[index]:
-                continue
-            row = self.builder.build(index, record, error)
-            hashes[index] = 0 if row.body is None else request_hash(row.body)
+        for index, record, error in inputs.iter_records(
+            self.config, columns=self.builder.columns, skip=skip
+        ):
+            if index < len(wanted) and wanted[index]:
+                row = self.builder.build(index, record, error)
+                hashes[index] = 0 if row.body is None else request_hash(row.body)
         return hashes
 
 

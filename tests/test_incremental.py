@@ -231,3 +231,17 @@ def test_a_checkpoint_without_input_hashes_is_compared_by_its_bodies(
     assert [r["response_id"] for r in kept] == [
         r["response_id"] for r in before if r["id"] != "q0002"
     ]
+
+
+def test_integer_ids_match_across_runs(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    ids = pa.array([101, 102, 103, 104], pa.int32())
+    prompts = [f"Question {i}: why?" for i in range(4)]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), source)
+    _, before = go(source, output, gateway.base_url)
+    pq.write_table(pa.table({"id": pa.array([101, 102, 103, 104, 105], pa.int64()),
+                             "prompt": [*prompts, "Question 4: why?"]}), source)
+    gateway.stats.reset()
+    _, after = go(source, output, gateway.base_url)
+    assert gateway.stats.requests == 1
+    assert [r["response_id"] for r in after[:4]] == [r["response_id"] for r in before]
