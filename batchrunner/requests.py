@@ -101,8 +101,7 @@ class RequestBuilder:
         """The request of row `index` (0-based), or a Row with the reason it has none.
 
         `record`, `error` and `input_hash` are as `iter_records` or `iter_hashed_records`
-        yield them: a row that could not be read
-        has no record and its error is passed through.
+        yield them: a row that could not be read has no record and its error is passed through.
         """
         if record is None:
             error = error or self._error(index, "the row cannot be read")

@@ -101,8 +101,8 @@ class _Progress:
         self._add_sums(batch)
 
     def _add_sums(self, table: pa.Table | pa.RecordBatch) -> None:
-        # Once per checkpoint write, on the run's event loop: a few compute calls, no Python
-        # scalars converted on each call (that was most of their cost).
+        # Once per checkpoint write: a few compute calls, no Python scalar converted on each
+        # call (that was most of their cost).
         for name in self._SUMS:
             self.sums[name] += pc.sum(table.column(name)).as_py() or 0
         cost = table.column("cost_usd")
@@ -113,7 +113,8 @@ class _Progress:
         if pc.any(hit).as_py():
             hit = hit.fill_null(False)
             self.hits += pc.sum(hit).as_py() or 0
-            self.reused += pc.sum(pc.if_else(hit, cost, _scalar(None, pa.float64()))).as_py() or 0.0
+            reused = pc.if_else(hit, cost, _scalar(None, pa.float64()))
+            self.reused += pc.sum(reused).as_py() or 0.0
 
     def complete(self, rows: int) -> bool:
         """True when each of the first `rows` rows has a result."""

@@ -6,10 +6,10 @@ values hash the same as when its result was made has the same body. The checkpoi
 hash beside the body's own (`_ihash` and `_hash`), and an incremental run (SPEC 8) compares it
 for every row without building a single request: only the rows whose values changed have their
 bodies built and compared. Computed over Arrow batches, vectorised (pandas' SipHash of each
-column, mixed across columns), so it is the same for a Parquet or a CSV input whatever the
-batch sizes. A value whose hash changes for another reason (a newer pandas, a column stored
-with another type) only sends that row down the slower, exact path: it is never taken as an
-edit on its own.
+column, mixed across columns): the same whatever the batch sizes, chunks, dictionary encoding
+or integer and string widths. A value whose hash changes for another reason (a newer pandas, a
+column now stored as floats) only sends that row down the slower, exact path: it is never
+taken as an edit on its own.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _column_hash(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
             dtype=object,
         )
         tag = _KINDS["json"]
-    from pandas.util import hash_array  # here: importing pandas costs 0.4 s, and few runs hash
+    from pandas.util import hash_array  # here, not at import: `status` and `--help` need no pandas
 
     with np.errstate(over="ignore"):
         hashed = hash_array(values, categorize=False) * _MULTIPLIER ^ tag
