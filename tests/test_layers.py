@@ -28,6 +28,18 @@ def test_importing_the_engine_does_not_import_the_simulator() -> None:
     assert done.stdout.strip() == "False"
 
 
+def test_the_command_line_starts_without_pandas_or_jsonschema() -> None:
+    """Each costs a tenth of a second or more to import: `status`, `--help` and runs without a
+    schema need neither (a module-level `pa.scalar` once pulled pandas in)."""
+    code = (
+        "import sys, batchrunner.cli, batchrunner.engine\n"
+        "print(sorted(m for m in ('pandas', 'jsonschema') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=PACKAGE.parent, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_local_endpoint_starts_the_simulator_only_when_asked() -> None:
     async def main() -> tuple[str, str]:
         async with local.endpoint(True) as (url, key):
