@@ -391,24 +391,14 @@ class ChangedInput:
                 bodies.append(0 if row.body is None else request_hash(row.body))
             self._bodies = np.array(bodies, dtype=np.int64)
             return pa.array(ids, pa.string()), None
+        # Only the columns the requests read, and the ids (the scan refused missing ones).
         id_chunks: list[pa.Array] = [pa.array([], pa.string())]
         hash_chunks: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-        start = 0
-        for table in inputs.iter_tables(self.config, batch_rows=16384):
-            if not table.num_rows:
-                continue
-            batch = table.combine_chunks().to_batches()[0]
+        for batch, ids in inputs.iter_column_batches(self.config, self.builder.columns):
             columns = [c for c in self.builder.columns if c in batch.schema.names]
-            id_chunks.append(self._ids(batch, start))
+            id_chunks.append(ids)
             hash_chunks.append(rowhash.input_hashes(batch, columns))
-            start += batch.num_rows
         return pa.concat_arrays(id_chunks), np.concatenate(hash_chunks)
-
-    def _ids(self, batch: Any, start: int) -> Any:
-        """The rows' ids as text, by the builder's rule (the scan refused missing ones)."""
-        import pyarrow as pa
-
-        return inputs._batch_ids(batch, self.builder._id_column, start).cast(pa.string())
 
     def body_hashes(self, wanted: Any) -> Any:
         """For each current row where `wanted` is True, its request body's hash (0 when it

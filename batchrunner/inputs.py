@@ -49,6 +49,8 @@ __all__ = [
     "detect_format",
     "fingerprint_input",
     "id_text",
+    "iter_column_batches",
+    "iter_hashed_records",
     "iter_records",
     "iter_tables",
     "resolve_columns",
@@ -713,14 +715,8 @@ def _records(
         asked = set(columns) | ({id_column} if id_column else set())
         wanted = [name for name in all_columns if name in asked]
     hash_columns = [name for name in columns or () if name in all_columns] if hashed else None
-    if fmt == "parquet":
-        pf = _open_parquet(path)
-        batch_rows = _parquet_batch_rows(pf, _RECORD_BATCH_ROWS, _RECORD_BATCH_BYTES)
-        batches = _parquet_batches(path, pf, wanted, batch_rows, limit)
-    else:
-        batches = _csv_batches(path, all_columns, wanted, limit)
     index = 0
-    for batch in batches:
+    for batch in _record_batches(path, fmt, all_columns, wanted, limit):
         count = batch.num_rows
         positions: np.ndarray | None = None
         if skip is not None:
@@ -751,6 +747,34 @@ def _records(
             for number, row, row_hash in zip(numbers, rows, hashes):
                 yield number, row, None, row_hash
         index += count
+
+
+def iter_column_batches(
+    config: RunConfig, columns: Sequence[str]
+) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+    """A Parquet or CSV input's rows a record batch at a time, just `columns` (those present),
+    each batch with its rows' ids as text (the rule of `id_text`)."""
+    path = Path(config.input)
+    fmt = detect_format(path)
+    all_columns = _arrow_columns(path, fmt)
+    id_column = resolve_columns(config, all_columns).id_column
+    asked = set(columns) | ({id_column} if id_column else set())
+    wanted = [name for name in all_columns if name in asked]
+    start = 0
+    for batch in _record_batches(path, fmt, all_columns, wanted, config.limit):
+        yield batch, _batch_ids(batch, id_column, start).cast(pa.string())
+        start += batch.num_rows
+
+
+def _record_batches(
+    path: Path, fmt: str, all_columns: Sequence[str], wanted: list[str] | None, limit: int | None
+) -> Iterator[pa.RecordBatch]:
+    """The record batches `iter_records` turns into rows (Parquet or CSV)."""
+    if fmt == "parquet":
+        pf = _open_parquet(path)
+        batch_rows = _parquet_batch_rows(pf, _RECORD_BATCH_ROWS, _RECORD_BATCH_BYTES)
+        return _parquet_batches(path, pf, wanted, batch_rows, limit)
+    return _csv_batches(path, all_columns, wanted, limit)
 
 
 def _batch_ids(batch: pa.RecordBatch, id_column: str | None, start: int) -> pa.Array:
