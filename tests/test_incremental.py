@@ -140,7 +140,7 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
     cmd = [sys.executable, "-m", "batchrunner", "run", "-i", str(source), "-o", str(output),
            "-m", "gpt-4o-mini", "--base-url", gw.base_url, "-q"]
     gw.stats.reset()
-    for delay in (0.8, 1.2, 1.6, 2.0):  # around start-up and the rewrite of the checkpoint
+    for delay in (0.5, 0.65, 0.8, 1.2):  # around start-up and the rewrite of the checkpoint
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
@@ -152,8 +152,10 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
     for row in after:
         if row["id"] in kept_ids:
             assert row["response_id"] == kept_ids[row["id"]]  # kept, never sent again
-    # What was sent: the 200 new rows, and at most those in flight at each kill again.
-    assert 200 <= gw.stats.requests <= 200 + 4 * 16
+    # What was sent: the 200 new rows, and again at most what SPEC 8 allows a SIGKILL to lose
+    # each time: the requests in flight (16) plus one checkpoint interval (100). The fold is
+    # fast now, so most kills land while the new rows are being sent, not during the rewrite.
+    assert 200 <= gw.stats.requests <= 200 + 4 * (16 + 100)
 
 
 def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
