@@ -48,6 +48,11 @@ RESULT_SCHEMA = pa.schema(
         ("reasks", pa.int32()),
         ("reask_cost_usd", pa.float64()),
         ("refusal", pa.string()),  # the first choice's message.refusal
+        # an answer kept whole: tool calls and logprobs (JSON text), reasoning tokens
+        ("tool_calls", pa.string()),
+        ("reasoning_tokens", pa.int64()),
+        ("logprobs", pa.string()),
+        ("choices_tool_calls", pa.list_(pa.string())),
     ]
 )
 
@@ -313,6 +318,10 @@ def results_to_batch(
         [r.reasks for r in results],
         [r.reask_cost_usd for r in results],
         [r.refusal for r in results],
+        [r.tool_calls for r in results],
+        [u.reasoning_tokens for u in usages],
+        [r.logprobs for r in results],
+        [None if r.choices_tool_calls is None else list(r.choices_tool_calls) for r in results],
         list(hashes) if hashes is not None else [None] * len(results),
         list(input_hashes) if input_hashes is not None else [None] * len(results),
     ]
