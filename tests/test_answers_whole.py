@@ -291,8 +291,9 @@ def run_tools(tmp_path: Path, base_url: str, name: str = "out.parquet", **settin
              "Marie Curie, Warsaw, 1867"])
     ))
     settings.setdefault("params", {"tools": [EXTRACT], "tool_choice": NAMED})
+    settings.setdefault("model", "gpt-4o-mini")
     config = RunConfig(input=source, output=tmp_path / name, base_url=base_url,
-                       model="gpt-4o-mini", template="Who is this? {text}", **settings)
+                       template="Who is this? {text}", **settings)
     report = run(config, handle_signals=False)
     return report, config.output
 
@@ -330,3 +331,59 @@ def test_the_cache_and_every_output_format_keep_the_answer_whole(
             assert after["cache_hit"]
             for column in ("tool_calls", "logprobs", "reasoning_tokens", "prompt_tokens"):
                 assert after[column] == before[column], (name, column)
+
+
+def test_batch_api_export_puts_them_where_the_batch_api_has_them(
+    tmp_path: Path, gateway: Any
+) -> None:
+    import io
+
+    from batchrunner.export import export_results
+
+    params = {"tools": [EXTRACT], "tool_choice": NAMED, "n": 2}
+    _, output = run_tools(tmp_path, gateway.base_url, params=params)
+    out = io.BytesIO()
+    export_results(output, "batch-api", stream=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    rows = pq.read_table(output).to_pylist()
+    for line, row in zip(lines, rows, strict=True):
+        body = line["response"]["body"]
+        openapi_schema.validate(body, "CreateChatCompletionResponse")
+        assert [c["message"]["tool_calls"] for c in body["choices"]] == [
+            json.loads(text) for text in row["choices_tool_calls"]]
+        assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    _, scored = run_tools(tmp_path, gateway.base_url, "scored.parquet", model="o4-mini",
+                          params={"logprobs": True})
+    out = io.BytesIO()
+    export_results(scored, "batch-api", stream=out)
+    rows = pq.read_table(scored).to_pylist()
+    for text, row in zip(out.getvalue().splitlines(), rows, strict=True):
+        body = json.loads(text)["response"]["body"]
+        openapi_schema.validate(body, "CreateChatCompletionResponse")
+        assert body["choices"][0]["logprobs"] == json.loads(row["logprobs"])
+        assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == (
+            row["reasoning_tokens"]) > 0
+
+
+def test_json_schema_checks_the_named_functions_arguments(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    schema = tmp_path / "person.schema.json"
+    schema.write_text(json.dumps(EXTRACT["function"]["parameters"]))
+    gateway = start_gateway(invalid_json_rate=0.0)
+    report, output = run_tools(tmp_path, gateway.base_url, json_schema=schema)
+    assert report.exit_code == 0
+    for row in pq.read_table(output).to_pylist():
+        assert row["status"] == "ok" and row["content"] is None and row["reasks"] == 0
+        (call,) = json.loads(row["tool_calls"])
+        assert json.loads(row["parsed"]) == json.loads(call["function"]["arguments"])
+    # A schema the arguments do not meet: re-asked, then a schema error naming the path.
+    strict = tmp_path / "strict.schema.json"
+    strict.write_text(json.dumps({**EXTRACT["function"]["parameters"],
+                                  "properties": {**EXTRACT["function"]["parameters"]["properties"],
+                                                 "born": {"type": "integer", "maximum": 10}}}))
+    report, output = run_tools(tmp_path, gateway.base_url, "strict.parquet", json_schema=strict,
+                               invalid_retries=1)
+    for row in pq.read_table(output).to_pylist():
+        assert row["status"] == "error" and row["error"].startswith("schema: $.born: ")
+        assert row["attempts"] == 2 and row["reasks"] == 1 and row["tool_calls"]
