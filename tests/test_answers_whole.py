@@ -387,3 +387,37 @@ def test_json_schema_checks_the_named_functions_arguments(
     for row in pq.read_table(output).to_pylist():
         assert row["status"] == "error" and row["error"].startswith("schema: $.born: ")
         assert row["attempts"] == 2 and row["reasks"] == 1 and row["tool_calls"]
+
+
+def test_summary_and_status_show_reasoning_and_the_rows_it_left_empty(
+    tmp_path: Path, gateway: Any
+) -> None:
+    from click.testing import CliRunner
+
+    from batchrunner import summarize
+    from batchrunner.cli import main
+
+    # max_tokens 100: o4-mini reasons 64-255 tokens, so some rows end before any answer.
+    report, output = run_tools(tmp_path, gateway.base_url, model="o4-mini",
+                               params={"max_completion_tokens": 100})
+    rows = pq.read_table(output).to_pylist()
+    empty = [r for r in rows if r["finish_reason"] == "length" and not r["content"]]
+    assert report.exit_code == 0 and all(r["status"] == "ok" for r in rows)
+    assert empty and all(r["reasoning_tokens"] == r["completion_tokens"] == 100 for r in empty)
+    summary = summarize([output])
+    (group,) = summary.groups
+    assert group.reasoning_tokens == sum(r["reasoning_tokens"] for r in rows)
+    assert group.reasoning_cut_rows == len(empty)
+    assert group.reasoning_share == group.reasoning_tokens / group.completion_tokens
+    table = CliRunner().invoke(main, ["summary", str(output)])
+    assert table.exit_code == 0
+    assert "reasoning" in table.output.splitlines()[0]  # the column beside completion
+    assert f"o4-mini {group.reasoning_share:.0%}" in table.output
+    assert f"{len(empty)} row" in table.output and "max_completion_tokens" in table.output
+    status = CliRunner().invoke(main, ["status", str(output)])
+    assert status.exit_code == 0, status.output
+    assert f"{group.reasoning_tokens:,}" in status.output
+    assert "max_completion_tokens" in status.output
+    # a model that does not reason: no column, no note
+    _, plain = run_tools(tmp_path, gateway.base_url, "plain.parquet", params={})
+    assert "reasoning" not in CliRunner().invoke(main, ["summary", str(plain)]).output
