@@ -10,6 +10,7 @@ aioresponses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -421,3 +422,24 @@ def test_summary_and_status_show_reasoning_and_the_rows_it_left_empty(
     # a model that does not reason: no column, no note
     _, plain = run_tools(tmp_path, gateway.base_url, "plain.parquet", params={})
     assert "reasoning" not in CliRunner().invoke(main, ["summary", str(plain)]).output
+
+
+def test_the_viewer_shows_a_rows_tool_calls(tmp_path: Path, gateway: Any) -> None:
+    import test_viewer as viewer
+
+    _, output = run_tools(tmp_path, gateway.base_url)
+    row = pq.read_table(output).to_pylist()[1]
+    (call,) = json.loads(row["tool_calls"])
+    process, url = viewer._start_view(str(output))
+    try:
+        with contextlib.contextmanager(viewer.browser.__wrapped__)() as browser:
+            viewer._open(browser, url)
+            browser.find_elements("css selector", "#rows tbody tr")[1].click()
+            viewer._wait_for(lambda: browser.find_element("id", "detail").is_displayed())
+            viewer._settle(browser)
+            assert viewer._text(browser, "#detail-answer") == "(no text: the model called a tool)"
+            assert viewer._column(browser, "#detail-tools .role") == ["record_person"]
+            shown = viewer._text(browser, "#detail-tools pre")
+            assert json.loads(shown) == json.loads(call["function"]["arguments"])
+    finally:
+        viewer._stop(process)
