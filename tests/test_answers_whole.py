@@ -443,3 +443,18 @@ def test_the_viewer_shows_a_rows_tool_calls(tmp_path: Path, gateway: Any) -> Non
             assert json.loads(shown) == json.loads(call["function"]["arguments"])
     finally:
         viewer._stop(process)
+
+
+def test_the_tools_sample_job_runs_locally(tmp_path: Path) -> None:
+    from batchrunner.jobs import build_config, load_job
+
+    repo = Path(__file__).resolve().parents[1]
+    job = load_job(repo / "jobs" / "extract-with-tools.toml")
+    config = build_config(job, {"output": tmp_path / "tools.parquet", "local": True})
+    report = run(config, handle_signals=False)
+    assert report.exit_code == 0 and report.rows == 6
+    for row in pq.read_table(tmp_path / "tools.parquet").to_pylist():
+        assert row["status"] == "ok" and row["content"] is None and row["reasks"] == 0
+        (call,) = json.loads(row["tool_calls"])
+        assert call["function"]["name"] == "record_entities"
+        assert json.loads(row["parsed"]) == json.loads(call["function"]["arguments"])

@@ -527,6 +527,21 @@ def test_a_budget_reached_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: P
     assert row["attempts"] == 1 and row["cost_usd"] == pytest.approx(0.055)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_second_identical_structured_run_with_the_cache_sends_nothing(
+    tmp_path: Path, gateway: Any, stream: bool
+) -> None:
+    cache = tmp_path / "cache.sqlite"
+    report, rows = go(tmp_path, gateway.base_url, n=8, cache=cache, stream=stream)
+    assert report.exit_code == 0 and gateway.stats.requests == 8
+    second = tmp_path / "two"
+    second.mkdir()
+    report, again = go(second, gateway.base_url, n=8, cache=cache, stream=stream)
+    assert report.exit_code == 0 and gateway.stats.requests == 8  # 0 sent the second time
+    assert all(row["cache_hit"] and row["attempts"] == 0 for row in again)
+    assert [row["parsed"] for row in again] == [row["parsed"] for row in rows]
+
+
 def test_the_cache_stores_valid_answers_with_their_re_asks_and_forgets_the_rest(
     tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
