@@ -579,7 +579,9 @@ class CacheSession:
             return
         try:
             dumps = orjson.dumps
-            rows = [(key, model, dumps(_answer_json(*a)), *rest) for key, model, a, *rest in entries]
+            rows = [
+                (key, model, dumps(_answer_json(*a)), *rest) for key, model, a, *rest in entries
+            ]
             self.stored += self.cache.store_rows(rows)
         except (sqlite3.Error, OSError) as exc:
             self._broken_writes = True
