@@ -504,6 +504,34 @@ def test_a_401_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> Non
     assert row["content"] == '{"language": "xx"}'
 
 
+def test_ctrl_c_before_a_re_ask_keeps_the_answers_paid_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrunner.runstate import RunControl
+    from batchrunner.structured import Schema
+
+    control = RunControl()
+    check = Schema.check
+
+    def interrupted(self: Schema, content: Any, finish_reason: Any = None) -> Any:
+        control.stop("interrupted", 130)  # as the SIGINT handler does, on the run's loop
+        return check(self, content, finish_reason)
+
+    monkeypatch.setattr(Schema, "check", interrupted)
+    with scripted_server(lambda request: _completion('{"language": "xx"}')) as server:
+        source = tmp_path / "in.jsonl"
+        source.write_text(json.dumps(texts(1)[0]) + "\n")
+        config = RunConfig(input=source, output=tmp_path / "out.parquet",
+                           base_url=server.base_url, model="gpt-4o-mini", preflight=False,
+                           template="Entities of: {text}", invalid_retries=3,
+                           json_schema=write(tmp_path / "schema.json", ENTITIES))
+        report = run(config, handle_signals=False, control=control)
+    assert len(server.requests) == 1 and report.failed == 1
+    (row,) = pq.read_table(config.output).to_pylist()
+    assert row["status"] == "error" and row["error"].startswith("schema: ")
+    assert row["attempts"] == 1 and row["prompt_tokens"] == 10
+
+
 def test_a_budget_reached_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> None:
     from batchrunner.row import _prompt_tokens
 
