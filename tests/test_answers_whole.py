@@ -405,6 +405,9 @@ def test_summary_and_status_show_reasoning_and_the_rows_it_left_empty(
     empty = [r for r in rows if r["finish_reason"] == "length" and not r["content"]]
     assert report.exit_code == 0 and all(r["status"] == "ok" for r in rows)
     assert empty and all(r["reasoning_tokens"] == r["completion_tokens"] == 100 for r in empty)
+    for row in rows:  # reasoning tokens are inside completion_tokens: priced once, as output
+        assert row["cost_usd"] == pytest.approx(
+            (row["prompt_tokens"] * 1.10 + row["completion_tokens"] * 4.40) / 1e6)
     summary = summarize([output])
     (group,) = summary.groups
     assert group.reasoning_tokens == sum(r["reasoning_tokens"] for r in rows)
