@@ -127,6 +127,13 @@ class CachedAnswer:
     cost_usd: float | None
     created: float
     refusal: str | None = None  # the model's refusal, when it refused (content null)
+    # the rest of an answer kept whole (JSON text) and, for a --json-schema run, its check
+    tool_calls: str | None = None
+    logprobs: str | None = None
+    choices_tool_calls: tuple[str | None, ...] | None = None
+    parsed: str | None = None
+    reasks: int | None = None
+    reask_cost_usd: float | None = None
 
     @property
     def content(self) -> str | None:
@@ -254,16 +261,23 @@ class ResponseCache:
                 ).fetchall()
                 for key, model, answer, pt, ct, tt, cached, cost, created in rows:
                     data = orjson.loads(answer)
+                    calls = data.get("choices_tool_calls")
                     found[key] = CachedAnswer(
                         tuple(data["choices"]),
                         data["finish_reason"],
                         data.get("response_model"),
                         data.get("response_id"),
                         model,
-                        Usage(pt, ct, tt, cached),
+                        Usage(pt, ct, tt, cached, data.get("reasoning_tokens")),
                         cost,
                         created,
                         data.get("refusal"),
+                        data.get("tool_calls"),
+                        data.get("logprobs"),
+                        None if calls is None else tuple(calls),
+                        data.get("parsed"),
+                        data.get("reasks"),
+                        data.get("reask_cost_usd"),
                     )
         return found
 
@@ -273,13 +287,12 @@ class ResponseCache:
             (
                 key,
                 a.model,
-                orjson.dumps({
-                    "choices": list(a.choices),
-                    "finish_reason": a.finish_reason,
-                    "response_model": a.response_model,
-                    "response_id": a.response_id,
-                    "refusal": a.refusal,
-                }),
+                orjson.dumps(_answer_json(
+                    list(a.choices), a.finish_reason, a.response_model, a.response_id,
+                    a.refusal, a.tool_calls, a.logprobs,
+                    None if a.choices_tool_calls is None else list(a.choices_tool_calls),
+                    a.usage.reasoning_tokens, a.parsed, a.reasks, a.reask_cost_usd,
+                )),
                 a.usage.prompt_tokens,
                 a.usage.completion_tokens,
                 a.usage.total_tokens,
@@ -362,6 +375,19 @@ class ResponseCache:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
+_ANSWER_FIELDS = (
+    "choices", "finish_reason", "response_model", "response_id", "refusal", "tool_calls",
+    "logprobs", "choices_tool_calls", "reasoning_tokens", "parsed", "reasks", "reask_cost_usd",
+)
+
+
+def _answer_json(*values: Any) -> dict[str, Any]:
+    """The stored answer's JSON object (fields after `refusal` only where set: older entries
+    and plain answers stay as small as before)."""
+    data = dict(zip(_ANSWER_FIELDS, values, strict=True))
+    return {k: v for i, (k, v) in enumerate(data.items()) if i < 5 or v is not None}
+
+
 def _statements() -> list[str]:
     return [s.strip() for s in _SCHEMA.split(";") if s.strip()]
 
@@ -408,6 +434,7 @@ class CacheSession:
         self._hits: dict[str | None, list[float]] = {}
         self._broken_reads = False
         self._broken_writes = False
+        self.schema: Any = None  # a --json-schema run's Schema: a hit must pass it
         self.hits = 0
         self.stored = 0
 
@@ -429,11 +456,29 @@ class CacheSession:
 
         loop = asyncio.get_running_loop()
         keys, hashes, answers = await loop.run_in_executor(self._executor, self._lookup, rows)
+        if self.schema is not None:
+            answers = [self._checked(row, a) for row, a in zip(rows, answers)]
         if self.writes:
             for row, key, answer in zip(rows, keys, answers):
                 if answer is None:
                     self._keys[row.index] = key
         return answers, hashes
+
+    def _checked(self, row: Any, answer: CachedAnswer | None) -> CachedAnswer | None:
+        """A hit for a --json-schema run: valid against its schema (else a miss), `parsed` set.
+
+        An answer stored by a structured run carries its check; one stored by another run of
+        the same request is checked here.
+        """
+        if answer is None or answer.parsed is not None:
+            return answer
+        from .structured import names_function
+
+        check = self.schema.check_answer(answer, names_function(row.body))
+        if not check.valid:
+            return None
+        answer.parsed, answer.reasks, answer.reask_cost_usd = check.parsed, 0, 0.0
+        return answer
 
     def _lookup(
         self, rows: Sequence[Any]
@@ -485,14 +530,22 @@ class CacheSession:
             response_id=answer.response_id,
             refusal=answer.refusal,
             cache_hit=True,
+            tool_calls=answer.tool_calls,
+            logprobs=answer.logprobs,
+            choices_tool_calls=answer.choices_tool_calls,
+            parsed=answer.parsed,
+            reasks=answer.reasks,
+            reask_cost_usd=answer.reask_cost_usd,
         )
 
     # -- writing -------------------------------------------------------------------------
 
     def offer(self, row: Any, result: Any) -> None:
-        """Store a sent row's answer, if it may be stored (ok, finish reason stop/tool_calls)."""
+        """Store a sent row's answer, if it may be stored (ok, finish reason stop/tool_calls);
+        called for every row taken to be sent (`result` None when it got none), so that the
+        key kept for it since its lookup goes either way."""
         key = self._keys.pop(row.index, None)
-        if not self.writes or self._broken_writes:
+        if not self.writes or self._broken_writes or result is None:
             return
         if not result.ok or result.finish_reason not in STORABLE_FINISH_REASONS:
             return
@@ -503,7 +556,9 @@ class CacheSession:
             key,
             result.model,
             (list(result.choices or ()), result.finish_reason, result.response_model,
-             result.response_id, result.refusal),
+             result.response_id, result.refusal, result.tool_calls, result.logprobs,
+             None if result.choices_tool_calls is None else list(result.choices_tool_calls),
+             usage.reasoning_tokens, result.parsed, result.reasks, result.reask_cost_usd),
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.total_tokens,
@@ -525,10 +580,7 @@ class CacheSession:
         try:
             dumps = orjson.dumps
             rows = [
-                (key, model, dumps({"choices": a[0], "finish_reason": a[1],
-                                    "response_model": a[2], "response_id": a[3],
-                                    "refusal": a[4]}), *rest)
-                for key, model, a, *rest in entries
+                (key, model, dumps(_answer_json(*a)), *rest) for key, model, a, *rest in entries
             ]
             self.stored += self.cache.store_rows(rows)
         except (sqlite3.Error, OSError) as exc:

@@ -116,6 +116,8 @@ class CheckpointStatus:
     storage_fault: dict[str, Any] | None = None  # the last run's failed write (durability.py)
     cache_hits: int = 0  # rows served from the response cache (their cost is not in cost_usd)
     reused_cost_usd: float = 0.0  # what those rows cost when first paid for
+    reasoning_tokens: int = 0  # inside completion_tokens
+    reasoning_cut_rows: int = 0  # ok rows left empty: reasoning used up the completion limit
 
     @property
     def pending(self) -> int:

@@ -318,6 +318,13 @@ def status(output: Path | str, fmt: str) -> None:
            f"{state.cache_hits:,} rows from the response cache, not paid again"
            if state.cache_hits else "")
     )
+    if state.reasoning_tokens:
+        click.echo(f"  reasoning {state.reasoning_tokens:>11,}   of the completion tokens "
+                   "(counted in them)")
+    if state.reasoning_cut_rows:
+        from .reports.render import reasoning_cut_advice
+
+        click.echo(f"  {reasoning_cut_advice(state.reasoning_cut_rows)}")
     if state.errors:
         click.echo("  most frequent errors (rows, error):")
         click.echo("\n".join(render_errors(state.errors, indent="    ")))

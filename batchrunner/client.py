@@ -65,11 +65,20 @@ class Answer:
     ttft_ms: float | None = None
     rate_headers: Mapping[str, str] = field(default_factory=dict)
     refusal: str | None = None
+    # each choice's message.tool_calls as JSON text (None for a choice with none); None when
+    # no choice called a tool
+    choices_tool_calls: tuple[str | None, ...] | None = None
+    logprobs: str | None = None  # the first choice's logprobs object as JSON text
 
     @property
     def content(self) -> str | None:
         """The first choice's content."""
         return self.choices[0] if self.choices else None
+
+    @property
+    def tool_calls(self) -> str | None:
+        """The first choice's tool calls as JSON text."""
+        return self.choices_tool_calls[0] if self.choices_tool_calls else None
 
 
 class Client:
@@ -448,15 +457,20 @@ def _parse_completion(raw: bytes, response: aiohttp.ClientResponse, started: flo
         raise InvalidResponse("answer has no `choices` list", http_status=status)
     contents: list[str | None] = []
     finish_reasons: list[str | None] = []
+    tool_calls: list[str | None] = []
     refusal: str | None = None
+    logprobs: str | None = None
     for choice in sorted(choices, key=_choice_index) if len(choices) > 1 else choices:
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             raise InvalidResponse("a choice has no `message`", http_status=status)
         if not contents:
             refusal = message.get("refusal")
+            logprobs = _json_text(choice.get("logprobs"))
         contents.append(message.get("content"))
         finish_reasons.append(choice.get("finish_reason"))
+        calls = message.get("tool_calls")
+        tool_calls.append(_tool_calls_text(calls) if calls else None)
     usage = payload.get("usage")
     return Answer(
         choices=tuple(contents),
@@ -468,7 +482,35 @@ def _parse_completion(raw: bytes, response: aiohttp.ClientResponse, started: flo
         latency_ms=latency_ms,
         rate_headers=_rate_headers(response.headers),
         refusal=refusal if isinstance(refusal, str) else None,
+        choices_tool_calls=tuple(tool_calls) if any(tool_calls) else None,
+        logprobs=logprobs,
     )
+
+
+def _json_text(value: Any) -> str | None:
+    """A JSON value as compact JSON text (None for null or absent)."""
+    if value is None:
+        return None
+    return orjson.dumps(value).decode()
+
+
+def _tool_calls_text(calls: Any) -> str:
+    """`message.tool_calls` as JSON text, each call as `{id, type, function: {name, arguments}}`
+    (what a streamed answer is assembled into, so both read the same)."""
+    if not isinstance(calls, list):
+        return orjson.dumps(calls).decode()
+    shaped = []
+    for call in calls:
+        if not isinstance(call, dict):
+            shaped.append(call)
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        shaped.append({
+            "id": call.get("id"),
+            "type": call.get("type", "function"),
+            "function": {"name": function.get("name"), "arguments": function.get("arguments")},
+        })
+    return orjson.dumps(shaped).decode()
 
 
 def _choice_index(choice: Any) -> int:
@@ -548,6 +590,9 @@ class _StreamAnswer:
         self.started = started
         self.parts: dict[int, list[str]] = {}
         self.refusals: dict[int, list[str]] = {}
+        # choice -> tool call index -> [id, type, name, argument pieces]
+        self.tools: dict[int, dict[int, list[Any]]] = {}
+        self.logprobs: dict[int, list[Any]] = {}
         self.finish: dict[int, str | None] = {}
         self.response_id: str | None = None
         self.response_model: str | None = None
@@ -594,8 +639,53 @@ class _StreamAnswer:
             refusal = delta.get("refusal")
             if refusal:
                 self.refusals.setdefault(index, []).append(refusal)
+            calls = delta.get("tool_calls")
+            if calls:
+                self._tool_deltas(index, calls)
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+                self.logprobs.setdefault(index, []).extend(logprobs["content"])
             if choice.get("finish_reason") is not None:
                 self.finish[index] = choice["finish_reason"]
+
+    def _tool_deltas(self, index: int, calls: Any) -> None:
+        """Take a delta's `tool_calls`: each piece names its call by `index`; the first piece
+        of a call brings its id, type and name, every piece some of its `arguments`."""
+        if not isinstance(calls, list):
+            raise InvalidResponse("a stream delta's tool_calls is not a list", http_status=200)
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+        tools = self.tools.setdefault(index, {})
+        for position, call in enumerate(calls):
+            if not isinstance(call, dict):
+                raise InvalidResponse("a stream tool call is not an object", http_status=200)
+            number = call.get("index", position)
+            held = tools.get(number)
+            if held is None:
+                held = tools[number] = [None, None, None, []]
+            if call.get("id"):
+                held[0] = call["id"]
+            if call.get("type"):
+                held[1] = call["type"]
+            function = call.get("function")
+            if isinstance(function, dict):
+                if function.get("name"):
+                    held[2] = (held[2] or "") + function["name"]
+                if function.get("arguments"):
+                    held[3].append(function["arguments"])
+
+    def _tool_calls(self, index: int) -> str | None:
+        tools = self.tools.get(index)
+        if not tools:
+            return None
+        return orjson.dumps([
+            {
+                "id": call_id,
+                "type": kind or "function",
+                "function": {"name": name, "arguments": "".join(pieces)},
+            }
+            for call_id, kind, name, pieces in (tools[n] for n in sorted(tools))
+        ]).decode()
 
     def answer(self, response: aiohttp.ClientResponse) -> Answer:
         """The Answer, once the stream has ended with `[DONE]`."""
@@ -606,11 +696,17 @@ class _StreamAnswer:
         indexes = sorted(self.parts)
         first = indexes[0]
         refusal = "".join(self.refusals[first]) if first in self.refusals else None
+        tool_calls = tuple(self._tool_calls(i) for i in indexes)
+        logprobs = self.logprobs.get(first)
         return Answer(
             choices=tuple(
-                "".join(self.parts[i]) if self.parts[i] or i not in self.refusals else None
+                "".join(self.parts[i])
+                if self.parts[i] or (i not in self.refusals and i not in self.tools)
+                else None
                 for i in indexes
             ),
+            choices_tool_calls=tool_calls if any(tool_calls) else None,
+            logprobs=None if logprobs is None else orjson.dumps({"content": logprobs}).decode(),
             finish_reason=self.finish.get(first),
             response_model=self.response_model,
             response_id=self.response_id,

@@ -254,6 +254,8 @@ class _Run(Dispatch, RowProcessing, Recording):
             await self._check_models(builder)
         key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
         self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
+        if self.cache is not None:
+            self.cache.schema = self.schema  # a hit of a structured run must pass it too
         try:
             return await self._execute(config, info, builder, fingerprint, deadline)
         finally:

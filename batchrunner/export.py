@@ -18,6 +18,7 @@ output lines (`id`, `custom_id`, `response{status_code, request_id, body}`, `err
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -219,6 +220,7 @@ def batch_api_line(row: dict[str, Any], number: int, *, created: int) -> dict[st
         choices = row.get("choices")
         if choices is None:
             choices = [row.get("content")]
+        calls = _choice_tool_calls(row, len(choices))
         body: dict[str, Any] = {
             "id": row.get("response_id"),
             "object": "chat.completion",
@@ -231,8 +233,9 @@ def batch_api_line(row: dict[str, Any], number: int, *, created: int) -> dict[st
                         "role": "assistant",
                         "content": text,
                         "refusal": row.get("refusal") if k == 0 else None,
+                        **({"tool_calls": calls[k]} if calls[k] else {}),
                     },
-                    "logprobs": None,
+                    "logprobs": _loads(row.get("logprobs")) if k == 0 else None,
                     "finish_reason": row.get("finish_reason"),
                 }
                 for k, text in enumerate(choices)
@@ -269,7 +272,27 @@ def _usage(row: dict[str, Any]) -> dict[str, Any] | None:
     }
     if row.get("cached_tokens") is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": row["cached_tokens"]}
+    if row.get("reasoning_tokens") is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": row["reasoning_tokens"]}
     return usage
+
+
+def _loads(text: Any) -> Any:
+    """A JSON text column's value (None stays None; a list or dict read back is kept)."""
+    if text is None or not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _choice_tool_calls(row: dict[str, Any], count: int) -> list[Any]:
+    """Each choice's tool calls (a list, or None), from `choices_tool_calls` or `tool_calls`."""
+    every = row.get("choices_tool_calls")
+    if isinstance(every, list) and len(every) == count:
+        return [_loads(text) for text in every]
+    return [_loads(row.get("tool_calls"))] + [None] * (count - 1)
 
 
 def export_results(

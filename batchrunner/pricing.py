@@ -80,6 +80,8 @@ BUILTIN_PRICES: Mapping[str, ModelPrice] = MappingProxyType(
         "o1": _p(15.00, 7.50, 60.00),
         "o1-mini": _p(1.10, 0.55, 4.40),
         "o3-mini": _p(1.10, 0.55, 4.40),
+        "o4-mini": _p(1.10, 0.275, 4.40),  # reasoning tokens are inside completion_tokens
+        "o4-mini-2025-04-16": _p(1.10, 0.275, 4.40),
         # Anthropic
         "claude-3-5-sonnet-20241022": _p(3.00, 0.30, 15.00),
         "claude-3-5-haiku-20241022": _p(0.80, 0.08, 4.00),

@@ -36,6 +36,8 @@ class Usage:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cached_tokens: int | None = None
+    # completion_tokens_details.reasoning_tokens: already inside completion_tokens
+    reasoning_tokens: int | None = None
 
     @classmethod
     def from_json(cls, usage: dict[str, Any] | None) -> Usage:
@@ -43,11 +45,14 @@ class Usage:
         if not usage:
             return cls()
         details = usage.get("prompt_tokens_details") or {}
+        completion = usage.get("completion_tokens_details") or {}
+        reasoning = completion.get("reasoning_tokens") if isinstance(completion, dict) else None
         return cls(
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             total_tokens=usage.get("total_tokens"),
-            cached_tokens=details.get("cached_tokens"),
+            cached_tokens=details.get("cached_tokens") if isinstance(details, dict) else None,
+            reasoning_tokens=reasoning if isinstance(reasoning, int) else None,
         )
 
 
@@ -81,6 +86,12 @@ class Result:
     parsed: str | None = None
     reasks: int | None = None
     reask_cost_usd: float | None = None
+    # an answer kept whole: the first choice's tool calls and logprobs as JSON text, and every
+    # choice's tool calls (JSON text each, null for a choice with none) when n > 1 and some
+    # choice called a tool; None where there were none
+    tool_calls: str | None = None
+    logprobs: str | None = None
+    choices_tool_calls: tuple[str | None, ...] | None = None
 
     @property
     def ok(self) -> bool:

@@ -30,7 +30,7 @@ from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 from .results import Result, Row
 from .retry import call_with_retries
 from .runstate import EXIT_AUTH, EXIT_STOPPED, Abandon
-from .structured import ask_until_valid
+from .structured import ReaskStopped, ask_until_valid, names_function
 
 log = logging.getLogger("batchrunner.engine")
 
@@ -101,18 +101,28 @@ class RowProcessing:
             return self._ok_result(row, answer, attempts, reserved)
 
         reserved = 0.0
+        result: Result | None = None
         try:
             if self.schema is not None:
-                checked = await ask_until_valid(answered, self.schema, self.config.invalid_retries)
-                return dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
+                try:
+                    checked = await ask_until_valid(
+                        answered, self.schema, self.config.invalid_retries, names_function(body)
+                    )
+                except ReaskStopped as stopped:  # answers paid for are kept, as a failed re-ask
+                    checked = stopped.result
+                    if isinstance(stopped.cause, AuthRefused):
+                        self._refused(stopped.cause)
+                result = dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
+                return result
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )
+            result = self._ok_result(row, answer, attempts, reserved)
+            return result
         except Abandon:
             return None
         except AuthRefused as exc:
-            self.auth_error = exc
-            self.control.stop("auth", EXIT_AUTH)
+            self._refused(exc)
             return None
         except RequestError as exc:
             failed = Result(
@@ -128,10 +138,13 @@ class RowProcessing:
             if isinstance(exc, PermanentError):  # for the systematic-failure stop
                 self._failure_keys[id(failed)] = (exc.http_status, exc.code)
             return failed
-        result = self._ok_result(row, answer, attempts, reserved)
-        if self.cache is not None:
-            self.cache.offer(row, result)
-        return result
+        finally:
+            if self.cache is not None:  # stores an answer it may; forgets the row's key anyway
+                self.cache.offer(row, result)
+
+    def _refused(self, exc: AuthRefused) -> None:
+        self.auth_error = exc
+        self.control.stop("auth", EXIT_AUTH)
 
     async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
         async with self.pacer.slot(tokens_estimate) as slot:
@@ -176,6 +189,9 @@ class RowProcessing:
             http_status=answer.http_status,
             response_id=answer.response_id,
             refusal=answer.refusal,
+            tool_calls=answer.tool_calls,
+            logprobs=answer.logprobs,
+            choices_tool_calls=answer.choices_tool_calls,
         )
 
     async def _reserve_budget(

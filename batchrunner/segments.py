@@ -48,6 +48,11 @@ RESULT_SCHEMA = pa.schema(
         ("reasks", pa.int32()),
         ("reask_cost_usd", pa.float64()),
         ("refusal", pa.string()),  # the first choice's message.refusal
+        # an answer kept whole: tool calls and logprobs (JSON text), reasoning tokens
+        ("tool_calls", pa.string()),
+        ("reasoning_tokens", pa.int64()),
+        ("logprobs", pa.string()),
+        ("choices_tool_calls", pa.list_(pa.string())),
     ]
 )
 
@@ -76,6 +81,8 @@ _SUMMARY_SCHEMA = pa.schema(  # what a checkpoint keeps in memory of each result
         ("cache_hit", pa.bool_()),
         ("_hash", pa.int64()),
         ("_ihash", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("reasoning_cut", pa.bool_()),  # ok, but reasoning used up the limit: no answer
     ]
 )
 
@@ -88,11 +95,25 @@ def _summarize(batches: list[pa.RecordBatch], names: Sequence[str] | None = None
         [_SUMMARY_SCHEMA.field(name) for name in names]
     )
     columns = [
-        pc.equal(table.column("status"), "ok") if name == "ok" else table.column(name)
+        pc.equal(table.column("status"), "ok") if name == "ok"
+        else _reasoning_cut(table) if name == "reasoning_cut"
+        else table.column(name)
         for name in schema.names
     ]
     summary = pa.Table.from_arrays(columns, schema=schema)
     return summary.take(pa.array(np.arange(summary.num_rows), pa.int64()))
+
+
+def _reasoning_cut(table: pa.Table) -> pa.ChunkedArray:
+    """Ok rows whose answer is empty because reasoning used up the completion limit:
+    finish_reason length, and every completion token a reasoning token."""
+    reasoning = pc.fill_null(table.column("reasoning_tokens"), 0)
+    return pc.fill_null(pc.and_(
+        pc.and_(pc.equal(table.column("status"), "ok"),
+                pc.equal(table.column("finish_reason"), "length")),
+        pc.and_(pc.greater(reasoning, 0),
+                pc.greater_equal(reasoning, pc.fill_null(table.column("completion_tokens"), 0))),
+    ), False)
 
 
 @dataclass(frozen=True)
@@ -273,6 +294,8 @@ def _totals(summary: pa.Table, rows: int | None = None) -> dict[str, Any]:
         "unpriced_rows": int(_bools(unpriced)[positions].sum()) if len(positions) else 0,
         "cache_hits": int(hit.sum()),
         "reused_cost_usd": float(costs[hit].sum()),
+        "reasoning_tokens": int(column("reasoning_tokens").sum()),
+        "reasoning_cut_rows": int(column("reasoning_cut", False).sum()),
     }
 
 
@@ -313,6 +336,10 @@ def results_to_batch(
         [r.reasks for r in results],
         [r.reask_cost_usd for r in results],
         [r.refusal for r in results],
+        [r.tool_calls for r in results],
+        [u.reasoning_tokens for u in usages],
+        [r.logprobs for r in results],
+        [None if r.choices_tool_calls is None else list(r.choices_tool_calls) for r in results],
         list(hashes) if hashes is not None else [None] * len(results),
         list(input_hashes) if input_hashes is not None else [None] * len(results),
     ]

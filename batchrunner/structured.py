@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_INVALID_RETRIES",
     "METADATA_KEY",
     "Check",
+    "ReaskStopped",
     "Schema",
     "StructuredSummary",
     "ask_until_valid",
@@ -115,6 +116,18 @@ class Schema:
             where = json_path(error.absolute_path)
             return Check(error=f"schema: {where}: {_short(error.message)}")
         return Check(parsed=canonical(value))
+
+    def check_answer(self, answer: Any, by_tool: bool = False) -> Check:
+        """Check a Result (or a cached answer): its content, or with `by_tool` its first tool
+        call's arguments."""
+        if not by_tool:
+            return self.check(answer.content, answer.finish_reason)
+        try:
+            calls = json.loads(answer.tool_calls) if answer.tool_calls else None
+            arguments = calls[0]["function"]["arguments"]
+        except (ValueError, TypeError, LookupError):
+            return Check(error="schema: no tool call in the answer")
+        return self.check(arguments, answer.finish_reason)
 
 
 def _no_constant(name: str) -> Any:
@@ -260,25 +273,51 @@ def _response_name(text: str) -> str:
 # -- asking until the answer is valid --------------------------------------------------------
 
 
+class ReaskStopped(Exception):
+    """A re-ask not answered because the run is stopping (budget, deadline, Ctrl-C, a refused
+    key): `result` combines the answers already paid for, as a failed re-ask does; `cause` is
+    what stopped it."""
+
+    def __init__(self, result: Result, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.result = result
+        self.cause = cause
+
+
+def names_function(body: Mapping[str, Any] | None) -> bool:
+    """True when a request's `tool_choice` names a function: the schema then checks that
+    function's arguments (`tool_calls[0].function.arguments`) instead of the content."""
+    choice = body.get("tool_choice") if body else None
+    return (
+        isinstance(choice, Mapping)
+        and isinstance(choice.get("function"), Mapping)
+        and bool(choice["function"].get("name"))
+    )
+
+
 async def ask_until_valid(
-    ask: Callable[[], Awaitable[Result]], schema: Schema, retries: int
+    ask: Callable[[], Awaitable[Result]], schema: Schema, retries: int, by_tool: bool = False
 ) -> Result:
     """Ask, and ask again while the answer fails the schema, at most `retries` more times.
 
     `ask` makes one request (with its own transport retries) and returns an ok Result; its
     errors on the first ask propagate. The Result returned sums the usage and cost of every
     answer, counts every attempt, and is ok with `parsed`, or an error `schema: ...` keeping
-    the last answer's content. A re-ask that fails at the transport level ends the re-asking.
+    the last answer's content. With `by_tool` the first tool call's arguments are checked
+    instead of the content. A re-ask that fails at the transport level ends the re-asking;
+    one stopped by the run (any other exception) raises ReaskStopped with that Result.
     """
     results = [await ask()]
-    check = schema.check(results[0].content, results[0].finish_reason)
+    check = schema.check_answer(results[0], by_tool)
     while not check.valid and len(results) <= retries:
         try:
             results.append(await ask())
         except RequestError as exc:
             log.info("row %s: a re-ask for the schema failed (%s)", results[0].id, exc)
             break
-        check = schema.check(results[-1].content, results[-1].finish_reason)
+        except Exception as exc:  # the run is stopping: what was paid for is kept
+            raise ReaskStopped(_combined(results, check), exc) from exc
+        check = schema.check_answer(results[-1], by_tool)
     return _combined(results, check)
 
 

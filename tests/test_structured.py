@@ -124,6 +124,8 @@ def go(tmp_path: Path, base_url: str, n: int = 12, **settings: Any):  # type: ig
     config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=base_url,
                        model="gpt-4o-mini", template="Entities of: {text}", **settings)
     report = run(config, handle_signals=False)
+    if not config.output.exists():  # a stopped run: its rows are in the checkpoint
+        return report, None
     return report, pq.read_table(config.output).to_pylist()
 
 
@@ -478,6 +480,130 @@ def test_a_re_ask_that_fails_ends_the_row_with_the_schema_error(tmp_path: Path) 
     for request in server.requests:  # what is sent is what the API's own schema allows
         openapi_schema.validate(request.json(), "CreateChatCompletionRequest")
         assert request.json()["response_format"]["json_schema"]["strict"] is True
+
+
+_KEPT = ["status", "error", "attempts", "reasks", "prompt_tokens", "content", "cost_usd"]
+
+
+def test_a_401_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> None:
+    def answer(request: Request) -> Reply:
+        if len(server.requests) == 1:
+            return _completion('{"language": "xx"}')
+        return Reply(status=401, json={"error": {"message": "key revoked", "type": "auth"}})
+
+    with scripted_server(answer) as server:
+        report, _ = go(tmp_path, server.base_url, n=1, invalid_retries=3, preflight=False)
+    assert report.exit_code == 4 and len(server.requests) == 2
+    from batchrunner.checkpoint import checkpoint_results
+
+    (row,) = checkpoint_results(tmp_path / "out.parquet", _KEPT)[0].to_pylist()
+    # The first answer was paid for: it is recorded (as a failed re-ask records it), not
+    # thrown away to be sent again on resume.
+    assert row["status"] == "error" and row["error"].startswith("schema: ")
+    assert row["attempts"] == 2 and row["reasks"] == 0 and row["prompt_tokens"] == 10
+    assert row["content"] == '{"language": "xx"}'
+
+
+def test_ctrl_c_before_a_re_ask_keeps_the_answers_paid_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrunner.runstate import RunControl
+    from batchrunner.structured import Schema
+
+    control = RunControl()
+    check = Schema.check
+
+    def interrupted(self: Schema, content: Any, finish_reason: Any = None) -> Any:
+        control.stop("interrupted", 130)  # as the SIGINT handler does, on the run's loop
+        return check(self, content, finish_reason)
+
+    monkeypatch.setattr(Schema, "check", interrupted)
+    with scripted_server(lambda request: _completion('{"language": "xx"}')) as server:
+        source = tmp_path / "in.jsonl"
+        source.write_text(json.dumps(texts(1)[0]) + "\n")
+        config = RunConfig(input=source, output=tmp_path / "out.parquet",
+                           base_url=server.base_url, model="gpt-4o-mini", preflight=False,
+                           template="Entities of: {text}", invalid_retries=3,
+                           json_schema=write(tmp_path / "schema.json", ENTITIES))
+        report = run(config, handle_signals=False, control=control)
+    assert len(server.requests) == 1 and report.failed == 1
+    (row,) = pq.read_table(config.output).to_pylist()
+    assert row["status"] == "error" and row["error"].startswith("schema: ")
+    assert row["attempts"] == 1 and row["prompt_tokens"] == 10
+
+
+def test_a_budget_reached_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> None:
+    from batchrunner.row import _prompt_tokens
+
+    def answer(request: Request) -> Reply:
+        reply = _completion('{"language": "xx"}')
+        reply.json["usage"] = {"prompt_tokens": 50, "completion_tokens": 5, "total_tokens": 55}
+        return reply
+
+    prices = write(tmp_path / "prices.toml", '[models."gpt-4o-mini"]\n'
+                   "input = 1000.0\ncached_input = 1000.0\noutput = 1000.0\n")
+    prompt = {"messages": [{"role": "user", "content": f"Entities of: {texts(1)[0]['text']}"}]}
+    worst = (_prompt_tokens(prompt)[1] + 5) * 1000 / 1e6
+    with scripted_server(answer) as server:
+        # The first answer ($0.055) leaves less than a re-ask's worst case.
+        report, rows = go(tmp_path, server.base_url, n=1, invalid_retries=3, preflight=False,
+                          max_cost=worst + 0.001, params={"max_tokens": 5}, prices=prices)
+    # The row has its result, so the run is complete (exit 1: a row failed), not left pending.
+    assert len(server.requests) == 1 and report.exit_code == 1 and report.failed == 1
+    (row,) = rows
+    assert row["status"] == "error" and row["error"].startswith("schema: ")
+    assert row["attempts"] == 1 and row["cost_usd"] == pytest.approx(0.055)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_second_identical_structured_run_with_the_cache_sends_nothing(
+    tmp_path: Path, gateway: Any, stream: bool
+) -> None:
+    cache = tmp_path / "cache.sqlite"
+    report, rows = go(tmp_path, gateway.base_url, n=8, cache=cache, stream=stream)
+    assert report.exit_code == 0 and gateway.stats.requests == 8
+    second = tmp_path / "two"
+    second.mkdir()
+    report, again = go(second, gateway.base_url, n=8, cache=cache, stream=stream)
+    assert report.exit_code == 0 and gateway.stats.requests == 8  # 0 sent the second time
+    assert all(row["cache_hit"] and row["attempts"] == 0 for row in again)
+    assert [row["parsed"] for row in again] == [row["parsed"] for row in rows]
+
+
+def test_the_cache_stores_valid_answers_with_their_re_asks_and_forgets_the_rest(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrunner.cache import CacheSession
+
+    left: list[int] = []
+    close = CacheSession.close
+
+    async def closing(self: CacheSession) -> None:
+        left.append(len(self._keys))  # rows looked up, sent, and not yet stored or forgotten
+        await close(self)
+
+    monkeypatch.setattr(CacheSession, "close", closing)
+    gateway = start_gateway(invalid_json_rate=0.5, fault_seed=5)
+    cache = tmp_path / "cache.sqlite"
+    report, rows = go(tmp_path, gateway.base_url, n=20, invalid_retries=1, cache=cache)
+    sent = gateway.stats.requests
+    assert report.exit_code == 1 and sent > 20 and left == [0]
+    second = tmp_path / "two"
+    second.mkdir()
+    report2, again = go(second, gateway.base_url, n=20, invalid_retries=1, cache=cache)
+    valid = [row for row in rows if row["status"] == "ok"]
+    failed = [row for row in rows if row["status"] != "ok"]
+    assert valid and failed and left == [0, 0]
+    # Only the failed rows are sent again; every valid one is served with its re-asks' cost.
+    assert gateway.stats.requests - sent == sum(
+        row["attempts"] for row in again if not row["cache_hit"])
+    by_id = {row["id"]: row for row in again}
+    for row in valid:
+        hit = by_id[row["id"]]
+        assert hit["cache_hit"] and hit["attempts"] == 0
+        for name in ("parsed", "reasks", "reask_cost_usd", "cost_usd", "prompt_tokens"):
+            assert hit[name] == row[name]
+    assert all(not by_id[row["id"]]["cache_hit"] for row in failed)
 
 
 def test_without_a_schema_the_output_has_no_structured_columns(

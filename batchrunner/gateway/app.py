@@ -14,6 +14,7 @@ kept in a small cache, so a benchmark measures the HTTP path, not the text gener
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import json.encoder
@@ -58,28 +59,75 @@ class _Prepared:
 
 
 def _choices_json(completion: Completion) -> str:
+    calls = completion.tool_calls or (None,) * len(completion.texts)
+    logprobs = completion.logprobs
     return "[%s]" % ",".join(
-        f'{{"index":{index},"message":{{"role":"assistant","content":{_string(text)},'
-        f'"refusal":null,"annotations":[]}},"logprobs":null,"finish_reason":"{reason}"}}'
-        for index, (text, reason) in enumerate(zip(completion.texts, completion.finish_reasons))
+        f'{{"index":{index},"message":{{"role":"assistant",'
+        f'"content":{"null" if call else _string(text)},'
+        + (f'"tool_calls":{json.dumps(list(call), separators=(",", ":"))},' if call else "")
+        + f'"refusal":null,"annotations":[]}},"logprobs":{_logprobs_json(logprobs, index)},'
+        f'"finish_reason":"{reason}"}}'
+        for index, (text, reason, call) in enumerate(
+            zip(completion.texts, completion.finish_reasons, calls)
+        )
     )
 
 
+def _logprobs_json(logprobs: Any, index: int, part: slice | None = None) -> str:
+    if logprobs is None:
+        return "null"
+    entries = list(logprobs[index] if part is None else logprobs[index][part])
+    return json.dumps({"content": entries, "refusal": None}, separators=(",", ":"))
+
+
+_ARGUMENT_PIECES = 4  # a tool call's arguments are streamed in about this many chunks
+
+
 def _chunk_choices(completion: Completion) -> list[str]:
-    """Stream chunks' choices: role first, then words round-robin over choices, then finish."""
-    chunks = [
-        f'[{{"index":{index},"delta":{{"role":"assistant","content":"","refusal":null}},'
-        f'"logprobs":null,"finish_reason":null}}]'
-        for index in range(len(completion.texts))
-    ]
+    """Stream chunks' choices: role first, then words round-robin over choices, then finish.
+
+    A tool call is streamed as OpenAI streams one: its id, type and name with empty
+    arguments first, then the arguments in pieces, each delta naming the call by `index`.
+    """
+    calls = completion.tool_calls or (None,) * len(completion.texts)
+    chunks = []
+    for index, call in enumerate(calls):
+        if call is None:
+            chunks.append(
+                f'[{{"index":{index},"delta":{{"role":"assistant","content":"","refusal":null}},'
+                f'"logprobs":null,"finish_reason":null}}]'
+            )
+            continue
+        heads = [
+            {"index": n, "id": c["id"], "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": ""}}
+            for n, c in enumerate(call)
+        ]
+        chunks.append(
+            f'[{{"index":{index},"delta":{{"role":"assistant","content":null,'
+            f'"tool_calls":{json.dumps(heads, separators=(",", ":"))},"refusal":null}},'
+            f'"logprobs":null,"finish_reason":null}}]'
+        )
+        for n, c in enumerate(call):
+            arguments = c["function"]["arguments"]
+            size = max(1, -(-len(arguments) // _ARGUMENT_PIECES))
+            for start in range(0, len(arguments), size):
+                piece = [{"index": n, "function": {"arguments": arguments[start:start + size]}}]
+                chunks.append(
+                    f'[{{"index":{index},"delta":{{"tool_calls":'
+                    f'{json.dumps(piece, separators=(",", ":"))}}},'
+                    f'"logprobs":null,"finish_reason":null}}]'
+                )
     pieces = [_WORD_PIECE.findall(text) for text in completion.texts]
+    logprobs = completion.logprobs
     for step in range(max(map(len, pieces), default=0)):
         for index, words in enumerate(pieces):
             if step < len(words):
                 content = _string(words[step])
                 chunks.append(
                     f'[{{"index":{index},"delta":{{"content":{content}}},'
-                    f'"logprobs":null,"finish_reason":null}}]'
+                    f'"logprobs":{_logprobs_json(logprobs, index, slice(step, step + 1))},'
+                    f'"finish_reason":null}}]'
                 )
     chunks += (
         f'[{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}]'
@@ -94,18 +142,26 @@ def _spoiled(prepared: _Prepared, how: float) -> _Prepared:
     schema = (prepared.request.response_format or {}).get("schema", {})
     texts = tuple(spoil(text, schema, how) for text in completion.texts)
     tokens = sum(count_tokens(text) for text in texts)
-    usage = Usage(completion.usage.prompt_tokens, tokens, completion.usage.cached_tokens)
-    spoiled = Completion(completion.model, texts, completion.finish_reasons, usage)
+    usage = dataclasses.replace(
+        completion.usage, completion_tokens=tokens + completion.usage.reasoning_tokens
+    )
+    spoiled = dataclasses.replace(completion, texts=texts, usage=usage)
     return _Prepared(prepared.request, spoiled, prepared.prefixes, prepared.model_json)
 
 
-def _usage_json(prompt: int, completion: int, cached: int) -> str:
+def _usage_json(prompt: int, completion: int, cached: int, reasoning: int = 0) -> str:
     return (
         f'{{"prompt_tokens":{prompt},"completion_tokens":{completion},'
         f'"total_tokens":{prompt + completion},'
         f'"prompt_tokens_details":{{"cached_tokens":{cached},"audio_tokens":0}},'
-        f'"completion_tokens_details":{{"reasoning_tokens":0,"audio_tokens":0,'
+        f'"completion_tokens_details":{{"reasoning_tokens":{reasoning},"audio_tokens":0,'
         f'"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}}'
+    )
+
+
+def _usage_of(usage: Usage, cached: int) -> str:
+    return _usage_json(
+        usage.prompt_tokens, usage.completion_tokens, cached, usage.reasoning_tokens
     )
 
 
@@ -267,7 +323,7 @@ class Simulator:
         return (
             f'{{"id":"{self._new_id()}","object":"chat.completion","created":{int(time.time())},'
             f'"model":{prepared.model_json},"choices":{prepared.choices_json},'
-            f'"usage":{_usage_json(usage.prompt_tokens, usage.completion_tokens, cached)},'
+            f'"usage":{_usage_of(usage, cached)},'
             f'"service_tier":"default","system_fingerprint":"{FINGERPRINT}"}}'
         ).encode()
 
@@ -286,7 +342,7 @@ class Simulator:
             usage = prepared.completion.usage
             events.append(
                 f"{head}[],\"usage\":"
-                f"{_usage_json(usage.prompt_tokens, usage.completion_tokens, cached)}}}\n\n"
+                f"{_usage_of(usage, cached)}}}\n\n"
             )
         events.append("data: [DONE]\n\n")
         return [event.encode() for event in events]

@@ -12,6 +12,7 @@ rule of `batchrunner.gateway.tokens`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -89,6 +90,10 @@ class ChatRequest:
     top_p: float | None = None
     seed: int | None = None
     response_format: dict[str, Any] | None = None  # a checked json_object or json_schema one
+    tools: tuple[dict[str, Any], ...] = ()  # the checked `function` of each tool
+    tool_choice: str | None = None  # "required", or the name of the function to call
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # inside completion_tokens, as OpenAI counts them
 
     @property
     def total_tokens(self) -> int:
@@ -112,7 +118,7 @@ class Usage:
             "total_tokens": self.total_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
             "completion_tokens_details": {
-                "reasoning_tokens": 0,
+                "reasoning_tokens": self.reasoning_tokens,
                 "audio_tokens": 0,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
@@ -131,6 +137,10 @@ class Completion:
     texts: tuple[str, ...]
     finish_reasons: tuple[str, ...]
     usage: Usage
+    # per choice: its tool calls (`{id, type, function: {name, arguments}}`), None for text
+    tool_calls: tuple[tuple[dict[str, Any], ...] | None, ...] | None = None
+    # per choice: its logprobs `content` list, when the request asked for logprobs
+    logprobs: tuple[tuple[dict[str, Any], ...], ...] | None = None
 
 
 def complete(body: Any) -> Completion:
@@ -331,6 +341,18 @@ def parse_request(body: Any) -> ChatRequest:
             raise _wrong_type("stream_options", "an object", options)
         include_usage = options.get("include_usage") is True
     response_format = _response_format(body.get("response_format"))
+    tools, tool_choice = _tools(body.get("tools"), body.get("tool_choice"))
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _wrong_type("logprobs", "a boolean", logprobs)
+    top_logprobs = _integer(body, "top_logprobs", 0, 20)
+    if top_logprobs is not None and not logprobs:
+        raise ApiError(
+            400,
+            "Invalid value for 'top_logprobs': 'logprobs' must be set to true.",
+            param="top_logprobs",
+            code="invalid_value",
+        )
     if model not in MODELS:
         raise ApiError(
             404,
@@ -349,7 +371,53 @@ def parse_request(body: Any) -> ChatRequest:
         top_p=top_p,
         seed=seed,
         response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        logprobs=bool(logprobs),
+        top_logprobs=top_logprobs or 0,
     )
+
+
+def _tools(value: Any, choice: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
+    """Checked `tools` (their functions) and what `tool_choice` asks for: "required", a
+    function's name, or None (the model answers in text: "auto", "none" or no choice)."""
+    functions: list[dict[str, Any]] = []
+    if value is not None:
+        if not isinstance(value, list):
+            raise _wrong_type("tools", "an array of objects", value)
+        for index, tool in enumerate(value):
+            where = f"tools[{index}]"
+            if not isinstance(tool, dict):
+                raise _wrong_type(where, "an object", tool)
+            if tool.get("type") != "function":
+                raise ApiError(400, f"Invalid value: '{tool.get('type')}'. Supported values "
+                               "are: 'function'.", param=f"{where}.type", code="invalid_value")
+            function = tool.get("function")
+            if not isinstance(function, dict):
+                raise _missing(f"{where}.function")
+            name = function.get("name")
+            if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+                raise _missing(f"{where}.function.name")
+            parameters = function.get("parameters", {"type": "object", "properties": {}})
+            if not isinstance(parameters, dict):
+                raise _wrong_type(f"{where}.function.parameters", "an object", parameters)
+            functions.append({"name": name, "parameters": parameters})
+    if choice is None or choice in ("auto", "none"):
+        return tuple(functions), None
+    if choice == "required" or isinstance(choice, dict):
+        if not functions:
+            raise ApiError(400, "Invalid value for 'tool_choice': 'tool_choice' is only "
+                           "allowed when 'tools' are specified.", param="tool_choice",
+                           code="invalid_value")
+        if choice == "required":
+            return tuple(functions), "required"
+        named = choice.get("function") if choice.get("type") == "function" else None
+        name = named.get("name") if isinstance(named, dict) else None
+        if not any(f["name"] == name for f in functions):
+            raise ApiError(400, f"Invalid value for 'tool_choice': function '{name}' is not "
+                           "one of the tools.", param="tool_choice", code="invalid_value")
+        return tuple(functions), name
+    raise _wrong_type("tool_choice", "one of a string or object", choice)
 
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -605,6 +673,55 @@ def _json_answer(
     return text, count_tokens(text)
 
 
+def _tool_call(
+    request: ChatRequest, seed: bytes, index: int, topics: tuple[str, ...]
+) -> tuple[dict[str, Any], int]:
+    """A call of the named function (or, for "required", one of the tools chosen by the
+    request), its arguments valid JSON for the function's parameters; and their tokens."""
+    functions = request.tools
+    if request.tool_choice == "required":
+        function = functions[_randomness(seed, index, 1)[0] % len(functions)]
+    else:
+        function = next(f for f in functions if f["name"] == request.tool_choice)
+    material = b"%d\x1d%s\x1dtool\x1d%s" % (
+        index, seed, json.dumps(function, sort_keys=True).encode()
+    )
+    arguments = json_answers.render(json_answers.json_value(function["parameters"], material,
+                                                            topics))
+    call_id = "call_" + hashlib.sha256(material).hexdigest()[:24]
+    call = {"id": call_id, "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
+    return call, count_tokens(arguments)
+
+
+def _reasoning(request: ChatRequest, seed: bytes, index: int) -> int:
+    """The reasoning tokens a reasoning model spends on a choice (0 for other models)."""
+    if not MODELS[request.model].reasoning:
+        return 0
+    return 64 + _randomness(seed, index ^ 0x5EA5, 1)[0] % 192
+
+
+def _logprob_entries(text: str, seed: bytes, index: int, top: int) -> tuple[dict[str, Any], ...]:
+    """`logprobs.content` of a text: one entry per word piece (the pieces a stream sends)."""
+    pieces = _WORD_PIECES.findall(text)
+    values = _randomness(seed, index ^ 0x10B5, max(1, len(pieces) * (1 + top)))
+    entries = []
+    for number, piece in enumerate(pieces):
+        drawn = values[number * (1 + top) : (number + 1) * (1 + top)]
+        logprob = -round(drawn[0] / 65535 * 2.5, 6)
+        alternatives = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}]
+        for rank in range(1, top):
+            other = _NOUNS[drawn[rank] % len(_NOUNS)]
+            alternatives.append({"token": other, "logprob": round(logprob - rank - 0.5, 6),
+                                 "bytes": list(other.encode())})
+        entries.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+                        "top_logprobs": alternatives[:top]})
+    return tuple(entries)
+
+
+_WORD_PIECES = re.compile(r"\s*\S+|\s+")  # the pieces a stream sends, one a chunk
+
+
 def answer(request: ChatRequest) -> Completion:
     """The simulator's deterministic answer to a checked request."""
     prompt_tokens = count_prompt_tokens(request.messages)
@@ -613,22 +730,53 @@ def answer(request: ChatRequest) -> Completion:
     mean = _MEAN_TOKENS + min(prompt_tokens, 500) / 10
     texts: list[str] = []
     reasons: list[str] = []
-    completion_tokens = 0
+    calls: list[tuple[dict[str, Any], ...] | None] = []
+    completion_tokens = reasoning_tokens = 0
     question = _last_user_text(request.messages)
     for index in range(request.n):
+        reasoning = _reasoning(request, seed, index)
+        limit = request.max_tokens
+        if limit is not None and reasoning >= limit:  # reasoning used up the limit: no answer
+            texts.append("")
+            reasons.append("length")
+            calls.append(None)
+            completion_tokens += limit
+            reasoning_tokens += limit
+            continue
+        cut = request if limit is None or not reasoning else dataclasses.replace(
+            request, max_tokens=limit - reasoning
+        )
         graded = eval_answer(request.model, question, seed, index)
-        if request.response_format is not None:
-            text, tokens, reason = _cut(*_json_answer(request, seed, index, topics), request)
+        call = None
+        if request.tool_choice is not None:
+            call, tokens = _tool_call(request, seed, index, topics)
+            arguments, tokens, reason = _cut(call["function"]["arguments"], tokens,
+                                             dataclasses.replace(cut, stop=()))
+            call["function"]["arguments"] = arguments
+            text, reason = "", "tool_calls" if reason == "stop" else reason
+        elif request.response_format is not None:
+            text, tokens, reason = _cut(*_json_answer(request, seed, index, topics), cut)
         elif graded is not None:
-            text, tokens, reason = _cut(graded, count_tokens(graded), request)
+            text, tokens, reason = _cut(graded, count_tokens(graded), cut)
         else:
-            text, tokens, reason = _cut(*_generate(seed, index, topics, mean), request)
+            text, tokens, reason = _cut(*_generate(seed, index, topics, mean), cut)
         texts.append(text)
         reasons.append(reason)
-        completion_tokens += tokens
+        calls.append(None if call is None else (call,))
+        completion_tokens += tokens + reasoning
+        reasoning_tokens += reasoning
+    logprobs = None
+    if request.logprobs:
+        logprobs = tuple(
+            _logprob_entries(text, seed, index, request.top_logprobs)
+            for index, text in enumerate(texts)
+        )
     return Completion(
         model=MODELS[request.model].snapshot,
         texts=tuple(texts),
         finish_reasons=tuple(reasons),
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    reasoning_tokens=reasoning_tokens),
+        tool_calls=tuple(calls) if any(c is not None for c in calls) else None,
+        logprobs=logprobs,
     )

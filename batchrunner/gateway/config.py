@@ -64,6 +64,7 @@ class ModelInfo:
     owned_by: str
     created: int
     snapshot: str
+    reasoning: bool = False  # a reasoning model: it reports reasoning_tokens, spent first
 
 
 MODELS: Mapping[str, ModelInfo] = MappingProxyType(
@@ -72,6 +73,7 @@ MODELS: Mapping[str, ModelInfo] = MappingProxyType(
         for info in (
             ModelInfo("gpt-4o", "openai", 1715367049, "gpt-4o-2024-08-06"),
             ModelInfo("gpt-4o-mini", "openai", 1721172741, "gpt-4o-mini-2024-07-18"),
+            ModelInfo("o4-mini", "openai", 1744225351, "o4-mini-2025-04-16", reasoning=True),
             ModelInfo(
                 "claude-3-5-sonnet-20241022", "anthropic", 1729555200, "claude-3-5-sonnet-20241022"
             ),

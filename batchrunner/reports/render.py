@@ -26,6 +26,7 @@ _TABLE_COLUMNS = (
     ("prompt_tokens", "prompt"),
     ("cached_tokens", "cached"),
     ("completion_tokens", "completion"),
+    ("reasoning_tokens", "reasoning"),
     ("total_tokens", "total"),
     ("cost_usd", "cost_usd"),
     ("unpriced_rows", "unpriced"),
@@ -43,9 +44,12 @@ def render_table(report: SummaryReport) -> str:
     in ms to 1 decimal. A cost shown as `>=X` is a lower bound: the group has unpriced rows and
     X is the cost of its priced rows (`cost_usd` is null in JSON and CSV, `cost_usd_known` is X).
     """
-    header = [report.by, *(title for _, title in _TABLE_COLUMNS)]
-    lines = [[_key_text(g.key), *_cells(g)] for g in report.groups]
-    lines.append(["TOTAL", *_cells(report.total)])
+    columns = _TABLE_COLUMNS
+    if not report.total.reasoning_tokens:  # shown beside completion where a model reasoned
+        columns = tuple(c for c in columns if c[0] != "reasoning_tokens")
+    header = [report.by, *(title for _, title in columns)]
+    lines = [[_key_text(g.key), *_cells(g, columns)] for g in report.groups]
+    lines.append(["TOTAL", *_cells(report.total, columns)])
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
@@ -61,9 +65,9 @@ def render_table(report: SummaryReport) -> str:
     return "\n".join(out).rstrip()
 
 
-def _cells(g: GroupSummary) -> list[str]:
+def _cells(g: GroupSummary, columns: tuple[tuple[str, str], ...] = _TABLE_COLUMNS) -> list[str]:
     cells = []
-    for name, _ in _TABLE_COLUMNS:
+    for name, _ in columns:
         value = getattr(g, name)
         if name == "cost_usd":
             cells.append(_cost_text(g))
@@ -109,6 +113,7 @@ def _notes(report: SummaryReport) -> list[str]:
             f"cache, reused ${report.total.reused_cost_usd:,.{_COST_DIGITS}f} paid before "
             "(not counted again)"
         )
+    notes.extend(reasoning_notes(report))
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
     for output in report.from_checkpoint:
@@ -119,6 +124,35 @@ def _notes(report: SummaryReport) -> list[str]:
     if report.structured is not None:
         notes.append(report.structured.render())
     return notes
+
+
+def reasoning_notes(report: SummaryReport) -> list[str]:
+    """What reasoning cost (its share of completion tokens, per group: already inside them),
+    and the rows it left empty, with what to raise."""
+    notes = []
+    if report.total.reasoning_tokens:
+        shares = ", ".join(
+            f"{_key_text(g.key)} {g.reasoning_share:.0%}"
+            for g in report.groups if g.reasoning_tokens and g.reasoning_share is not None
+        )
+        notes.append(
+            f"reasoning: {report.total.reasoning_tokens:,} of the completion tokens "
+            f"(already counted in them and in the cost); share of completion tokens by "
+            f"{report.by}: {shares}"
+        )
+    cut = report.total.reasoning_cut_rows
+    if cut:
+        notes.append(reasoning_cut_advice(cut))
+    return notes
+
+
+def reasoning_cut_advice(rows: int) -> str:
+    """The line that says some answers were used up by reasoning, and what to raise."""
+    return (
+        f"{_plural(rows, 'row')} came back empty (finish_reason length): reasoning used up "
+        "the completion limit before any answer; raise max_completion_tokens (--max-tokens, "
+        "or --param max_completion_tokens=N)"
+    )
 
 
 def _plural(count: int, noun: str) -> str:

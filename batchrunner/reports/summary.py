@@ -63,6 +63,16 @@ class GroupSummary:
     latency_p95_ms: float | None
     cache_hits: int = 0  # rows served from the response cache: their cost is not in cost_usd
     reused_cost_usd: float = 0.0  # what those rows cost when first paid (the files' cost_usd)
+    # completion_tokens_details.reasoning_tokens: a part of completion_tokens, not added to it
+    reasoning_tokens: int = 0
+    # ok rows with no answer because reasoning used up the limit (finish_reason "length",
+    # every completion token a reasoning token): raise max_completion_tokens for them
+    reasoning_cut_rows: int = 0
+
+    @property
+    def reasoning_share(self) -> float | None:
+        """The share of completion tokens spent reasoning (None without completion tokens)."""
+        return self.reasoning_tokens / self.completion_tokens if self.completion_tokens else None
 
 
 _FIGURES = tuple(f for f in GroupSummary.__slots__ if f != "key")  # type: ignore[attr-defined]
@@ -99,8 +109,13 @@ class SummaryReport:
             "unpriced_models": list(self.unpriced_models),
             "errors": [e.to_dict() for e in self.errors],
             "from_checkpoint": list(self.from_checkpoint),
-            "groups": [_plain(asdict(g)) for g in self.groups],
-            "total": _plain({k: v for k, v in asdict(self.total).items() if k != "key"}),
+            "groups": [
+                _plain(asdict(g) | {"reasoning_share": g.reasoning_share}) for g in self.groups
+            ],
+            "total": _plain(
+                {k: v for k, v in asdict(self.total).items() if k != "key"}
+                | {"reasoning_share": self.total.reasoning_share}
+            ),
         } | ({"structured": self.structured.to_dict()} if self.structured else {})
 
 
@@ -232,7 +247,10 @@ _SUMS = (
     "file_uncosted",  # billable rows whose cost_usd is null
     "hits",  # rows served from the response cache (not paid: out of every cost sum above)
     "reused",  # their cost when first paid, from the files' cost_usd
+    "reasoning_tokens",
+    "reasoning_cut",  # ok rows left empty by reasoning that used up the limit
 )
+_OPTIONAL = ("cache_hit", "cost_usd", "reasoning_tokens", "finish_reason")  # older files lack some
 
 
 def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> SummaryReport:
@@ -252,10 +270,10 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
         if _read_from_checkpoint(path):
             from_checkpoint.append(str(path))
             # the checkpoint has every result column (cache_hit and cost_usd included)
-            extra = [c for c in ("cache_hit", "cost_usd") if c not in needed]
+            extra = [c for c in _OPTIONAL if c not in needed]
             batches = _checkpoint_batches(path, by, [*needed, *extra])
         else:
-            extra = [c for c in ("cache_hit", "cost_usd") if c in _names(path) and c not in needed]
+            extra = [c for c in _OPTIONAL if c in _names(path) and c not in needed]
             batches = _read_batches(path, by, [*needed, *extra])
         for table in batches:
             failed = table.filter(pc.fill_null(pc.not_equal(table.column("status"), "ok"), True))
@@ -301,7 +319,10 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     def per_key(values: np.ndarray) -> np.ndarray:
         return np.bincount(pk, weights=values, minlength=nkeys)
 
-    by_key = {name: per_key(s[name]) for name in ("rows", "ok", *_TOKENS, "hits", "reused")}
+    by_key = {
+        name: per_key(s[name])
+        for name in ("rows", "ok", *_TOKENS, "hits", "reused", "reasoning_tokens", "reasoning_cut")
+    }
     cost_by_key = per_key(pair_cost)
     unpriced_by_key = per_key(pair_unpriced)
     lk = np.concatenate(lat_keys) if lat_keys else np.zeros(0, np.int64)
@@ -382,6 +403,13 @@ def _tally(
     reused = (np.where(hit, _floats(pc.fill_null(table.column("cost_usd"), 0.0)), 0.0)
               if hit.any() else np.zeros(n))
     billable, complete = billable & ~hit, complete & ~hit  # a cache hit was not paid for
+    names = table.column_names
+    reasoning = (_counts(table.column("reasoning_tokens")) if "reasoning_tokens" in names
+                 else np.zeros(n))
+    cut = np.zeros(n, dtype=bool)
+    if "finish_reason" in names and reasoning.any():
+        length = _bool(pc.fill_null(pc.equal(table.column("finish_reason"), "length"), False))
+        cut = ok & length & (reasoning > 0) & (reasoning >= counts["completion_tokens"])
     if not recompute:
         cost_col = table.column("cost_usd")
         file_cost = np.where(hit, 0.0, _floats(pc.fill_null(cost_col, 0.0)))
@@ -405,6 +433,8 @@ def _tally(
         uncosted,
         hit,
         reused,
+        reasoning,
+        cut,
     )
     # Group rows by (key, model) pair: a dense pair index, then one bincount per sum.
     width = int(mglobal.max(initial=0)) + 1
@@ -450,6 +480,8 @@ def _group(
         latency_p95_ms=None if p95 is None or math.isnan(p95) else float(p95),
         cache_hits=int(round(sums.get("hits", 0))),
         reused_cost_usd=float(sums.get("reused", 0.0)),
+        reasoning_tokens=int(round(sums.get("reasoning_tokens", 0))),
+        reasoning_cut_rows=int(round(sums.get("reasoning_cut", 0))),
     )
 
 

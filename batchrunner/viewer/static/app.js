@@ -406,6 +406,17 @@
 
   // -- one row ----------------------------------------------------------------------------------
 
+  function toolCalls(text) {
+    // The tool_calls column: JSON text of a list of {id, type, function: {name, arguments}}.
+    if (!text) return [];
+    try {
+      const calls = JSON.parse(text);
+      return Array.isArray(calls) ? calls : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
   function renderDetail(detail) {
     const row = detail.row;
     $("detail").hidden = false;
@@ -427,7 +438,19 @@
     } else {
       messages.append(el("p", { class: "muted" }, "not known (see the input columns)"));
     }
-    $("detail-answer").textContent = row.content === null || row.content === undefined ? "(no answer)" : row.content;
+    const calls = toolCalls(row.tool_calls);
+    $("detail-answer").textContent = row.content === null || row.content === undefined
+      ? (calls.length ? "(no text: the model called a tool)" : "(no answer)") : row.content;
+    $("detail-tools-box").hidden = !calls.length;
+    const tools = $("detail-tools");
+    clear(tools);
+    for (const call of calls) {
+      const fn = (call && call.function) || {};
+      let args = fn.arguments;
+      try { args = JSON.stringify(JSON.parse(args), null, 2); } catch (e) { /* kept as sent */ }
+      tools.append(el("li", { class: "tool-call" }, el("div", { class: "role" }, shown(fn.name)),
+        el("pre", { class: "text" }, shown(args))));
+    }
 
     const choices = row.choices || [];
     $("detail-choices-box").hidden = choices.length < 2;
@@ -441,7 +464,7 @@
     const facts = $("detail-facts");
     clear(facts);
     const factKeys = ["status", "model", "response_model", "finish_reason", "prompt_tokens", "completion_tokens",
-      "cached_tokens", "total_tokens", "cost_usd", "attempts", "latency_ms", "ttft_ms", "http_status",
+      "cached_tokens", "reasoning_tokens", "total_tokens", "cost_usd", "attempts", "latency_ms", "ttft_ms", "http_status",
       "response_id", "score", "cache_hit", "refusal", "parsed", "reasks", "reask_cost_usd"];
     for (const key of factKeys) {
       if (!(key in row)) continue;
