@@ -70,6 +70,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointStatus",
     "DoneSet",
+    "check_output_apart",
     "checkpoint_dir",
     "checkpoint_results",
     "read_done",
@@ -92,6 +93,41 @@ def use_system_allocator() -> None:
 def checkpoint_dir(output: Path) -> Path:
     """Where the checkpoint of `output` lives: `OUTPUT.checkpoint/` beside it."""
     return output.with_name(output.name + ".checkpoint")
+
+
+def check_output_apart(input: Path | str, output: Path | str) -> None:
+    """Refuse (UsageError) an output that would overwrite the input or a checkpoint.
+
+    Refused before anything is sent: the output is the input itself (the same path, or the
+    same file through a symbolic or hard link), or lies inside the input's checkpoint folder
+    or another output's (a `*.checkpoint` folder with a manifest or a lock); and an input
+    inside the output's checkpoint folder, which `--restart` would empty.
+    """
+    if isinstance(input, str) or isinstance(output, str):  # object-store URIs: text only
+        if str(input) == str(output):
+            raise UsageError(f"--output {output} is the input itself: it would be overwritten; "
+                             "write the results to another file")
+        return
+    source, target = Path(input), Path(output)
+    same = source.resolve() == target.resolve()
+    if not same and source.exists() and target.exists():
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(source, target)  # a hard link: same device and inode
+    if same:
+        raise UsageError(f"--output {output} is the input {input} itself: it would be "
+                         "overwritten; write the results to another file")
+    folders = [checkpoint_dir(source).resolve()]
+    for folder in target.resolve().parents:
+        if folder in folders or (
+            folder.name.endswith(".checkpoint")
+            and ((folder / "manifest.json").exists() or (folder / "lock").exists())
+        ):
+            raise UsageError(f"--output {output} lies inside the checkpoint folder {folder}: "
+                             "write the results outside it")
+    own = checkpoint_dir(target).resolve()
+    if own in source.resolve().parents:
+        raise UsageError(f"--input {input} lies inside the output's checkpoint folder {own}, "
+                         "which the run owns (--restart empties it): move the input out")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import inputs, preflight, rowhash, storage
 from .cache import CacheSession, request_hash
-from .checkpoint import Checkpoint, checkpoint_dir
+from .checkpoint import Checkpoint, check_output_apart, checkpoint_dir
 from .client import Client
 from .config import RunConfig, resolve_api_key
 from .errors import AuthRefused, RequestError, UsageError
@@ -96,6 +96,7 @@ async def arun(
     0
     """
     control = control or RunControl()
+    check_output_apart(config.input, config.output)  # the input is never overwritten
     if storage.is_uri(config.input) or storage.is_uri(config.output):
         # Object-store paths: the run works on local copies kept in step with the store.
         return await storage.staged_run(
@@ -432,6 +433,7 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
     check_output(config.output)
+    check_output_apart(config.input, config.output)
     if len(config.models) > 1:
         config = config.replace(model=config.models[0])
     if storage.is_uri(config.input):

@@ -341,3 +341,47 @@ def test_input_columns_named_like_results_keep_every_value(
     assert first["input_input_status"] == "older"
     assert first["input_input_input_status"] == "draft"  # `status`, moved past both
     assert first["input_score"] == 0.5
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+@pytest.mark.parametrize("how", ["path", "symlink", "hardlink", "dotted"])
+def test_an_output_that_is_the_input_is_refused_before_sending(
+    tmp_path: Path, gateway, suffix: str, how: str  # type: ignore[no-untyped-def]
+) -> None:
+    from batchrunner.errors import UsageError
+
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(source, prompts(3))
+    else:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        table = pa.Table.from_pylist(prompts(3))
+        pq.write_table(table, source) if suffix == ".parquet" else pacsv.write_csv(table, source)
+    before = source.read_bytes()
+    output = {"path": source, "dotted": tmp_path / "." / source.name,
+              "symlink": tmp_path / f"link{suffix}", "hardlink": tmp_path / f"hard{suffix}"}[how]
+    if how == "symlink":
+        output.symlink_to(source)
+    elif how == "hardlink":
+        output.hardlink_to(source)
+    config = RunConfig(input=source, output=output, base_url=gateway.base_url, model="gpt-4o")
+    with pytest.raises(UsageError, match="is the input"):
+        run(config, handle_signals=False)
+    assert gateway.stats.requests == 0 and source.read_bytes() == before
+
+
+def test_an_output_inside_a_checkpoint_folder_is_refused(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner.errors import UsageError
+
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    first = RunConfig(input=source, output=tmp_path / "a.parquet", base_url=gateway.base_url,
+                      model="gpt-4o")
+    assert run(first, handle_signals=False).exit_code == 0
+    sent = gateway.stats.requests
+    for output in (tmp_path / "a.parquet.checkpoint" / "b.parquet",  # another output's
+                   tmp_path / "in.jsonl.checkpoint" / "c.parquet"):  # the input's
+        with pytest.raises(UsageError, match="inside the checkpoint folder"):
+            run(first.replace(output=output), handle_signals=False)
+    assert gateway.stats.requests == sent
