@@ -434,6 +434,8 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     PriceTable.load(config.prices)
     check_output(config.output)
     check_output_apart(config.input, config.output)
+    if config.json_schema is not None:  # compiled, its $refs resolved, as the run does
+        load_schema(config.json_schema)
     if len(config.models) > 1:
         config = config.replace(model=config.models[0])
     if storage.is_uri(config.input):
