@@ -40,7 +40,13 @@ from .results import Result
 from .durability import read_fault
 # The parts of the checkpoint; the names other modules and tests take from here are re-exported.
 from .assembly import OutputAssembly, _join, output_column_names
-from .manifest import MANIFEST_VERSION, LockAndManifest, _is_locked, describe_changes
+from .manifest import (
+    MANIFEST_VERSION,
+    LockAndManifest,
+    _is_locked,
+    describe_changes,
+    read_manifest,
+)
 from .resume import DoneSet, DoneState, _done_of, _last_results, _Progress, _top_errors
 from .segments import (
     _SEGMENT_SCHEMA,
@@ -381,13 +387,9 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
 def read_status(output: Path) -> CheckpointStatus:
     """What the checkpoint of `output` says, whether a run is live, interrupted or finished."""
     directory = checkpoint_dir(output)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.exists():
+    manifest = read_manifest(directory, missing_ok=True)
+    if manifest is None:
         raise UsageError(f"{output}: no checkpoint found at {directory}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
     loaded = _load(directory, int(manifest.get("first_segment", 0)))
     totals = _totals(loaded.summary)
     rows = int(manifest.get("rows", 0))
@@ -411,12 +413,9 @@ def checkpoint_results(output: Path, columns: Sequence[str]) -> tuple[pa.Table, 
     Raises UsageError when `output` has no checkpoint.
     """
     directory = checkpoint_dir(output)
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{output}: no result file and no checkpoint at {directory}") from None
-    except ValueError:
-        raise UsageError(f"{directory / 'manifest.json'}: the manifest is unreadable") from None
+    manifest = read_manifest(directory, missing_ok=True)
+    if manifest is None:
+        raise UsageError(f"{output}: no result file and no checkpoint at {directory}")
     rows = int(manifest.get("rows", 0))
     first = int(manifest.get("first_segment", 0))
     return _last_results(directory, columns, rows or None, first), rows
@@ -427,8 +426,10 @@ def read_done(output: Path) -> tuple[DoneSet, dict[str, Any]] | None:
     None when there is no checkpoint. Takes no lock: a run may be going on."""
     directory = checkpoint_dir(output)
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(directory, missing_ok=True)
+    except UsageError:
+        return None
+    if manifest is None:
         return None
     first = int(manifest.get("first_segment", 0))
     return _done_of(directory, first), manifest.get("fingerprint", {})

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from typing import Any
 from . import inputs, preflight, rowhash, storage
 from .cache import CacheSession, request_hash
 from .checkpoint import Checkpoint, check_output_apart, checkpoint_dir
+from .manifest import read_manifest
 from .client import Client
 from .config import RunConfig, resolve_api_key
 from .errors import AuthRefused, RequestError, UsageError
@@ -357,10 +357,10 @@ def _check_scoring(config: RunConfig, columns: tuple[str, ...]) -> Metric | None
 def _finished_before(output: Path) -> bool:
     """True when a previous run finished this output (nothing is left to send)."""
     try:
-        manifest = json.loads((checkpoint_dir(output) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(checkpoint_dir(output), missing_ok=True)
+    except UsageError:  # an untrusted folder: the run refuses it, after this
         return False
-    return bool(manifest.get("finished")) and output.exists()
+    return bool(manifest and manifest.get("finished")) and output.exists()
 
 
 class ChangedInput:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ..checkpoint import RESULT_SCHEMA, checkpoint_dir, checkpoint_results
 from ..errors import UsageError
+from ..manifest import read_manifest
 from ..failures import ErrorCount, merge_counts, value_counts
 from ..pricing import PRICES_AS_OF, PriceTable
 from ..structured import StructuredSummary, summarize_files
@@ -150,11 +151,13 @@ def _unfinished_outputs(folders: Iterable[str]) -> list[str]:
 def _read_from_checkpoint(output: Path) -> bool:
     """True when the summary of `output` must come from its checkpoint: the run is going on,
     was interrupted, or is going again (the file, if any, is not the latest)."""
-    manifest = checkpoint_dir(output) / "manifest.json"
     try:
-        finished = json.loads(manifest.read_text()).get("finished")
-    except (OSError, ValueError):
+        manifest = read_manifest(checkpoint_dir(output), missing_ok=True)
+    except UsageError:  # an untrusted folder: its output file, if any, is what there is
         return False
+    if manifest is None:
+        return False
+    finished = manifest.get("finished")
     return not (finished and output.is_file())
 
 
