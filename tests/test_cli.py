@@ -123,6 +123,52 @@ def test_validate(tmp_path: Path) -> None:
     assert done.returncode == 2 and "nowhere.jsonl" in done.stderr
 
 
+def _validate_job(folder: Path, lines: list[str], model: str = "gpt-4o-mini",
+                  extra: str = "") -> Path:
+    (folder / "in.jsonl").write_text("".join(line + "\n" for line in lines))
+    job = folder / "job.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out.parquet"\nmodel = "{model}"\n{extra}')
+    return job
+
+
+def test_validate_is_a_dry_run_that_checks_models_rows_and_estimates(
+    tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", SECRET)
+    good = [json.dumps({"id": i, "prompt": f"q{i}"}) for i in range(5)]
+    url = ["--base-url", gateway.base_url]
+    ok = CliRunner().invoke(main, ["validate", str(_validate_job(tmp_path, good)), *url])
+    assert ok.exit_code == 0, ok.output
+    assert "gpt-4o-mini: listed by the gateway" in ok.output and "5 rows" in ok.output
+    assert "cost (USD)" in ok.output  # the estimate
+    # an unknown model: exit 2, as run's pre-flight
+    unknown = CliRunner().invoke(main, ["validate", str(_validate_job(tmp_path, good, "gpt-4o-mni")),
+                                        *url])
+    assert unknown.exit_code == 2 and "'gpt-4o-mni' is not one the gateway lists" in unknown.output
+    # problem rows: counted, the first shown with their lines, exit 2
+    bad = [*good, "not json", json.dumps({"id": "e", "prompt": ""}), *["{"] * 7]
+    problems = CliRunner().invoke(main, ["validate", str(_validate_job(tmp_path, bad)), *url])
+    assert problems.exit_code == 2, problems.output
+    assert "problem rows: 9" in problems.output and "line 6: not valid JSON" in problems.output
+    assert "line 7: prompt is empty" in problems.output
+    assert "9 input rows of 14 cannot be sent" in problems.output
+    assert gateway.stats.requests == 0  # no chat completion asked for, in any of them
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_validate_warns_where_the_gateway_cannot_say(tmp_path: Path) -> None:
+    job = _validate_job(tmp_path, [json.dumps({"id": 1, "prompt": "q"})])
+    down = cli("validate", str(job), "--base-url", "http://127.0.0.1:1/v1",
+               env={"RU_LLM_API_KEY": SECRET})
+    assert down.returncode == 0, down.stderr
+    assert "not checked: GET /models did not answer" in down.stdout
+    keyless = cli("validate", str(job))
+    assert keyless.returncode == 0 and "not checked: no API key" in keyless.stdout
+    local = cli("validate", str(_validate_job(tmp_path, [json.dumps({"prompt": "q"})],
+                                              "gpt-4o-mni")), "--local")
+    assert local.returncode == 2 and "'gpt-4o-mni' is not one the gateway lists" in local.stderr
+
+
 def test_the_key_never_appears_in_any_file_or_output(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
     """Every path a key could leak through: results, checkpoint, summary, logs, errors."""
     source = tmp_path / "in.jsonl"
