@@ -34,7 +34,7 @@ from .client import Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
 from .errors import AuthRefused, RequestError, UsageError
 from .openfiles import ensure_room_for
-from .export import check_output
+from .export import check_output, check_writable
 from .local import endpoint, run_endpoint
 from .limits import Budget, Deadline, parse_deadline
 from .pacing import Pacer
@@ -238,11 +238,16 @@ class _Run(Dispatch, RowProcessing, Recording):
 
     async def execute(self) -> RunReport:
         config = self.config
-        check_output(config.output)  # nothing is paid for that cannot be written (SPEC 7)
+        check_output(config.output)  # nothing is paid for that cannot be written
+        if config.summary_json is not None:  # nor a run whose monitoring file cannot be
+            check_writable(config.summary_json, what="--summary-json")
         deadline = self._deadline()
         if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
             config = self.config = config.replace(model=config.models[0])
         info = inputs.scan_input(config)
+        if info.rows == 0:  # not an error (a nightly export can be empty), but said
+            log.warning("%s: the input has no rows: nothing to send; the output is written "
+                        "empty (exit 0)", config.input)
         builder = RequestBuilder(config, info.columns)
         self.id_column = inputs.resolve_columns(config, info.columns).id_column
         self.metric = _check_scoring(config, info.columns)
@@ -401,6 +406,8 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     PriceTable.load(config.prices)
     check_output(config.output)
     check_output_apart(config.input, config.output)
+    if config.summary_json is not None:
+        check_writable(config.summary_json, what="--summary-json")
     if config.json_schema is not None:  # compiled, its $refs resolved, as the run does
         load_schema(config.json_schema)
     if len(config.models) > 1:

@@ -254,3 +254,39 @@ def test_every_job_file_runs_against_the_simulator(tmp_path: Path, gateway, job:
     if "local" not in job:
         assert gateway.stats.requests == table.num_rows
     assert cli("validate", f"jobs/{job}").returncode == 0
+
+
+def test_an_unwritable_summary_json_is_refused_before_sending(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": 1, "prompt": "q"}) + "\n")
+    (tmp_path / "file").write_text("in the way")
+    for target in (tmp_path / "file" / "summary.json", tmp_path / "file" / "deep" / "s.json"):
+        done = cli("run", "-i", str(source), "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+                   "--base-url", gateway.base_url, "--summary-json", str(target),
+                   env={"RU_LLM_API_KEY": SECRET})
+        assert done.returncode == 2, done.stderr
+        assert f"--summary-json {target}" in done.stderr and "Traceback" not in done.stderr
+    assert gateway.stats.requests == 0 and not (tmp_path / "o.parquet").exists()
+
+
+def test_an_empty_input_says_so_and_exits_0(tmp_path: Path) -> None:
+    source = tmp_path / "empty.jsonl"
+    source.write_text("")
+    done = cli("run", "-i", str(source), "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+               "--local", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f"{source}: the input has no rows" in done.stderr
+    assert (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_summary_reads_jsonl_and_csv_outputs(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"o{suffix}"
+    done = cli("run", "-i", "sample_data/prompts.jsonl", "-o", str(out), "-m", "gpt-4o-mini",
+               "--local", "--limit", "7", "--quiet")
+    assert done.returncode == 0, done.stderr
+    shown = cli("summary", str(out), "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)
+    assert figures["total"]["rows"] == 7 and figures["total"]["ok"] == 7
+    assert figures["total"]["prompt_tokens"] > 0 and figures["total"]["cost_usd"] > 0
