@@ -29,7 +29,7 @@ from typing import Any
 from . import inputs, preflight, rowhash, storage
 from .cache import CacheSession, request_hash
 from .checkpoint import Checkpoint, check_output_apart, checkpoint_dir
-from .manifest import read_manifest
+from .manifest import read_manifest, trusted_manifest
 from .client import Client
 from .config import RunConfig, resolve_api_key, resolve_base_url
 from .errors import AuthRefused, RequestError, UsageError
@@ -505,6 +505,8 @@ def validate_job(config: RunConfig) -> JobCheck:
     from .reports.estimate import estimate  # the estimate `batchrunner estimate` prints
 
     info = check_job(config)
+    if not storage.is_uri(config.output):  # a checkpoint `run` would refuse to trust
+        trusted_manifest(checkpoint_dir(Path(config.output)))
     checked = config.replace(model=config.models[0]) if len(config.models) > 1 else config
     if storage.is_uri(checked.input):
         checked = checked.replace(input=storage.stage_input(str(checked.input)))

@@ -63,6 +63,15 @@ def read_manifest(directory: Path, *, missing_ok: bool = False) -> dict[str, Any
     return manifest
 
 
+def trusted_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a checkpoint folder `run` may use, None for a new (or no) folder;
+    UntrustedCheckpoint (exit 2, naming the folder and --restart) for one it must not trust."""
+    manifest = read_manifest(directory, missing_ok=True)
+    if manifest is None and directory.is_dir() and _holds_more_than_a_lock(directory):
+        raise UntrustedCheckpoint(f"{directory}: {_refusal('manifest.json is missing')}")
+    return manifest
+
+
 def _holds_more_than_a_lock(directory: Path) -> bool:
     """True when the folder holds anything a run writes after its manifest (results)."""
     return any(not (p.name in _BEFORE_THE_MANIFEST or p.name.startswith("."))
@@ -150,9 +159,7 @@ class LockAndManifest:
         rows: int,
         current: CurrentInput | None = None,
     ) -> None:
-        manifest = read_manifest(self.directory, missing_ok=True)
-        if manifest is None and _holds_more_than_a_lock(self.directory):
-            raise UntrustedCheckpoint(f"{self.directory}: {_refusal('manifest.json is missing')}")
+        manifest = trusted_manifest(self.directory)
         if manifest is not None:
             self._manifest = manifest
             self._finish_compaction()

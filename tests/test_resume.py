@@ -306,6 +306,11 @@ def test_a_checkpoint_whose_manifest_cannot_be_trusted_is_refused_unless_restart
         read = finish([sys.executable, "-m", "batchrunner", *reader])
         assert read.returncode in (0, 2) and "Traceback" not in read.stderr, read.stderr
         assert "internal error" not in read.stderr
+    validate = tmp_path / "job.toml"
+    validate.write_text(f'input = "{source}"\noutput = "{output}"\nmodel = "{MODEL}"\n')
+    checked = finish([sys.executable, "-m", "batchrunner", "validate", str(validate),
+                      "--base-url", gateway.base_url])
+    assert checked.returncode == 2 and str(checkpoint_dir(output)) in checked.stderr
     restarted = finish([*other, "--restart"])
     assert restarted.returncode == 0, restarted.stderr
     assert gateway.stats.requests == 10
