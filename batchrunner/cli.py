@@ -531,8 +531,8 @@ def validate(job: Path, base_url: str | None, local: bool | None) -> None:
     click.echo(f"{job}: {plural(info.rows, 'row')} from {config.input} ({info.format}), "
                f"results to {config.output}")
     if config.json_schema is not None:
-        click.echo(f"  schema: {config.json_schema if isinstance(config.json_schema, Path) else 'inline'}"
-                   ": compiled, every $ref resolved")
+        where = config.json_schema if isinstance(config.json_schema, Path) else "inline"
+        click.echo(f"  schema: {where}: compiled, every $ref resolved")
     models = ", ".join(check.models) or "none named"
     if check.models_note is None:
         click.echo(f"  models: {models}: listed by the gateway")

@@ -142,8 +142,8 @@ def test_validate_is_a_dry_run_that_checks_models_rows_and_estimates(
     assert "gpt-4o-mini: listed by the gateway" in ok.output and "5 rows" in ok.output
     assert "cost (USD)" in ok.output  # the estimate
     # an unknown model: exit 2, as run's pre-flight
-    unknown = CliRunner().invoke(main, ["validate", str(_validate_job(tmp_path, good, "gpt-4o-mni")),
-                                        *url])
+    misspelt = _validate_job(tmp_path, good, "gpt-4o-mni")
+    unknown = CliRunner().invoke(main, ["validate", str(misspelt), *url])
     assert unknown.exit_code == 2 and "'gpt-4o-mni' is not one the gateway lists" in unknown.output
     # problem rows: counted, the first shown with their lines, exit 2
     bad = [*good, "not json", json.dumps({"id": "e", "prompt": ""}), *["{"] * 7]
