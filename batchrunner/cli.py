@@ -533,6 +533,8 @@ def validate(job: Path, base_url: str | None, local: bool | None) -> None:
     if config.json_schema is not None:
         where = config.json_schema if isinstance(config.json_schema, Path) else "inline"
         click.echo(f"  schema: {where}: compiled, every $ref resolved")
+    if info.rows == 0:
+        click.echo("  the input has no rows: a run writes an empty output and exits 0")
     models = ", ".join(check.models) or "none named"
     if check.models_note is None:
         click.echo(f"  models: {models}: listed by the gateway")

@@ -306,6 +306,11 @@ def test_a_checkpoint_whose_manifest_cannot_be_trusted_is_refused_unless_restart
         read = finish([sys.executable, "-m", "batchrunner", *reader])
         assert read.returncode in (0, 2) and "Traceback" not in read.stderr, read.stderr
         assert "internal error" not in read.stderr
+    output.unlink()  # no file to read instead: summary names the folder it cannot trust
+    read = finish([sys.executable, "-m", "batchrunner", "summary", str(output)])
+    assert read.returncode == 2 and "Traceback" not in read.stderr
+    if damage != "deleted":  # with no manifest the folder is no checkpoint: "no file matches"
+        assert str(checkpoint_dir(output)) in read.stderr, read.stderr
     validate = tmp_path / "job.toml"
     validate.write_text(f'input = "{source}"\noutput = "{output}"\nmodel = "{MODEL}"\n')
     checked = finish([sys.executable, "-m", "batchrunner", "validate", str(validate),

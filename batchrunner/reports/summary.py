@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..checkpoint import RESULT_SCHEMA, checkpoint_dir, checkpoint_results
 from ..errors import UsageError
-from ..manifest import read_manifest
+from ..manifest import trusted_manifest
 from ..failures import ErrorCount, merge_counts, value_counts
 from ..pricing import PRICES_AS_OF, PriceTable
 from ..structured import StructuredSummary, summarize_files
@@ -152,9 +152,11 @@ def _read_from_checkpoint(output: Path) -> bool:
     """True when the summary of `output` must come from its checkpoint: the run is going on,
     was interrupted, or is going again (the file, if any, is not the latest)."""
     try:
-        manifest = read_manifest(checkpoint_dir(output), missing_ok=True)
+        manifest = trusted_manifest(checkpoint_dir(output))
     except UsageError:  # an untrusted folder: its output file, if any, is what there is
-        return False
+        if output.is_file():
+            return False
+        raise
     if manifest is None:
         return False
     finished = manifest.get("finished")
