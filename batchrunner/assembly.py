@@ -84,10 +84,28 @@ class OutputAssembly:
         return picked.drop_columns(["_row", "_hash", "_ihash"])
 
 
+# Result columns an input column may not keep its name beside: the results' own, and `score`
+# (added by scoring, during the run or by `batchrunner score` later).
+RESULT_NAMES = frozenset(RESULT_SCHEMA.names) | {"score"}
+
+
 def output_column_names(input_columns: Sequence[str]) -> list[str]:
-    """Output columns: id, the input's (renamed `input_X` where they clash), then results."""
-    result_names = set(RESULT_SCHEMA.names)
-    carried = [f"input_{c}" if c in result_names else c for c in input_columns]
+    """Output columns: id, the input's, then the results'; never two of one name.
+
+    An input column named like a result column is carried as `input_<name>`, or
+    `input_input_<name>` where that is taken too (by another input column), and so on: no
+    input value is dropped or shadowed, in any output format.
+    """
+    taken = set(RESULT_NAMES) | set(input_columns)
+    carried: list[str] = []
+    for column in input_columns:
+        if column in RESULT_NAMES:
+            name = f"input_{column}"
+            while name in taken:
+                name = f"input_{name}"
+            taken.add(name)
+            column = name
+        carried.append(column)
     return ["id", *carried, *RESULT_SCHEMA.names[1:]]
 
 

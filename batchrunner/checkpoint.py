@@ -40,7 +40,13 @@ from .results import Result
 from .durability import read_fault
 # The parts of the checkpoint; the names other modules and tests take from here are re-exported.
 from .assembly import OutputAssembly, _join, output_column_names
-from .manifest import MANIFEST_VERSION, LockAndManifest, _is_locked, describe_changes
+from .manifest import (
+    MANIFEST_VERSION,
+    LockAndManifest,
+    _is_locked,
+    describe_changes,
+    read_manifest,
+)
 from .resume import DoneSet, DoneState, _done_of, _last_results, _Progress, _top_errors
 from .segments import (
     _SEGMENT_SCHEMA,
@@ -70,6 +76,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointStatus",
     "DoneSet",
+    "check_output_apart",
     "checkpoint_dir",
     "checkpoint_results",
     "read_done",
@@ -92,6 +99,41 @@ def use_system_allocator() -> None:
 def checkpoint_dir(output: Path) -> Path:
     """Where the checkpoint of `output` lives: `OUTPUT.checkpoint/` beside it."""
     return output.with_name(output.name + ".checkpoint")
+
+
+def check_output_apart(input: Path | str, output: Path | str) -> None:
+    """Refuse (UsageError) an output that would overwrite the input or a checkpoint.
+
+    Refused before anything is sent: the output is the input itself (the same path, or the
+    same file through a symbolic or hard link), or lies inside the input's checkpoint folder
+    or another output's (a `*.checkpoint` folder with a manifest or a lock); and an input
+    inside the output's checkpoint folder, which `--restart` would empty.
+    """
+    if isinstance(input, str) or isinstance(output, str):  # object-store URIs: text only
+        if str(input) == str(output):
+            raise UsageError(f"--output {output} is the input itself: it would be overwritten; "
+                             "write the results to another file")
+        return
+    source, target = Path(input), Path(output)
+    same = source.resolve() == target.resolve()
+    if not same and source.exists() and target.exists():
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(source, target)  # a hard link: same device and inode
+    if same:
+        raise UsageError(f"--output {output} is the input {input} itself: it would be "
+                         "overwritten; write the results to another file")
+    folders = [checkpoint_dir(source).resolve()]
+    for folder in target.resolve().parents:
+        if folder in folders or (
+            folder.name.endswith(".checkpoint")
+            and ((folder / "manifest.json").exists() or (folder / "lock").exists())
+        ):
+            raise UsageError(f"--output {output} lies inside the checkpoint folder {folder}: "
+                             "write the results outside it")
+    own = checkpoint_dir(target).resolve()
+    if own in source.resolve().parents:
+        raise UsageError(f"--input {input} lies inside the output's checkpoint folder {own}, "
+                         "which the run owns (--restart empties it): move the input out")
 
 
 @dataclass(frozen=True)
@@ -347,13 +389,9 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
 def read_status(output: Path) -> CheckpointStatus:
     """What the checkpoint of `output` says, whether a run is live, interrupted or finished."""
     directory = checkpoint_dir(output)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.exists():
+    manifest = read_manifest(directory, missing_ok=True)
+    if manifest is None:
         raise UsageError(f"{output}: no checkpoint found at {directory}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise UsageError(f"{manifest_path}: the manifest is unreadable") from None
     loaded = _load(directory, int(manifest.get("first_segment", 0)))
     totals = _totals(loaded.summary)
     rows = int(manifest.get("rows", 0))
@@ -377,12 +415,9 @@ def checkpoint_results(output: Path, columns: Sequence[str]) -> tuple[pa.Table, 
     Raises UsageError when `output` has no checkpoint.
     """
     directory = checkpoint_dir(output)
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{output}: no result file and no checkpoint at {directory}") from None
-    except ValueError:
-        raise UsageError(f"{directory / 'manifest.json'}: the manifest is unreadable") from None
+    manifest = read_manifest(directory, missing_ok=True)
+    if manifest is None:
+        raise UsageError(f"{output}: no result file and no checkpoint at {directory}")
     rows = int(manifest.get("rows", 0))
     first = int(manifest.get("first_segment", 0))
     return _last_results(directory, columns, rows or None, first), rows
@@ -393,8 +428,10 @@ def read_done(output: Path) -> tuple[DoneSet, dict[str, Any]] | None:
     None when there is no checkpoint. Takes no lock: a run may be going on."""
     directory = checkpoint_dir(output)
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(directory, missing_ok=True)
+    except UsageError:
+        return None
+    if manifest is None:
         return None
     first = int(manifest.get("first_segment", 0))
     return _done_of(directory, first), manifest.get("fingerprint", {})

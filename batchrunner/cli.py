@@ -509,23 +509,52 @@ def models(base_url: str | None, api_key_env: str | None, local: bool, fmt: str)
 
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False, path_type=Path))
-def validate(job: Path) -> None:
-    """Check a job file and its input without sending anything (exit 0 or 2).
+@click.option("--base-url", help="Check the models against this gateway [the job's].")
+@click.option("--local", is_flag=True, default=None,
+              help="Check the models against the built-in gateway simulator.")
+def validate(job: Path, base_url: str | None, local: bool | None) -> None:
+    """Dry-run a job file: check everything a run would, and estimate it; send nothing.
+
+    The job and its paths, the JSON schema (compiled, $refs resolved), the models (against
+    the gateway's GET /models where it answers), every input row (rows a run could not send
+    are counted, the first few shown) and the estimate. No chat completion is requested.
+    Exit 0 when the run would send every row, 2 otherwise.
 
     \b
     Examples:
       batchrunner validate jobs/nightly-eval.toml
+      batchrunner validate jobs/nightly-eval.toml --local
     """
-    from .engine import check_job
-
+    from . import reports
+    from .engine import validate_job
     from .jobs import build_config, load_job
-
-    config = build_config(load_job(job), {})
-    info = check_job(config)
     from .progress import plural
 
-    click.echo(f"{job}: ok: {plural(info.rows, 'row')} from {config.input} ({info.format}), "
+    _configure_logging()
+    overrides = {k: v for k, v in {"base_url": base_url, "local": local}.items() if v}
+    config = build_config(load_job(job), overrides)
+    check = validate_job(config)
+    info = check.info
+    click.echo(f"{job}: {plural(info.rows, 'row')} from {config.input} ({info.format}), "
                f"results to {config.output}")
+    if config.json_schema is not None:
+        where = config.json_schema if isinstance(config.json_schema, Path) else "inline"
+        click.echo(f"  schema: {where}: compiled, every $ref resolved")
+    if info.rows == 0:
+        click.echo("  the input has no rows: a run writes an empty output and exits 0")
+    models = ", ".join(check.models) or "none named"
+    if check.models_note is None:
+        click.echo(f"  models: {models}: listed by the gateway")
+    else:
+        click.echo(f"  models: {models}: not checked: {check.models_note}")
+    click.echo(reports.render_estimate(check.estimate))
+    if check.problem_rows:
+        click.echo(f"  problem rows: {check.problem_rows:,} (a run records them as errors, "
+                   "unsent), the first:")
+        click.echo("\n".join(f"    {problem}" for problem in check.problems))
+        raise UsageError(f"{job}: {plural(check.problem_rows, 'input row')} of "
+                         f"{info.rows:,} cannot be sent; a run would exit 1: fix them first")
+    click.echo(f"{job}: ok: nothing was sent")
 
 
 @main.group()

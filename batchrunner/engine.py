@@ -15,25 +15,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import inputs, preflight, rowhash, storage
 from .cache import CacheSession, request_hash
-from .checkpoint import Checkpoint, checkpoint_dir
+from .checkpoint import Checkpoint, check_output_apart, checkpoint_dir
+from .manifest import read_manifest, trusted_manifest
 from .client import Client
-from .config import RunConfig, resolve_api_key
+from .config import RunConfig, resolve_api_key, resolve_base_url
 from .errors import AuthRefused, RequestError, UsageError
 from .openfiles import ensure_room_for
-from .export import check_output
+from .export import check_output, check_writable
 from .local import endpoint, run_endpoint
 from .limits import Budget, Deadline, parse_deadline
 from .pacing import Pacer
@@ -66,7 +67,7 @@ from .runstate import (  # noqa: F401  (the exit codes are re-exported)
     Tally,
 )
 
-__all__ = ["RunControl", "RunReport", "Tally", "arun", "run"]
+__all__ = ["JobCheck", "RunControl", "RunReport", "Tally", "arun", "run", "validate_job"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ async def arun(
     0
     """
     control = control or RunControl()
+    check_output_apart(config.input, config.output)  # the input is never overwritten
     if storage.is_uri(config.input) or storage.is_uri(config.output):
         # Object-store paths: the run works on local copies kept in step with the store.
         return await storage.staged_run(
@@ -236,11 +238,16 @@ class _Run(Dispatch, RowProcessing, Recording):
 
     async def execute(self) -> RunReport:
         config = self.config
-        check_output(config.output)  # nothing is paid for that cannot be written (SPEC 7)
+        check_output(config.output)  # nothing is paid for that cannot be written
+        if config.summary_json is not None:  # nor a run whose monitoring file cannot be
+            check_writable(config.summary_json, what="--summary-json")
         deadline = self._deadline()
         if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
             config = self.config = config.replace(model=config.models[0])
         info = inputs.scan_input(config)
+        if info.rows == 0:  # not an error (a nightly export can be empty), but said
+            log.warning("%s: the input has no rows: nothing to send; the output is written "
+                        "empty (exit 0)", config.input)
         builder = RequestBuilder(config, info.columns)
         self.id_column = inputs.resolve_columns(config, info.columns).id_column
         self.metric = _check_scoring(config, info.columns)
@@ -291,44 +298,10 @@ class _Run(Dispatch, RowProcessing, Recording):
             return self._finish(ckpt, total, info.rows)
 
     async def _check_models(self, builder: RequestBuilder) -> None:
-        """SPEC 6's pre-flight: the run's models against GET /models, before anything is sent.
-
-        The models are --model and those the first PREFLIGHT_ROWS rows ask for (a `model`
-        column, Batch API bodies); a gateway that does not answer is not an error.
-        """
-        models = self._run_models(builder)
-        if not models:
-            return
-        key = self._api_key
-        if not key:  # a driver that holds no key (the Ray engine's) asks with the job's own
-            try:
-                key = resolve_api_key(self.config.api_key_env)
-            except UsageError:
-                return
-        try:
-            async with Client(
-                self.base_url, key, concurrency=1, timeout=min(self.config.timeout, 30)
-            ) as client:
-                listed = await client.models()
-        except (RequestError, AuthRefused) as exc:
-            log.debug("pre-flight: GET /models did not answer (%s); models not checked", exc)
-            return
-        preflight.check_models(models, listed)
-
-    def _run_models(self, builder: RequestBuilder) -> set[str]:
-        models = {self.config.model} if self.config.model else set()
-        models.update(self.config.models)  # a sweep's
-        plan = inputs.resolve_columns(self.config, builder.columns)
-        if plan.model_column is None and not plan.batch_api:
-            return models
-        records = inputs.iter_records(self.config, columns=builder.columns)
-        for index, record, error in records:
-            if index >= PREFLIGHT_ROWS:
-                break
-            model = builder.build(index, record, error).model
-            if isinstance(model, str):
-                models.add(model)
-        return models
+        """The pre-flight: the run's models against GET /models, before anything is sent."""
+        note = await check_models(self.config, builder, self.base_url, self._api_key)
+        if note is not None:
+            log.debug("pre-flight: %s", note)
 
     def _deadline(self) -> Deadline | None:
         return Deadline.from_text(self.config.deadline) if self.config.deadline else None
@@ -358,10 +331,10 @@ def _check_scoring(config: RunConfig, columns: tuple[str, ...]) -> Metric | None
 def _finished_before(output: Path) -> bool:
     """True when a previous run finished this output (nothing is left to send)."""
     try:
-        manifest = json.loads((checkpoint_dir(output) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(checkpoint_dir(output), missing_ok=True)
+    except UsageError:  # an untrusted folder: the run refuses it, after this
         return False
-    return bool(manifest.get("finished")) and output.exists()
+    return bool(manifest and manifest.get("finished")) and output.exists()
 
 
 class ChangedInput:
@@ -434,6 +407,11 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
         parse_deadline(config.deadline, datetime.now().astimezone())
     PriceTable.load(config.prices)
     check_output(config.output)
+    check_output_apart(config.input, config.output)
+    if config.summary_json is not None:
+        check_writable(config.summary_json, what="--summary-json")
+    if config.json_schema is not None:  # compiled, its $refs resolved, as the run does
+        load_schema(config.json_schema)
     if len(config.models) > 1:
         config = config.replace(model=config.models[0])
     if storage.is_uri(config.input):
@@ -443,6 +421,125 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     RequestBuilder(config, info.columns)
     _check_scoring(config, info.columns)
     return info
+
+
+async def check_models(
+    config: RunConfig, builder: RequestBuilder, base_url: str, api_key: str | None
+) -> str | None:
+    """The run's models against GET /models: UsageError (exit 2) for one the gateway lacks.
+
+    The models are --model and those the first PREFLIGHT_ROWS rows ask for (a `model` column,
+    Batch API bodies). A gateway that does not answer is not an error: then the reason the
+    models were not checked is returned (None when they were).
+    """
+    models = _run_models(config, builder)
+    if not models:
+        return None
+    key = api_key
+    if not key:  # a driver that holds no key (the Ray engine's) asks with the job's own
+        try:
+            key = resolve_api_key(config.api_key_env)
+        except UsageError as exc:
+            return str(exc)
+    try:
+        async with Client(base_url, key, concurrency=1, timeout=min(config.timeout, 30)) as client:
+            listed = await client.models()
+    except (RequestError, AuthRefused) as exc:
+        return f"GET /models did not answer ({exc})"
+    preflight.check_models(models, listed)
+    return None
+
+
+def _run_models(config: RunConfig, builder: RequestBuilder) -> set[str]:
+    models = {config.model} if config.model else set()
+    models.update(config.models)  # a sweep's
+    plan = inputs.resolve_columns(config, builder.columns)
+    if plan.model_column is None and not plan.batch_api:
+        return models
+    records = inputs.iter_records(config, columns=builder.columns)
+    for index, record, error in records:
+        if index >= PREFLIGHT_ROWS:
+            break
+        model = builder.build(index, record, error).model
+        if isinstance(model, str):
+            models.add(model)
+    return models
+
+
+PROBLEM_EXAMPLES = 5  # problem rows `validate` shows (it counts them all)
+
+
+@dataclass(frozen=True)
+class JobCheck:
+    """What `validate_job` found, sending nothing: the input, its problem rows, the models.
+
+    `problem_rows` are the input rows `run` would record as `error` without sending them
+    (a JSONL line that is not JSON, an empty prompt, ...); `problems` are the first few of
+    their errors, each naming its line or row. `models_note` says why the models were not
+    checked against the gateway (unreachable, no key, --no-preflight), None when they were.
+    """
+
+    info: inputs.InputInfo
+    problem_rows: int
+    problems: tuple[str, ...]
+    models: tuple[str, ...]
+    models_note: str | None
+    estimate: Any  # reports.Estimate: rows, tokens and cost, as `batchrunner estimate` says
+
+    @property
+    def ok(self) -> bool:
+        """True when `run` would send every row (no problem row)."""
+        return self.problem_rows == 0
+
+
+def validate_job(config: RunConfig) -> JobCheck:
+    """A dry run: everything `run` checks before sending, and more, with nothing sent.
+
+    The job and its paths (`check_job`), the JSON schema compiled, the models checked against
+    the gateway's GET /models (where it answers: a model it does not list is a UsageError),
+    every input row built (problem rows counted), and the estimate. No chat completion is
+    requested. Raises UsageError on the first error.
+
+    >>> check = validate_job(build_config(load_job(Path("jobs/nightly-eval.toml")), {}))
+    >>> check.problem_rows, check.models_note
+    (0, None)
+    """
+    from .reports.estimate import estimate  # the estimate `batchrunner estimate` prints
+
+    info = check_job(config)
+    if not storage.is_uri(config.output):  # a checkpoint `run` would refuse to trust
+        trusted_manifest(checkpoint_dir(Path(config.output)))
+    checked = config.replace(model=config.models[0]) if len(config.models) > 1 else config
+    if storage.is_uri(checked.input):
+        checked = checked.replace(input=storage.stage_input(str(checked.input)))
+    builder = RequestBuilder(checked, info.columns)
+    problem_rows, problems = 0, []
+    for index, record, error in inputs.iter_records(checked, columns=builder.columns):
+        row = builder.build(index, record, error)
+        if row.error is not None:
+            problem_rows += 1
+            if len(problems) < PROBLEM_EXAMPLES:
+                problems.append(row.error)
+    models = tuple(sorted(_run_models(checked, builder)))
+    note = asyncio.run(_preflight_only(checked, builder))
+    return JobCheck(
+        info=info, problem_rows=problem_rows, problems=tuple(problems), models=models,
+        models_note=note,
+        estimate=estimate(config, prices=PriceTable.load(config.prices)),
+    )
+
+
+async def _preflight_only(config: RunConfig, builder: RequestBuilder) -> str | None:
+    if not config.preflight:
+        return "--no-preflight"
+    if not config.local:
+        try:  # no key or no base URL here (validate may run where the job does not): said
+            resolve_base_url(config.base_url)
+            resolve_api_key(config.api_key_env)
+        except UsageError as exc:
+            return str(exc)
+    async with run_endpoint(config) as (base_url, key):
+        return await check_models(config, builder, base_url, key)
 
 
 async def list_models(

@@ -41,6 +41,7 @@ __all__ = [
     "batch_api_line",
     "check_output",
     "check_output_file",
+    "check_writable",
     "export_results",
     "open_table_writer",
     "output_format",
@@ -82,6 +83,20 @@ def check_output(path: Path | str, *, what: str = "--output") -> str:
         example = path / "results.parquet"
         raise UsageError(f"{what} {path} is a folder: name a file, such as {example}")
     fmt = output_format(path, what=what)
+    check_writable(path, what=what)
+    return fmt
+
+
+def check_writable(path: Path, *, what: str) -> None:
+    """Check, before anything is sent, that the file `path` can be created or replaced.
+
+    Refused (UsageError naming `what`): a folder, a folder that cannot be created (a file is
+    in the way) or written. Nothing is created: a probe file is made and removed in the
+    nearest folder that exists.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder: name a file")
     folder = path.parent if str(path.parent) else Path(".")
     existing = folder
     while not existing.exists():
@@ -97,7 +112,6 @@ def check_output(path: Path | str, *, what: str = "--output") -> str:
         reason = exc.strerror or type(exc).__name__
         where = f"the folder {folder}" if existing == folder else f"{folder} (in {existing})"
         raise UsageError(f"{what} {path}: cannot write {where}: {reason}") from None
-    return fmt
 
 
 # --- writers ------------------------------------------------------------------------------

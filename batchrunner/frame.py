@@ -13,8 +13,9 @@ then reads, fingerprints and resumes it like any other input. Its index is not a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunConfig
-from .errors import UsageError
+from .errors import OutputLocked, UsageError
 from .jobs import build_config
 from .reports import expand_paths
 from .scoring import read_result_batches
@@ -84,6 +85,12 @@ def read_results(
     return table.to_pandas(types_mapper=_nullable_types().get)
 
 
+def _frame_path(output: Path) -> Path:
+    """Where a DataFrame input is written: beside the output, hidden (globs of results skip
+    it)."""
+    return output.with_name(f".{output.name}.input.parquet")
+
+
 def input_from_frame(config: RunConfig | Mapping[str, Any], frame: pd.DataFrame) -> RunConfig:
     """A RunConfig whose input is `frame`, written as Parquet beside the output.
 
@@ -103,7 +110,7 @@ def input_from_frame(config: RunConfig | Mapping[str, Any], frame: pd.DataFrame)
     names = [n for n in frame.index.names if n is not None]
     if id_column is not None and id_column in names and id_column not in frame.columns:
         frame = frame.reset_index(level=id_column)
-    path = output.with_name(f".{output.name}.input.parquet")  # hidden: globs of results skip it
+    path = _frame_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -128,6 +135,26 @@ def _config(config: RunConfig | Mapping[str, Any], input: Any) -> RunConfig:
     return build_config(None, dict(config))
 
 
+@contextlib.contextmanager
+def _frame_input(config: RunConfig | Mapping[str, Any], input: Any) -> Iterator[RunConfig]:
+    """The run's config; a DataFrame input's Parquet copy is removed again when the run is
+    refused before anything was sent (a usage error) and this call made the copy: it is kept
+    only for a run that may be resumed, and never taken from under another run."""
+    made = False
+    if input is not None:
+        output = config.output if isinstance(config, RunConfig) else config.get("output")
+        if output is not None:
+            made = not _frame_path(Path(output)).exists()
+    resolved = _config(config, input)
+    try:
+        yield resolved
+    except UsageError as exc:
+        if made and not isinstance(exc, OutputLocked):
+            with contextlib.suppress(OSError):
+                Path(resolved.input).unlink()
+        raise
+
+
 def run(config: RunConfig | Mapping[str, Any], *, input: pd.DataFrame | None = None,
         **kwargs: Any) -> Any:
     """`engine.run`, taking a DataFrame as the input and a mapping of options as the config.
@@ -137,16 +164,16 @@ def run(config: RunConfig | Mapping[str, Any], *, input: pd.DataFrame | None = N
     """
     from . import engine
 
-    config = _config(config, input)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return engine.run(config, **kwargs)
-    # Called where an event loop is already running (a Jupyter cell): asyncio.run cannot be
-    # nested, so the run gets its own loop in a thread; Ctrl-C is the kernel's then.
-    kwargs["handle_signals"] = False
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner") as pool:
-        return pool.submit(engine.run, config, **kwargs).result()
+    with _frame_input(config, input) as resolved:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return engine.run(resolved, **kwargs)
+        # Called where an event loop is already running (a Jupyter cell): asyncio.run cannot
+        # be nested, so the run gets its own loop in a thread; Ctrl-C is the kernel's then.
+        kwargs["handle_signals"] = False
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner") as pool:
+            return pool.submit(engine.run, resolved, **kwargs).result()
 
 
 async def arun(config: RunConfig | Mapping[str, Any], *, input: pd.DataFrame | None = None,
@@ -154,4 +181,5 @@ async def arun(config: RunConfig | Mapping[str, Any], *, input: pd.DataFrame | N
     """`engine.arun`, with `run`'s DataFrame input and mapping config."""
     from . import engine
 
-    return await engine.arun(_config(config, input), **kwargs)
+    with _frame_input(config, input) as resolved:
+        return await engine.arun(resolved, **kwargs)

@@ -75,6 +75,12 @@ _RESERVED_PARAMS = {
     "stream": "use the top-level `stream` key",
     "messages": "messages come from the input (a messages column, `template` or `prompt_column`)",
 }
+# The same, said to the command line (`--param model=gpt-4o`): the option to use instead.
+_RESERVED_FLAGS = {
+    "model": "use --model (-m), e.g. -m gpt-4o; repeat it for a sweep",
+    "stream": "use --stream or --no-stream",
+    "messages": "messages come from the input (a messages column, --template or --prompt-column)",
+}
 
 # Fields of CreateChatCompletionRequest in tests/data/openai-chat-schema.json: used to tell a
 # misplaced request field from a typo, never to refuse a field (gateways add their own).
@@ -118,6 +124,9 @@ def load_job(path: Path) -> dict[str, Any]:
     job: dict[str, Any] = {}
     params: dict[str, Any] = {}
 
+    if "model" in data and "models" in data:
+        raise UsageError(f"{path}: `model` and `models` are both given: keep `model` for one "
+                         "model, or `models` for a sweep over several")
     for key, value in data.items():
         if key == "params":
             continue
@@ -206,6 +215,8 @@ def param_value(key: str, text: str) -> Any:
     >>> param_value("seed", "7"), param_value("user", '"batch-7"')
     (7, 'batch-7')
     """
+    if key in _RESERVED_FLAGS:  # advice on quoting first would lead to a second refusal
+        raise UsageError(f"--param {key} is not allowed: {_RESERVED_FLAGS[key]}")
     try:
         return json.loads(text)
     except ValueError:
@@ -245,8 +256,8 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
         if key == "params":
             for name, item in dict(value).items():
                 where = f"--param {name}"
-                if name in _RESERVED_PARAMS:
-                    raise UsageError(f"{where} is not allowed: {_RESERVED_PARAMS[name]}")
+                if name in _RESERVED_FLAGS:
+                    raise UsageError(f"{where} is not allowed: {_RESERVED_FLAGS[name]}")
                 given_params[name] = _checked(_REQUEST_CHECKS.get(name, json_value), item, where)
                 _warn_if_typo(name, where)
         elif key in _REQUEST_CHECKS:
@@ -257,6 +268,9 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
         else:
             raise TypeError(f"build_config() got an unknown option {key!r}")
 
+    if overrides.get("model") is not None and overrides.get("models") is not None:
+        raise UsageError("`model` and `models` are both given: keep `model` for one model, "
+                         "or `models` for a sweep over several")
     clash = sorted(named_params.keys() & given_params.keys())
     if clash:
         name = clash[0]

@@ -23,6 +23,60 @@ if TYPE_CHECKING:
 
 MANIFEST_VERSION = 1
 
+# What a checkpoint folder may hold before its manifest is written: the lock (taken first),
+# the crash log of a bug in the command, the reserved fault record.
+_BEFORE_THE_MANIFEST = frozenset({"lock", "crash.log", "storage-fault"})
+
+
+class UntrustedCheckpoint(CheckpointMismatch):
+    """A checkpoint folder whose manifest is missing, unreadable or not batchrunner's."""
+
+
+def _refusal(what: str) -> str:
+    return (f"the checkpoint's {what}, so what it holds cannot be trusted. Run with --restart "
+            "to discard the folder and start again, or write to another --output.")
+
+
+def read_manifest(directory: Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The `manifest.json` of a checkpoint folder, or None where there is none and
+    `missing_ok`; UntrustedCheckpoint (exit 2, naming the folder) where it is unreadable,
+    not JSON or not batchrunner's (an object with a version and a fingerprint)."""
+    path = directory / "manifest.json"
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UsageError(f"no checkpoint found at {directory}") from None
+    except OSError as exc:
+        raise UntrustedCheckpoint(f"{directory}: "
+                                  + _refusal(f"manifest.json is unreadable ({exc.strerror})"))
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        raise UntrustedCheckpoint(f"{directory}: "
+                                  + _refusal("manifest.json is not JSON (corrupt)")) from None
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict)
+            or not isinstance(manifest.get("version"), int)):
+        raise UntrustedCheckpoint(f"{directory}: "
+                                  + _refusal("manifest.json is not batchrunner's"))
+    return manifest
+
+
+def trusted_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a checkpoint folder `run` may use, None for a new (or no) folder;
+    UntrustedCheckpoint (exit 2, naming the folder and --restart) for one it must not trust."""
+    manifest = read_manifest(directory, missing_ok=True)
+    if manifest is None and directory.is_dir() and _holds_more_than_a_lock(directory):
+        raise UntrustedCheckpoint(f"{directory}: {_refusal('manifest.json is missing')}")
+    return manifest
+
+
+def _holds_more_than_a_lock(directory: Path) -> bool:
+    """True when the folder holds anything a run writes after its manifest (results)."""
+    return any(not (p.name in _BEFORE_THE_MANIFEST or p.name.startswith("."))
+               for p in directory.iterdir())
+
 
 class LockAndManifest:
     """`Checkpoint`'s opening part: the lock, the manifest, the load of what is done."""
@@ -105,37 +159,32 @@ class LockAndManifest:
         rows: int,
         current: CurrentInput | None = None,
     ) -> None:
-        path = self.directory / "manifest.json"
-        if path.exists():
-            try:
-                manifest = json.loads(path.read_text())
-            except ValueError:
-                manifest = None  # torn before its atomic rename could complete: start afresh
-            if manifest is not None:
-                self._manifest = manifest
-                self._finish_compaction()
-                old = manifest.get("fingerprint", {})
-                changes = describe_changes(old, fingerprint)
-                if (changes and current is not None
-                        and old.get("settings") == fingerprint.get("settings")):
-                    # Only the input changed: keep the results of the rows left as they were.
-                    self.incremental = self._reconcile_input(fingerprint, rows, current)
-                    return
-                if changes and not _holds_results(self.directory, self._first_segment()):
-                    # Nothing was kept under the old settings (a run stopped early because every
-                    # row failed the same way, say): nothing to protect, so the new ones rule.
-                    changes, manifest["fingerprint"] = [], fingerprint
-                if changes:
-                    raise CheckpointMismatch(
-                        f"{self.output}: the checkpoint was made with other settings: "
-                        + "; ".join(changes)
-                        + ". Run with --restart to discard it and start again, "
-                        "or write to another --output."
-                    )
-                manifest["rows"] = rows
-                self._manifest = manifest
-                self._write_manifest()
+        manifest = trusted_manifest(self.directory)
+        if manifest is not None:
+            self._manifest = manifest
+            self._finish_compaction()
+            old = manifest.get("fingerprint", {})
+            changes = describe_changes(old, fingerprint)
+            if (changes and current is not None
+                    and old.get("settings") == fingerprint.get("settings")):
+                # Only the input changed: keep the results of the rows left as they were.
+                self.incremental = self._reconcile_input(fingerprint, rows, current)
                 return
+            if changes and not _holds_results(self.directory, self._first_segment()):
+                # Nothing was kept under the old settings (a run stopped early because every
+                # row failed the same way, say): nothing to protect, so the new ones rule.
+                changes, manifest["fingerprint"] = [], fingerprint
+            if changes:
+                raise CheckpointMismatch(
+                    f"{self.output}: the checkpoint was made with other settings: "
+                    + "; ".join(changes)
+                    + ". Run with --restart to discard it and start again, "
+                    "or write to another --output."
+                )
+            manifest["rows"] = rows
+            self._manifest = manifest
+            self._write_manifest()
+            return
         self._manifest = {
             "version": MANIFEST_VERSION,
             "fingerprint": fingerprint,

@@ -193,7 +193,61 @@ def _checked_validator(text: str) -> Any:
         document, default=jsonschema.Draft202012Validator
     )
     validator_class.check_schema(document)
+    _check_refs(document)
     return validator_class(document)
+
+
+class _UnresolvedRef(Exception):
+    """A `$ref` of the schema that points nowhere: where it is, and what it says."""
+
+    def __init__(self, ref: str, path: list[str | int]) -> None:
+        super().__init__(ref)
+        self.ref, self.path = ref, path
+
+
+# Keywords whose values are data, not subschemas: a `$ref` key inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "examples", "default"})
+
+
+def _check_refs(document: dict[str, Any]) -> None:
+    """Resolve every `$ref` of `document` as the validator would (the `referencing` library,
+    with the JSON Schema meta-schemas known); raise _UnresolvedRef at the first that fails.
+
+    A validator resolves a `$ref` only when an answer reaches it, so a reference to nowhere
+    would otherwise be found after requests were paid for. Nothing is fetched: a reference to
+    another document, not embedded here, does not resolve.
+    """
+    from jsonschema_specifications import REGISTRY
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012, specification_with
+
+    dialect = document.get("$schema")
+    specification = specification_with(dialect if isinstance(dialect, str) else "",
+                                       default=DRAFT202012)
+    root = specification.create_resource(document)
+    base = root.id() or ""
+    registry = REGISTRY.with_resource(base, root).crawl()  # embedded `$id`s too
+
+    def walk(node: Any, resolver: Any, path: list[str | int]) -> None:
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, resolver, [*path, index])
+            return
+        if not isinstance(node, dict):
+            return
+        if path and isinstance(node.get("$id"), str):
+            resolver = resolver.in_subresource(specification.create_resource(node))
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            try:
+                resolver.lookup(ref)
+            except Unresolvable:
+                raise _UnresolvedRef(ref, path) from None
+        for key, value in node.items():
+            if key not in _DATA_KEYWORDS:
+                walk(value, resolver, [*path, key])
+
+    walk(document, registry.resolver(base_uri=base), [])
 
 
 def _validator(document: dict[str, Any], label: str) -> Any:
@@ -205,6 +259,11 @@ def _validator(document: dict[str, Any], label: str) -> Any:
         at = json_path(exc.absolute_path)
         raise UsageError(
             f"{label}: not a valid JSON Schema: at {at}: {_short(exc.message)}"
+        ) from None
+    except _UnresolvedRef as exc:
+        raise UsageError(
+            f"{label}: the $ref {exc.ref!r} at {json_path(exc.path)} does not resolve: "
+            "it points to nothing in the schema"
         ) from None
 
 

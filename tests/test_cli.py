@@ -123,6 +123,52 @@ def test_validate(tmp_path: Path) -> None:
     assert done.returncode == 2 and "nowhere.jsonl" in done.stderr
 
 
+def _validate_job(folder: Path, lines: list[str], model: str = "gpt-4o-mini",
+                  extra: str = "") -> Path:
+    (folder / "in.jsonl").write_text("".join(line + "\n" for line in lines))
+    job = folder / "job.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "out.parquet"\nmodel = "{model}"\n{extra}')
+    return job
+
+
+def test_validate_is_a_dry_run_that_checks_models_rows_and_estimates(
+    tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", SECRET)
+    good = [json.dumps({"id": i, "prompt": f"q{i}"}) for i in range(5)]
+    url = ["--base-url", gateway.base_url]
+    ok = CliRunner().invoke(main, ["validate", str(_validate_job(tmp_path, good)), *url])
+    assert ok.exit_code == 0, ok.output
+    assert "gpt-4o-mini: listed by the gateway" in ok.output and "5 rows" in ok.output
+    assert "cost (USD)" in ok.output  # the estimate
+    # an unknown model: exit 2, as run's pre-flight
+    misspelt = _validate_job(tmp_path, good, "gpt-4o-mni")
+    unknown = CliRunner().invoke(main, ["validate", str(misspelt), *url])
+    assert unknown.exit_code == 2 and "'gpt-4o-mni' is not one the gateway lists" in unknown.output
+    # problem rows: counted, the first shown with their lines, exit 2
+    bad = [*good, "not json", json.dumps({"id": "e", "prompt": ""}), *["{"] * 7]
+    problems = CliRunner().invoke(main, ["validate", str(_validate_job(tmp_path, bad)), *url])
+    assert problems.exit_code == 2, problems.output
+    assert "problem rows: 9" in problems.output and "line 6: not valid JSON" in problems.output
+    assert "line 7: prompt is empty" in problems.output
+    assert "9 input rows of 14 cannot be sent" in problems.output
+    assert gateway.stats.requests == 0  # no chat completion asked for, in any of them
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_validate_warns_where_the_gateway_cannot_say(tmp_path: Path) -> None:
+    job = _validate_job(tmp_path, [json.dumps({"id": 1, "prompt": "q"})])
+    down = cli("validate", str(job), "--base-url", "http://127.0.0.1:1/v1",
+               env={"RU_LLM_API_KEY": SECRET})
+    assert down.returncode == 0, down.stderr
+    assert "not checked: GET /models did not answer" in down.stdout
+    keyless = cli("validate", str(job))
+    assert keyless.returncode == 0 and "not checked: no API key" in keyless.stdout
+    local = cli("validate", str(_validate_job(tmp_path, [json.dumps({"prompt": "q"})],
+                                              "gpt-4o-mni")), "--local")
+    assert local.returncode == 2 and "'gpt-4o-mni' is not one the gateway lists" in local.stderr
+
+
 def test_the_key_never_appears_in_any_file_or_output(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
     """Every path a key could leak through: results, checkpoint, summary, logs, errors."""
     source = tmp_path / "in.jsonl"
@@ -208,3 +254,39 @@ def test_every_job_file_runs_against_the_simulator(tmp_path: Path, gateway, job:
     if "local" not in job:
         assert gateway.stats.requests == table.num_rows
     assert cli("validate", f"jobs/{job}").returncode == 0
+
+
+def test_an_unwritable_summary_json_is_refused_before_sending(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": 1, "prompt": "q"}) + "\n")
+    (tmp_path / "file").write_text("in the way")
+    for target in (tmp_path / "file" / "summary.json", tmp_path / "file" / "deep" / "s.json"):
+        done = cli("run", "-i", str(source), "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+                   "--base-url", gateway.base_url, "--summary-json", str(target),
+                   env={"RU_LLM_API_KEY": SECRET})
+        assert done.returncode == 2, done.stderr
+        assert f"--summary-json {target}" in done.stderr and "Traceback" not in done.stderr
+    assert gateway.stats.requests == 0 and not (tmp_path / "o.parquet").exists()
+
+
+def test_an_empty_input_says_so_and_exits_0(tmp_path: Path) -> None:
+    source = tmp_path / "empty.jsonl"
+    source.write_text("")
+    done = cli("run", "-i", str(source), "-o", str(tmp_path / "o.parquet"), "-m", "gpt-4o",
+               "--local", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f"{source}: the input has no rows" in done.stderr
+    assert (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_summary_reads_jsonl_and_csv_outputs(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"o{suffix}"
+    done = cli("run", "-i", "sample_data/prompts.jsonl", "-o", str(out), "-m", "gpt-4o-mini",
+               "--local", "--limit", "7", "--quiet")
+    assert done.returncode == 0, done.stderr
+    shown = cli("summary", str(out), "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    figures = json.loads(shown.stdout)
+    assert figures["total"]["rows"] == 7 and figures["total"]["ok"] == 7
+    assert figures["total"]["prompt_tokens"] > 0 and figures["total"]["cost_usd"] > 0

@@ -309,3 +309,79 @@ def test_collections_are_rarer_during_a_run_and_put_back_after(
         assert seen == [0] * 3 and gc.get_threshold()[0] == 0
     finally:
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+def test_input_columns_named_like_results_keep_every_value(
+    tmp_path: Path, gateway, suffix: str  # type: ignore[no-untyped-def]
+) -> None:
+    """`status` beside `input_status` (and `score`): no output has two columns of one name."""
+    from batchrunner import read_results
+
+    rows = [{"id": f"r{i}", "prompt": f"Say {i}.", "status": "draft", "input_status": "old",
+             "score": 0.5, "input_input_status": "older"} for i in range(3)]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    output = tmp_path / f"out{suffix}"
+    config = RunConfig(input=source, output=output, base_url=gateway.base_url,
+                       model="gpt-4o-mini")
+    assert run(config, handle_signals=False).exit_code == 0
+    if suffix == ".jsonl":
+        text = output.read_text().splitlines()[0]
+        pairs = json.loads(text, object_pairs_hook=lambda p: p)
+        names = [k for k, _ in pairs]
+    elif suffix == ".csv":
+        names = output.read_text().splitlines()[0].split(",")
+    else:
+        names = pq.read_schema(output).names
+    assert len(names) == len(set(names)), names
+    frame = read_results(output)
+    first = frame.iloc[0]
+    assert first["status"] == "ok"
+    assert first["input_status"] == "old"  # the input's own column keeps its name
+    assert first["input_input_status"] == "older"
+    assert first["input_input_input_status"] == "draft"  # `status`, moved past both
+    assert first["input_score"] == 0.5
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
+@pytest.mark.parametrize("how", ["path", "symlink", "hardlink", "dotted"])
+def test_an_output_that_is_the_input_is_refused_before_sending(
+    tmp_path: Path, gateway, suffix: str, how: str  # type: ignore[no-untyped-def]
+) -> None:
+    from batchrunner.errors import UsageError
+
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(source, prompts(3))
+    else:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        table = pa.Table.from_pylist(prompts(3))
+        pq.write_table(table, source) if suffix == ".parquet" else pacsv.write_csv(table, source)
+    before = source.read_bytes()
+    output = {"path": source, "dotted": tmp_path / "." / source.name,
+              "symlink": tmp_path / f"link{suffix}", "hardlink": tmp_path / f"hard{suffix}"}[how]
+    if how == "symlink":
+        output.symlink_to(source)
+    elif how == "hardlink":
+        output.hardlink_to(source)
+    config = RunConfig(input=source, output=output, base_url=gateway.base_url, model="gpt-4o")
+    with pytest.raises(UsageError, match="is the input"):
+        run(config, handle_signals=False)
+    assert gateway.stats.requests == 0 and source.read_bytes() == before
+
+
+def test_an_output_inside_a_checkpoint_folder_is_refused(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    from batchrunner.errors import UsageError
+
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    first = RunConfig(input=source, output=tmp_path / "a.parquet", base_url=gateway.base_url,
+                      model="gpt-4o")
+    assert run(first, handle_signals=False).exit_code == 0
+    sent = gateway.stats.requests
+    for output in (tmp_path / "a.parquet.checkpoint" / "b.parquet",  # another output's
+                   tmp_path / "in.jsonl.checkpoint" / "c.parquet"):  # the input's
+        with pytest.raises(UsageError, match="inside the checkpoint folder"):
+            run(first.replace(output=output), handle_signals=False)
+    assert gateway.stats.requests == sent

@@ -333,3 +333,21 @@ def test_a_scored_sweep_to_jsonl_compares_and_reads_back(tmp_path: Path, gateway
     rescored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["score"] for r in rescored] == [float(r["content"].strip() == r["reference"])
                                              for r in rescored]
+
+
+def test_a_dataframe_run_refused_before_sending_leaves_no_input_copy(
+    tmp_path: Path, gateway  # type: ignore[no-untyped-def]
+) -> None:
+    frame = pd.DataFrame({"question": ["Calculate 2 + 2."]})
+    options = {"output": tmp_path / "df.parquet", "base_url": gateway.base_url,
+               "model": "gpt-4o", "template": "{nope}"}  # no such column: refused
+    with pytest.raises(UsageError, match="nope"):
+        run(options, input=frame)
+    import asyncio
+
+    with pytest.raises(UsageError, match="nope"):
+        asyncio.run(batchrunner.arun(options, input=frame))
+    assert not list(tmp_path.glob(".*input.parquet"))
+    assert gateway.stats.requests == 0
+    assert run({**options, "template": "{question}"}, input=frame).exit_code == 0
+    assert list(tmp_path.glob(".*input.parquet"))  # kept: the run may be resumed

@@ -506,3 +506,21 @@ def test_a_missing_or_unreadable_job_file(tmp_path: Path) -> None:
     binary.write_bytes(b'model = "\xff\xfe"\n')
     assert error_of(binary).startswith(f"{binary}: not valid TOML")
     assert "cannot read job file" in error_of(tmp_path)  # a folder
+
+
+def test_a_job_with_both_model_and_models_is_refused(tmp_path: Path) -> None:
+    path = write_job(tmp_path, 'model = "gpt-4o-mini"\nmodels = ["gpt-4o", "o1"]\n')
+    message = error_of(path)
+    assert str(path) in message and "`model` and `models` are both given" in message
+    with pytest.raises(UsageError, match="`model` and `models` are both given"):
+        build_config(None, {"input": "a", "output": "b", "model": "x", "models": ("y", "z")})
+
+
+def test_param_model_on_the_command_line_points_at_the_model_option() -> None:
+    from batchrunner.jobs import param_value
+
+    for text in ("gpt-4o", '"gpt-4o"'):  # unquoted: no advice on quoting first
+        with pytest.raises(UsageError, match=r"^--param model is not allowed: use --model"):
+            param_value("model", text)
+    with pytest.raises(UsageError, match=r"^--param model is not allowed: use --model"):
+        build_config(None, {"input": "a", "output": "b", "params": {"model": "x"}})

@@ -281,3 +281,41 @@ def test_status_after_the_end(tmp_path: Path, gateway) -> None:  # type: ignore[
     assert "finished" in text.stdout and "25" in text.stdout
     missing = finish([sys.executable, "-m", "batchrunner", "status", str(tmp_path / "no.parquet")])
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt", "not ours"])
+def test_a_checkpoint_whose_manifest_cannot_be_trusted_is_refused_unless_restart(
+    tmp_path: Path, gateway, damage: str  # type: ignore[no-untyped-def]
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", 10)
+    output = tmp_path / "out.parquet"
+    assert finish(command(source, output, gateway.base_url)).returncode == 0
+    manifest = checkpoint_dir(output) / "manifest.json"
+    if damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_text('{"finished": tr' if damage == "corrupt" else '[1, 2, 3]')
+    gateway.stats.reset()
+    other = command(source, output, gateway.base_url, "--max-tokens", "50")
+    refused = finish(other)
+    assert refused.returncode == 2, refused.stderr
+    assert str(checkpoint_dir(output)) in refused.stderr and "--restart" in refused.stderr
+    assert "Traceback" not in refused.stderr and gateway.stats.requests == 0
+    for reader in (["status", str(output)], ["summary", str(output)], ["status", str(output),
+                                                                       "--format", "json"]):
+        read = finish([sys.executable, "-m", "batchrunner", *reader])
+        assert read.returncode in (0, 2) and "Traceback" not in read.stderr, read.stderr
+        assert "internal error" not in read.stderr
+    output.unlink()  # no file to read instead: summary names the folder it cannot trust
+    read = finish([sys.executable, "-m", "batchrunner", "summary", str(output)])
+    assert read.returncode == 2 and "Traceback" not in read.stderr
+    if damage != "deleted":  # with no manifest the folder is no checkpoint: "no file matches"
+        assert str(checkpoint_dir(output)) in read.stderr, read.stderr
+    validate = tmp_path / "job.toml"
+    validate.write_text(f'input = "{source}"\noutput = "{output}"\nmodel = "{MODEL}"\n')
+    checked = finish([sys.executable, "-m", "batchrunner", "validate", str(validate),
+                      "--base-url", gateway.base_url])
+    assert checked.returncode == 2 and str(checkpoint_dir(output)) in checked.stderr
+    restarted = finish([*other, "--restart"])
+    assert restarted.returncode == 0, restarted.stderr
+    assert gateway.stats.requests == 10

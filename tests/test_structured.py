@@ -211,6 +211,36 @@ def test_a_bad_schema_is_exit_2_before_anything_is_sent(tmp_path: Path, gateway:
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_a_ref_that_points_nowhere_is_exit_2_before_anything_is_sent(
+    tmp_path: Path, gateway: Any
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "hi"}\n')
+    bad = write(tmp_path / "s.json", {"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/name"}, "b": {"$ref": "#/definitions/nope"}},
+        "$defs": {"name": {"type": "string"}}})
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "in.jsonl"\noutput = "o.parquet"\nmodel = "gpt-4o-mini"\n'
+                   f'json_schema = "s.json"\nbase_url = "{gateway.base_url}"\n')
+    for args in (["run", str(job)], ["validate", str(job)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert f"{bad}: the $ref '#/definitions/nope' at $.properties.b does not " \
+               "resolve" in result.output
+        assert "Traceback" not in result.output
+    assert gateway.stats.requests == 0
+
+
+def test_refs_that_resolve_pass(tmp_path: Path) -> None:
+    schema = {"type": "object", "$defs": {"n": {"type": "string"}},
+              "properties": {"a": {"$ref": "#/$defs/n"}, "b": {"$ref": "#"},
+                             "c": {"$id": "https://example.com/c", "$defs": {"m": {"enum": [1]}},
+                                   "properties": {"d": {"$ref": "#/$defs/m"}}},
+                             "e": {"$ref": "https://example.com/c"},
+                             "f": {"const": {"$ref": "not a reference: data"}}}}
+    assert load_schema(schema).document == schema
+
+
 def test_job_files_take_a_schema_path_or_an_inline_table(tmp_path: Path) -> None:
     (tmp_path / "jobs").mkdir()
     write(tmp_path / "jobs" / "s.json", ENTITIES)

@@ -135,3 +135,20 @@ def test_error_kinds_merge_places_and_mask_keys() -> None:
     errors = pa.array(["b", None, "a", "b", "input: line 1: x", "input: line 9: x", "b"])
     top = top_errors(errors, limit=2)
     assert [(e.error, e.count) for e in top] == [("b", 3), ("input: line N: x", 2)]
+
+
+def test_estimate_of_a_sweeps_checkpoint_counts_rows_times_models(
+    tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    from batchrunner import run
+
+    monkeypatch.setenv("RU_LLM_API_KEY", KEY)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Say {i}."}) + "\n"
+                              for i in range(30)))
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", model="gpt-4o",
+                       models=("gpt-4o", "gpt-4o-mini"), base_url=gateway.base_url,
+                       params={"max_tokens": 10})
+    assert run(config, handle_signals=False).exit_code == 0
+    done = estimate(config, prices=PriceTable.load())
+    assert (done.rows, done.done_rows, done.rows_to_send) == (60, 60, 0)

@@ -230,7 +230,13 @@ def estimate(
     priced = [m.cost_usd for m in models if m.cost_usd is not None]
     unpriced_rows = sum(m.rows for m in models if m.cost_usd is None)
     known = sum(priced, _ZERO)
-    done_rows = max(0, info.rows - rows) if done is not None else 0
+    done_rows = 0
+    if done is not None:  # output rows: in a sweep, an input row's for each of its models
+        from ..sweep import Sweep
+
+        output_rows = (Sweep.plan(config, info.columns, info.rows).total
+                       if len(config.models) > 1 else info.rows)
+        done_rows = max(0, output_rows - rows)
     return Estimate(
         input=str(config.input),
         rows=rows + done_rows,

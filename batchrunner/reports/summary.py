@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ..checkpoint import RESULT_SCHEMA, checkpoint_dir, checkpoint_results
 from ..errors import UsageError
+from ..manifest import trusted_manifest
 from ..failures import ErrorCount, merge_counts, value_counts
 from ..pricing import PRICES_AS_OF, PriceTable
 from ..structured import StructuredSummary, summarize_files
@@ -165,11 +166,15 @@ def _unfinished_outputs(folders: Iterable[str]) -> list[str]:
 def _read_from_checkpoint(output: Path) -> bool:
     """True when the summary of `output` must come from its checkpoint: the run is going on,
     was interrupted, or is going again (the file, if any, is not the latest)."""
-    manifest = checkpoint_dir(output) / "manifest.json"
     try:
-        finished = json.loads(manifest.read_text()).get("finished")
-    except (OSError, ValueError):
+        manifest = trusted_manifest(checkpoint_dir(output))
+    except UsageError:  # an untrusted folder: its output file, if any, is what there is
+        if output.is_file():
+            return False
+        raise
+    if manifest is None:
         return False
+    finished = manifest.get("finished")
     return not (finished and output.is_file())
 
 
@@ -488,9 +493,60 @@ def _group(
 def _names(path: Path) -> list[str]:
     """A result file's column names (none when it cannot be read: _read_batches says why)."""
     try:
+        if _is_text(path):
+            return list(_text_schema(path).names)
         return pq.read_schema(path).names
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException, UsageError):
         return []
+
+
+_TEXT_SUFFIXES = (".jsonl", ".ndjson", ".csv")
+
+
+def _is_text(path: Path) -> bool:
+    """A `.jsonl` or `.csv` output (`run -o out.jsonl`), read as text rather than Parquet."""
+    return path.suffix.lower() in _TEXT_SUFFIXES
+
+
+def _text_schema(path: Path) -> pa.Schema:
+    from ..scoring import read_result_batches
+
+    schema, _batches = read_result_batches(path)
+    return schema
+
+
+# The result columns a summary reads, typed as in Parquet outputs: a text output's types are
+# inferred, and a column null in every row would otherwise have no type to sum.
+_TEXT_TYPES = {field.name: field.type for field in RESULT_SCHEMA}
+
+
+def _text_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """The columns of a `.jsonl` or `.csv` output, typed as a Parquet output's, a batch at a
+    time."""
+    from ..scoring import read_result_batches
+
+    schema, batches = read_result_batches(path)
+    try:
+        seen = False
+        for batch in batches:
+            seen = True
+            yield pa.Table.from_arrays(
+                [_typed(batch.column(name), _TEXT_TYPES.get(name)) for name in columns],
+                names=list(columns))
+        if not seen:
+            yield pa.Table.from_arrays(
+                [pa.array([], _TEXT_TYPES.get(name, schema.field(name).type)) for name in columns],
+                names=list(columns))
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: cannot be read ({exc})") from None
+
+
+def _typed(values: pa.Array, wanted: pa.DataType | None) -> pa.Array:
+    if wanted is None or values.type == wanted:
+        return values
+    if pa.types.is_list(wanted):
+        return values
+    return values.cast(wanted)
 
 
 def _grouped_quantiles(
@@ -540,7 +596,7 @@ def _read_batches(path: Path, by: str, needed: Sequence[str]) -> Iterator[pa.Tab
     Errors name the file (and the column).
     """
     try:
-        schema = pq.read_schema(path)
+        schema = _text_schema(path) if _is_text(path) else pq.read_schema(path)
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
     columns = list(dict.fromkeys(needed))
@@ -553,6 +609,9 @@ def _read_batches(path: Path, by: str, needed: Sequence[str]) -> Iterator[pa.Tab
             if name == by:
                 raise UsageError(f"{path}: no column {name!r} to group by (--by)")
             raise UsageError(f"{path}: no column {name!r} (is it a batchrunner result file?)")
+    if _is_text(path):
+        yield from _text_batches(path, columns)
+        return
     # Result files store these dictionary-encoded: reading them so skips decoding and rehashing.
     strings = [
         c
