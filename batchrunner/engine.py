@@ -223,6 +223,7 @@ class _Run(Dispatch, RowProcessing, Recording):
         self.metric: Metric | None = None
         self.sweep: Sweep | None = None
         self.feed_error: UsageError | None = None
+        self.crash: BaseException | None = None  # the first task of the run that raised (a bug)
         self.auth_error: AuthRefused | None = None
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
