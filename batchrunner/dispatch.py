@@ -93,8 +93,24 @@ class Dispatch:
                 for task in (feeder, *workers, *watchers):
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, return_exceptions=True)
-                for held in self.streak.release():  # a streak that did not trip: real results
-                    self._record(ckpt, held, *self._held_hashes.pop(id(held), (None, None)))
+                self._end_streaks(ckpt)
+
+    def _end_streaks(self, ckpt: Checkpoint) -> None:
+        """The rows the streaks still hold as the dispatch ends.
+
+        A failure streak that did not trip: its rows are real results. Rows the gateway did not
+        answer (fewer than the outage's limit): failed rows when every row was sent; pending
+        when the run stops for another reason (they got no answer: the next run sends them).
+        """
+        if self._outage_timer is not None:
+            self._outage_timer.cancel()
+            self._outage_timer = None
+        for held in self.streak.release():
+            self._record(ckpt, held, *self._held_hashes.pop(id(held), (None, None)))
+        for held in self.outage.release():
+            hashes = self._held_hashes.pop(id(held), (None, None))
+            if not self.control.stopping:
+                self._record(ckpt, held, *hashes)
 
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         """A task of the run that raised is a bug: the run stops and ends with it (exit 70).

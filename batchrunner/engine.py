@@ -201,6 +201,10 @@ class _Run(Dispatch, RowProcessing, Recording):
     ) -> None:
         self.on_start = on_start
         self.streak = preflight.FailureStreak()
+        self.outage = preflight.Outage(base_url)
+        # id() of a failed Result whose every attempt got no answer, until it is recorded
+        self._no_answer: set[int] = set()
+        self._outage_timer: asyncio.TimerHandle | None = None  # the unreachable window's end
         # id() of a failed Result -> its non-retryable failure, until the result is recorded
         self._failure_keys: dict[int, preflight.FailureKey] = {}
         # id() of a sent row's Result -> the hashes of its body and of its input values

@@ -19,7 +19,7 @@ from .results import Result
 __all__ = ["Abandon", "RunControl", "RunReport", "Tally"]
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_AUTH, EXIT_STOPPED = 0, 1, 4, 5
-EXIT_SYSTEMATIC = 3  # every answered row failed the same way (SPEC section 6)
+EXIT_SYSTEMATIC = 3  # every answered row failed the same way, or the gateway is down
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
@@ -31,7 +31,8 @@ class Tally:
     resumed: int = 0
     ok: int = 0
     failed: int = 0
-    sent: int = 0  # HTTP attempts this session
+    sent: int = 0  # HTTP attempts this session that reached the gateway
+    timed_out_after_sending: int = 0  # of those, attempts that timed out: maybe billed
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -74,7 +75,7 @@ class RunReport:
     """How a run ended: the figures of SPEC section 13 and the exit code of section 11."""
 
     exit_code: int
-    reason: str  # complete, budget, deadline, interrupted, terminated, auth
+    reason: str  # complete, budget, deadline, interrupted, terminated, auth, systematic, outage
     output: Path
     rows: int
     ok: int
@@ -91,6 +92,8 @@ class RunReport:
     errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
     cache_hits: int = 0  # rows served from the response cache, this run and earlier ones
     reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
+    timed_out_after_sending: int = 0  # attempts that timed out once sent: the gateway may bill
+    input_changed: bool = False  # the input's size or mtime differ at the end from the start
 
     @property
     def pending(self) -> int:
