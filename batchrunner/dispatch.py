@@ -292,7 +292,7 @@ class Dispatch:
         else:
             grace = STOP_GRACE_SECONDS
         limit = time.monotonic() + grace
-        while self.busy and time.monotonic() < limit:
+        while self.busy and time.monotonic() < limit and not self.control.hurrying:
             await asyncio.sleep(0.05)
         for task in workers:
             task.cancel()

@@ -120,7 +120,8 @@ def run(
 ) -> RunReport:
     """Synchronous `arun`: Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
 
-    A second Ctrl-C exits at once; the checkpoint stays readable.
+    A second Ctrl-C gives the requests in flight no more time, writes the answers already
+    received to the checkpoint and exits; a third exits at once (the checkpoint stays readable).
     """
     control = control or RunControl()
 
@@ -176,11 +177,18 @@ def _install_signal_handlers(control: RunControl) -> None:
 
     def on_signal(reason: str, code: int) -> None:
         if control.stopping and reason == "interrupted":
+            if control.hurrying:  # a third Ctrl-C: the checkpoint write itself is not awaited
+                log.warning("interrupted a third time: quitting now; what was checkpointed "
+                            "is kept: run the same command again to resume")
+                os._exit(code)
+            again = " again" if control.reason == "interrupted" else ""
             log.warning(
-                "interrupted again: quitting now, without waiting; what was checkpointed is "
-                "kept: run the same command again to resume"
+                "interrupted%s: not waiting for the requests in flight; writing the answers "
+                "received to the checkpoint, then quitting (Ctrl-C again to quit without "
+                "writing them)", again
             )
-            os._exit(code)  # the second Ctrl-C: leave now; segments are fsynced per batch
+            control.hurry(reason, code)
+            return
         control.stop(reason, code)
 
     loop.add_signal_handler(signal.SIGINT, on_signal, "interrupted", EXIT_SIGINT)

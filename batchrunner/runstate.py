@@ -7,6 +7,7 @@ row.py, recording.py) and the progress display read them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -113,16 +114,24 @@ class RunReport:
 
 
 class RunControl:
-    """A handle to stop a run from outside: signals, a UI, a test."""
+    """A handle to stop a run from outside: signals, a UI, a test, another thread.
+
+    `stop` may be called from any thread (a notebook's cell while the run goes on in another):
+    the run's event is set on the run's own event loop. `hurry` is the second Ctrl-C: requests
+    in flight are given no more time; what was received is still written to the checkpoint.
+    """
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.exit_code: int | None = None
+        self.hurrying = False
         self._event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, event: asyncio.Event) -> None:
-        """Attach to the running engine's stop event (done by the engine)."""
+        """Attach to the running engine's stop event (done by the engine, on its loop)."""
         self._event = event
+        self._loop = asyncio.get_running_loop()
         if self.reason is not None:
             event.set()
 
@@ -130,8 +139,28 @@ class RunControl:
         """Ask the run to stop sending; the first reason given wins."""
         if self.reason is None:
             self.reason, self.exit_code = reason, exit_code
-        if self._event is not None:
-            self._event.set()
+        self._wake()
+
+    def hurry(self, reason: str, exit_code: int) -> None:
+        """Stop now: no grace for requests in flight; this reason and code replace the first."""
+        self.reason, self.exit_code = reason, exit_code
+        self.hurrying = True
+        self._wake()
+
+    def _wake(self) -> None:
+        event, loop = self._event, self._loop
+        if event is None or loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        elif not loop.is_closed():
+            # asyncio's objects belong to their loop: set it there, not from this thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the run ended
+                loop.call_soon_threadsafe(event.set)
 
     @property
     def stopping(self) -> bool:
