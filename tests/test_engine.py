@@ -309,3 +309,33 @@ def test_collections_are_rarer_during_a_run_and_put_back_after(
         assert seen == [0] * 3 and gc.get_threshold()[0] == 0
     finally:
         gc.set_threshold(*before)
+
+
+def test_run_control_stop_from_another_thread_wakes_the_run_on_its_own_loop() -> None:
+    """A notebook stops a run going on in another thread: the event is set on the run's loop
+    (asyncio's objects are not thread-safe; its debug mode says so when they are misused)."""
+    import asyncio
+    import threading
+
+    from batchrunner.runstate import RunControl
+
+    control = RunControl()
+    bound = threading.Event()
+    woke: list[float] = []
+
+    async def run_side() -> None:
+        event = asyncio.Event()
+        control.bind(event)
+        asyncio.get_running_loop().call_later(0.2, bound.set)  # once the wait below began
+        async with asyncio.timeout(10):
+            await event.wait()
+        woke.append(time.monotonic())
+
+    thread = threading.Thread(target=asyncio.run, args=(run_side(),), kwargs={"debug": True})
+    thread.start()
+    assert bound.wait(10)
+    asked = time.monotonic()
+    control.stop("interrupted", 130)  # from this thread, not the run's
+    thread.join(15)
+    assert woke and woke[0] - asked < 5
+    assert control.reason == "interrupted"
