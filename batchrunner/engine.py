@@ -237,6 +237,7 @@ class _Run(Dispatch, RowProcessing, Recording):
         self.feed_error: UsageError | None = None
         self.crash: BaseException | None = None  # the first task of the run that raised (a bug)
         self.auth_error: AuthRefused | None = None
+        self.budget_note: str | None = None  # why the budget bought nothing, where it did not
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
         self.cache: CacheSession | None = None

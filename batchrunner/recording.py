@@ -118,7 +118,9 @@ class Recording:
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)
-            if reason == "systematic" and self.streak.tripped:
+            if reason == "budget" and self.budget_note is not None:
+                message = f"stopped: {self.budget_note}"
+            elif reason == "systematic" and self.streak.tripped:
                 message = self.streak.describe()
             elif reason == "outage":
                 pending = rows - self.tally.ok - self.tally.failed

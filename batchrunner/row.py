@@ -71,6 +71,7 @@ class RowProcessing:
     stop_event: asyncio.Event
     completion_guess: float
     auth_error: AuthRefused | None
+    budget_note: str | None
     outage: Any
     _failure_keys: dict[int, Any]
     _no_answer: set[int]
@@ -239,9 +240,15 @@ class RowProcessing:
         if not await self.budget.acquire(worst):
             if "reached" not in self._warned_budget:  # once a run, not once a worker
                 self._warned_budget.add("reached")
-                log.warning(
-                    "budget of $%.4f reached: no new requests are sent", self.config.max_cost
-                )
+                if worst > self.budget.max_cost:  # no request of this size can ever fit
+                    self.budget_note = _below_one_request(
+                        self.budget.max_cost, worst, model, prompt_tokens, bound
+                    )
+                    log.warning("%s", self.budget_note)
+                else:
+                    log.warning(
+                        "budget of $%.4f reached: no new requests are sent", self.config.max_cost
+                    )
             self.control.stop("budget", EXIT_STOPPED)
             raise Abandon()
         return worst
@@ -265,6 +272,22 @@ class RowProcessing:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.stop_event.wait()
+
+
+def _below_one_request(
+    budget: float, worst: float, model: str | None, prompt_tokens: int, bound: int | None
+) -> str:
+    """Why a budget bought nothing: one request's worst case is more than all of it."""
+    completion = (
+        f"{bound:,} completion tokens (max_tokens)" if bound is not None
+        else f"{BUDGET_MAX_TOKENS_GUESS:,} completion tokens, assumed as no max_tokens is set"
+    )
+    return (
+        f"the --max-cost budget of ${budget:.4f} is below the worst case of one request: up to "
+        f"${worst:.4f} for {model} ({prompt_tokens:,} prompt tokens at most and {completion}); "
+        "nothing can be sent within it: set --max-tokens (a bound on each answer) or raise "
+        "--max-cost"
+    )
 
 
 def _prompt_tokens(body: dict[str, Any]) -> tuple[int, int]:

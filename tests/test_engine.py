@@ -339,3 +339,16 @@ def test_run_control_stop_from_another_thread_wakes_the_run_on_its_own_loop() ->
     thread.join(15)
     assert woke and woke[0] - asked < 5
     assert control.reason == "interrupted"
+
+
+def test_a_budget_below_one_request_says_why_and_what_to_do(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    """--max-cost 0.01 with gpt-4o and no max_tokens: one request may cost $0.04 (4,096
+    completion tokens assumed); "budget reached" with nothing spent explained nothing."""
+    report, _ = go(tmp_path, gateway.base_url, prompts(5), model="gpt-4o", max_cost=0.01)
+    assert report.exit_code == 5 and report.reason == "budget"
+    assert gateway.stats.requests == 0
+    message = report.message
+    assert "the --max-cost budget of $0.0100 is below the worst case of one request" in message
+    assert "for gpt-4o" in message and "4,096 completion tokens, assumed as no max_tokens is set" in message
+    assert "$0.04" in message  # the worst case's figure
+    assert "set --max-tokens" in message and "raise --max-cost" in message
