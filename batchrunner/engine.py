@@ -343,7 +343,16 @@ class _Run(Dispatch, RowProcessing, Recording):
         return models
 
     def _deadline(self) -> Deadline | None:
-        return Deadline.from_text(self.config.deadline) if self.config.deadline else None
+        """--deadline resolved now, and said: a time of day already past means tomorrow's."""
+        if not self.config.deadline:
+            return None
+        deadline = Deadline.from_text(self.config.deadline, now=_wall_now())
+        if deadline.tomorrow:  # likely not what was meant: said even with --quiet
+            log.warning("--deadline %s: that time has passed today: sending %s",
+                        self.config.deadline, deadline.text)
+        else:
+            log.info("--deadline %s: sending %s", self.config.deadline, deadline.text)
+        return deadline
 
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
         totals = ckpt.done_totals()
@@ -356,6 +365,11 @@ class _Run(Dispatch, RowProcessing, Recording):
         tally.resumed = tally.ok + tally.failed
         if self.budget is not None:
             self.budget.add_spent(totals["cost_usd"])
+
+
+def _wall_now() -> datetime:
+    """The local wall-clock time a deadline is resolved against (tests put in their own)."""
+    return datetime.now()
 
 
 def _check_scoring(config: RunConfig, columns: tuple[str, ...]) -> Metric | None:

@@ -352,3 +352,21 @@ def test_a_budget_below_one_request_says_why_and_what_to_do(tmp_path: Path, gate
     assert "for gpt-4o" in message and "4,096 completion tokens, assumed as no max_tokens is set" in message
     assert "$0.04" in message  # the worst case's figure
     assert "set --max-tokens" in message and "raise --max-cost" in message
+
+
+def test_a_deadline_already_past_today_is_said_to_mean_tomorrow(
+    tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+) -> None:
+    import batchrunner.engine as engine_module
+    from datetime import datetime
+
+    monkeypatch.setattr(engine_module, "_wall_now", lambda: datetime(2026, 12, 7, 23, 56))
+    with caplog.at_level("INFO", logger="batchrunner"):
+        report, _ = go(tmp_path, gateway.base_url, prompts(3), deadline="23:51")
+    assert report.exit_code == 0
+    said = [r for r in caplog.records if "--deadline" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert said[0].getMessage() == (
+        "--deadline 23:51: that time has passed today: sending until 23:51 tomorrow, "
+        "in 23 h 55 min"
+    )
