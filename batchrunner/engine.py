@@ -51,7 +51,7 @@ from .row import RowProcessing
 # Names of the run's parts that other modules and tests take from here (re-exported).
 from .dispatch import FLUSH_SECONDS, STOP_GRACE_SECONDS, _input_error_result  # noqa: F401
 from .dispatch import _rows_to_send  # noqa: F401
-from .recording import write_summary_json  # noqa: F401
+from .recording import input_state, write_summary_json  # noqa: F401
 from .row import BUDGET_MAX_TOKENS_GUESS, _completion_bound, _prompt_tokens  # noqa: F401
 from .runstate import (  # noqa: F401  (the exit codes are re-exported)
     EXIT_AUTH,
@@ -235,6 +235,7 @@ class _Run(Dispatch, RowProcessing, Recording):
         self.metric: Metric | None = None
         self.sweep: Sweep | None = None
         self.feed_error: UsageError | None = None
+        self._input_state: tuple[int, int] | None = None  # the input's size and mtime at start
         self.crash: BaseException | None = None  # the first task of the run that raised (a bug)
         self.auth_error: AuthRefused | None = None
         self.budget_note: str | None = None  # why the budget bought nothing, where it did not
@@ -254,6 +255,7 @@ class _Run(Dispatch, RowProcessing, Recording):
         deadline = self._deadline()
         if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
             config = self.config = config.replace(model=config.models[0])
+        self._input_state = input_state(config.input)  # compared at the end
         info = inputs.scan_input(config)
         builder = RequestBuilder(config, info.columns)
         self.id_column = inputs.resolve_columns(config, info.columns).id_column

@@ -129,6 +129,7 @@ class Recording:
                     f"; {pending:,} row{'s' if pending != 1 else ''} with no answer stay pending:"
                     " run the same command again once the gateway is back"
                 )
+        input_changed = self._input_changed()
         report = RunReport(
             exit_code=code,
             reason=reason,
@@ -149,6 +150,7 @@ class Recording:
             cache_hits=self.tally.cache_hits,
             reused_cost_usd=self.tally.reused_cost_usd,
             timed_out_after_sending=self.tally.timed_out_after_sending,
+            input_changed=input_changed,
         )
         if self.config.summary_json is not None:
             summary = report.to_dict()
@@ -163,6 +165,18 @@ class Recording:
                 else:  # the run ends with one line: keep it one
                     report = dataclasses.replace(report, message=f"{report.message}; {note}")
         return report
+
+    def _input_changed(self) -> bool:
+        """True, and said, when the input's size or mtime differ now from the run's start."""
+        before = getattr(self, "_input_state", None)
+        if before is None or input_state(self.config.input) == before:
+            return False
+        log.warning(
+            "the input %s changed while the run went on (its size or modification time differ "
+            "from the start): the next run compares it with the checkpoint and sends the rows "
+            "that changed", self.config.input,
+        )
+        return True
 
     def _use_totals(self, totals: dict[str, Any]) -> None:
         tally = self.tally
@@ -180,6 +194,15 @@ def _scorer(metric: Metric | None, reference_column: str | None) -> TableScorer 
     if metric is None or reference_column is None:
         return None
     return TableScorer(metric, reference_column)
+
+
+def input_state(path: Path) -> tuple[int, int] | None:
+    """The input's size and modification time (ns), to tell whether it changed; None: unknown."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:

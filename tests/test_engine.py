@@ -370,3 +370,31 @@ def test_a_deadline_already_past_today_is_said_to_mean_tomorrow(
         "--deadline 23:51: that time has passed today: sending until 23:51 tomorrow, "
         "in 23 h 55 min"
     )
+
+
+def test_an_input_edited_during_the_run_is_said_and_in_the_summary_json(
+    tmp_path: Path, gateway, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+) -> None:
+    import os
+
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(10))
+    summary = tmp_path / "summary.json"
+    touched: list[bool] = []
+
+    def edit_once(result, tally) -> None:  # type: ignore[no-untyped-def]
+        if not touched:  # an editor saving the file while the run goes on
+            stat = source.stat()
+            os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+            touched.append(True)
+
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=gateway.base_url,
+                       model="gpt-4o-mini", summary_json=summary)
+    with caplog.at_level("WARNING", logger="batchrunner"):
+        report = run(config, handle_signals=False, on_result=edit_once)
+    assert report.exit_code == 0 and report.input_changed
+    assert any(f"the input {source} changed while the run went on" in r.getMessage()
+               for r in caplog.records)
+    assert json.loads(summary.read_text())["input_changed"] is True
+
+    again = run(config.replace(output=tmp_path / "other.parquet"), handle_signals=False)
+    assert not again.input_changed
