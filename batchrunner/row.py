@@ -261,8 +261,9 @@ class RowProcessing:
         delay = self.outage.seconds_to_check()
         if delay is None or self.stop_event.is_set():
             return
-        if delay <= 0 and self.outage.check():
-            self._stop_for_outage()
+        if delay <= 0:  # the window is over: it trips now, or at the next attempt's failure
+            if self.outage.check():
+                self._stop_for_outage()
             return
         loop = asyncio.get_running_loop()
         self._outage_timer = loop.call_later(max(delay, 0.05), self._check_outage_later)
