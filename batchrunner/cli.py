@@ -245,7 +245,8 @@ def run(job: Path | None, **kwargs: Any) -> None:
     Running the same command again resumes: only rows with no result are sent.
     --max-cost is the spending on the output across all its runs.
     Exit codes: 0 all ok, 1 some rows failed, 2 usage/input error (an unknown model
-    too), 3 every answered row failed the same way (resumable), 4 key refused,
+    too), 3 every answered row failed the same way, or the gateway is unreachable
+    or down (resumable: the rows with no answer stay pending), 4 key refused,
     5 stopped by --max-cost/--deadline, 130/143 interrupted, 70 internal error (a bug:
     the traceback is in crash.log in the checkpoint folder), 74 checkpoint or output
     could not be written (disk full, read-only, I/O error).

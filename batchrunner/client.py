@@ -32,6 +32,7 @@ from .errors import (
     AttemptTimeout,
     AuthRefused,
     ConnectionFailed,
+    GatewayUnreachable,
     InvalidResponse,
     PermanentError,
     RateLimited,
@@ -214,7 +215,9 @@ class Client:
         """Our error for one of aiohttp's (or the socket's) exceptions."""
         timeout = f"{self._timeout:g} s"
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return AttemptTimeout(f"no connection to {self._origin} within {timeout}")
+            return AttemptTimeout(
+                f"no connection to {self._origin} within {timeout}", sent=False
+            )
         if isinstance(exc, aiohttp.SocketTimeoutError) and stream:
             return AttemptTimeout(f"the stream sent nothing for {timeout}")
         if isinstance(exc, asyncio.TimeoutError):
@@ -226,21 +229,29 @@ class Client:
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
             error = exc.certificate_error
             reason = getattr(error, "verify_message", None) or str(error)
-            return ConnectionFailed(
-                f"cannot connect to {self._origin}: certificate verify failed: {reason}"
+            return GatewayUnreachable(
+                f"cannot connect to {self._origin}: certificate verify failed: {reason}",
+                cause="tls",
             )
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return ConnectionFailed(
+            return GatewayUnreachable(
                 f"cannot connect to {self._origin}: the host name does not resolve "
-                f"({_os_reason(exc.os_error)})"
+                f"({_os_reason(exc.os_error)})", cause="dns"
             )
         if isinstance(exc, aiohttp.ClientProxyConnectionError):
-            return ConnectionFailed(
-                f"cannot connect to the proxy {self.proxy}: {_os_reason(exc.os_error)}"
+            return GatewayUnreachable(
+                f"cannot connect to the proxy {self.proxy}: {_os_reason(exc.os_error)}",
+                cause=_connect_cause(exc.os_error),
+            )
+        if isinstance(exc, aiohttp.ClientConnectorSSLError):
+            return GatewayUnreachable(
+                f"cannot connect to {self._origin}: the TLS handshake failed: "
+                f"{_os_reason(exc.os_error)}", cause="tls"
             )
         if isinstance(exc, aiohttp.ClientConnectorError):
-            return ConnectionFailed(
-                f"cannot connect to {self._origin}: {_os_reason(exc.os_error)}"
+            return GatewayUnreachable(
+                f"cannot connect to {self._origin}: {_os_reason(exc.os_error)}",
+                cause=_connect_cause(exc.os_error),
             )
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             return ConnectionFailed("the server closed the connection before any answer")
@@ -326,6 +337,11 @@ def _dumps(body: dict[str, Any]) -> bytes:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _connect_cause(error: OSError) -> str:
+    """GatewayUnreachable's cause of a failed connect: "refused" or "connect"."""
+    return "refused" if isinstance(error, ConnectionRefusedError) else "connect"
 
 
 def _os_reason(error: OSError) -> str:

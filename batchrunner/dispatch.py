@@ -35,6 +35,7 @@ log = logging.getLogger("batchrunner.engine")
 
 FLUSH_SECONDS = 2.0  # at most this much finished work waits for the next checkpoint write
 STOP_GRACE_SECONDS = 5.0  # in-flight requests get this long to finish after Ctrl-C or a deadline
+CRASH_EXIT = 70  # a task of the run raised: a bug (crash.py's EXIT_INTERNAL)
 
 
 class _RowQueue:
@@ -82,20 +83,47 @@ class Dispatch:
             watchers = [asyncio.create_task(self._watch_stop(workers))]
             if deadline is not None:
                 watchers.append(asyncio.create_task(self._watch_deadline(deadline)))
+            for task in (feeder, *workers, *watchers):
+                task.add_done_callback(self._on_task_done)
             try:
-                outcomes = await asyncio.gather(*workers, return_exceptions=True)
-                failures = [
-                    o for o in outcomes
-                    if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)
-                ]
-                if failures:
-                    raise failures[0]
+                await asyncio.gather(*workers, return_exceptions=True)
+                if self.crash is not None:
+                    raise self.crash
             finally:
                 for task in (feeder, *workers, *watchers):
                     task.cancel()
                 await asyncio.gather(feeder, *workers, *watchers, return_exceptions=True)
-                for held in self.streak.release():  # a streak that did not trip: real results
-                    self._record(ckpt, held, *self._held_hashes.pop(id(held), (None, None)))
+                self._end_streaks(ckpt)
+
+    def _end_streaks(self, ckpt: Checkpoint) -> None:
+        """The rows the streaks still hold as the dispatch ends.
+
+        A failure streak that did not trip: its rows are real results. Rows the gateway did not
+        answer (fewer than the outage's limit): failed rows when every row was sent; pending
+        when the run stops for another reason (they got no answer: the next run sends them).
+        """
+        if self._outage_timer is not None:
+            self._outage_timer.cancel()
+            self._outage_timer = None
+        for held in self.streak.release():
+            self._record(ckpt, held, *self._held_hashes.pop(id(held), (None, None)))
+        for held in self.outage.release():
+            hashes = self._held_hashes.pop(id(held), (None, None))
+            if not self.control.stopping:
+                self._record(ckpt, held, *hashes)
+
+    def _on_task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task of the run that raised is a bug: the run stops and ends with it (exit 70).
+
+        Whichever task it was (the feeder, a worker, a watcher, the flusher), the others are not
+        left waiting for it: the stop ends them, and `_dispatch` raises the first such error
+        once what is done is checkpointed.
+        """
+        if task.cancelled() or task.exception() is None:
+            return
+        if self.crash is None:
+            self.crash = task.exception()
+        self.control.stop("crashed", CRASH_EXIT)
 
     @contextlib.asynccontextmanager
     async def _checkpointing(self, ckpt: Checkpoint) -> AsyncIterator[None]:
@@ -105,8 +133,11 @@ class Dispatch:
         """
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         flusher = asyncio.create_task(self._flush_loop(ckpt, executor))
+        flusher.add_done_callback(self._on_task_done)
         try:
             yield
+            if self.crash is not None:
+                raise self.crash
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
@@ -211,9 +242,6 @@ class Dispatch:
                 result = await self._process(row)
                 if result is not None:
                     self._record_answer(ckpt, result, row)
-            except Exception:
-                self.control.stop("crashed", 70)  # a bug: stop the others, keep what is done
-                raise
             finally:
                 self.busy -= 1
 
@@ -264,7 +292,7 @@ class Dispatch:
         else:
             grace = STOP_GRACE_SECONDS
         limit = time.monotonic() + grace
-        while self.busy and time.monotonic() < limit:
+        while self.busy and time.monotonic() < limit and not self.control.hurrying:
             await asyncio.sleep(0.05)
         for task in workers:
             task.cancel()

@@ -52,7 +52,7 @@ from .row import RowProcessing
 # Names of the run's parts that other modules and tests take from here (re-exported).
 from .dispatch import FLUSH_SECONDS, STOP_GRACE_SECONDS, _input_error_result  # noqa: F401
 from .dispatch import _rows_to_send  # noqa: F401
-from .recording import write_summary_json  # noqa: F401
+from .recording import input_state, write_summary_json  # noqa: F401
 from .row import BUDGET_MAX_TOKENS_GUESS, _completion_bound, _prompt_tokens  # noqa: F401
 from .runstate import (  # noqa: F401  (the exit codes are re-exported)
     EXIT_AUTH,
@@ -122,7 +122,8 @@ def run(
 ) -> RunReport:
     """Synchronous `arun`: Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
 
-    A second Ctrl-C exits at once; the checkpoint stays readable.
+    A second Ctrl-C gives the requests in flight no more time, writes the answers already
+    received to the checkpoint and exits; a third exits at once (the checkpoint stays readable).
     """
     control = control or RunControl()
 
@@ -178,11 +179,18 @@ def _install_signal_handlers(control: RunControl) -> None:
 
     def on_signal(reason: str, code: int) -> None:
         if control.stopping and reason == "interrupted":
+            if control.hurrying:  # a third Ctrl-C: the checkpoint write itself is not awaited
+                log.warning("interrupted a third time: quitting now; what was checkpointed "
+                            "is kept: run the same command again to resume")
+                os._exit(code)
+            again = " again" if control.reason == "interrupted" else ""
             log.warning(
-                "interrupted again: quitting now, without waiting; what was checkpointed is "
-                "kept: run the same command again to resume"
+                "interrupted%s: not waiting for the requests in flight; writing the answers "
+                "received to the checkpoint, then quitting (Ctrl-C again to quit without "
+                "writing them)", again
             )
-            os._exit(code)  # the second Ctrl-C: leave now; segments are fsynced per batch
+            control.hurry(reason, code)
+            return
         control.stop(reason, code)
 
     loop.add_signal_handler(signal.SIGINT, on_signal, "interrupted", EXIT_SIGINT)
@@ -203,6 +211,10 @@ class _Run(Dispatch, RowProcessing, Recording):
     ) -> None:
         self.on_start = on_start
         self.streak = preflight.FailureStreak()
+        self.outage = preflight.Outage(base_url)
+        # id() of a failed Result whose every attempt got no answer, until it is recorded
+        self._no_answer: set[int] = set()
+        self._outage_timer: asyncio.TimerHandle | None = None  # the unreachable window's end
         # id() of a failed Result -> its non-retryable failure, until the result is recorded
         self._failure_keys: dict[int, preflight.FailureKey] = {}
         # id() of a sent row's Result -> the hashes of its body and of its input values
@@ -225,7 +237,10 @@ class _Run(Dispatch, RowProcessing, Recording):
         self.metric: Metric | None = None
         self.sweep: Sweep | None = None
         self.feed_error: UsageError | None = None
+        self._input_state: tuple[int, int] | None = None  # the input's size and mtime at start
+        self.crash: BaseException | None = None  # the first task of the run that raised (a bug)
         self.auth_error: AuthRefused | None = None
+        self.budget_note: str | None = None  # why the budget bought nothing, where it did not
         self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
         self._warned_budget: set[str] = set()
         self.cache: CacheSession | None = None
@@ -244,6 +259,7 @@ class _Run(Dispatch, RowProcessing, Recording):
         deadline = self._deadline()
         if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
             config = self.config = config.replace(model=config.models[0])
+        self._input_state = input_state(config.input)  # compared at the end
         info = inputs.scan_input(config)
         if info.rows == 0:  # not an error (a nightly export can be empty), but said
             log.warning("%s: the input has no rows: nothing to send; the output is written "
@@ -304,7 +320,16 @@ class _Run(Dispatch, RowProcessing, Recording):
             log.debug("pre-flight: %s", note)
 
     def _deadline(self) -> Deadline | None:
-        return Deadline.from_text(self.config.deadline) if self.config.deadline else None
+        """--deadline resolved now, and said: a time of day already past means tomorrow's."""
+        if not self.config.deadline:
+            return None
+        deadline = Deadline.from_text(self.config.deadline, now=_wall_now())
+        if deadline.tomorrow:  # likely not what was meant: said even with --quiet
+            log.warning("--deadline %s: that time has passed today: sending %s",
+                        self.config.deadline, deadline.text)
+        else:
+            log.info("--deadline %s: sending %s", self.config.deadline, deadline.text)
+        return deadline
 
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
         totals = ckpt.done_totals()
@@ -317,6 +342,11 @@ class _Run(Dispatch, RowProcessing, Recording):
         tally.resumed = tally.ok + tally.failed
         if self.budget is not None:
             self.budget.add_spent(totals["cost_usd"])
+
+
+def _wall_now() -> datetime:
+    """The local wall-clock time a deadline is resolved against (tests put in their own)."""
+    return datetime.now()
 
 
 def _check_scoring(config: RunConfig, columns: tuple[str, ...]) -> Metric | None:

@@ -13,6 +13,7 @@ command, the exit code of SPEC section 11. Retry decisions key on these classes,
     └── RequestError              one HTTP attempt failed (never ends a command by itself)
         ├── RetryableError        worth another attempt
         │   ├── ConnectionFailed  refused, reset or dropped connection
+        │   │   └── GatewayUnreachable  no connection at all: refused, DNS, TLS
         │   ├── AttemptTimeout    no complete answer within --timeout
         │   ├── RateLimited       429, with the Retry-After the gateway asked for
         │   ├── ServerError       5xx, 408, 409
@@ -28,6 +29,7 @@ __all__ = [
     "BatchrunnerError",
     "CheckpointMismatch",
     "ConnectionFailed",
+    "GatewayUnreachable",
     "InputError",
     "InvalidResponse",
     "OutputLocked",
@@ -105,8 +107,29 @@ class ConnectionFailed(RetryableError):
     """The connection was refused, reset or dropped before a full answer."""
 
 
+class GatewayUnreachable(ConnectionFailed):
+    """No connection could be made: refused, a host name that does not resolve, a failed TLS
+    handshake. The request never reached the gateway (nothing was sent, nothing billed).
+
+    `cause` is "refused", "dns", "tls" or "connect" (any other failure to connect).
+    """
+
+    def __init__(self, message: str, *, cause: str = "connect") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class AttemptTimeout(RetryableError):
-    """No complete answer within the per-attempt timeout."""
+    """No complete answer within the per-attempt timeout.
+
+    `sent` is False when the time ran out while connecting (the gateway never had the
+    request), True when it ran out after the request went out: the gateway may have answered,
+    and billed, an answer that came too late.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class RateLimited(RetryableError):

@@ -266,6 +266,12 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
                bool: "true or false", type(None): "null"}  # fmt: skip
 
 
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    """json's message as a whole phrase: its own ends in "at" or "starting at", which its
+    str() completes with a position that the kinds of errors (failures.py) must not hold."""
+    return exc.msg.removesuffix(" at").removesuffix(" starting")
+
+
 def _open_binary(path: Path) -> Any:
     if path.name.lower().endswith(".gz"):
         return gzip.open(path, "rb")
@@ -300,7 +306,7 @@ def _jsonl_lines(path: Path, limit: int | None) -> Iterator[tuple[Any, str | Non
                     if isinstance(exc, UnicodeDecodeError):
                         error = f"input: line {line_no}: not valid UTF-8"
                     elif isinstance(exc, json.JSONDecodeError):
-                        error = f"input: line {line_no}: not valid JSON ({exc.msg})"
+                        error = f"input: line {line_no}: not valid JSON ({_json_problem(exc)})"
                     else:
                         error = f"input: line {line_no}: not valid JSON (nested too deeply)"
                 for blank_no in range(line_no - blank_run, line_no):

@@ -16,9 +16,28 @@ import asyncio
 from datetime import datetime
 
 from .clock import SYSTEM_CLOCK, Clock
-from .durations import parse_deadline
+from .durations import parse_deadline, parse_duration
 
-__all__ = ["Budget", "Deadline", "parse_deadline"]
+__all__ = ["Budget", "Deadline", "describe_deadline", "parse_deadline"]
+
+
+def describe_deadline(at: datetime, now: datetime) -> str:
+    """`until 06:00 tomorrow, in 6 h 4 min`: when a deadline falls, seen from `now`."""
+    days = (at.date() - now.date()).days
+    day = "" if days == 0 else " tomorrow" if days == 1 else f" on {at:%Y-%m-%d}"
+    clock = f"{at:%H:%M:%S}" if at.second else f"{at:%H:%M}"
+    return f"until {clock}{day}, in {_span(at.timestamp() - now.timestamp())}"
+
+
+def _span(seconds: float) -> str:
+    """`6 h 4 min`, `45 min`, `30 s`: a wait, to the minute past a minute."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    if not hours:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 class Budget:
@@ -122,6 +141,10 @@ class Deadline:
         self._clock = clock
         self.at = clock.monotonic() + seconds_from_now
         """Monotonic time of the deadline."""
+        self.text = f"in {_span(seconds_from_now)}"
+        """When it falls, for a person: `until 06:00 tomorrow, in 6 h 4 min`."""
+        self.tomorrow = False
+        """True for a time of day already past today, which means tomorrow's."""
 
     @classmethod
     def from_text(
@@ -132,7 +155,11 @@ class Deadline:
             now = datetime.now()
         at = parse_deadline(text, now)
         # .timestamp() reads naive datetimes as local time, so a DST change overnight is counted.
-        return cls(at.timestamp() - now.timestamp(), clock)
+        deadline = cls(at.timestamp() - now.timestamp(), clock)
+        deadline.text = describe_deadline(at, now)
+        is_duration = parse_duration(text.strip().lower().replace(" ", "")) is not None
+        deadline.tomorrow = at.date() > now.date() and not is_duration
+        return deadline
 
     def remaining(self) -> float:
         """Seconds left (0.0 once passed)."""

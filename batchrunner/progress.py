@@ -142,6 +142,11 @@ class ProgressDisplay:
                f"({report.cache_hits:,} rows)" if report.cache_hits else ""),
             f"  wall time {_duration(report.wall_seconds)}",
         ]
+        if report.timed_out_after_sending:
+            lines.append(
+                f"  {plural(report.timed_out_after_sending, 'attempt')} timed out after sending; "
+                "the gateway may have billed them"
+            )
         if report.reason == "complete":
             lines.append(f"  output    {report.output}")
         else:
@@ -162,6 +167,7 @@ def _headline(report: RunReport) -> str:
         "terminated": "terminated (exit 143)",
         "auth": "the gateway refused the API key (exit 4)",
         "systematic": "stopped early: every answered row failed the same way (exit 3)",
+        "outage": "stopped early: the gateway is unreachable or down (exit 3)",
     }.get(report.reason, f"stopped ({report.reason})")
 
 

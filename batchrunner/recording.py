@@ -29,12 +29,23 @@ class Recording:
     """`_Run`'s recording part: results into the checkpoint and tally; the end of the run."""
 
     def _record_answer(self, ckpt: Checkpoint, result: Result, row: Row | None = None) -> None:
-        """Record a sent row's result, unless it extends a streak of identical failures."""
+        """Record a sent row's result, unless it extends a streak of identical failures or of
+        rows the gateway did not answer (then it is held back, and dropped if the streak trips:
+        the row stays pending)."""
         key = self._failure_keys.pop(id(result), None)
         if row is not None and row.body is not None:
             self._held_hashes[id(result)] = (request_hash(row.body), row.input_hash)
         else:
             self._held_hashes[id(result)] = (None, None)
+        if id(result) in self._no_answer:
+            self._no_answer.discard(id(result))
+            if self.outage.tripped:  # dropped: it stays pending
+                self._held_hashes.pop(id(result), None)
+            if self.outage.hold(result):
+                self._stop_for_outage()
+            return
+        for held in self.outage.release():  # an answer: the rows held before it did fail
+            self._record(ckpt, held, *self._held_hashes.pop(id(held), (None, None)))
         was_tripped = self.streak.tripped
         for ready in self.streak.observe(result, key):
             self._record(ckpt, ready, *self._held_hashes.pop(id(ready), (None, None)))
@@ -44,6 +55,13 @@ class Recording:
                 "no new requests are sent", self.streak.count, self.streak.error()
             )
             self.control.stop("systematic", EXIT_SYSTEMATIC)
+
+    def _stop_for_outage(self) -> None:
+        """The gateway is unreachable or down: no new requests; the rows held stay pending."""
+        for dropped in self.outage.take_dropped():
+            self._held_hashes.pop(id(dropped), None)
+        log.warning("stopping: %s; no new requests are sent", self.outage.cause)
+        self.control.stop("outage", EXIT_SYSTEMATIC)
 
     def _record(
         self,
@@ -100,8 +118,18 @@ class Recording:
             code = control.exit_code if control.exit_code is not None else EXIT_STOPPED
             reason = reason or "stopped"
             message = _stop_message(reason, self.auth_error)
-            if reason == "systematic" and self.streak.tripped:
+            if reason == "budget" and self.budget_note is not None:
+                message = f"stopped: {self.budget_note}"
+            elif reason == "systematic" and self.streak.tripped:
                 message = self.streak.describe()
+            elif reason == "outage":
+                pending = rows - self.tally.ok - self.tally.failed
+                message = (
+                    f"stopped early: {self.outage.cause or 'the gateway is unreachable or down'}"
+                    f"; {pending:,} row{'s' if pending != 1 else ''} with no answer stay pending:"
+                    " run the same command again once the gateway is back"
+                )
+        input_changed = self._input_changed()
         report = RunReport(
             exit_code=code,
             reason=reason,
@@ -121,6 +149,8 @@ class Recording:
             errors=ckpt.top_errors(),
             cache_hits=self.tally.cache_hits,
             reused_cost_usd=self.tally.reused_cost_usd,
+            timed_out_after_sending=self.tally.timed_out_after_sending,
+            input_changed=input_changed,
         )
         if self.config.summary_json is not None:
             summary = report.to_dict()
@@ -135,6 +165,18 @@ class Recording:
                 else:  # the run ends with one line: keep it one
                     report = dataclasses.replace(report, message=f"{report.message}; {note}")
         return report
+
+    def _input_changed(self) -> bool:
+        """True, and said, when the input's size or mtime differ now from the run's start."""
+        before = getattr(self, "_input_state", None)
+        if before is None or input_state(self.config.input) == before:
+            return False
+        log.warning(
+            "the input %s changed while the run went on (its size or modification time differ "
+            "from the start): the next run compares it with the checkpoint and sends the rows "
+            "that changed", self.config.input,
+        )
+        return True
 
     def _use_totals(self, totals: dict[str, Any]) -> None:
         tally = self.tally
@@ -152,6 +194,15 @@ def _scorer(metric: Metric | None, reference_column: str | None) -> TableScorer 
     if metric is None or reference_column is None:
         return None
     return TableScorer(metric, reference_column)
+
+
+def input_state(path: Path) -> tuple[int, int] | None:
+    """The input's size and modification time (ns), to tell whether it changed; None: unknown."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:

@@ -20,11 +20,12 @@ from .errors import (
     AttemptTimeout,
     AuthRefused,
     ConnectionFailed,
+    GatewayUnreachable,
     InvalidResponse,
     PermanentError,
     RateLimited,
     RequestError,
-    RetryableError,
+    ServerError,
 )
 from .requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 from .results import Result, Row
@@ -37,6 +38,20 @@ log = logging.getLogger("batchrunner.engine")
 BUDGET_MAX_TOKENS_GUESS = 4096  # worst case per request for --max-cost when max_tokens is unset
 
 _MAYBE_BILLED = (AttemptTimeout, ConnectionFailed, InvalidResponse, asyncio.CancelledError)
+
+
+def _reached_gateway(exc: BaseException) -> bool:
+    """False for an attempt that never reached the gateway: no connection, or none in time."""
+    if isinstance(exc, GatewayUnreachable):
+        return False
+    return not (isinstance(exc, AttemptTimeout) and not exc.sent)
+
+
+def _got_no_answer(exc: BaseException) -> bool:
+    """An attempt the gateway did not answer: a timeout, a failed connection, a 5xx."""
+    if isinstance(exc, (ConnectionFailed, AttemptTimeout)):
+        return True
+    return isinstance(exc, ServerError) and (exc.http_status or 0) >= 500
 
 
 class RowProcessing:
@@ -56,7 +71,11 @@ class RowProcessing:
     stop_event: asyncio.Event
     completion_guess: float
     auth_error: AuthRefused | None
+    budget_note: str | None
+    outage: Any
     _failure_keys: dict[int, Any]
+    _no_answer: set[int]
+    _outage_timer: asyncio.TimerHandle | None
     _warned_budget: set[str]
 
     async def _process(self, row: Row) -> Result | None:
@@ -70,9 +89,10 @@ class RowProcessing:
         )
         attempts = 0
         started = time.perf_counter()
+        no_answer = True  # every attempt so far got no answer: a timeout, no connection, a 5xx
 
         async def send() -> Answer:
-            nonlocal attempts, started, reserved
+            nonlocal attempts, started, reserved, no_answer
             if self.stop_event.is_set():
                 raise Abandon()
             reserved = await self._reserve_budget(model, prompt_bound, completion_bound)
@@ -82,17 +102,20 @@ class RowProcessing:
                     self.budget.settle(reserved, 0.0)
                 raise Abandon()
             attempts += 1
-            self.tally.sent += 1
             started = time.perf_counter()
             try:
                 with self.gate.sending():
-                    return await self._attempt(body, tokens_estimate)
+                    answer = await self._attempt(body, tokens_estimate)
             except BaseException as exc:
+                if not _got_no_answer(exc):
+                    no_answer = False
                 if self.budget is not None:
                     # An answer cut short may still be billed: count the worst case.
-                    billed = None if isinstance(exc, _MAYBE_BILLED) else 0.0
-                    self.budget.settle(reserved, billed)
+                    maybe = isinstance(exc, _MAYBE_BILLED) and _reached_gateway(exc)
+                    self.budget.settle(reserved, None if maybe else 0.0)
                 raise
+            no_answer = False
+            return answer
 
         async def answered() -> Result:  # SPEC 17: one answer, to check against the schema
             answer = await call_with_retries(
@@ -137,6 +160,8 @@ class RowProcessing:
             )
             if isinstance(exc, PermanentError):  # for the systematic-failure stop
                 self._failure_keys[id(failed)] = (exc.http_status, exc.code)
+            elif no_answer:  # for the outage stop: held back, pending if the gateway is down
+                self._no_answer.add(id(failed))
             return failed
         finally:
             if self.cache is not None:  # stores an answer it may; forgets the row's key anyway
@@ -150,17 +175,34 @@ class RowProcessing:
         async with self.pacer.slot(tokens_estimate) as slot:
             try:
                 answer = await self.client.complete(body)
-            except RateLimited as exc:
-                slot.rate_limited(exc.retry_after, exc.rate_headers)
+            except BaseException as exc:
+                self._attempt_failed(exc)
+                if isinstance(exc, RateLimited):
+                    slot.rate_limited(exc.retry_after, exc.rate_headers)
+                elif isinstance(exc, RequestError):
+                    slot.failed()
                 raise
-            except RetryableError:
-                slot.failed()
-                raise
-            except RequestError:
-                slot.failed()
-                raise
+            self.tally.sent += 1
+            self.outage.answered()
             slot.succeeded(answer.usage.total_tokens, answer.rate_headers)
             return answer
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        """Count a failed attempt: sent or not, timed out after sending, the gateway reached."""
+        if isinstance(exc, GatewayUnreachable):  # never reached the gateway: not sent
+            if self.outage.unreachable(exc):
+                self._stop_for_outage()
+            elif self._outage_timer is None:
+                self._check_outage_later()
+            return
+        if isinstance(exc, AttemptTimeout):
+            if exc.sent:  # the gateway had the request: it may have answered, and billed it
+                self.tally.sent += 1
+                self.tally.timed_out_after_sending += 1
+            return
+        self.tally.sent += 1  # an answer, a connection lost after sending, or cut off at a stop
+        if getattr(exc, "http_status", None) is not None or isinstance(exc, AuthRefused):
+            self.outage.answered()
 
     def _ok_result(self, row: Row, answer: Answer, attempts: int, reserved: float) -> Result:
         usage = answer.usage
@@ -214,18 +256,55 @@ class RowProcessing:
         if not await self.budget.acquire(worst):
             if "reached" not in self._warned_budget:  # once a run, not once a worker
                 self._warned_budget.add("reached")
-                log.warning(
-                    "budget of $%.4f reached: no new requests are sent", self.config.max_cost
-                )
+                if worst > self.budget.max_cost:  # no request of this size can ever fit
+                    self.budget_note = _below_one_request(
+                        self.budget.max_cost, worst, model, prompt_tokens, bound
+                    )
+                    log.warning("%s", self.budget_note)
+                else:
+                    log.warning(
+                        "budget of $%.4f reached: no new requests are sent", self.config.max_cost
+                    )
             self.control.stop("budget", EXIT_STOPPED)
             raise Abandon()
         return worst
+
+    def _check_outage_later(self) -> None:
+        """Check the outage when its window ends: the attempts after it may be far off (every
+        row waiting out a backoff), and a gateway that refused everything for the whole window
+        is unreachable then."""
+        self._outage_timer = None
+        delay = self.outage.seconds_to_check()
+        if delay is None or self.stop_event.is_set():
+            return
+        if delay <= 0:  # the window is over: it trips now, or at the next attempt's failure
+            if self.outage.check():
+                self._stop_for_outage()
+            return
+        loop = asyncio.get_running_loop()
+        self._outage_timer = loop.call_later(max(delay, 0.05), self._check_outage_later)
 
     async def _retry_sleep(self, seconds: float) -> None:
         """tenacity's sleep: cut short when the run is stopping."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.stop_event.wait()
+
+
+def _below_one_request(
+    budget: float, worst: float, model: str | None, prompt_tokens: int, bound: int | None
+) -> str:
+    """Why a budget bought nothing: one request's worst case is more than all of it."""
+    completion = (
+        f"{bound:,} completion tokens (max_tokens)" if bound is not None
+        else f"{BUDGET_MAX_TOKENS_GUESS:,} completion tokens, assumed as no max_tokens is set"
+    )
+    return (
+        f"the --max-cost budget of ${budget:.4f} is below the worst case of one request: up to "
+        f"${worst:.4f} for {model} ({prompt_tokens:,} prompt tokens at most and {completion}); "
+        "nothing can be sent within it: set --max-tokens (a bound on each answer) or raise "
+        "--max-cost"
+    )
 
 
 def _prompt_tokens(body: dict[str, Any]) -> tuple[int, int]:

@@ -7,6 +7,7 @@ row.py, recording.py) and the progress display read them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .results import Result
 __all__ = ["Abandon", "RunControl", "RunReport", "Tally"]
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_AUTH, EXIT_STOPPED = 0, 1, 4, 5
-EXIT_SYSTEMATIC = 3  # every answered row failed the same way (SPEC section 6)
+EXIT_SYSTEMATIC = 3  # every answered row failed the same way, or the gateway is down
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
@@ -31,7 +32,8 @@ class Tally:
     resumed: int = 0
     ok: int = 0
     failed: int = 0
-    sent: int = 0  # HTTP attempts this session
+    sent: int = 0  # HTTP attempts this session that reached the gateway
+    timed_out_after_sending: int = 0  # of those, attempts that timed out: maybe billed
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -74,7 +76,7 @@ class RunReport:
     """How a run ended: the figures of SPEC section 13 and the exit code of section 11."""
 
     exit_code: int
-    reason: str  # complete, budget, deadline, interrupted, terminated, auth
+    reason: str  # complete, budget, deadline, interrupted, terminated, auth, systematic, outage
     output: Path
     rows: int
     ok: int
@@ -91,6 +93,8 @@ class RunReport:
     errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
     cache_hits: int = 0  # rows served from the response cache, this run and earlier ones
     reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
+    timed_out_after_sending: int = 0  # attempts that timed out once sent: the gateway may bill
+    input_changed: bool = False  # the input's size or mtime differ at the end from the start
 
     @property
     def pending(self) -> int:
@@ -110,16 +114,24 @@ class RunReport:
 
 
 class RunControl:
-    """A handle to stop a run from outside: signals, a UI, a test."""
+    """A handle to stop a run from outside: signals, a UI, a test, another thread.
+
+    `stop` may be called from any thread (a notebook's cell while the run goes on in another):
+    the run's event is set on the run's own event loop. `hurry` is the second Ctrl-C: requests
+    in flight are given no more time; what was received is still written to the checkpoint.
+    """
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.exit_code: int | None = None
+        self.hurrying = False
         self._event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, event: asyncio.Event) -> None:
-        """Attach to the running engine's stop event (done by the engine)."""
+        """Attach to the running engine's stop event (done by the engine, on its loop)."""
         self._event = event
+        self._loop = asyncio.get_running_loop()
         if self.reason is not None:
             event.set()
 
@@ -127,8 +139,28 @@ class RunControl:
         """Ask the run to stop sending; the first reason given wins."""
         if self.reason is None:
             self.reason, self.exit_code = reason, exit_code
-        if self._event is not None:
-            self._event.set()
+        self._wake()
+
+    def hurry(self, reason: str, exit_code: int) -> None:
+        """Stop now: no grace for requests in flight; this reason and code replace the first."""
+        self.reason, self.exit_code = reason, exit_code
+        self.hurrying = True
+        self._wake()
+
+    def _wake(self) -> None:
+        event, loop = self._event, self._loop
+        if event is None or loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        elif not loop.is_closed():
+            # asyncio's objects belong to their loop: set it there, not from this thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the run ended
+                loop.call_soon_threadsafe(event.set)
 
     @property
     def stopping(self) -> bool:

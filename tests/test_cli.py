@@ -197,9 +197,9 @@ def test_the_key_never_appears_in_any_file_or_output(tmp_path: Path, start_gatew
         done = cli(*args, env=env)
         codes.append(done.returncode)
         printed.append(done.stdout + done.stderr)
-    # the runs: rows failed, rows failed, key refused, no gateway; then `models` refused (4),
-    # and `status` and `summary` of the first output
-    assert codes == [1, 1, 4, 1, 4, 0, 0], printed
+    # the runs: rows failed, rows failed, key refused, no gateway (an outage: exit 3); then
+    # `models` refused (4), and `status` and `summary` of the first output
+    assert codes == [1, 1, 4, 3, 4, 0, 0], printed
     assert all("Traceback" not in text for text in printed)
     for text in printed:
         assert SECRET not in text

@@ -24,6 +24,7 @@ from batchrunner.errors import (
     AttemptTimeout,
     AuthRefused,
     ConnectionFailed,
+    GatewayUnreachable,
     InvalidResponse,
     PermanentError,
     RateLimited,
@@ -184,8 +185,10 @@ def test_a_refused_connection_is_a_connection_failure() -> None:
         async with Client(f"http://127.0.0.1:{port}/v1", KEY, concurrency=1) as client:
             await client.complete(BODY)
 
-    with pytest.raises(ConnectionFailed, match="cannot connect"):
+    with pytest.raises(GatewayUnreachable, match="cannot connect") as caught:
         asyncio.run(go())
+    assert isinstance(caught.value, ConnectionFailed)  # retried as any connection failure
+    assert caught.value.cause == "refused"  # and, on every attempt, an outage (exit 3)
 
 
 def test_a_connection_closed_before_or_during_the_answer_is_a_connection_failure() -> None:
@@ -309,8 +312,9 @@ def test_https_is_verified_against_the_trusted_authorities(
     with scripted_server(lambda request: Reply(json=completion("over tls")),
                          ssl_context=server_context) as server:
         assert server.base_url.startswith("https://")
-        with pytest.raises(ConnectionFailed, match="certificate verify failed"):
+        with pytest.raises(GatewayUnreachable, match="certificate verify failed") as caught:
             asyncio.run(go(server.base_url))  # an authority nobody trusts yet
+        assert caught.value.cause == "tls"
         authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
         monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # as the README says
         assert asyncio.run(go(server.base_url)) == "over tls"

@@ -25,6 +25,7 @@ from batchrunner.client import MAX_RETRY_AFTER, Answer, Client, EventStream, par
 from batchrunner.errors import (
     AttemptTimeout,
     ConnectionFailed,
+    GatewayUnreachable,
     InvalidResponse,
     PermanentError,
     RateLimited,
@@ -245,6 +246,23 @@ def test_aiohttp_failures_become_retryable_errors(
         call(lambda m: m.post(URL, exception=exception))
     assert caught.value.http_status is None
     assert KEY not in str(caught.value)
+
+
+def test_a_host_name_that_does_not_resolve_is_unreachable_and_a_connect_timeout_unsent() -> None:
+    """Neither reached the gateway: not counted as sent, nor as a timeout that may be billed."""
+    dns = aiohttp.ClientConnectorDNSError(
+        aiohttp.client_reqrep.ConnectionKey("gateway.test", 80, False, True, None, None, None),
+        OSError(-2, "Name or service not known"),
+    )
+    with pytest.raises(GatewayUnreachable, match="the host name does not resolve") as caught:
+        call(lambda m: m.post(URL, exception=dns))
+    assert caught.value.cause == "dns"
+    with pytest.raises(AttemptTimeout) as timed_out:
+        call(lambda m: m.post(URL, exception=aiohttp.ConnectionTimeoutError()))
+    assert timed_out.value.sent is False
+    with pytest.raises(AttemptTimeout) as late:
+        call(lambda m: m.post(URL, exception=asyncio.TimeoutError()))
+    assert late.value.sent is True  # the request went out: the gateway may have billed it
 
 
 def test_a_read_timeout_in_a_stream_says_how_long_nothing_came() -> None:

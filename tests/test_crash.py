@@ -100,3 +100,47 @@ def test_scrub_masks_the_named_variables_and_key_shapes() -> None:
     assert scrub(text, environ=environ, key_variables=["EVAL_KEY"]) == \
         "a [key], [key] and [key] and Bearer [key]"
     assert scrub("nothing secret here: task-list", environ={}) == "nothing secret here: task-list"
+
+
+# The row feeder breaks on the 31st row it builds: a bug while building a request.
+PLANTED_IN_FEEDER = """
+import sys
+import batchrunner.requests as requests
+calls = [0]
+original = requests.RequestBuilder.build
+def broken(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] > 30:
+        raise ZeroDivisionError("planted bug in the feeder")
+    return original(self, *args, **kwargs)
+requests.RequestBuilder.build = broken
+from batchrunner.cli import main
+sys.argv[0] = "batchrunner"
+main()
+"""
+
+
+def test_a_bug_in_the_row_feeder_ends_the_run_with_exit_70(tmp_path: Path, gateway: Any) -> None:
+    """A crashed task other than a worker (here the feeder) must not leave the workers waiting
+    for rows for ever: exit 70, one line, crash.log, a readable checkpoint."""
+    out = tmp_path / "out.parquet"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RU_LLM_BASE_URL")}
+    env.update(RU_LLM_API_KEY=SECRET, PYTHONPATH=str(REPO))
+    args = ["run", "-i", str(REPO / "sample_data" / "prompts.jsonl"), "-o", str(out),
+            "-m", "gpt-4o-mini", "--base-url", gateway.base_url, "-c", "2",
+            "--checkpoint-every", "5", "-q", "--no-preflight"]
+    try:
+        crashed = subprocess.run([sys.executable, "-c", PLANTED_IN_FEEDER, *args], env=env,
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the run hung after the feeder crashed") from None
+    assert crashed.returncode == 70, crashed.stderr
+    log = checkpoint_dir(out) / "crash.log"
+    assert crashed.stderr.strip().splitlines() == [
+        "batchrunner: internal error (a bug, please report it): ZeroDivisionError: planted bug "
+        f"in the feeder; the traceback is in {log}"
+    ]
+    assert "in broken" in log.read_text()
+    status = cli("status", str(out), "--format", "json", cwd=tmp_path, planted=False)
+    assert status.returncode == 0, status.stderr
+    assert 1 <= json.loads(status.stdout)["done"] <= 30  # the rows built before the bug

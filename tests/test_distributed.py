@@ -145,6 +145,22 @@ def test_refused_key_stops_every_actor_with_exit_4(
     assert gw.stats.requests <= 2 * 4  # each actor stops at its first refusal
 
 
+def test_a_gateway_answering_500_stops_the_cluster_with_exit_3_rows_pending(
+    ray_cluster: None, start_gateway: Any, tmp_path: Path
+) -> None:
+    down = start_gateway(error_rate=1.0)
+    source = _input(tmp_path / "in.jsonl", 200)
+    config = _config(tmp_path, source, "outage", engine="ray", ray_actors=2,
+                     base_url=down.base_url, concurrency=4, max_attempts=1)
+    report = engine.run(config, handle_signals=False)
+    assert report.exit_code == 3 and report.reason == "outage", report.message
+    assert f"the gateway at {down.base_url} answered none of the last 20 rows" in report.message
+    assert report.ok == report.failed == 0 and report.pending == 200
+    back = start_gateway()
+    again = engine.run(config.replace(base_url=back.base_url), handle_signals=False)
+    assert again.exit_code == 0 and back.stats.requests == 200
+
+
 def test_budget_stops_the_cluster_with_exit_5_within_the_budget(
     ray_cluster: None, gateway: Any, tmp_path: Path
 ) -> None:

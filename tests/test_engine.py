@@ -385,3 +385,92 @@ def test_an_output_inside_a_checkpoint_folder_is_refused(tmp_path: Path, gateway
         with pytest.raises(UsageError, match="inside the checkpoint folder"):
             run(first.replace(output=output), handle_signals=False)
     assert gateway.stats.requests == sent
+
+
+def test_run_control_stop_from_another_thread_wakes_the_run_on_its_own_loop() -> None:
+    """A notebook stops a run going on in another thread: the event is set on the run's loop
+    (asyncio's objects are not thread-safe; its debug mode says so when they are misused)."""
+    import asyncio
+    import threading
+
+    from batchrunner.runstate import RunControl
+
+    control = RunControl()
+    bound = threading.Event()
+    woke: list[float] = []
+
+    async def run_side() -> None:
+        event = asyncio.Event()
+        control.bind(event)
+        asyncio.get_running_loop().call_later(0.2, bound.set)  # once the wait below began
+        async with asyncio.timeout(10):
+            await event.wait()
+        woke.append(time.monotonic())
+
+    thread = threading.Thread(target=asyncio.run, args=(run_side(),), kwargs={"debug": True})
+    thread.start()
+    assert bound.wait(10)
+    asked = time.monotonic()
+    control.stop("interrupted", 130)  # from this thread, not the run's
+    thread.join(15)
+    assert woke and woke[0] - asked < 5
+    assert control.reason == "interrupted"
+
+
+def test_a_budget_below_one_request_says_why_and_what_to_do(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
+    """--max-cost 0.01 with gpt-4o and no max_tokens: one request may cost $0.04 (4,096
+    completion tokens assumed); "budget reached" with nothing spent explained nothing."""
+    report, _ = go(tmp_path, gateway.base_url, prompts(5), model="gpt-4o", max_cost=0.01)
+    assert report.exit_code == 5 and report.reason == "budget"
+    assert gateway.stats.requests == 0
+    message = report.message
+    assert "the --max-cost budget of $0.0100 is below the worst case of one request" in message
+    assert "for gpt-4o" in message and "4,096 completion tokens, assumed as no max_tokens is set" in message
+    assert "$0.04" in message  # the worst case's figure
+    assert "set --max-tokens" in message and "raise --max-cost" in message
+
+
+def test_a_deadline_already_past_today_is_said_to_mean_tomorrow(
+    tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+) -> None:
+    import batchrunner.engine as engine_module
+    from datetime import datetime
+
+    monkeypatch.setattr(engine_module, "_wall_now", lambda: datetime(2026, 12, 7, 23, 56))
+    with caplog.at_level("INFO", logger="batchrunner"):
+        report, _ = go(tmp_path, gateway.base_url, prompts(3), deadline="23:51")
+    assert report.exit_code == 0
+    said = [r for r in caplog.records if "--deadline" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert said[0].getMessage() == (
+        "--deadline 23:51: that time has passed today: sending until 23:51 tomorrow, "
+        "in 23 h 55 min"
+    )
+
+
+def test_an_input_edited_during_the_run_is_said_and_in_the_summary_json(
+    tmp_path: Path, gateway, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+) -> None:
+    import os
+
+    source = write_jsonl(tmp_path / "in.jsonl", prompts(10))
+    summary = tmp_path / "summary.json"
+    touched: list[bool] = []
+
+    def edit_once(result, tally) -> None:  # type: ignore[no-untyped-def]
+        if not touched:  # an editor saving the file while the run goes on
+            stat = source.stat()
+            os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+            touched.append(True)
+
+    config = RunConfig(input=source, output=tmp_path / "out.parquet", base_url=gateway.base_url,
+                       model="gpt-4o-mini", summary_json=summary)
+    with caplog.at_level("WARNING", logger="batchrunner"):
+        report = run(config, handle_signals=False, on_result=edit_once)
+    assert report.exit_code == 0 and report.input_changed
+    assert any(f"the input {source} changed while the run went on" in r.getMessage()
+               for r in caplog.records)
+    assert json.loads(summary.read_text())["input_changed"] is True
+
+    again = run(config.replace(output=tmp_path / "other.parquet"), handle_signals=False)
+    assert not again.input_changed

@@ -568,3 +568,22 @@ def test_fingerprint_changes_with_the_content(tmp_path: Path) -> None:
     second = fingerprint_input(path)
     assert second["blake2b"] != first["blake2b"]
     assert (second["size"], second["mtime_ns"]) == (first["size"], first["mtime_ns"])
+
+
+def test_bad_json_lines_say_a_whole_phrase_not_one_cut_before_its_position(
+    tmp_path: Path,
+) -> None:
+    """json's own messages end in "at" ("Invalid control character at", "Unterminated string
+    starting at"), completed by a position elsewhere: shown alone they read as cut off."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(
+        b'{"id": "a", "prompt": "a raw\ttab"}\n'
+        b'{"id": "c", "prompt": "x", }\n'
+        b'{"id": "b", "prompt": "never closed}'  # the last line, with no newline to meet
+    )
+    errors = [error for _, _, error in iter_records(config(path))]
+    assert errors == [
+        "input: line 1: not valid JSON (Invalid control character)",
+        "input: line 2: not valid JSON (Expecting property name enclosed in double quotes)",
+        "input: line 3: not valid JSON (Unterminated string)",
+    ]

@@ -103,3 +103,18 @@ def test_deadline_on_the_monotonic_clock() -> None:
     clock.advance(90)
     assert deadline.passed and deadline.remaining() == 0.0
     assert Deadline.from_text("06:00", clock, now=NOW).remaining() == 3600
+
+
+def test_a_deadline_says_when_it_falls_a_past_time_of_day_being_tomorrow() -> None:
+    clock = FakeClock()
+    now = datetime(2026, 12, 7, 23, 56)
+    passed = Deadline.from_text("23:51", clock, now=now)
+    assert passed.tomorrow and passed.text == "until 23:51 tomorrow, in 23 h 55 min"
+    assert passed.remaining() == 23 * 3600 + 55 * 60
+    morning = Deadline.from_text("06:00", clock, now=now)
+    assert morning.text == "until 06:00 tomorrow, in 6 h 4 min" and morning.tomorrow
+    later = Deadline.from_text("23:59:30", clock, now=now)
+    assert later.text == "until 23:59:30, in 3 min" and not later.tomorrow
+    soon = Deadline.from_text("45m", clock, now=now)  # a duration crossing midnight
+    assert soon.text == "until 00:41 tomorrow, in 45 min" and not soon.tomorrow
+    assert Deadline.from_text("30s", clock, now=now).text.endswith("in 30 s")

@@ -22,6 +22,7 @@ import pytest
 from batchrunner.checkpoint import checkpoint_dir
 from batchrunner.gateway import complete
 
+REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-ru-resume-tests-0b7e3c9d1f2a4e6b8c0d"
 MODEL = "gpt-4o-mini"
 
@@ -178,6 +179,62 @@ def test_a_second_ctrl_c_exits_at_once_with_a_readable_checkpoint(
     assert_exact_output(output, source)
 
 
+# The CLI with every result the run records noted in a file as it is recorded (before it is
+# written to the checkpoint): the answers the run had received when it was stopped.
+NOTING = """
+import os, sys
+import batchrunner.engine as engine
+trace = os.open(os.environ["NOTED_RESULTS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+original = engine._Run._record
+def noting(self, ckpt, result, *args, **kwargs):
+    original(self, ckpt, result, *args, **kwargs)
+    os.write(trace, (result.id + "\\n").encode())
+engine._Run._record = noting
+from batchrunner.cli import main
+sys.argv[0] = "batchrunner"
+main()
+"""
+
+
+def test_a_second_ctrl_c_keeps_the_answers_already_received(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    """The second Ctrl-C gives what is in flight no more time, but the answers received and
+    not yet written (the checkpoint is written every 2 s here) are written before it exits."""
+    gw = start_gateway(latency_ms=2500, jitter_ms=2450)  # answers keep arriving, some slow
+    rows = 400
+    source = write_input(tmp_path / "in.jsonl", rows)
+    output = tmp_path / "out.parquet"
+    noted = tmp_path / "noted.txt"
+    args = command(source, output, gw.base_url, "--concurrency", "16",
+                   "--checkpoint-every", "100000")[3:]  # `run ...`; only the 2-second writes
+    env = environment() | {"NOTED_RESULTS": str(noted), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", NOTING, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+        not noted.exists() or len(noted.read_text().split()) < 10
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None  # the first Ctrl-C waits for what is in flight
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "writing the answers received to the checkpoint" in stderr
+    assert "run the same command again" in stderr and "Traceback" not in stderr
+    received = noted.read_text().split()
+    state = status(output)
+    assert state["done"] == len(received), (state["done"], len(received))  # before: fewer
+    gw.stats.reset()
+    fast = start_gateway()
+    done = finish(command(source, output, fast.base_url))
+    assert done.returncode == 0, done.stderr
+    assert fast.stats.requests == rows - len(received)  # the rest, and only the rest
+    assert_exact_output(output, source)
+
+
 def test_a_changed_setting_is_refused_unless_restart(
     tmp_path: Path, gateway  # type: ignore[no-untyped-def]
 ) -> None:
@@ -209,7 +266,8 @@ def test_a_changed_setting_is_refused_unless_restart(
 
 def test_retry_failed_sends_only_the_error_rows(tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
     broken = start_gateway(error_rate=1.0)
-    source = write_input(tmp_path / "in.jsonl", 30)
+    # fewer rows than an outage takes (20 in a row with no answer stop the run, pending)
+    source = write_input(tmp_path / "in.jsonl", 15)
     output = tmp_path / "out.parquet"
     first = finish(command(source, output, broken.base_url, "--max-attempts", "1"))
     assert first.returncode == 1
@@ -219,7 +277,7 @@ def test_retry_failed_sends_only_the_error_rows(tmp_path: Path, start_gateway) -
     assert again.returncode == 1 and healthy.stats.requests == 0  # finished: exits as it did
     retried = finish(command(source, output, healthy.base_url, "--retry-failed"))
     assert retried.returncode == 0, retried.stderr
-    assert healthy.stats.requests == 30
+    assert healthy.stats.requests == 15
     assert_exact_output(output, source)
 
 

@@ -312,6 +312,8 @@ class RayRun(_Run):
             self.control.stop("usage", 2)
             raise UsageError(outcome.message)
         else:
+            if reason == "outage" and self.outage.cause is None:
+                self.outage.cause = outcome.message  # the gateway is unreachable or down
             self.control.stop(reason, code)
 
     def _budget_reached(self) -> None:

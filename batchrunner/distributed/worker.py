@@ -111,6 +111,8 @@ class BlockWorker:
             cost = sum(r.cost_usd or 0.0 for r in results)
             # A refused key: the gateway's words, which the driver's own message wraps.
             message = str(run.auth_error) if run.auth_error is not None else report.message
+            if report.reason == "outage" and run.outage.cause is not None:
+                message = run.outage.cause  # the driver's own message says the rest
             outcome = BlockOutcome(report.exit_code, report.reason, message, report.sent, cost)
             return placed, outcome
         finally:
