@@ -20,6 +20,7 @@ import click
 
 from ._version import __version__
 from .errors import BatchrunnerError, StorageError, UsageError
+from .redaction import scrub
 
 log = logging.getLogger("batchrunner")
 
@@ -71,6 +72,7 @@ class _Group(click.Group):
 
 def _echo_error(message: str, exit_code: int) -> None:
     """The one error line on stderr: text, or one JSON object with --log-format json."""
+    message = scrub(message)
     if _error_format["json"]:
         record = {"time": round(time.time(), 3), "level": "error", "logger": "batchrunner",
                   "message": message, "exit_code": exit_code}
@@ -108,13 +110,25 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+class _ScrubbingFormatter(logging.Formatter):
+    """Another formatter's lines with every API key masked (a message may quote a gateway)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(self._inner.format(record))
+
+
 def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None:
     _error_format["json"] = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_ScrubbingFormatter(_JsonFormatter()))
     else:
-        handler.setFormatter(logging.Formatter("batchrunner: %(levelname)s: %(message)s"))
+        handler.setFormatter(_ScrubbingFormatter(
+            logging.Formatter("batchrunner: %(levelname)s: %(message)s")))
     root = logging.getLogger("batchrunner")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
