@@ -594,22 +594,28 @@ def cache_clear(path: Path | None) -> None:
     click.echo(f"removed {removed:,} answers")
 
 
+_FRACTION = click.FloatRange(0.0, 1.0)
+_NOT_NEGATIVE = click.FloatRange(min=0.0)
+_PORT = click.IntRange(0, 65535)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=_PORT, help="0: any free port.")
 @click.option("--key", "keys", multiple=True, help="Accept only this key (repeatable).")
-@click.option("--latency-ms", type=float, default=0.0, help="Added latency, mean.")
-@click.option("--jitter-ms", type=float, default=0.0, help="Added latency, jitter.")
-@click.option("--error-rate", type=float, default=0.0, help="Fraction answered 500/503.")
-@click.option("--rpm", type=int, help="Requests per minute before 429s.")
-@click.option("--tpm", type=int, help="Tokens per minute before 429s.")
-@click.option("--drop-rate", type=float, default=0.0, help="Fraction of connections dropped.")
-@click.option("--rate-window", "rate_window_s", type=float, default=60.0, show_default=True,
+@click.option("--latency-ms", type=_NOT_NEGATIVE, default=0.0, help="Added latency, mean.")
+@click.option("--jitter-ms", type=_NOT_NEGATIVE, default=0.0, help="Added latency, jitter.")
+@click.option("--error-rate", type=_FRACTION, default=0.0, help="Fraction answered 500/503.")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute before 429s.")
+@click.option("--drop-rate", type=_FRACTION, default=0.0, help="Fraction of connections dropped.")
+@click.option("--rate-window", "rate_window_s", type=click.FloatRange(min=0.0, min_open=True),
+              default=60.0, show_default=True,
               help="Seconds of the --rpm/--tpm window (shorter for quick tests).")
-@click.option("--invalid-json-rate", type=float, default=0.0,
+@click.option("--invalid-json-rate", type=_FRACTION, default=0.0,
               help="Fraction of json_schema answers made invalid (not JSON, a field missing).")
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
-@click.option("--cache-min-tokens", type=int, default=1024, show_default=True,
+@click.option("--cache-min-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")
 def gateway(**kwargs: Any) -> None:
     """Serve the gateway simulator: the ru-llm API on loopback, for tests and demos.
@@ -620,10 +626,13 @@ def gateway(**kwargs: Any) -> None:
       batchrunner gateway --latency-ms 50 --jitter-ms 10 --error-rate 0.02 --rpm 600
       OPENAI_BASE_URL=http://127.0.0.1:8000/v1 RU_LLM_API_KEY=sk-ru-test batchrunner models
     """
-    from .gateway import GatewayConfig, serve
+    from .gateway import CannotListen, GatewayConfig, serve
 
     kwargs["keys"] = tuple(kwargs["keys"])
-    serve(GatewayConfig(**kwargs))
+    try:
+        serve(GatewayConfig(**kwargs))
+    except CannotListen as exc:  # a port in use, an address not of this machine: usage
+        raise UsageError(str(exc)) from None
 
 
 @main.command()
