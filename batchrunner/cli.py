@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,30 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
             ctx.exit(EXIT_BROKEN_PIPE)
-        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
-            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS:
+                return self._crash(ctx, exc)
+            # stdout on a full disk (`status > /dev/full`): storage, as in `run`, not a bug
+            from .durability import write_error
 
-            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
-                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
-            line = crash_line(exc, path)
-            if _error_format["json"]:
-                _echo_error(line.removeprefix("batchrunner: "), EXIT_INTERNAL)
-            else:
-                click.echo(line, err=True)
-            ctx.exit(EXIT_INTERNAL)
+            error = write_error(exc, exc.filename or "stdout")
+            _echo_error(str(error), error.exit_code)
+            ctx.exit(error.exit_code)
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            self._crash(ctx, exc)
+
+    def _crash(self, ctx: click.Context, exc: Exception) -> None:
+        """A bug: one line and exit 70, the traceback in crash.log."""
+        from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+        path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                               key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+        line = crash_line(exc, path)
+        if _error_format["json"]:
+            _echo_error(line.removeprefix("batchrunner: "), EXIT_INTERNAL)
+        else:
+            click.echo(line, err=True)
+        ctx.exit(EXIT_INTERNAL)
 
 
 def _echo_error(message: str, exit_code: int) -> None:
@@ -82,6 +96,8 @@ def _echo_error(message: str, exit_code: int) -> None:
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+# What a write that failed for want of storage says (the others are bugs until shown not to be).
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 _CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
 _KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
 
@@ -96,6 +112,23 @@ def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
         meta[_CRASH_FOLDER] = checkpoint_dir(Path(output))
     if api_key_env:
         meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
+
+
+@contextlib.contextmanager
+def _writing(where: Path | str | None) -> Iterator[None]:
+    """A failed write of `where` (None: stdout): one line naming the path and the cause.
+
+    A full disk or an I/O error is exit 74, as in `run`; a folder that cannot be written is
+    exit 2. A reader that left (`| head`) is neither: that stays a BrokenPipeError (exit 141).
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        from .durability import write_error
+
+        raise write_error(exc, exc.filename or (where if where is not None else "stdout")) from None
 
 
 class _JsonFormatter(logging.Formatter):
@@ -362,9 +395,11 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
     table = PriceTable.load(prices) if prices else None
     report = reports.summarize(list(results), by=by, prices=table)
     render = {"table": reports.render_table, "json": reports.to_json, "csv": reports.to_csv}[fmt]
-    click.echo(_with_scores(render(report), list(results), by, fmt))
+    with _writing(None):
+        click.echo(_with_scores(render(report), list(results), by, fmt))
     if plot is not None:
-        reports.plot_summary(list(results), plot, by=by, prices=table)
+        with _writing(plot):
+            reports.plot_summary(list(results), plot, by=by, prices=table)
         click.echo(f"plot written to {plot}", err=True)
 
 
@@ -406,7 +441,8 @@ def score(results: Path, metric: str, reference_column: str, output: Path | None
     from .scoring import score_results
 
     _configure_logging()
-    done = score_results(results, metric, reference_column, output=output)
+    with _writing(output or results):
+        done = score_results(results, metric, reference_column, output=output)
     mean = "-" if done["mean"] is None else f"{done['mean']:.4f}"
     click.echo(f"{done['output']}: {done['scored']:,} of {done['rows']:,} rows scored "
                f"with {done['metric']}, mean {mean}")
@@ -486,7 +522,8 @@ def export(results: Path, fmt: str | None, output: Path | None, flatten: bool,
         fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
         if fmt is None:
             raise UsageError("give --format jsonl, csv or batch-api")
-    rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
+    with _writing(output):
+        rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
     if output is not None:
         click.echo(f"{rows:,} rows written to {output}", err=True)
 
