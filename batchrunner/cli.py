@@ -405,7 +405,7 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
 
 def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
     """A summary with the score section (SPEC 15) where the results have scores."""
-    from .reports.compare import render_groups, score_summary, to_csv
+    from .reports.compare import render_groups, score_summary
 
     scores = score_summary(results, by=by)
     if scores is None:
@@ -414,9 +414,11 @@ def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
         data = json.loads(text)
         data["scores"] = [g.to_dict() for g in scores.groups]
         return json.dumps(data, indent=2, allow_nan=False)
-    if fmt == "csv":
-        return text + "\n\n" + to_csv(scores)
-    return text + "\n\nscores\n" + "\n".join(render_groups(scores))
+    table = "\n".join(render_groups(scores))
+    if fmt == "csv":  # one table a stream: stdout stays one CSV that pandas.read_csv reads
+        click.echo(f"scores (not in the CSV; --format json holds both):\n{table}", err=True)
+        return text
+    return text + "\n\nscores\n" + table
 
 
 @main.command()
