@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -561,6 +562,7 @@ def _reconcile(
     pending = directory / f"compact-{number:05d}.tmp"
     with open(pending, "wb") as handle:
         handle.write(_SEGMENT_SCHEMA.serialize())
+        _fold_point("rewriting")
         for segment in _segments(directory, first):
             for _offset, batch in _read_batches(segment):
                 renumbered = mapping[np.minimum(batch.column(0).to_numpy(), len(mapping) - 1)]
@@ -575,9 +577,22 @@ def _reconcile(
         os.fsync(handle.fileno())
     ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False, first_segment=number)
     ckpt._write_manifest()  # the commit point
+    _fold_point("committed")
     _finish_compaction(directory, number)
     _say_what_changed(ckpt.output, counts)
     return counts
+
+
+def _fold_point(name: str) -> None:
+    """A test's hook: with BATCHRUNNER_FOLD_PAUSE=DIR/NAME, the fold stops at point NAME.
+
+    The file DIR/NAME appears when the fold gets there, and the fold waits, so that a test's
+    SIGKILL lands at that point of the rewrite (tests/test_incremental.py), not at a guess.
+    """
+    marker = os.environ.get("BATCHRUNNER_FOLD_PAUSE")
+    if marker and Path(marker).name == name:
+        Path(marker).touch()
+        time.sleep(120)
 
 
 def _say_what_changed(output: Path, counts: dict[str, int]) -> None:

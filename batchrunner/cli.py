@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import click
 
 from ._version import __version__
 from .errors import BatchrunnerError, StorageError, UsageError
+from .redaction import scrub
 
 log = logging.getLogger("batchrunner")
 
@@ -56,21 +58,35 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
             ctx.exit(EXIT_BROKEN_PIPE)
-        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
-            from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS:
+                return self._crash(ctx, exc)
+            # stdout on a full disk (`status > /dev/full`): storage, as in `run`, not a bug
+            from .durability import write_error
 
-            path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
-                                   key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
-            line = crash_line(exc, path)
-            if _error_format["json"]:
-                _echo_error(line.removeprefix("batchrunner: "), EXIT_INTERNAL)
-            else:
-                click.echo(line, err=True)
-            ctx.exit(EXIT_INTERNAL)
+            error = write_error(exc, exc.filename or "stdout")
+            _echo_error(str(error), error.exit_code)
+            ctx.exit(error.exit_code)
+        except Exception as exc:  # a bug: one line and exit 70, the traceback in crash.log
+            self._crash(ctx, exc)
+
+    def _crash(self, ctx: click.Context, exc: Exception) -> None:
+        """A bug: one line and exit 70, the traceback in crash.log."""
+        from .crash import EXIT_INTERNAL, crash_line, write_crash_log
+
+        path = write_crash_log(exc, folder=ctx.meta.get(_CRASH_FOLDER),
+                               key_variables=ctx.meta.get(_KEY_VARIABLES, ()))
+        line = crash_line(exc, path)
+        if _error_format["json"]:
+            _echo_error(line.removeprefix("batchrunner: "), EXIT_INTERNAL)
+        else:
+            click.echo(line, err=True)
+        ctx.exit(EXIT_INTERNAL)
 
 
 def _echo_error(message: str, exit_code: int) -> None:
     """The one error line on stderr: text, or one JSON object with --log-format json."""
+    message = scrub(message)
     if _error_format["json"]:
         record = {"time": round(time.time(), 3), "level": "error", "logger": "batchrunner",
                   "message": message, "exit_code": exit_code}
@@ -80,6 +96,8 @@ def _echo_error(message: str, exit_code: int) -> None:
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+# What a write that failed for want of storage says (the others are bugs until shown not to be).
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 _CRASH_FOLDER = "batchrunner.crash_folder"  # ctx.meta: where a bug's crash.log goes
 _KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values are scrubbed
 
@@ -96,6 +114,23 @@ def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
         meta[_KEY_VARIABLES] = tuple(api_key_env.split(","))
 
 
+@contextlib.contextmanager
+def _writing(where: Path | str | None) -> Iterator[None]:
+    """A failed write of `where` (None: stdout): one line naming the path and the cause.
+
+    A full disk or an I/O error is exit 74, as in `run`; a folder that cannot be written is
+    exit 2. A reader that left (`| head`) is neither: that stays a BrokenPipeError (exit 141).
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        from .durability import write_error
+
+        raise write_error(exc, exc.filename or (where if where is not None else "stdout")) from None
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload = {
@@ -108,13 +143,25 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+class _ScrubbingFormatter(logging.Formatter):
+    """Another formatter's lines with every API key masked (a message may quote a gateway)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(self._inner.format(record))
+
+
 def _configure_logging(*, quiet: bool = False, log_format: str = "text") -> None:
     _error_format["json"] = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_ScrubbingFormatter(_JsonFormatter()))
     else:
-        handler.setFormatter(logging.Formatter("batchrunner: %(levelname)s: %(message)s"))
+        handler.setFormatter(_ScrubbingFormatter(
+            logging.Formatter("batchrunner: %(levelname)s: %(message)s")))
     root = logging.getLogger("batchrunner")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -356,15 +403,17 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
     table = PriceTable.load(prices) if prices else None
     report = reports.summarize(list(results), by=by, prices=table)
     render = {"table": reports.render_table, "json": reports.to_json, "csv": reports.to_csv}[fmt]
-    click.echo(_with_scores(render(report), list(results), by, fmt))
+    with _writing(None):
+        click.echo(_with_scores(render(report), list(results), by, fmt))
     if plot is not None:
-        reports.plot_summary(list(results), plot, by=by, prices=table)
+        with _writing(plot):
+            reports.plot_summary(list(results), plot, by=by, prices=table)
         click.echo(f"plot written to {plot}", err=True)
 
 
 def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
     """A summary with the score section (SPEC 15) where the results have scores."""
-    from .reports.compare import render_groups, score_summary, to_csv
+    from .reports.compare import render_groups, score_summary
 
     scores = score_summary(results, by=by)
     if scores is None:
@@ -373,9 +422,11 @@ def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
         data = json.loads(text)
         data["scores"] = [g.to_dict() for g in scores.groups]
         return json.dumps(data, indent=2, allow_nan=False)
-    if fmt == "csv":
-        return text + "\n\n" + to_csv(scores)
-    return text + "\n\nscores\n" + "\n".join(render_groups(scores))
+    table = "\n".join(render_groups(scores))
+    if fmt == "csv":  # one table a stream: stdout stays one CSV that pandas.read_csv reads
+        click.echo(f"scores (not in the CSV; --format json holds both):\n{table}", err=True)
+        return text
+    return text + "\n\nscores\n" + table
 
 
 @main.command()
@@ -400,7 +451,8 @@ def score(results: Path, metric: str, reference_column: str, output: Path | None
     from .scoring import score_results
 
     _configure_logging()
-    done = score_results(results, metric, reference_column, output=output)
+    with _writing(output or results):
+        done = score_results(results, metric, reference_column, output=output)
     mean = "-" if done["mean"] is None else f"{done['mean']:.4f}"
     click.echo(f"{done['output']}: {done['scored']:,} of {done['rows']:,} rows scored "
                f"with {done['metric']}, mean {mean}")
@@ -480,7 +532,8 @@ def export(results: Path, fmt: str | None, output: Path | None, flatten: bool,
         fmt = {".jsonl": "jsonl", ".csv": "csv"}.get(suffix)
         if fmt is None:
             raise UsageError("give --format jsonl, csv or batch-api")
-    rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
+    with _writing(output):
+        rows = export_results(results, fmt, output, flatten=flatten, json_schema=json_schema)
     if output is not None:
         click.echo(f"{rows:,} rows written to {output}", err=True)
 
@@ -617,22 +670,28 @@ def cache_clear(path: Path | None) -> None:
     click.echo(f"removed {removed:,} answers")
 
 
+_FRACTION = click.FloatRange(0.0, 1.0)
+_NOT_NEGATIVE = click.FloatRange(min=0.0)
+_PORT = click.IntRange(0, 65535)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=_PORT, help="0: any free port.")
 @click.option("--key", "keys", multiple=True, help="Accept only this key (repeatable).")
-@click.option("--latency-ms", type=float, default=0.0, help="Added latency, mean.")
-@click.option("--jitter-ms", type=float, default=0.0, help="Added latency, jitter.")
-@click.option("--error-rate", type=float, default=0.0, help="Fraction answered 500/503.")
-@click.option("--rpm", type=int, help="Requests per minute before 429s.")
-@click.option("--tpm", type=int, help="Tokens per minute before 429s.")
-@click.option("--drop-rate", type=float, default=0.0, help="Fraction of connections dropped.")
-@click.option("--rate-window", "rate_window_s", type=float, default=60.0, show_default=True,
+@click.option("--latency-ms", type=_NOT_NEGATIVE, default=0.0, help="Added latency, mean.")
+@click.option("--jitter-ms", type=_NOT_NEGATIVE, default=0.0, help="Added latency, jitter.")
+@click.option("--error-rate", type=_FRACTION, default=0.0, help="Fraction answered 500/503.")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute before 429s.")
+@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute before 429s.")
+@click.option("--drop-rate", type=_FRACTION, default=0.0, help="Fraction of connections dropped.")
+@click.option("--rate-window", "rate_window_s", type=click.FloatRange(min=0.0, min_open=True),
+              default=60.0, show_default=True,
               help="Seconds of the --rpm/--tpm window (shorter for quick tests).")
-@click.option("--invalid-json-rate", type=float, default=0.0,
+@click.option("--invalid-json-rate", type=_FRACTION, default=0.0,
               help="Fraction of json_schema answers made invalid (not JSON, a field missing).")
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
-@click.option("--cache-min-tokens", type=int, default=1024, show_default=True,
+@click.option("--cache-min-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")
 def gateway(**kwargs: Any) -> None:
     """Serve the gateway simulator: the ru-llm API on loopback, for tests and demos.
@@ -643,10 +702,13 @@ def gateway(**kwargs: Any) -> None:
       batchrunner gateway --latency-ms 50 --jitter-ms 10 --error-rate 0.02 --rpm 600
       OPENAI_BASE_URL=http://127.0.0.1:8000/v1 RU_LLM_API_KEY=sk-ru-test batchrunner models
     """
-    from .gateway import GatewayConfig, serve
+    from .gateway import CannotListen, GatewayConfig, serve
 
     kwargs["keys"] = tuple(kwargs["keys"])
-    serve(GatewayConfig(**kwargs))
+    try:
+        serve(GatewayConfig(**kwargs))
+    except CannotListen as exc:  # a port in use, an address not of this machine: usage
+        raise UsageError(str(exc)) from None
 
 
 @main.command()

@@ -41,6 +41,7 @@ from .errors import (
     UsageError,
 )
 from .openfiles import ensure_room_for
+from .redaction import scrub
 from .results import Usage
 
 __all__ = ["MAX_RETRY_AFTER", "Answer", "Client", "parse_retry_after"]
@@ -114,6 +115,7 @@ class Client:
         # The key goes with each request, not in the session's default headers: aiohttp copies
         # those into a proxy's CONNECT request, and so would hand the key to the proxy.
         self._credentials = _Redacted({"Authorization": f"Bearer {api_key}"})
+        self._keys = _Redacted({"key": api_key})  # masked in error texts: a gateway may echo it
         self._session: aiohttp.ClientSession | None = None
         self._proxy: URL | None = None
         self._send_options: dict[str, Any] = {}
@@ -183,10 +185,10 @@ class Client:
                         "(its end is the connection's end)", http_status=response.status
                     )
                 return _parse_completion(raw, response, started)
-        except RequestError:
-            raise
+        except (RequestError, AuthRefused) as exc:
+            raise self._scrubbed(exc)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise self._failure(exc, stream) from None
+            raise self._scrubbed(self._failure(exc, stream)) from None
 
     async def models(self) -> list[dict[str, Any]]:
         """The `data` list of GET /models."""
@@ -197,10 +199,10 @@ class Client:
                 if response.status != 200:
                     raise await _error_for(response)
                 raw = await response.read()
-        except RequestError:
-            raise
+        except (RequestError, AuthRefused) as exc:
+            raise self._scrubbed(exc)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise self._failure(exc, stream=False) from None
+            raise self._scrubbed(self._failure(exc, stream=False)) from None
         try:
             payload = orjson.loads(raw)
         except ValueError:
@@ -210,6 +212,15 @@ class Client:
         if not isinstance(data, list):
             raise InvalidResponse("GET /models: no `data` list in the answer")
         return data
+
+    def _scrubbed(self, exc: RequestError | AuthRefused) -> RequestError | AuthRefused:
+        """`exc` with the key (and anything shaped like one) masked in its text.
+
+        The text becomes the row's `error`, in the output, the checkpoint and the summaries; a
+        gateway or proxy that echoes the Authorization header must not put the key there.
+        """
+        exc.args = tuple(scrub(a, self._keys.values()) if isinstance(a, str) else a for a in exc.args)
+        return exc
 
     def _failure(self, exc: BaseException, stream: bool) -> RequestError:
         """Our error for one of aiohttp's (or the socket's) exceptions."""

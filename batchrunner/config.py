@@ -13,6 +13,7 @@ from .durations import format_duration, parse_deadline, parse_duration  # re-exp
 from .errors import UsageError
 from .options import OPTIONS, InvalidValue, checked_base_url
 from .paths import expand_date
+from .redaction import remember_key
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -211,6 +212,7 @@ def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = No
         if key:
             if not (key.isascii() and key.isprintable() and " " not in key):
                 raise UsageError(f"${name} holds characters an HTTP header cannot carry")
+            remember_key(key)  # masked in every error, log line and file from now on
             return key
     wanted = " or ".join(names)
     raise UsageError(

@@ -17,39 +17,22 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from ._version import __version__
+from .redaction import key_values, scrub
 
-__all__ = ["EXIT_INTERNAL", "crash_line", "scrub", "write_crash_log"]
+__all__ = ["EXIT_INTERNAL", "crash_line", "write_crash_log"]
 
 #: The exit code of an internal error (sysexits' EX_SOFTWARE).
 EXIT_INTERNAL = 70
 
 CRASH_LOG = "crash.log"
 FALLBACK_LOG = "batchrunner-crash.log"
-_KEY_VARIABLES = ("RU_LLM_API_KEY", "OPENAI_API_KEY")
-# What an API key or a bearer token looks like, whatever variable it came from.
-_KEY_PATTERNS = re.compile(r"(?:\bsk-[A-Za-z0-9_\-]{6,}|(?<=Bearer )[^\s'\"]+)")
-
-
-def _secrets(environ: Mapping[str, str], names: Iterable[str]) -> list[str]:
-    values = {environ.get(name, "").strip() for name in (*_KEY_VARIABLES, *names)}
-    return sorted((v for v in values if len(v) >= 6), key=len, reverse=True)
-
-
-def scrub(text: str, *, environ: Mapping[str, str] | None = None,
-          key_variables: Iterable[str] = ()) -> str:
-    """`text` with the API keys (of the known variables, and anything shaped like one) masked."""
-    environ = os.environ if environ is None else environ
-    for secret in _secrets(environ, key_variables):
-        text = text.replace(secret, "[key]")
-    return _KEY_PATTERNS.sub("[key]", text)
 
 
 def crash_line(exc: BaseException, log_path: Path | None) -> str:
@@ -78,7 +61,7 @@ def write_crash_log(
     entry = scrub(
         f"--- {stamp} batchrunner {__version__} pid {os.getpid()}\n"
         f"command: {' '.join(argv)}\n{text}\n",
-        key_variables=key_variables,
+        key_values(key_variables),
     )
     places: list[Path] = []
     if folder is not None and folder.is_dir():

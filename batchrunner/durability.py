@@ -45,6 +45,7 @@ __all__ = [
     "StorageFault",
     "open_checkpoint",
     "read_fault",
+    "write_error",
 ]
 
 FAULT_FILE = "storage-fault"
@@ -94,6 +95,19 @@ class StorageFault:
         if self.errno in _NOT_WRITABLE:
             return "make the folder writable and run the same command again"
         return "check the disk, then run the same command again"
+
+
+def write_error(exc: OSError, path: Path | str) -> UsageError | StorageError:
+    """The error of a command (export, score, a plot, stdout) whose write of `path` failed.
+
+    A place that cannot be written (a missing or read-only folder) is a usage error (exit 2),
+    as at the start of a run; a full disk or an I/O error is a StorageError (exit 74).
+    """
+    fault = StorageFault.of(exc, Path(path), "output")
+    message = f"cannot write {path}: {fault.cause}"
+    if fault.errno in _NOT_WRITABLE | {errnos.EISDIR}:
+        return UsageError(message)
+    return StorageError(f"{message}; {fault.advice}", path=str(path), cause=fault.cause)
 
 
 class DurabilityGate:

@@ -18,6 +18,7 @@ output lines (`id`, `custom_id`, `response{status_code, request_id, body}`, `err
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -338,6 +339,9 @@ def export_results(
     created = int(source.stat().st_mtime)
     if output is None:
         return _write(schema, batches, fmt, stream or sys.stdout.buffer, created)
+    if output.exists() and not output.is_file():  # /dev/stdout, a device: written, not replaced
+        with open(output, "wb") as handle:
+            return _write(schema, batches, fmt, handle, created)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
@@ -380,9 +384,45 @@ def check_output_file(path: Path) -> None:
     check_output(probe, what="-o")
 
 
+class _WholeWrites:
+    """A binary stream whose `write` writes all it is given, or raises.
+
+    A large write to a pipe whose reader has left (`| head`) or to a full disk can return
+    short without an error; a writer that ignores the count (pyarrow's does) loses the rest
+    silently and the command ends as if all went well.
+    """
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            written = self._handle.write(view)
+            if not written:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            view = view[written:]
+        return total
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def writable(self) -> bool:
+        return True
+
+
 def _write(
-    schema: pa.Schema, batches: Iterator[pa.RecordBatch], fmt: str, handle: IO[bytes], created: int
+    schema: pa.Schema, batches: Iterator[pa.RecordBatch], fmt: str, stream: IO[bytes], created: int
 ) -> int:
+    handle: Any = _WholeWrites(stream)
     rows = 0
     if fmt == "batch-api":
         for batch in batches:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .redaction import scrub
+
 __all__ = [
     "TOP_ERRORS",
     "ErrorCount",
@@ -32,7 +34,6 @@ __all__ = [
 TOP_ERRORS = 5
 
 _WHERE = re.compile(r"^input: (line|row) \d+:")
-_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9]*-?)[A-Za-z0-9_\-]{8,}")
 _MAX_CHARS = 300
 
 
@@ -51,7 +52,7 @@ class ErrorCount:
 def normalize_error(text: str) -> str:
     """The kind of an error: row and line numbers of input errors as N, key-like text masked."""
     text = _WHERE.sub(lambda m: f"input: {m.group(1)} N:", text.strip())
-    text = _KEYLIKE.sub(lambda m: f"{m.group(1)}***", text)
+    text = scrub(text)
     return text if len(text) <= _MAX_CHARS else text[: _MAX_CHARS - 1] + "…"
 
 

@@ -245,7 +245,8 @@ def test_every_job_file_runs_against_the_simulator(tmp_path: Path, gateway, job:
     out = tmp_path / "out.parquet"
     summary = tmp_path / "summary.json"
     done = cli("run", f"jobs/{job}", "-o", str(out), "--summary-json", str(summary),
-               "--base-url", gateway.base_url, "--rpm", "1000000", "--deadline", "1h",
+               "--base-url", gateway.base_url, "--rpm", "1000000", "--tpm", "1e12",
+               "--deadline", "1h",
                env={"RU_LLM_API_KEY": SECRET})
     assert done.returncode == 0, done.stderr
     figures = json.loads(summary.read_text())

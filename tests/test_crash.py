@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.checkpoint import checkpoint_dir
-from batchrunner.crash import scrub
+from batchrunner.redaction import key_values, scrub
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-ru-CRASHCANARY-2b4d6f8a0c1e3a5c7e9b"
@@ -96,10 +96,10 @@ def test_a_bug_elsewhere_writes_its_log_in_the_current_folder(tmp_path: Path) ->
 def test_scrub_masks_the_named_variables_and_key_shapes() -> None:
     environ = {"EVAL_KEY": "plain-looking-secret-123", "OPENAI_API_KEY": "sk-proj-abcdef123456"}
     text = ("a plain-looking-secret-123, sk-proj-abcdef123456 and sk-ru-other-key-000 "
-            "and Bearer xyz9")
-    assert scrub(text, environ=environ, key_variables=["EVAL_KEY"]) == \
+            "and Bearer xyz9-token")
+    assert scrub(text, key_values(["EVAL_KEY"], environ)) == \
         "a [key], [key] and [key] and Bearer [key]"
-    assert scrub("nothing secret here: task-list", environ={}) == "nothing secret here: task-list"
+    assert scrub("nothing secret here: task-list") == "nothing secret here: task-list"
 
 
 # The row feeder breaks on the 31st row it builds: a bug while building a request.

@@ -194,19 +194,60 @@ def test_deadline_stops_the_cluster_with_exit_5(
     assert 0 < report.ok < 2000 and report.pending == 2000 - report.ok
 
 
-def _block_workers() -> list[int]:
-    """Process ids of the live BlockWorker actors (Ray names their processes so)."""
-    pids = []
+def _block_workers(root: int) -> list[int]:
+    """Process ids of the live BlockWorker actors under process `root` (Ray names them so).
+
+    Only this test's Ray session's workers: they descend from the process that started it
+    (its raylet is that process's child), so another Ray on the machine is never touched.
+    """
+    parents: dict[int, int] = {}
+    names: dict[int, bytes] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
+            names[int(entry.name)] = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if cmdline.startswith(b"ray::BlockWorker"):
-            pids.append(int(entry.name))
-    return pids
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+    return sorted(pid for pid, cmdline in names.items()
+                  if cmdline.startswith(b"ray::BlockWorker") and descends(pid))
+
+
+def test_the_workers_of_another_ray_on_the_machine_are_not_ours() -> None:
+    # A process named as a Ray actor but not of this session (reparented, as another user's
+    # Ray's would be): never listed, so never killed nor waited for.
+    script = "(exec -a ray::BlockWorker sleep 60 >/dev/null 2>&1 &\n echo $!)"
+    decoy = int(subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                               check=True).stdout)
+    try:
+        time.sleep(0.2)
+        assert Path(f"/proc/{decoy}/cmdline").read_bytes().startswith(b"ray::BlockWorker")
+        assert decoy not in _block_workers(os.getpid())
+        assert _block_workers(decoy) == []
+    finally:
+        os.kill(decoy, signal.SIGKILL)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """The processes of `pids` still running (a zombie is not)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 def test_a_killed_actor_costs_a_retry_of_its_block_and_loses_nothing(
@@ -226,7 +267,7 @@ def test_a_killed_actor_costs_a_retry_of_its_block_and_loses_nothing(
     limit = time.monotonic() + 60
     while gw.stats.requests < 60 and time.monotonic() < limit:
         time.sleep(0.05)
-    workers = _block_workers()
+    workers = _block_workers(os.getpid())
     assert gw.stats.requests >= 60 and workers, "the run never got going"
     os.kill(workers[0], signal.SIGKILL)
     thread.join(120)
@@ -272,13 +313,16 @@ def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(tmp_path: Pa
         assert "run the same command again to resume" in err
         # SIGKILL of the driver mid-run.
         driver = start_and_wait_for(_status(output, env)["done"] + 200)
+        workers = _block_workers(driver.pid)  # this driver's actors, no other Ray's
+        assert workers, "the driver's actors were not found"
         driver.send_signal(signal.SIGKILL)
         driver.communicate(timeout=30)
         # The dead driver's actors go with it; their last requests must not count as the
         # next run's.
         limit = time.monotonic() + 60
-        while (_block_workers() or _stats(base_url)["in_flight"]) and time.monotonic() < limit:
+        while (_alive(workers) or _stats(base_url)["in_flight"]) and time.monotonic() < limit:
             time.sleep(0.2)
+        assert not _alive(workers), "the killed driver's actors outlived it"
         done_before = _status(output, env)["done"]
         assert 300 <= done_before < 1000, "the driver was not killed mid-run"
         sent_before = _stats(base_url)["requests"]

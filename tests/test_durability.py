@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -96,14 +97,23 @@ class SmallDisk:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    """A real filesystem that fills up: a tmpfs, which only root may mount."""
+    """A real filesystem that fills up: a tmpfs, which only root may mount.
+
+    Skipped, saying why, on a machine where it cannot be mounted; in CI (CI is set: it runs as
+    root) that fails the test instead, so the full-disk tests cannot vanish unseen.
+    """
+    def unavailable(message: str) -> None:
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("a real full disk needs root to mount a small tmpfs (CI runs as root)")
+        unavailable("a real full disk needs root to mount a small tmpfs (CI runs as root)")
     disk = SmallDisk(tmp_path / "disk")
     try:
         disk.mount(1 << 20)
     except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc.stderr.decode().strip()}")
+        unavailable(f"cannot mount a tmpfs here: {exc.stderr.decode().strip()}")
     disk.unmount()
     try:
         yield disk
@@ -568,3 +578,36 @@ def test_a_failed_write_never_cuts_a_file_that_replaced_the_segment(tmp_path: Pa
         with pytest.raises(FileNotFoundError):
             ckpt.write_batch(ckpt.take_batch())
         assert stranger.read_bytes() == b"another run's data" * 100
+
+
+# -- the other commands that write: export, score, summary's plot -------------------------------
+
+
+def test_export_score_and_a_plot_on_a_full_disk_are_exit_74_with_one_line(
+    small_disk: SmallDisk, tmp_path: Path, gateway: Any
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", rows=60)
+    results = tmp_path / "r.parquet"
+    done = cli_run(source, results, gateway.base_url)
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(results)
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.concat_tables([table.append_column("reference", table.column("content"))]
+                                    * 100), big)  # 6,000 rows: more than the disk holds
+    disk = small_disk.mount(4096)
+    commands = {
+        "export": ["export", str(big), "-o", str(disk / "r.csv")],
+        "score": ["score", str(big), "--metric", "exact", "--reference-column", "reference",
+                  "-o", str(disk / "scored.parquet")],
+        "summary": ["summary", str(results), "--plot", str(disk / "cost.png")],
+    }
+    for name, args in commands.items():
+        ended = subprocess.run([sys.executable, "-m", "batchrunner", *args],
+                               capture_output=True, text=True, timeout=120)
+        target = args[-1]
+        assert ended.returncode == 74, (name, ended.stderr)
+        assert ended.stderr.splitlines() == [
+            f"batchrunner: error: cannot write {target}: No space left on device; "
+            "free space and run the same command again"
+        ], name
+        assert list(disk.iterdir()) == [], name  # no partial file left behind

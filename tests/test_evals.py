@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -183,6 +184,11 @@ def test_cli_score_and_run_exit_2_before_sending(tmp_path: Path) -> None:
     assert summary.returncode == 0 and "95% CI" in summary.stdout and "$/correct" in summary.stdout
     summary_json = json.loads(cli("summary", str(out), "--format", "json").stdout)
     assert [g["scored"] for g in summary_json["scores"]] == [50, 50, 100]
+    as_csv = cli("summary", str(out), "--format", "csv")  # `> costs.csv`: one table a stream
+    assert as_csv.returncode == 0, as_csv.stderr
+    costs = pd.read_csv(io.StringIO(as_csv.stdout))
+    assert list(costs["level"]) == ["group", "group", "total"] and costs["rows"].iloc[-1] == 100
+    assert "scores (not in the CSV" in as_csv.stderr and "95% CI" in as_csv.stderr
 
 
 # -- compare ------------------------------------------------------------------------------------

@@ -276,3 +276,72 @@ def test_read_results_flattens_parsed_too(tmp_path: Path) -> None:
     assert "parsed" not in frame.columns
     assert list(frame["language"]) == [p["language"] for p in parsed]
     assert [list(e) for e in frame["entities"]] == [p["entities"] for p in parsed]
+
+
+# --- storage errors and closed pipes: one answer for every format and command ---------------
+
+
+def _big_results(results: Path, tmp_path: Path) -> Path:
+    """The fixture's results 2,000 times over (12,000 rows): more than a pipe holds."""
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.concat_tables([pq.read_table(results)] * 2000), big)
+    return big
+
+
+def _batchrunner(*args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "batchrunner", *args], env=env,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "batch-api"])
+def test_every_format_into_a_pipe_closed_early_is_exit_141(
+    results: Path, tmp_path: Path, fmt: str
+) -> None:
+    big = _big_results(results, tmp_path)
+    proc = _batchrunner("export", str(big), "--format", fmt, stdout=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # the first line, as `| head -1` reads it
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert (proc.wait(timeout=60), stderr) == (141, "")
+    assert not (tmp_path / "batchrunner-crash.log").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["export", "{results}", "--format", "jsonl"],
+    ["export", "{results}", "--format", "csv"],
+    ["export", "{results}", "--format", "batch-api"],
+    ["summary", "{results}"],
+    ["summary", "{results}", "--format", "csv"],
+    ["status", "{results}"],
+])
+def test_stdout_on_a_full_device_is_exit_74_with_one_line(
+    results: Path, tmp_path: Path, args: list[str]
+) -> None:
+    with open("/dev/full", "wb") as full:
+        proc = _batchrunner(*(a.format(results=results) for a in args), stdout=full, cwd=tmp_path)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == 74, stderr
+    assert stderr.splitlines() == [
+        "batchrunner: error: cannot write stdout: No space left on device; "
+        "free space and run the same command again"
+    ]
+    assert not (tmp_path / "batchrunner-crash.log").exists()
+
+
+def test_export_to_a_device_writes_into_it_and_never_replaces_it(
+    results: Path, tmp_path: Path
+) -> None:
+    link = tmp_path / "out.csv"
+    link.symlink_to("/dev/full")  # `-o /dev/full` itself, without risking the device
+    proc = _batchrunner("export", str(results), "-o", str(link), cwd=tmp_path)
+    assert proc.stderr is not None
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 74, stderr
+    assert link.is_symlink() and not link.is_file()  # the device is still there
+    assert f"cannot write {link}: No space left on device" in stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from email.message import Message
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -756,3 +759,51 @@ def test_serve_prints_its_url_and_stops_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+# -- the gateway command: bad options and addresses are usage errors ---------------------------
+
+
+def _gateway_command(*args: str) -> subprocess.CompletedProcess[str]:
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "batchrunner", "gateway", *args],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--error-rate", "2"], "--error-rate"),
+    (["--drop-rate", "1.5"], "--drop-rate"),
+    (["--invalid-json-rate", "-0.1"], "--invalid-json-rate"),
+    (["--latency-ms", "-5"], "--latency-ms"),
+    (["--jitter-ms", "-1"], "--jitter-ms"),
+    (["--port", "-1"], "--port"),
+    (["--port", "99999"], "--port"),  # not 99999 - 65536 = 34463
+    (["--rpm", "0"], "--rpm"),
+    (["--rate-window", "0"], "--rate-window"),
+])
+def test_gateway_options_out_of_range_are_usage_errors(args: list[str], named: str) -> None:
+    done = _gateway_command(*args)
+    assert done.returncode == 2, done.stderr
+    assert f"Invalid value for '{named}'" in done.stderr and "internal error" not in done.stderr
+
+
+def test_gateway_config_refuses_a_port_out_of_range() -> None:
+    with pytest.raises(ValueError, match="port must be between 0 and 65535"):
+        GatewayConfig(port=99999)
+
+
+def test_a_port_in_use_or_an_address_not_here_is_one_line_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _gateway_command("--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"batchrunner: error: the gateway cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    done = _gateway_command("--host", "203.0.113.7", "--port", "0")  # TEST-NET: not this machine
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("batchrunner: error: the gateway cannot listen on 203.0.113.7:0: ")
+    assert len(done.stderr.splitlines()) == 1

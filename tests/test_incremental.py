@@ -127,6 +127,8 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
     import sys
     import time
 
+    from batchrunner.checkpoint import checkpoint_dir
+
     gw = start_gateway()
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
     first = rows(3000)
@@ -140,11 +142,21 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
     cmd = [sys.executable, "-m", "batchrunner", "run", "-i", str(source), "-o", str(output),
            "-m", "gpt-4o-mini", "--base-url", gw.base_url, "-q"]
     gw.stats.reset()
-    for delay in (0.5, 0.65, 0.8, 1.2):  # around start-up and the rewrite of the checkpoint
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+    # Killed at each point of the fold the checkpoint's hook names: while the kept results
+    # are being rewritten, then just after the new manifest (the commit point) was written.
+    marks = tmp_path / "fold-marks"
+    marks.mkdir()
+    for point in ("rewriting", "committed"):
+        proc = subprocess.Popen(cmd, env={**env, "BATCHRUNNER_FOLD_PAUSE": str(marks / point)},
+                                stderr=subprocess.DEVNULL)
+        limit = time.monotonic() + 60
+        while not (marks / point).exists() and proc.poll() is None and time.monotonic() < limit:
+            time.sleep(0.02)
+        assert (marks / point).exists(), f"the fold never reached {point}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        if point == "rewriting":
+            assert sorted(p.name for p in checkpoint_dir(output).glob("compact-*.tmp"))
     done = subprocess.run(cmd, env=env, timeout=120, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     after = pq.read_table(output).to_pylist()
@@ -152,10 +164,9 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
     for row in after:
         if row["id"] in kept_ids:
             assert row["response_id"] == kept_ids[row["id"]]  # kept, never sent again
-    # What was sent: the 200 new rows, and again at most what SPEC 8 allows a SIGKILL to lose
-    # each time: the requests in flight (16) plus one checkpoint interval (100). The fold is
-    # fast now, so most kills land while the new rows are being sent, not during the rewrite.
-    assert 200 <= gw.stats.requests <= 200 + 4 * (16 + 100)
+    # The fold comes before any request: killed in it, nothing was sent; the run after it
+    # sends the 200 new rows and no other.
+    assert gw.stats.requests == 200
 
 
 def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]

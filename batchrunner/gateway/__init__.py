@@ -21,13 +21,14 @@ from .app import create_app
 from .completions import ApiError, ChatRequest, Completion, Usage, answer, complete, parse_request
 from .config import MODELS, GatewayConfig, ModelInfo
 from .prompt_cache import PromptCache
-from .server import RunningGateway, gateway_in_thread, running_gateway, serve
+from .server import CannotListen, RunningGateway, gateway_in_thread, running_gateway, serve
 from .stats import GatewayStats
 from .tokens import count_prompt_tokens, count_tokens
 
 __all__ = [
     "MODELS",
     "ApiError",
+    "CannotListen",
     "ChatRequest",
     "Completion",
     "GatewayConfig",

@@ -35,6 +35,8 @@ class GatewayConfig:
     cache_step_tokens: int = 128  # cached prefixes grow in steps of this many tokens
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, not {self.port}")
         for name in ("error_rate", "drop_rate", "invalid_json_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

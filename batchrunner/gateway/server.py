@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from .app import SIMULATOR, create_app
 from .config import GatewayConfig
 from .stats import GatewayStats
 
-__all__ = ["RunningGateway", "gateway_in_thread", "running_gateway", "serve"]
+__all__ = ["CannotListen", "RunningGateway", "gateway_in_thread", "running_gateway", "serve"]
 
 SHUTDOWN_TIMEOUT = 1.0  # seconds given to answers in flight when the server stops
 
@@ -32,6 +33,20 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(coro)
+
+
+class CannotListen(OSError):
+    """The simulator could not listen on host:port (in use, not an address of this machine)."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        # aiohttp's own text repeats the address; the system's reason alone says it once
+        known = isinstance(cause.errno, int) and cause.errno > 0
+        reason = os.strerror(cause.errno) if known else (cause.strerror or str(cause))
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(cause.errno, f"the gateway cannot listen on {where}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,10 @@ async def running_gateway(config: GatewayConfig | None = None) -> AsyncIterator[
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(config.host, config.port, exc) from None
         host, port = runner.addresses[0][:2]
         yield RunningGateway(config=config, host=host, port=port, stats=app[SIMULATOR].stats)
     finally:

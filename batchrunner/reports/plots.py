@@ -7,6 +7,7 @@ matplotlib is imported when a chart is drawn, never at import: it is an optional
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..durability import write_error
 from ..errors import UsageError
 from ..pricing import PriceTable
 from .render import _key_text
@@ -100,7 +102,9 @@ def plot_summary(
             fig.savefig(tmp, format="png")
         os.replace(tmp, out)
     except OSError as exc:
-        raise UsageError(f"cannot write the plot {out}: {exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # what a full disk took of it
+        raise write_error(exc, out) from None
     return out
 
 
