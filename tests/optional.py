@@ -18,6 +18,7 @@ import pytest
 
 def missing(what: str, install: str) -> None:
     """Skip (fail in CI) the tests of `what`, which need `install`."""
+    __tracebackhide__ = True  # the summary names the test module or fixture that asked
     message = f"{what} need {install}"
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI is set: not skipped)", pytrace=False)
@@ -26,6 +27,7 @@ def missing(what: str, install: str) -> None:
 
 def require(module: str, extra: str, what: str) -> ModuleType:
     """`module`, imported; else the tests of `what` are skipped, naming the extra."""
+    __tracebackhide__ = True
     try:
         return importlib.import_module(module)
     except ImportError:
