@@ -279,7 +279,10 @@ def test_a_killed_actor_costs_a_retry_of_its_block_and_loses_nothing(
     table = pq.read_table(tmp_path / "kill.parquet")
     assert table.column("id").to_pylist() == [f"r{i}" for i in range(rows)]
     assert set(table.column("status").to_pylist()) == {"ok"}
-    assert gw.stats.requests > rows  # the killed actor's block was sent again
+    # The killed actor's unfinished block is sent again; an actor killed between two blocks
+    # had nothing unfinished (seen once on a loaded machine: exactly 600 requests), so the
+    # bound is 'at least every row', and exactly-once is asserted on the output above.
+    assert gw.stats.requests >= rows
 
 
 def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(tmp_path: Path) -> None:
