@@ -8,11 +8,16 @@
 
 from __future__ import annotations
 
-from ._version import __version__
-from .checkpoint import CheckpointStatus, read_status
-from .config import RunConfig
-from .engine import RunControl, RunReport, check_job, list_models
-from .errors import (
+from batchrunner._version import __version__
+from batchrunner.answers.scoring import parse_metric
+from batchrunner.store.scored import score_results
+from batchrunner.answers.structured import flatten
+from batchrunner.api import arun, read_results, run
+from batchrunner.config.jobs import build_config, load_job
+from batchrunner.config.pricing import PriceTable
+from batchrunner.config.settings import RunConfig
+from batchrunner.engine.runner import RunControl, RunReport, check_job, list_models
+from batchrunner.errors import (
     AuthRefused,
     BatchrunnerError,
     CheckpointMismatch,
@@ -21,15 +26,11 @@ from .errors import (
     StorageError,
     UsageError,
 )
-from .export import export_results
-from .jobs import build_config, load_job
-from .pricing import PriceTable
-from .reports import estimate, summarize
-from .results import Result, Row, Usage
-from .reports.compare import compare
-from .frame import arun, read_results, run
-from .scoring import parse_metric, score_results
-
+from batchrunner.reports import estimate, summarize
+from batchrunner.reports.compare import compare
+from batchrunner.results import Result, Row, Usage
+from batchrunner.store.checkpoint import CheckpointStatus, read_status
+from batchrunner.store.export import export_results
 
 __all__ = [
     "AuthRefused",
@@ -53,6 +54,7 @@ __all__ = [
     "compare",
     "estimate",
     "export_results",
+    "flatten",
     "list_models",
     "load_job",
     "parse_metric",

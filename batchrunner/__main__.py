@@ -1,5 +1,5 @@
 """python -m batchrunner"""
 
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 
 main()

@@ -51,9 +51,9 @@ def _config(path: Path, base_url: str, output: Path) -> Any:
 
 def fill_cache(cache: Path, source: Path, base_url: str) -> int:
     """Store an answer for every row of `source`, keyed as `batchrunner run` would key it."""
-    from batchrunner import inputs
-    from batchrunner.cache import CachedAnswer, ResponseCache, cache_key
-    from batchrunner.requests import RequestBuilder
+    from batchrunner.cache.responses import CachedAnswer, ResponseCache, cache_key
+    from batchrunner.inputs import readers as inputs
+    from batchrunner.inputs.requests import RequestBuilder
     from batchrunner.results import Usage
 
     for suffix in ("", "-wal", "-shm"):
@@ -155,7 +155,12 @@ def _lookup_body(i: int) -> dict[str, Any]:
 
 
 def section_lookup(args: argparse.Namespace) -> None:
-    from batchrunner.cache import CachedAnswer, CacheSession, ResponseCache, cache_key
+    from batchrunner.cache.responses import (
+        CachedAnswer,
+        CacheSession,
+        ResponseCache,
+        cache_key,
+    )
     from batchrunner.results import Row, Usage
 
     entries = args.lookup_entries
@@ -221,13 +226,15 @@ def section_lookup(args: argparse.Namespace) -> None:
 def incremental_template(path: Path, rows: int, base_url: str) -> Path:
     """A checkpoint of `rows` ok results over `path`, with the hashes a run records (of each
     request body and of its input values)."""
-    import batchrunner
-    from batchrunner import engine, inputs
-    from batchrunner import checkpoint as checkpoint_module
-    from batchrunner.checkpoint import Checkpoint, results_to_batch
-    from batchrunner.requests import RequestBuilder
-    from batchrunner.results import Result, Usage
     import numpy as np
+
+    import batchrunner
+    from batchrunner.engine import runner as engine
+    from batchrunner.inputs import readers as inputs
+    from batchrunner.inputs.requests import RequestBuilder
+    from batchrunner.results import Result, Usage
+    from batchrunner.store import checkpoint as checkpoint_module
+    from batchrunner.store.checkpoint import Checkpoint, results_to_batch
 
     output = RESULTS / "incremental-template" / "out.parquet"
     config = _config(path, base_url, output)

@@ -36,7 +36,7 @@ SERVER = textwrap.dedent(
     cpu = {cpu!r}
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {{cpu}})
-    from batchrunner.gateway import GatewayConfig, serve
+    from batchrunner.simulator import GatewayConfig, serve
     serve(GatewayConfig(port=0))
     """
 )

@@ -25,7 +25,18 @@ from typing import Any
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import KEY, MODEL, RESULTS, ROOT, TICK, Server, clean_output, log, machine, make_input  # noqa: E402
+from run import (  # noqa: E402
+    KEY,
+    MODEL,
+    RESULTS,
+    ROOT,
+    TICK,
+    Server,
+    clean_output,
+    log,
+    machine,
+    make_input,
+)
 
 RAY_DATA = """
 import sys, time

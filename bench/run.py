@@ -717,10 +717,10 @@ def resume_template(path: Path, rows: int, done: int, base_url: str, concurrency
     the input or batchrunner's checkpoint module changes.
     """
     import batchrunner
-    from batchrunner import checkpoint as checkpoint_module
-    from batchrunner import inputs
-    from batchrunner.checkpoint import Checkpoint, results_to_batch
+    from batchrunner.inputs import readers as inputs
     from batchrunner.results import Result, Usage
+    from batchrunner.store import checkpoint as checkpoint_module
+    from batchrunner.store.checkpoint import Checkpoint, results_to_batch
 
     # Exactly the config `batchrunner run -i PATH -o OUT -m MODEL --base-url U -c C` builds;
     # only the input and request settings enter the fingerprint.

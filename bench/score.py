@@ -28,7 +28,7 @@ METRICS = ["exact", "normalized", "contains", r"regex:answer is (\w+)", "numeric
 
 CHILD = r"""
 import resource, sys, time
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 started = time.perf_counter()
 try:
     main(["score", sys.argv[1], "--metric", sys.argv[2], "--reference-column", "reference",

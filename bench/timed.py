@@ -58,10 +58,10 @@ def _cpu(usage: resource.struct_rusage) -> float:
 
 
 def _run_batchrunner(args: list[str]) -> tuple[float, resource.struct_rusage, int]:
-    import batchrunner.cli as cli
-    import batchrunner.engine  # noqa: F401  (imported lazily by the command; counted here)
-    import batchrunner.jobs  # noqa: F401
-    import batchrunner.progress  # noqa: F401
+    import batchrunner.cli.commands as cli
+    import batchrunner.cli.progress  # noqa: F401
+    import batchrunner.config.jobs  # noqa: F401
+    import batchrunner.engine.runner  # noqa: F401  (imported lazily by the command; counted here)
 
     ready, ru_ready = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     try:

@@ -26,7 +26,7 @@ def main() -> None:
     from selenium.webdriver.chrome.service import Service
 
     import batchrunner
-    from batchrunner.gateway import GatewayConfig, gateway_in_thread
+    from batchrunner.simulator import GatewayConfig, gateway_in_thread
 
     folder = Path(tempfile.mkdtemp(prefix="viewer-shot-"))
     os.environ.setdefault("RU_LLM_API_KEY", "sk-ru-screenshot")

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aioresponses_compat  # noqa: F401  (aioresponses on aiohttp 3.14)
 import pytest
+from optional import require
 from pyarrow import fs
 
-import aioresponses_compat  # noqa: F401  (aioresponses on aiohttp 3.14)
-from optional import require
-from batchrunner.gateway import GatewayConfig, RunningGateway, gateway_in_thread
+from batchrunner.simulator import GatewayConfig, RunningGateway, gateway_in_thread
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner.pricing import BUILTIN_PRICES, ModelPrice
+from batchrunner.config.pricing import BUILTIN_PRICES, ModelPrice
 from batchrunner.reports import SummaryReport
-
 
 # --- result files as SPEC section 7 writes them ---------------------------------------------
 
@@ -204,4 +203,4 @@ def two_files(tmp_path: Path) -> tuple[list[dict[str, Any]], list[Path]]:
 
 def pricing_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "batchrunner.pricing" and r.levelno == logging.WARNING]
+            if r.name == "batchrunner.config.pricing" and r.levelno == logging.WARNING]

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import openapi_schema
 import pyarrow.parquet as pq
 import pytest
 from aioresponses import aioresponses
 
-import openapi_schema
 from batchrunner import RunConfig, run
-from batchrunner.client import Answer, Client
-from batchrunner.gateway import complete
+from batchrunner.simulator import complete
+from batchrunner.transport.client import Answer, Client
 
 KEY = "sk-ru-answers-whole-0123456789abcdef"
 BASE = "http://gateway.test/v1"
@@ -339,7 +339,7 @@ def test_batch_api_export_puts_them_where_the_batch_api_has_them(
 ) -> None:
     import io
 
-    from batchrunner.export import export_results
+    from batchrunner.store.export import export_results
 
     params = {"tools": [EXTRACT], "tool_choice": NAMED, "n": 2}
     _, output = run_tools(tmp_path, gateway.base_url, params=params)
@@ -396,7 +396,7 @@ def test_summary_and_status_show_reasoning_and_the_rows_it_left_empty(
     from click.testing import CliRunner
 
     from batchrunner import summarize
-    from batchrunner.cli import main
+    from batchrunner.cli.commands import main
 
     # max_tokens 100: o4-mini reasons 64-255 tokens, so some rows end before any answer.
     report, output = run_tools(tmp_path, gateway.base_url, model="o4-mini",
@@ -449,7 +449,7 @@ def test_the_viewer_shows_a_rows_tool_calls(tmp_path: Path, gateway: Any) -> Non
 
 
 def test_the_tools_sample_job_runs_locally(tmp_path: Path) -> None:
-    from batchrunner.jobs import build_config, load_job
+    from batchrunner.config.jobs import build_config, load_job
 
     repo = Path(__file__).resolve().parents[1]
     job = load_job(repo / "jobs" / "extract-with-tools.toml")

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchrunner import RunConfig, run
-from batchrunner.cache import (
+from batchrunner.cache.responses import (
     CachedAnswer,
     ResponseCache,
     cache_key,
@@ -32,7 +32,7 @@ from batchrunner.cache import (
     default_cache_path,
     parse_age,
 )
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 from batchrunner.errors import UsageError
 from batchrunner.results import Usage
 
@@ -293,7 +293,7 @@ def test_a_failing_cache_write_is_one_warning_not_a_stop(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(ResponseCache, "store_rows", broken)
-    monkeypatch.setattr("batchrunner.cache.WRITE_ROWS", 4)  # several write attempts
+    monkeypatch.setattr("batchrunner.cache.responses.WRITE_ROWS", 4)  # several write attempts
     source = write_input(tmp_path / "in.jsonl", 30)
     with caplog.at_level(logging.WARNING, logger="batchrunner"):
         report, rows = go(source, tmp_path / "a.parquet", gateway.base_url,
@@ -363,7 +363,7 @@ def test_cli_cache_option_job_key_and_cache_commands(tmp_path: Path, gateway) ->
 
 
 def test_job_key_cache_must_be_a_boolean_or_a_path(tmp_path: Path) -> None:
-    from batchrunner.jobs import load_job
+    from batchrunner.config.jobs import load_job
 
     job = tmp_path / "job.toml"
     job.write_text('input = "in.jsonl"\noutput = "o.parquet"\ncache = true\n')
@@ -463,7 +463,7 @@ def test_sigkill_mid_write_loses_and_corrupts_nothing(tmp_path: Path, start_gate
 def test_a_checkpoint_written_before_the_cache_hit_column_still_resumes(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
     import pyarrow as pa
 
-    from batchrunner.checkpoint import checkpoint_dir
+    from batchrunner.store.checkpoint import checkpoint_dir
 
     source = write_input(tmp_path / "in.jsonl", 20)
     output = tmp_path / "out.parquet"

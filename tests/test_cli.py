@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-ru-LEAKCANARY-7d1e5f3a9c2b4d6e8f0a1b3c5d7e9f"

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import trustme
+from scripted_server import Reply, Request, scripted_server
 
-from batchrunner.client import Client, parse_retry_after
 from batchrunner.errors import (
     AttemptTimeout,
     AuthRefused,
@@ -30,7 +30,7 @@ from batchrunner.errors import (
     RateLimited,
     ServerError,
 )
-from scripted_server import Reply, Request, scripted_server
+from batchrunner.transport.client import Client, parse_retry_after
 
 KEY = "sk-ru-client-test-0123456789abcdef"
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}

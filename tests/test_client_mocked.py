@@ -21,7 +21,6 @@ import pytest
 from aioresponses import aioresponses
 
 from batchrunner import RunConfig, run
-from batchrunner.client import MAX_RETRY_AFTER, Answer, Client, EventStream, parse_retry_after
 from batchrunner.errors import (
     AttemptTimeout,
     ConnectionFailed,
@@ -30,6 +29,13 @@ from batchrunner.errors import (
     PermanentError,
     RateLimited,
     ServerError,
+)
+from batchrunner.transport.client import (
+    MAX_RETRY_AFTER,
+    Answer,
+    Client,
+    EventStream,
+    parse_retry_after,
 )
 
 KEY = "sk-ru-mocked-client-0123456789abcdef"

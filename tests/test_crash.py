@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from batchrunner.checkpoint import checkpoint_dir
 from batchrunner.redaction import key_values, scrub
+from batchrunner.store.checkpoint import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-ru-CRASHCANARY-2b4d6f8a0c1e3a5c7e9b"
@@ -18,7 +18,7 @@ SECRET = "sk-ru-CRASHCANARY-2b4d6f8a0c1e3a5c7e9b"
 # Runs the CLI with a bug planted: the 13th answer raises, its message carrying the key.
 PLANTED = """
 import os, sys
-import batchrunner.engine as engine
+import batchrunner.engine.runner as engine
 import batchrunner.reports as reports
 calls = [0]
 original = engine._Run._ok_result
@@ -31,7 +31,7 @@ engine._Run._ok_result = broken
 def broken_summary(*args, **kwargs):
     raise KeyError("Authorization: Bearer " + os.environ["RU_LLM_API_KEY"])
 reports.summarize = broken_summary
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 sys.argv[0] = "batchrunner"
 main()
 """
@@ -105,7 +105,7 @@ def test_scrub_masks_the_named_variables_and_key_shapes() -> None:
 # The row feeder breaks on the 31st row it builds: a bug while building a request.
 PLANTED_IN_FEEDER = """
 import sys
-import batchrunner.requests as requests
+import batchrunner.inputs.requests as requests
 calls = [0]
 original = requests.RequestBuilder.build
 def broken(self, *args, **kwargs):
@@ -114,7 +114,7 @@ def broken(self, *args, **kwargs):
         raise ZeroDivisionError("planted bug in the feeder")
     return original(self, *args, **kwargs)
 requests.RequestBuilder.build = broken
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 sys.argv[0] = "batchrunner"
 main()
 """

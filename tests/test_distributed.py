@@ -21,11 +21,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from batchrunner import engine
-from batchrunner.config import RunConfig
-from batchrunner.gateway.stats import key_label
 from optional import require
+
+from batchrunner.config.settings import RunConfig
+from batchrunner.engine import runner as engine
+from batchrunner.simulator.stats import key_label
 
 ray = require("ray", "test-ray", "the Ray engine's tests")
 
@@ -373,7 +373,7 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path: Path) -> None:
     source = _input(tmp_path / "in.jsonl", 3)
     script = (
         "import sys; sys.modules['ray'] = None\n"  # what `import ray` meets without the extra
-        "from batchrunner.cli import main\n"
+        "from batchrunner.cli.commands import main\n"
         f"main(['run', '-i', {str(source)!r}, '-o', {str(tmp_path / 'o.parquet')!r},"
         " '-m', 'gpt-4o-mini', '--local', '--engine', 'ray'])\n"
     )

@@ -26,14 +26,14 @@ import pytest
 from click.testing import CliRunner
 
 from batchrunner import RunConfig, read_status, run
-from batchrunner import checkpoint as checkpoint_module
-from batchrunner import export as export_module
-from batchrunner import durability as durability_module
-from batchrunner.checkpoint import Checkpoint, checkpoint_dir
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 from batchrunner.errors import StorageError, UsageError
-from batchrunner.gateway import complete
 from batchrunner.results import Result
+from batchrunner.simulator import complete
+from batchrunner.store import checkpoint as checkpoint_module
+from batchrunner.store import durability as durability_module
+from batchrunner.store import export as export_module
+from batchrunner.store.checkpoint import Checkpoint, checkpoint_dir
 
 KEY = "sk-ru-storage-tests-2c4e6a8b0d1f3e5a7c9b"
 MODEL = "gpt-4o-mini"

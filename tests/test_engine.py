@@ -8,15 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openapi_schema
 import pyarrow.parquet as pq
 import pytest
-
-import openapi_schema
-from batchrunner import RunConfig, run
-from batchrunner.errors import InputError
-from batchrunner.gateway import complete
-from batchrunner.pricing import PriceTable
 from scripted_server import Reply, Request, scripted_server
+
+from batchrunner import RunConfig, run
+from batchrunner.config.pricing import PriceTable
+from batchrunner.errors import InputError
+from batchrunner.simulator import complete
 
 KEY = "sk-ru-engine-tests-5f1c2a9e7b3d4c6a8e0f"
 
@@ -288,7 +288,7 @@ def test_collections_are_rarer_during_a_run_and_put_back_after(
 ) -> None:
     import gc
 
-    from batchrunner.engine import YOUNG_GC_THRESHOLD
+    from batchrunner.engine.runner import YOUNG_GC_THRESHOLD
 
     seen: list[int] = []
     before = gc.get_threshold()
@@ -393,7 +393,7 @@ def test_run_control_stop_from_another_thread_wakes_the_run_on_its_own_loop() ->
     import asyncio
     import threading
 
-    from batchrunner.runstate import RunControl
+    from batchrunner.engine.state import RunControl
 
     control = RunControl()
     bound = threading.Event()
@@ -433,8 +433,9 @@ def test_a_budget_below_one_request_says_why_and_what_to_do(tmp_path: Path, gate
 def test_a_deadline_already_past_today_is_said_to_mean_tomorrow(
     tmp_path: Path, gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
 ) -> None:
-    import batchrunner.engine as engine_module
     from datetime import datetime
+
+    import batchrunner.engine.execution as engine_module
 
     monkeypatch.setattr(engine_module, "_wall_now", lambda: datetime(2026, 12, 7, 23, 56))
     with caplog.at_level("INFO", logger="batchrunner"):

@@ -10,18 +10,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from batchrunner.config import RunConfig
-from batchrunner.errors import InputError, UsageError
-from batchrunner.pricing import BUILTIN_PRICES, PriceTable
-from batchrunner.reports.estimate import estimate
-from batchrunner.reports.render import estimate_to_json, render_estimate, to_json
 from report_files import (
     make_rows,
     reference_cost,
     write_results,
 )
 
+from batchrunner.config.pricing import BUILTIN_PRICES, PriceTable
+from batchrunner.config.settings import RunConfig
+from batchrunner.errors import InputError, UsageError
+from batchrunner.reports.estimate import estimate
+from batchrunner.reports.render import estimate_to_json, render_estimate, to_json
 
 # --- estimate ----------------------------------------------------------------------------------
 

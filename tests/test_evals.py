@@ -19,7 +19,7 @@ from statsmodels.stats.proportion import proportion_confint
 import batchrunner
 from batchrunner import RunConfig, UsageError, read_results, run
 from batchrunner.reports.compare import compare, render_table, to_csv
-from batchrunner.gateway.evals import eval_answer
+from batchrunner.simulator.evals import eval_answer
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "sk-ru-eval-tests-5b7d9f1a3c5e7a9b"
@@ -120,7 +120,7 @@ def test_run_with_score_fills_the_score_column(tmp_path: Path, gateway) -> None:
     assert table.schema.field("score").type == pa.float64()
     rows = table.to_pylist()
     for r in rows:  # the score is what the metric says of this row
-        right = batchrunner.scoring.last_number(r["content"]) == (int(r["id"][1:]) + 1) * 1000 \
+        right = batchrunner.answers.scoring.last_number(r["content"]) == (int(r["id"][1:]) + 1) * 1000 \
             + int(r["id"][1:])
         assert r["score"] == float(right)
     # and the simulator gets some wrong, more for the smaller model
@@ -259,7 +259,7 @@ def test_the_simulator_answers_sample_questions_per_model_and_nothing_else() -> 
     assert eval_answer("gpt-4o", "What is 277 + 840?", seed) is None  # eval_questions' format
     mc = "What is 2 + 3?\nA) 4\nB) 5\nC) 6\nAnswer with the letter of the correct option."
     assert eval_answer("gpt-4o", mc, seed) == eval_answer("gpt-4o", mc, seed)
-    right = {m: sum(batchrunner.scoring.extract_choice(eval_answer(m, mc, b"%d" % i)) == "B"
+    right = {m: sum(batchrunner.answers.scoring.extract_choice(eval_answer(m, mc, b"%d" % i)) == "B"
                     for i in range(400)) for m in MODELS}
     assert 330 < right["gpt-4o"] <= 400 and 250 < right["gpt-4o-mini"] < 330
 

@@ -11,18 +11,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import openapi_schema
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
-import openapi_schema
-from batchrunner import RunConfig, run
-from batchrunner.cli import main
-from batchrunner.errors import UsageError
-from batchrunner.export import batch_api_line, check_output, export_results
 from test_cli import cli
+
+from batchrunner import RunConfig, run
+from batchrunner.cli.commands import main
+from batchrunner.errors import UsageError
+from batchrunner.store.export import batch_api_line, check_output, export_results
 
 KEY = "sk-ru-export-tests-0a1b2c3d4e5f6a7b8c9d"
 REPO_SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "prompts.jsonl"

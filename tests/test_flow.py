@@ -10,12 +10,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-
-from batchrunner import RunConfig, build_config, engine, load_job, read_status, run
-from batchrunner.limits import Deadline
-from batchrunner.pacing import WINDOW, Pacer, Slot
-from batchrunner.pricing import PriceTable
 from fakeclock import FakeClock
+
+from batchrunner import RunConfig, build_config, load_job, read_status, run
+from batchrunner.config.pricing import PriceTable
+from batchrunner.engine import execution
+from batchrunner.engine import runner as engine
+from batchrunner.transport.limits import Deadline
+from batchrunner.transport.pacing import WINDOW, Pacer, Slot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +111,7 @@ def paced_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
         def slot(self, estimated_tokens: int = 0) -> Slot:
             return RecordingSlot(self, estimated_tokens)
 
-    monkeypatch.setattr(engine, "Pacer", RecordingPacer)
+    monkeypatch.setattr(execution, "Pacer", RecordingPacer)
     return starts
 
 

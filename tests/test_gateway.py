@@ -23,10 +23,11 @@ from typing import Any
 import aiohttp
 import jsonschema
 import openai
-import pytest
-
 import openapi_schema
-from batchrunner.gateway import (
+import pytest
+from openapi_schema import validate, validate_stream
+
+from batchrunner.simulator import (
     MODELS,
     GatewayConfig,
     PromptCache,
@@ -35,8 +36,7 @@ from batchrunner.gateway import (
     count_tokens,
     running_gateway,
 )
-from batchrunner.gateway.faults import FaultPlan, RateLimiter, format_duration
-from openapi_schema import validate, validate_stream
+from batchrunner.simulator.faults import FaultPlan, RateLimiter, format_duration
 
 KEY = "sk-ru-test"
 
@@ -735,7 +735,7 @@ def test_config_checks_its_values() -> None:
 
 
 SERVE = (
-    "from batchrunner.gateway import GatewayConfig, serve; "
+    "from batchrunner.simulator import GatewayConfig, serve; "
     "serve(GatewayConfig(port=0, keys=('k-1',)))"
 )
 

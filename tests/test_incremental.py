@@ -127,7 +127,7 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
     import sys
     import time
 
-    from batchrunner.checkpoint import checkpoint_dir
+    from batchrunner.store.checkpoint import checkpoint_dir
 
     gw = start_gateway()
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
@@ -170,7 +170,7 @@ def test_sigkill_while_folding_a_changed_input_loses_nothing(tmp_path: Path, sta
 
 
 def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None:  # type: ignore[no-untyped-def]
-    from batchrunner.checkpoint import checkpoint_dir
+    from batchrunner.store.checkpoint import checkpoint_dir
 
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
     write(source, rows(30))
@@ -187,7 +187,7 @@ def test_rows_only_appended_keep_their_segments(tmp_path: Path, gateway) -> None
 
 def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The row numbers RequestBuilder.build is asked for, from now on."""
-    from batchrunner.requests import RequestBuilder
+    from batchrunner.inputs.requests import RequestBuilder
 
     built: list[int] = []
     original = RequestBuilder.build
@@ -224,7 +224,7 @@ def test_a_checkpoint_without_input_hashes_is_compared_by_its_bodies(
     tmp_path: Path, gateway  # type: ignore[no-untyped-def]
 ) -> None:
     """A checkpoint of an older version (no `_ihash` column): nothing paid for is sent again."""
-    from batchrunner.checkpoint import checkpoint_dir
+    from batchrunner.store.checkpoint import checkpoint_dir
 
     source, output = tmp_path / "in.parquet", tmp_path / "out.parquet"
     first = rows(30)

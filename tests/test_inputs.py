@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner import inputs
-from batchrunner.config import RunConfig
+from batchrunner.config.settings import RunConfig
 from batchrunner.errors import InputError
-from batchrunner.inputs import (
+from batchrunner.inputs import readers as inputs
+from batchrunner.inputs.readers import (
     detect_format,
     fingerprint_input,
     iter_records,

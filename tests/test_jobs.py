@@ -12,9 +12,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner.config import RunConfig
+from batchrunner.config.jobs import (
+    JOB_KEYS,
+    PATH_KEYS,
+    REQUEST_KEYS,
+    build_config,
+    load_job,
+)
+from batchrunner.config.settings import RunConfig
 from batchrunner.errors import UsageError
-from batchrunner.jobs import JOB_KEYS, PATH_KEYS, REQUEST_KEYS, build_config, load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_FILES = sorted((ROOT / "jobs").glob("*.toml"))
@@ -367,7 +373,7 @@ def test_params_must_be_json(tmp_path: Path) -> None:
 def test_a_likely_typo_in_params_is_sent_but_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="batchrunner.jobs"):
+    with caplog.at_level(logging.WARNING, logger="batchrunner.config.jobs"):
         job = load_job(write_job(tmp_path, "[params]\nfrequency_penlty = 0.1\n"))
     assert job["params"] == {"frequency_penlty": 0.1}
     assert "did you mean `frequency_penalty`" in caplog.text
@@ -517,7 +523,7 @@ def test_a_job_with_both_model_and_models_is_refused(tmp_path: Path) -> None:
 
 
 def test_param_model_on_the_command_line_points_at_the_model_option() -> None:
-    from batchrunner.jobs import param_value
+    from batchrunner.config.jobs import param_value
 
     for text in ("gpt-4o", '"gpt-4o"'):  # unquoted: no advice on quoting first
         with pytest.raises(UsageError, match=r"^--param model is not allowed: use --model"):

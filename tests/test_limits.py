@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from fakeclock import FakeClock
 
 from batchrunner.errors import UsageError
-from batchrunner.limits import Budget, Deadline, parse_deadline
-from fakeclock import FakeClock
+from batchrunner.transport.limits import Budget, Deadline, parse_deadline
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:

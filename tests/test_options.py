@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import batchrunner.options as options_module
-from batchrunner.cli import main
-from batchrunner.config import RunConfig, resolve_base_url
+import batchrunner.config.options as options_module
+from batchrunner.cli.commands import main
+from batchrunner.config.jobs import JOB_KEYS, REQUEST_KEYS, load_job
+from batchrunner.config.options import OPTION_BY_NAME, OPTIONS
+from batchrunner.config.settings import RunConfig, resolve_base_url
 from batchrunner.errors import UsageError
-from batchrunner.jobs import JOB_KEYS, REQUEST_KEYS, load_job
-from batchrunner.options import OPTION_BY_NAME, OPTIONS
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from fakeclock import FakeClock
+from scripted_server import Reply, Request, scripted_server
 
-from batchrunner.checkpoint import checkpoint_dir
-from batchrunner.errors import GatewayUnreachable
-from batchrunner.preflight import (
+from batchrunner.engine.preflight import (
     UNREACHABLE_SECONDS,
     UNREACHABLE_SECONDS_AT_START,
     Outage,
 )
+from batchrunner.errors import GatewayUnreachable
 from batchrunner.results import Result
-from fakeclock import FakeClock
-from scripted_server import Reply, Request, scripted_server
+from batchrunner.store.checkpoint import checkpoint_dir
 
 KEY = "sk-ru-outage-tests-5e7a9c1b3d"
 REPO = Path(__file__).resolve().parents[1]

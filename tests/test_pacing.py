@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from fakeclock import FakeClock
 
-from batchrunner.pacing import (
+from batchrunner.transport.pacing import (
     WINDOW,
     AdaptiveConcurrency,
     HeaderPacer,
@@ -18,7 +19,6 @@ from batchrunner.pacing import (
     SharedPause,
     parse_reset,
 )
-from fakeclock import FakeClock
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
@@ -491,7 +491,7 @@ def test_low_remaining_tokens_pace_by_request_size() -> None:
 
 def test_after_a_hold_starts_are_probes_until_fresh_headers_arrive() -> None:
     """A sliding window frees up gradually: the reset must not release every worker at once."""
-    from batchrunner.pacing import HeaderPacer
+    from batchrunner.transport.pacing import HeaderPacer
 
     clock = FakeClock()
     pacer = HeaderPacer(clock)

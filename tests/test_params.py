@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from batchrunner.checkpoint import checkpoint_dir
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
+from batchrunner.config.jobs import build_config, param_value
 from batchrunner.errors import UsageError
-from batchrunner.jobs import build_config, param_value
+from batchrunner.store.checkpoint import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from batchrunner import RunConfig, build_config, load_job
-from batchrunner.checkpoint import checkpoint_dir
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
+from batchrunner.config.paths import expand_date
 from batchrunner.errors import UsageError
-from batchrunner.paths import expand_date
+from batchrunner.store.checkpoint import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHT = datetime(2026, 12, 1, 1, 15, 30)

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from batchrunner.errors import UsageError
-from batchrunner.pricing import PriceTable
-from batchrunner.reports.plots import plot_summary
 from report_files import (
     PNG_SIGNATURE,
     make_rows,
     write_results,
 )
 
+from batchrunner.config.pricing import PriceTable
+from batchrunner.errors import UsageError
+from batchrunner.reports.plots import plot_summary
 
 # --- plot --------------------------------------------------------------------------------------
 

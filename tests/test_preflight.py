@@ -15,11 +15,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-
-from batchrunner.checkpoint import checkpoint_dir
-from batchrunner.preflight import FailureStreak, check_models, closest_models
-from batchrunner.results import Result
 from scripted_server import Reply, Request, scripted_server
+
+from batchrunner.engine.preflight import FailureStreak, check_models, closest_models
+from batchrunner.results import Result
+from batchrunner.store.checkpoint import checkpoint_dir
 
 KEY = "sk-ru-preflight-tests-3c1d7a9e5b2f4d6c8a0e"
 

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from batchrunner.config.pricing import (
+    BUILTIN_PRICES,
+    PRICES_AS_OF,
+    ModelPrice,
+    PriceTable,
+)
 from batchrunner.errors import UsageError
-from batchrunner.pricing import BUILTIN_PRICES, PRICES_AS_OF, ModelPrice, PriceTable
 
 # The public list prices the issue asks for, USD per 1M input / cached input / output tokens.
 LIST_PRICES = {
@@ -22,7 +27,7 @@ LIST_PRICES = {
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records
-        if r.name == "batchrunner.pricing" and r.levelno == logging.WARNING
+        if r.name == "batchrunner.config.pricing" and r.levelno == logging.WARNING
     ]
 
 
@@ -85,7 +90,7 @@ def test_missing_counts_give_no_cost_and_unreported_cache_is_zero() -> None:
 def test_unknown_model_has_null_cost_and_one_warning_per_model_per_table(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="batchrunner.pricing")
+    caplog.set_level(logging.WARNING, logger="batchrunner.config.pricing")
     table = PriceTable.load()
     for _ in range(1000):
         assert table.cost("gpt-9-turbo", 100, 10) is None
@@ -104,7 +109,7 @@ def test_unknown_model_has_null_cost_and_one_warning_per_model_per_table(
 
 
 def test_no_model_is_no_cost_and_no_warning(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="batchrunner.pricing")
+    caplog.set_level(logging.WARNING, logger="batchrunner.config.pricing")
     table = PriceTable.load()
     assert table.get(None) is None
     assert table.cost(None, 10, 10) is None
@@ -112,7 +117,7 @@ def test_no_model_is_no_cost_and_no_warning(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_get_does_not_warn_unless_asked(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="batchrunner.pricing")
+    caplog.set_level(logging.WARNING, logger="batchrunner.config.pricing")
     table = PriceTable.load()
     assert table.get("nope") is None
     assert warnings_of(caplog) == []
@@ -182,7 +187,7 @@ def test_toml_overrides_and_adds_models(tmp_path: Path) -> None:
 def test_unknown_model_warning_names_the_price_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="batchrunner.pricing")
+    caplog.set_level(logging.WARNING, logger="batchrunner.config.pricing")
     path = write(tmp_path, '[models.x]\ninput = 1\noutput = 1\n')
     PriceTable.load(path).cost("y", 1, 1)
     (record,) = warnings_of(caplog)

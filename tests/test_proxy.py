@@ -16,11 +16,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import trustme
-
-from batchrunner import RunConfig, run
-from batchrunner.client import Client
 from forward_proxy import ForwardProxy, forward_proxy
 from scripted_server import Reply, scripted_server
+
+from batchrunner import RunConfig, run
+from batchrunner.transport.client import Client
 
 KEY = "sk-ru-proxy-test-0123456789abcdef"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from batchrunner import cli
-from batchrunner.redaction import KEY_MASK, scrub
 from scripted_server import Reply, Request, scripted_server
+
+from batchrunner.cli import commands as cli
+from batchrunner.redaction import KEY_MASK, scrub
 
 REPO = Path(__file__).resolve().parents[1]
 

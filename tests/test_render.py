@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from batchrunner.pricing import BUILTIN_PRICES, PriceTable
-from batchrunner.reports.render import render_table, to_csv, to_json
-from batchrunner.reports.summary import summarize
 from report_files import (
     UNKNOWN,
     two_files,
     unpriced_models,
 )
+
+from batchrunner.config.pricing import BUILTIN_PRICES, PriceTable
+from batchrunner.reports.render import render_table, to_csv, to_json
+from batchrunner.reports.summary import summarize
 
 
 def parse_table(text: str) -> tuple[list[str], dict[str, list[str]]]:

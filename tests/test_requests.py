@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from openapi_schema import validate
 
-from batchrunner.config import RunConfig
+from batchrunner.config.settings import RunConfig
 from batchrunner.errors import InputError
-from batchrunner.inputs import iter_records, scan_input
-from batchrunner.requests import RequestBuilder
+from batchrunner.inputs.readers import iter_records, scan_input
+from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Row
 
 HI = [{"role": "user", "content": "Hi"}]

@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner.checkpoint import checkpoint_dir
-from batchrunner.gateway import complete
+from batchrunner.simulator import complete
+from batchrunner.store.checkpoint import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-ru-resume-tests-0b7e3c9d1f2a4e6b8c0d"
@@ -183,14 +183,14 @@ def test_a_second_ctrl_c_exits_at_once_with_a_readable_checkpoint(
 # written to the checkpoint): the answers the run had received when it was stopped.
 NOTING = """
 import os, sys
-import batchrunner.engine as engine
+import batchrunner.engine.runner as engine
 trace = os.open(os.environ["NOTED_RESULTS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 original = engine._Run._record
 def noting(self, ckpt, result, *args, **kwargs):
     original(self, ckpt, result, *args, **kwargs)
     os.write(trace, (result.id + "\\n").encode())
 engine._Run._record = noting
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 sys.argv[0] = "batchrunner"
 main()
 """

@@ -14,7 +14,7 @@ from batchrunner.errors import (
     RateLimited,
     ServerError,
 )
-from batchrunner.retry import retry_policy
+from batchrunner.transport.retry import retry_policy
 
 
 def run_policy(failures: list[Exception], max_attempts: int = 6) -> tuple[int, list[float], object]:
@@ -92,7 +92,7 @@ def test_retry_after_is_a_minimum() -> None:
 
 
 def test_call_with_retries_follows_the_policy_exactly() -> None:
-    from batchrunner.retry import call_with_retries
+    from batchrunner.transport.retry import call_with_retries
 
     sleeps: list[float] = []
     calls = 0

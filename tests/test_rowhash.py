@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from batchrunner.rowhash import input_hashes
+from batchrunner.inputs.rowhash import input_hashes
 
 
 def test_the_same_values_hash_alike_whatever_their_storage() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 
-from batchrunner.cli import main
+from batchrunner.cli.commands import main
 from batchrunner.samples import SAMPLE_FILES, write_samples
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,15 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchrunner.answers.scoring import extract_choice, f1_score, last_number, normalize_answer, parse_metric
+from batchrunner.store.scored import score_results
 from batchrunner.errors import UsageError
-from batchrunner.scoring import (
-    extract_choice,
-    f1_score,
-    last_number,
-    normalize_answer,
-    parse_metric,
-    score_results,
-)
 
 
 def scores(spec: str, answers: list[str | None], references: list[str | None]) -> list:
@@ -214,7 +208,7 @@ def test_score_results_rescores_error_rows_as_null_and_replaces_the_score(tmp_pa
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_score_results_reads_and_writes_jsonl_and_csv(tmp_path: Path, suffix: str) -> None:
-    from batchrunner.export import open_table_writer
+    from batchrunner.store.export import open_table_writer
 
     table = pa.table({"id": ["1", "2", "3"], "reference": ["42", "7", "1,000"],
                       "status": ["ok", "ok", "error"], "content": ["42", "The answer is 8", None]})

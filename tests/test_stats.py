@@ -8,7 +8,7 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from batchrunner.stats import (
+from batchrunner.reports.stats import (
     mcnemar_exact,
     mean_interval,
     paired_difference,

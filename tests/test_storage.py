@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs
 
-from batchrunner import engine
-from batchrunner.config import RunConfig
-from batchrunner.storage import is_uri
+from batchrunner.config.settings import RunConfig
+from batchrunner.engine import runner as engine
+from batchrunner.inputs.storage import is_uri
 
 VOLATILE = ["latency_ms", "ttft_ms", "response_id"]
 
@@ -113,7 +113,7 @@ def test_a_missing_input_object_is_a_usage_error(bucket: Any, tmp_path: Path) ->
 def test_the_cli_runs_on_and_reports_a_bucket(bucket: Any) -> None:
     from click.testing import CliRunner
 
-    from batchrunner.cli import main
+    from batchrunner.cli.commands import main
 
     s3, name = bucket
     upload(s3, f"{name}/p.jsonl", _rows(5))

@@ -7,25 +7,24 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import openapi_schema
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
-import openapi_schema
 from scripted_server import Reply, Request, scripted_server
 
 from batchrunner import RunConfig, run
-from batchrunner.cli import main
+from batchrunner.answers.structured import flatten, load_schema
+from batchrunner.cli.commands import main
+from batchrunner.config.jobs import build_config, load_job
+from batchrunner.config.pricing import PriceTable
 from batchrunner.errors import CheckpointMismatch, UsageError
-from batchrunner.gateway import ApiError, complete
-from batchrunner.inputs import scan_input
-from batchrunner.jobs import build_config, load_job
-from batchrunner.pricing import PriceTable
+from batchrunner.inputs.readers import scan_input
+from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.reports import summarize, to_json
-from batchrunner.requests import RequestBuilder
-from batchrunner.structured import flatten, load_schema
+from batchrunner.simulator import ApiError, complete
 
 KEY = "sk-ru-structured-tests-0b9d7c5e3a1f"
 REPO = Path(__file__).resolve().parents[1]
@@ -335,7 +334,7 @@ def test_the_simulator_answers_json_valid_against_the_schema(schema: dict[str, A
 
 
 def test_the_simulators_json_is_deterministic_and_counted() -> None:
-    from batchrunner.gateway import count_tokens
+    from batchrunner.simulator import count_tokens
 
     first = complete(body("Marie Curie in Paris"))
     assert complete(body("Marie Curie in Paris")) == first
@@ -524,7 +523,7 @@ def test_a_401_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> Non
     with scripted_server(answer) as server:
         report, _ = go(tmp_path, server.base_url, n=1, invalid_retries=3, preflight=False)
     assert report.exit_code == 4 and len(server.requests) == 2
-    from batchrunner.checkpoint import checkpoint_results
+    from batchrunner.store.checkpoint import checkpoint_results
 
     (row,) = checkpoint_results(tmp_path / "out.parquet", _KEPT)[0].to_pylist()
     # The first answer was paid for: it is recorded (as a failed re-ask records it), not
@@ -537,8 +536,8 @@ def test_a_401_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> Non
 def test_ctrl_c_before_a_re_ask_keeps_the_answers_paid_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchrunner.runstate import RunControl
-    from batchrunner.structured import Schema
+    from batchrunner.answers.structured import Schema
+    from batchrunner.engine.state import RunControl
 
     control = RunControl()
     check = Schema.check
@@ -563,7 +562,7 @@ def test_ctrl_c_before_a_re_ask_keeps_the_answers_paid_for(
 
 
 def test_a_budget_reached_during_a_re_ask_keeps_the_answers_paid_for(tmp_path: Path) -> None:
-    from batchrunner.row import _prompt_tokens
+    from batchrunner.engine.processor import _prompt_tokens
 
     def answer(request: Request) -> Reply:
         reply = _completion('{"language": "xx"}')
@@ -603,7 +602,7 @@ def test_a_second_identical_structured_run_with_the_cache_sends_nothing(
 def test_the_cache_stores_valid_answers_with_their_re_asks_and_forgets_the_rest(
     tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchrunner.cache import CacheSession
+    from batchrunner.cache.responses import CacheSession
 
     left: list[int] = []
     close = CacheSession.close
@@ -786,10 +785,10 @@ def test_flatten_refuses_what_it_cannot_flatten() -> None:
 
 
 def test_the_gateway_command_takes_invalid_json_rate(monkeypatch: pytest.MonkeyPatch) -> None:
-    import batchrunner.gateway
+    import batchrunner.simulator
 
     served = []
-    monkeypatch.setattr(batchrunner.gateway, "serve", served.append)
+    monkeypatch.setattr(batchrunner.simulator, "serve", served.append)
     result = CliRunner().invoke(main, ["gateway", "--port", "0", "--invalid-json-rate", "0.25",
                                        "--fault-seed", "3"])
     assert result.exit_code == 0, result.output

@@ -12,11 +12,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from batchrunner.errors import UsageError
-from batchrunner.pricing import BUILTIN_PRICES, ModelPrice, PriceTable
-from batchrunner.reports.render import render_table, to_json
-from batchrunner.reports.summary import summarize, summarize_days
 from report_files import (
     UNKNOWN,
     check_report,
@@ -27,6 +22,10 @@ from report_files import (
     write_results,
 )
 
+from batchrunner.config.pricing import BUILTIN_PRICES, ModelPrice, PriceTable
+from batchrunner.errors import UsageError
+from batchrunner.reports.render import render_table, to_json
+from batchrunner.reports.summary import summarize, summarize_days
 
 # --- summarize ---------------------------------------------------------------------------------
 
@@ -35,7 +34,7 @@ def test_summary_recomputes_costs_from_usage_and_prices(
     two_files: tuple[list[dict[str, Any]], list[Path]], tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="batchrunner.pricing")
+    caplog.set_level(logging.WARNING, logger="batchrunner.config.pricing")
     rows, _ = two_files
     report = summarize([tmp_path / "run-*.parquet"], prices=PriceTable.load())
     check_report(report, rows, "model", dict(BUILTIN_PRICES))

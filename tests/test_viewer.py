@@ -25,13 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from optional import missing, require
 
 import batchrunner
 from batchrunner.errors import UsageError
-from batchrunner.gateway import GatewayConfig, gateway_in_thread
+from batchrunner.simulator import GatewayConfig, gateway_in_thread
 from batchrunner.viewer import Dataset, Filters, ViewerConfig, create_app, open_sources
 from batchrunner.viewer.dataset import error_kind
-from optional import missing, require
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ru-viewer-test-key-MARKER-7f3a"

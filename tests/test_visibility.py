@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 
 from batchrunner import RunConfig
-from batchrunner.failures import normalize_error, top_errors
-from batchrunner.pricing import PriceTable
+from batchrunner.config.pricing import PriceTable
 from batchrunner.reports import estimate
+from batchrunner.store.failures import normalize_error, top_errors
 
 KEY = "sk-ru-visibility-tests-6a4c2e8f0b1d3f5a7c9e"
 

@@ -13,8 +13,8 @@ The renderers return text and print nothing; the CLI decides where it goes.
 
 from __future__ import annotations
 
-from ..requests import CHARS_PER_TOKEN
-from .estimate import (
+from batchrunner.inputs.requests import CHARS_PER_TOKEN
+from batchrunner.reports.estimate import (
     CALIBRATED_MIN_MARGIN,
     CALIBRATION_MAX_ROWS,
     Calibration,
@@ -23,9 +23,21 @@ from .estimate import (
     Range,
     estimate,
 )
-from .plots import plot_summary
-from .render import estimate_to_json, render_estimate, render_table, to_csv, to_json
-from .summary import GroupSummary, SummaryReport, expand_paths, summarize, summarize_days
+from batchrunner.reports.plots import plot_summary
+from batchrunner.reports.render import (
+    estimate_to_json,
+    render_estimate,
+    render_table,
+    to_csv,
+    to_json,
+)
+from batchrunner.reports.summary import (
+    GroupSummary,
+    SummaryReport,
+    expand_paths,
+    summarize,
+    summarize_days,
+)
 
 __all__ = [
     "CALIBRATION_MAX_ROWS",

@@ -25,10 +25,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import UsageError
-from ..scoring import read_result_batches
-from ..stats import Interval, is_binary, mcnemar_exact, mean_interval, paired_difference
-from .summary import expand_paths
+from batchrunner.store.scored import read_result_batches
+from batchrunner.errors import UsageError
+from batchrunner.reports.stats import (
+    Interval,
+    is_binary,
+    mcnemar_exact,
+    mean_interval,
+    paired_difference,
+)
+from batchrunner.reports.summary import expand_paths
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..checkpoint import RESULT_SCHEMA
-from ..config import RunConfig
-from ..errors import UsageError
-from ..pricing import PRICES_AS_OF, PriceTable
-from ..requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
-from .summary import _json_value, expand_paths
+from batchrunner.config.pricing import PRICES_AS_OF, PriceTable
+from batchrunner.config.settings import RunConfig
+from batchrunner.errors import UsageError
+from batchrunner.inputs.requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
+from batchrunner.reports.summary import _json_value, expand_paths
+from batchrunner.store.checkpoint import RESULT_SCHEMA
 
 __all__ = [
     "CALIBRATED_MIN_MARGIN",
@@ -185,9 +185,9 @@ def estimate(
     >>> est = estimate(config, prices=PriceTable.load(), calibrate=[Path("out/last.parquet")])
     >>> print(render_estimate(est))
     """
-    from ..inputs import scan_input
-    from ..requests import RequestBuilder
-    from ..sweep import sweep_config
+    from batchrunner.engine.sweep import sweep_config
+    from batchrunner.inputs.readers import scan_input
+    from batchrunner.inputs.requests import RequestBuilder
 
     config = sweep_config(config)
     info = scan_input(config)
@@ -232,7 +232,7 @@ def estimate(
     known = sum(priced, _ZERO)
     done_rows = 0
     if done is not None:  # output rows: in a sweep, an input row's for each of its models
-        from ..sweep import Sweep
+        from batchrunner.engine.sweep import Sweep
 
         output_rows = (Sweep.plan(config, info.columns, info.rows).total
                        if len(config.models) > 1 else info.rows)
@@ -268,8 +268,8 @@ def _bodies_to_send(
     One per input row, or in a sweep one per input row and model; rows the checkpoint
     (`done`, a DoneSet or None) already has are left out, as `run` leaves them.
     """
-    from ..inputs import detect_format, iter_records
-    from ..sweep import slot_bodies
+    from batchrunner.engine.sweep import slot_bodies
+    from batchrunner.inputs.readers import detect_format, iter_records
 
     if done is None or not len(done):
         yield from slot_bodies(config, builder)
@@ -299,8 +299,9 @@ def _checkpointed(config: RunConfig) -> tuple[Any, str | None]:
     """The rows of `config.output` that have a checkpointed result (a DoneSet), if the
     checkpoint is one `run` would resume; else None and, for a checkpoint it would refuse,
     why."""
-    from ..checkpoint import describe_changes, read_done
-    from ..inputs import fingerprint_input
+    from batchrunner.inputs.readers import fingerprint_input
+    from batchrunner.store.checkpoint import read_done
+    from batchrunner.store.manifest import describe_changes
 
     found = read_done(Path(config.output))
     if found is None:
@@ -326,8 +327,13 @@ def _cache_marked(
     config: RunConfig, bodies: Iterable[dict[str, Any] | None]
 ) -> Iterable[tuple[dict[str, Any] | None, bool]]:
     """Each body, with True where the response cache (`config.cache`) holds its answer."""
-    from ..cache import LOOKUP_ROWS, ResponseCache, cache_key, default_cache_path
-    from ..config import resolve_base_url
+    from batchrunner.cache.responses import (
+        LOOKUP_ROWS,
+        ResponseCache,
+        cache_key,
+        default_cache_path,
+    )
+    from batchrunner.config.settings import resolve_base_url
 
     path = None
     if config.cache is not None and config.cache is not False:
@@ -480,7 +486,7 @@ def _calibration_rows(
     The job's own request rules are tried first (template, prompt column, system message);
     where the file lacks the columns they read, its `messages` or `prompt` column is used.
     """
-    from ..requests import RequestBuilder
+    from batchrunner.inputs.requests import RequestBuilder
 
     try:
         schema = pq.read_schema(path)

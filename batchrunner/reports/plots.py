@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..durability import write_error
-from ..errors import UsageError
-from ..pricing import PriceTable
-from .render import _key_text
-from .summary import _DAY, GroupSummary, _aggregate, expand_paths
+from batchrunner.config.pricing import PriceTable
+from batchrunner.errors import UsageError
+from batchrunner.reports.render import _key_text
+from batchrunner.reports.summary import _DAY, GroupSummary, _aggregate, expand_paths
+from batchrunner.store.durability import write_error
 
 __all__ = ["plot_summary"]
 

@@ -13,9 +13,20 @@ import io
 import json
 from typing import Any
 
-from ..failures import render_errors
-from .estimate import _RULE, CALIBRATED_MIN_MARGIN, SPREAD_SIGMAS, Estimate, Range
-from .summary import _FIGURES, GroupSummary, SummaryReport, _json_value
+from batchrunner.reports.estimate import (
+    _RULE,
+    CALIBRATED_MIN_MARGIN,
+    SPREAD_SIGMAS,
+    Estimate,
+    Range,
+)
+from batchrunner.reports.summary import (
+    _FIGURES,
+    GroupSummary,
+    SummaryReport,
+    _json_value,
+)
+from batchrunner.store.failures import render_errors
 
 __all__ = ["estimate_to_json", "render_estimate", "render_table", "to_csv", "to_json"]
 

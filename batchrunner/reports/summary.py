@@ -23,12 +23,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..checkpoint import RESULT_SCHEMA, checkpoint_dir, checkpoint_results
-from ..errors import UsageError
-from ..manifest import trusted_manifest
-from ..failures import ErrorCount, merge_counts, value_counts
-from ..pricing import PRICES_AS_OF, PriceTable
-from ..structured import StructuredSummary, summarize_files
+from batchrunner.answers.structured import StructuredSummary, summarize_files
+from batchrunner.config.pricing import PRICES_AS_OF, PriceTable
+from batchrunner.errors import UsageError
+from batchrunner.store.checkpoint import (
+    RESULT_SCHEMA,
+    checkpoint_dir,
+    checkpoint_results,
+)
+from batchrunner.store.failures import ErrorCount, merge_counts, value_counts
+from batchrunner.store.manifest import trusted_manifest
 
 __all__ = ["GroupSummary", "SummaryReport", "expand_paths", "summarize", "summarize_days"]
 
@@ -509,7 +513,7 @@ def _is_text(path: Path) -> bool:
 
 
 def _text_schema(path: Path) -> pa.Schema:
-    from ..scoring import read_result_batches
+    from batchrunner.store.scored import read_result_batches
 
     schema, _batches = read_result_batches(path)
     return schema
@@ -523,7 +527,7 @@ _TEXT_TYPES = {field.name: field.type for field in RESULT_SCHEMA}
 def _text_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
     """The columns of a `.jsonl` or `.csv` output, typed as a Parquet output's, a batch at a
     time."""
-    from ..scoring import read_result_batches
+    from batchrunner.store.scored import read_result_batches
 
     schema, batches = read_result_batches(path)
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ..errors import UsageError
+from batchrunner.errors import UsageError
 
 __all__ = ["SAMPLE_FILES", "write_samples"]
 

@@ -15,10 +15,16 @@ files (no CDN, nothing fetched from the internet).
 
 from __future__ import annotations
 
-from .app import create_app
-from .dataset import Dataset, Filters
-from .server import ViewerConfig, is_loopback, return_freed_memory, serve, serve_async
-from .sources import open_sources
+from batchrunner.viewer.app import create_app
+from batchrunner.viewer.dataset import Dataset, Filters
+from batchrunner.viewer.server import (
+    ViewerConfig,
+    is_loopback,
+    return_freed_memory,
+    serve,
+    serve_async,
+)
+from batchrunner.viewer.sources import open_sources
 
 __all__ = [
     "Dataset",

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .dataset import Dataset, Filters
+from batchrunner.viewer.dataset import Dataset, Filters
 
 __all__ = ["create_app"]
 

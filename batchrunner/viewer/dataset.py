@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .request_view import RequestRenderer
-from .sources import (
+from batchrunner.viewer.request_view import RequestRenderer
+from batchrunner.viewer.sources import (
     RESULT_COLUMNS,
     CheckpointSource,
     ParquetSource,

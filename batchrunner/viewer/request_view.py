@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import RESULT_SCHEMA
-from ..config import RunConfig
-from ..errors import BatchrunnerError
-from ..requests import RequestBuilder
-from .sources import RESULT_COLUMNS, Source
+from batchrunner.config.settings import RunConfig
+from batchrunner.errors import BatchrunnerError
+from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.store.checkpoint import RESULT_SCHEMA
+from batchrunner.viewer.sources import RESULT_COLUMNS, Source
 
 __all__ = ["RequestRenderer"]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..errors import UsageError
-from .app import create_app
-from .dataset import Dataset, Filters
-from .sources import open_sources
+from batchrunner.errors import UsageError
+from batchrunner.viewer.app import create_app
+from batchrunner.viewer.dataset import Dataset, Filters
+from batchrunner.viewer.sources import open_sources
 
 __all__ = ["ViewerConfig", "is_loopback", "return_freed_memory", "serve"]
 

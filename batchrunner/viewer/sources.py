@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..checkpoint import RESULT_SCHEMA, checkpoint_dir
-from ..errors import UsageError
+from batchrunner.errors import UsageError
+from batchrunner.store.checkpoint import RESULT_SCHEMA, checkpoint_dir
 
 __all__ = ["CheckpointSource", "ParquetSource", "Source", "open_sources"]
 

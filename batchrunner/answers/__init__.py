@@ -1,0 +1,1 @@
+"""What makes an answer right: JSON-schema checks and scoring metrics."""

@@ -1,0 +1,1 @@
+"""The response cache: answers kept across runs and outputs."""

@@ -1,0 +1,1 @@
+"""The command line: click commands, progress on stderr, what a crash leaves."""

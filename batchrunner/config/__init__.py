@@ -1,0 +1,1 @@
+"""What a run is asked to do: options, job files, durations, dated paths, prices."""

@@ -1,0 +1,232 @@
+"""Run settings: options, job files and environment folded into one frozen RunConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from batchrunner.config.durations import (  # re-exported
+    format_duration,
+    parse_deadline,
+    parse_duration,
+)
+from batchrunner.config.options import OPTIONS, InvalidValue, checked_base_url
+from batchrunner.config.paths import expand_date
+from batchrunner.errors import UsageError
+from batchrunner.redaction import remember_key
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "RunConfig",
+    "format_duration",
+    "key_env_names",
+    "parse_deadline",
+    "parse_duration",
+    "resolve_api_key",
+    "resolve_base_url",
+]
+
+DEFAULT_BASE_URL = "https://api.ru-llm.relay2.xyz/v1"
+API_KEY_ENVS = ("RU_LLM_API_KEY", "OPENAI_API_KEY")
+BASE_URL_ENVS = ("RU_LLM_BASE_URL", "OPENAI_BASE_URL")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, with the defaults of SPEC sections 5-8 and 13.
+
+    `{date}` and `{date:STRFTIME}` in `output` and `summary_json` are replaced by the local
+    date the config was made (the run's start), once.
+
+    The API key is deliberately absent: only the name of the variable that holds it is kept,
+    so a config can be printed, logged or pickled without leaking it.
+
+    >>> RunConfig(input=Path("prompts.jsonl"), output=Path("out.parquet"), model="gpt-4o")
+    """
+
+    input: Path
+    output: Path
+    model: str | None = None
+    # request building (SPEC 5)
+    system: str | None = None
+    template: str | None = None
+    # None means the SPEC's default: "prompt"; "messages" where present; "id", else
+    # "custom_id", else the 0-based row number. A column named explicitly must exist.
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    id_column: str | None = None
+    # request body fields (temperature, top_p, max_tokens, stop, n, seed and any --param)
+    params: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    limit: int | None = None
+    # flow control (SPEC 6)
+    concurrency: int = 16
+    rpm: float | None = None
+    tpm: float | None = None
+    max_attempts: int = 6
+    timeout: float = 120.0
+    max_cost: float | None = None
+    deadline: str | None = None
+    # checkpoint and resume (SPEC 8)
+    checkpoint_every: int = 100
+    restart: bool = False
+    retry_failed: bool = False
+    # endpoint and credentials (SPEC 3)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    local: bool = False
+    # cost (SPEC 9)
+    prices: Path | None = None
+    # response cache (SPEC 16): True for the default file, a path for another; off when None
+    cache: bool | Path | None = None
+    cache_mode: str = "read-write"
+    # progress and logs (SPEC 13)
+    quiet: bool = False
+    log_format: str = "text"
+    summary_json: Path | None = None
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    # evaluations (SPEC 15): a metric spec and the column holding references; a model sweep
+    score: str | None = None
+    reference_column: str | None = None
+    models: tuple[str, ...] = ()
+    # fail fast (SPEC 6): check the run's models against GET /models before sending
+    preflight: bool = True
+    # structured output (SPEC 17): a schema file, or the schema itself (a job's inline table)
+    json_schema: Path | dict[str, Any] | None = None
+    invalid_retries: int = 2
+    # where the rows are processed (SPEC 14)
+    engine: str = "local"  # "local": this process; "ray": actors on a Ray cluster
+    ray_address: str | None = None  # None: the RAY_ADDRESS cluster, else a local instance
+    ray_actors: int | None = None  # None: one actor per CPU of the cluster
+
+    def __post_init__(self) -> None:
+        # {date} in the output paths: resolved once, here, so everything follows one path
+        started = datetime.now().astimezone()
+        for name in ("output", "summary_json"):
+            value = getattr(self, name)
+            if value is not None and "{" in str(value):
+                flag = "--" + name.replace("_", "-")
+                object.__setattr__(self, name, expand_date(value, now=started, what=flag))
+        _check_options(self)
+        if self.score is not None and not self.reference_column:
+            raise UsageError("--score needs --reference-column COL (job key `reference_column`)")
+        if self.models and len(set(self.models)) != len(self.models):
+            raise UsageError("--model: a model is given twice in the sweep")
+        if self.engine == "ray" and self.cache not in (None, False):
+            raise UsageError("--cache works with the local engine only, not with --engine ray")
+        if self.restart and self.retry_failed:
+            raise UsageError("--restart and --retry-failed cannot be used together")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def sweep(self) -> tuple[str, ...]:
+        """The models every row is sent to: the sweep's, else the one `model` (or none)."""
+        if self.models:
+            return self.models
+        return (self.model,) if self.model else ()
+
+    def request_settings(self) -> dict[str, Any]:
+        """Every setting that changes what is sent: the checkpoint fingerprint covers these."""
+        return {
+            "model": self.model,
+            "system": self.system,
+            "template": self.template,
+            "prompt_column": self.prompt_column,
+            "messages_column": self.messages_column,
+            "id_column": self.id_column,
+            "params": self.params,
+            "stream": self.stream,
+            **({"models": list(self.models)} if len(self.models) > 1 else {}),
+        } | self._schema_settings()
+
+    def _schema_settings(self) -> dict[str, Any]:
+        if self.json_schema is None:
+            return {}  # absent, not None: checkpoints made before --json-schema stay valid
+        from batchrunner.answers.structured import load_schema
+
+        return {"json_schema": load_schema(self.json_schema).settings()}
+
+
+def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None) -> str:
+    """--base-url, else RU_LLM_BASE_URL, else OPENAI_BASE_URL, else the ru-llm gateway."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        return _checked_url(explicit, "--base-url")
+    for name in BASE_URL_ENVS:
+        if environ.get(name):
+            return _checked_url(environ[name], f"${name}")
+    return DEFAULT_BASE_URL
+
+
+def _checked_url(url: str, source: str) -> str:
+    try:
+        return checked_base_url(url)
+    except InvalidValue as exc:
+        raise UsageError(f"{source} {exc}") from None
+
+
+def _check_options(config: RunConfig) -> None:
+    """Each field given a value checked as its option is (options.py), named by its flag."""
+    defaults = _DEFAULTS
+    for option in OPTIONS:
+        if option.check is None or option.name not in defaults:
+            continue
+        value = getattr(config, option.name)
+        default = defaults[option.name]
+        if value is None or (type(value) is type(default) and value == default):
+            continue  # the defaults are valid; None means "not set"
+        try:
+            option.check(value)
+        except InvalidValue as exc:
+            raise UsageError(f"{option.flag} {exc}") from None
+
+
+def key_env_names(api_key_env: str | None) -> tuple[str, ...]:
+    """The variables `--api-key-env` names: one, or several separated by commas (SPEC 14).
+
+    >>> key_env_names("KEY_A, KEY_B")
+    ('KEY_A', 'KEY_B')
+    """
+    if not api_key_env:
+        return ()
+    return tuple(name.strip() for name in api_key_env.split(",") if name.strip())
+
+
+def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = None) -> str:
+    """The key from the named variable, else RU_LLM_API_KEY, else OPENAI_API_KEY.
+
+    The error names the variables, never a value.
+    """
+    environ = os.environ if environ is None else environ
+    if len(key_env_names(api_key_env)) > 1:
+        raise UsageError(
+            f"--api-key-env {api_key_env}: several keys are shared out among the actors of "
+            "--engine ray; the local engine uses one key"
+        )
+    names = (api_key_env,) if api_key_env else API_KEY_ENVS
+    for name in names:
+        key = environ.get(name, "").strip()  # a key pasted with its newline still works
+        if key:
+            if not (key.isascii() and key.isprintable() and " " not in key):
+                raise UsageError(f"${name} holds characters an HTTP header cannot carry")
+            remember_key(key)  # masked in every error, log line and file from now on
+            return key
+    wanted = " or ".join(names)
+    raise UsageError(
+        f"no API key: set {wanted} in the environment (or use --local to try the built-in gateway)"
+    )
+
+
+#: Each field's default (None for the required ones); request fields are not RunConfig fields.
+_DEFAULTS: dict[str, Any] = {
+    f.name: None if f.default is dataclasses.MISSING else f.default
+    for f in dataclasses.fields(RunConfig)
+    if f.name != "params"
+}

@@ -1,0 +1,1 @@
+"""The run: setup, the dispatcher seam and its dispatchers, one row, the recorder."""

@@ -1,0 +1,11 @@
+"""The Ray engine (SPEC 14): the same job, its blocks processed by actors on a Ray cluster.
+
+Installed with the `ray` extra. Only `engine.arun` reaches here, when `config.engine` is
+"ray"; this package drives the engine and is never imported by it at module level.
+"""
+
+from __future__ import annotations
+
+from batchrunner.engine.ray.driver import RayRun, arun_on_ray
+
+__all__ = ["RayRun", "arun_on_ray"]

@@ -1,0 +1,316 @@
+"""The Ray engine's driver: the local run, with its rows sent by actors instead of workers.
+
+`RayRun` is `engine._Run` with one step replaced. Reading the input, skipping finished rows,
+building requests, the checkpoint, the output and the summary are the local engine's, so the
+output has the same schema, order and content, and a job may be resumed on either engine. The
+dispatch step cuts the rows still to send into blocks and hands each to a free actor; an
+actor runs the local engine on its block and returns the results, which the driver records
+and checkpoints as they come. Only finished blocks are ever written, so a killed actor costs
+a retry of its block (Ray restarts the actor and runs the call again) and a killed driver,
+run again, repeats at most the blocks that were in flight.
+
+Limits are shared out so the totals hold: the concurrency is divided among the actors; each
+key's rpm and tpm among the actors that use it; the budget is handed out block by block from
+what is left, never more in all than remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from batchrunner.config.settings import RunConfig, key_env_names, resolve_api_key
+from batchrunner.engine.dispatch import _input_error_result
+from batchrunner.engine.endpoint import local_gateway
+from batchrunner.engine.execution import ResultCallback, _Run
+from batchrunner.engine.ray.worker import BlockOutcome, BlockWorker, WorkerSettings
+from batchrunner.engine.state import EXIT_AUTH, EXIT_STOPPED, RunControl, RunReport
+from batchrunner.errors import AuthRefused, BatchrunnerError, UsageError
+from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.results import Row
+from batchrunner.store.checkpoint import Checkpoint, DoneSet
+from batchrunner.transport.limits import Deadline
+
+__all__ = ["RayRun", "arun_on_ray"]
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK_ROWS = 2000  # a block is the unit of retry: small enough to redo, large to amortise
+ACTOR_RESTARTS = 4  # a killed actor is restarted, and its block run again, this many times
+_MIN_ALLOWANCE = 1e-9  # dollars: below this a block could not pay for one request
+
+
+class ClusterError(BatchrunnerError):
+    """The Ray cluster failed the run (an actor died more often than it is restarted)."""
+
+    exit_code = 70
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(
+            "--engine ray needs Ray: pip install 'batchrunner[ray]' "
+            "(from a checkout: pip install -e '.[ray]')"
+        ) from None
+    return ray
+
+
+async def arun_on_ray(
+    config: RunConfig,
+    *,
+    on_result: ResultCallback | None = None,
+    control: RunControl | None = None,
+) -> RunReport:
+    """`engine.arun` on a Ray cluster: `config.ray_address`, else RAY_ADDRESS, else local."""
+    ray = _import_ray()
+    control = control or RunControl()
+    names = key_env_names(config.api_key_env)
+    if not config.local:
+        for name in names or (None,):
+            resolve_api_key(name)  # a missing key is a usage error before anything starts
+    started_here = not ray.is_initialized()
+    if started_here:
+        with _signal_handlers_kept():
+            ray.init(
+                address=config.ray_address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+    try:
+        if config.local:
+            async with local_gateway() as (base_url, _key):
+                return await RayRun(config, base_url, "", on_result, control, ray).execute()
+        from batchrunner.config.settings import resolve_base_url
+
+        base_url = resolve_base_url(config.base_url)
+        return await RayRun(config, base_url, "", on_result, control, ray).execute()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep the run's Ctrl-C and SIGTERM handling: `ray.init` installs handlers of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+class RayRun(_Run):
+    """The local run with `_dispatch` sending blocks to Ray actors (the driver holds no key)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        base_url: str,
+        api_key: str,
+        on_result: ResultCallback | None,
+        control: RunControl,
+        ray: Any,
+    ) -> None:
+        super().__init__(config, base_url, api_key, on_result, control)
+        self._ray = ray
+
+    async def _dispatch(
+        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: Deadline | None
+    ) -> None:
+        async with self._checkpointing(ckpt):
+            actors = self._start_actors()
+            try:
+                await self._drive(ckpt, builder, done, deadline, actors)
+            finally:
+                for actor in actors:
+                    with contextlib.suppress(Exception):
+                        self._ray.kill(actor)
+
+    # -- actors ----------------------------------------------------------------------------
+
+    def _actor_count(self) -> int:
+        config = self.config
+        if config.ray_actors is not None:
+            wanted = config.ray_actors
+        else:
+            wanted = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        return max(1, min(wanted, config.concurrency))  # each actor has a request in flight
+
+    def _start_actors(self) -> list[Any]:
+        config = self.config
+        count = self._actor_count()
+        names: tuple[str | None, ...] = key_env_names(config.api_key_env) or (None,)
+        if config.local:
+            names = (None,)
+        keys = [names[i % len(names)] for i in range(count)]
+        sharing = collections.Counter(keys)
+        remote = self._ray.remote(BlockWorker).options(
+            num_cpus=0.5, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+            max_concurrency=4,  # `stop` must get through while `process` runs
+        )
+        actors = []
+        for i, key_env in enumerate(keys):
+            share = sharing[key_env]
+            settings = WorkerSettings(
+                config=config,
+                base_url=self.base_url,
+                key_env=key_env,
+                local=config.local,
+                concurrency=config.concurrency // count + (i < config.concurrency % count),
+                rpm=None if config.rpm is None else config.rpm / share,
+                tpm=None if config.tpm is None else config.tpm / share,
+            )
+            actors.append(remote.remote(settings))
+        log.info("ray: %d actors, %d key(s)", count, len(sharing))
+        return actors
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    def _blocks(
+        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, size: int
+    ) -> Iterator[list[Row]]:
+        """Rows still to send, in blocks; rows with an input error are recorded, not sent."""
+        block: list[Row] = []
+        for row in self._rows(builder, done):  # a sweep's slots too
+            if row.body is None:
+                self._record(ckpt, _input_error_result(row, row.model or self.config.model))
+                continue
+            block.append(row)
+            if len(block) >= size:
+                yield block
+                block = []
+        if block:
+            yield block
+
+    def _block_size(self, actors: int) -> int:
+        pending = max(1, self.tally.rows - self.tally.resumed)
+        return max(1, min(MAX_BLOCK_ROWS, math.ceil(pending / (4 * actors))))
+
+    async def _drive(
+        self,
+        ckpt: Checkpoint,
+        builder: RequestBuilder,
+        done: DoneSet,
+        deadline: Deadline | None,
+        actors: list[Any],
+    ) -> None:
+        """Keep every actor busy with a block until the rows run out or the run stops."""
+        blocks = self._blocks(ckpt, builder, done, self._block_size(len(actors)))
+        again: collections.deque[list[Row]] = collections.deque()  # rows a stopped block left
+        free = list(range(len(actors)))
+        in_flight: dict[asyncio.Future[Any], tuple[int, list[Row], float]] = {}
+        left = None if self.budget is None else self.budget.max_cost - self.budget.spent
+        told_to_stop = False
+        stop_wait = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            while True:
+                while free and not self.stop_event.is_set():
+                    if deadline is not None and deadline.remaining() <= 0:
+                        log.warning("deadline reached: no new requests are sent")
+                        self.control.stop("deadline", EXIT_STOPPED)
+                        break
+                    allowance = None
+                    if left is not None:
+                        allowance = left / len(free)
+                        if allowance < _MIN_ALLOWANCE:
+                            break
+                    block = again.popleft() if again else next(blocks, None)
+                    if block is None:
+                        break
+                    slot = free.pop()
+                    remaining = None if deadline is None else deadline.remaining()
+                    ref = actors[slot].process.remote(block, allowance, remaining)
+                    in_flight[asyncio.wrap_future(ref.future())] = (slot, block, allowance or 0)
+                    if left is not None:
+                        left -= allowance or 0
+                if not in_flight:
+                    if left is not None and left < _MIN_ALLOWANCE and not self.stop_event.is_set():
+                        self._budget_reached()
+                    return
+                finished, _ = await asyncio.wait(
+                    [*in_flight, stop_wait], return_when=asyncio.FIRST_COMPLETED
+                )
+                if self.stop_event.is_set() and not told_to_stop:
+                    told_to_stop = True
+                    reason = self.control.reason or "interrupted"
+                    code = self.control.exit_code or EXIT_STOPPED
+                    for slot, _block, _a in in_flight.values():
+                        actors[slot].stop.remote(reason, code)
+                for future in finished:
+                    if future is stop_wait:
+                        continue
+                    slot, block, allowance = in_flight.pop(future)
+                    results, outcome = self._block_result(future)
+                    bodies = {row.index: row.body for row in block}
+                    for result in results:  # with its body's hash, as the local engine does
+                        self._record(ckpt, result, body=bodies[result.index])
+                    self.tally.sent += outcome.sent
+                    if left is not None:
+                        left += max(0.0, allowance - outcome.cost_usd)
+                    self._settle(outcome, block, results, again)
+                    free.append(slot)
+        finally:
+            stop_wait.cancel()
+
+    def _block_result(self, future: asyncio.Future[Any]) -> tuple[list[Any], BlockOutcome]:
+        try:
+            return future.result()
+        except self._ray.exceptions.RayActorError as exc:
+            self.control.stop("crashed", ClusterError.exit_code)
+            raise ClusterError(
+                f"a Ray actor died {ACTOR_RESTARTS + 1} times on one block ({type(exc).__name__}); "
+                "finished blocks are checkpointed: run the same command again to go on"
+            ) from None
+
+    def _settle(
+        self,
+        outcome: BlockOutcome,
+        block: list[Row],
+        results: list[Any],
+        again: collections.deque[list[Row]],
+    ) -> None:
+        """Act on how a block ended: stop the run where the block's run stopped for good."""
+        code, reason = outcome.exit_code, outcome.reason
+        if code in (0, 1):
+            return
+        if code == EXIT_AUTH:
+            self.auth_error = AuthRefused(outcome.message)
+            self.control.stop("auth", EXIT_AUTH)
+        elif reason == "budget":
+            # This block's share ran out: the rows it left wait for a share of what is left,
+            # and when a whole share bought nothing, the budget is spent.
+            answered = {r.index for r in results}
+            rest = [row for row in block if row.index not in answered]
+            if rest:
+                again.append(rest)
+            if not results:
+                self._budget_reached()
+        elif reason in ("interrupted", "terminated", "deadline"):
+            return  # the driver asked for it, or the deadline passed: the run is stopping
+        elif code == 2:
+            self.control.stop("usage", 2)
+            raise UsageError(outcome.message)
+        else:
+            if reason == "outage" and self.outage.cause is None:
+                self.outage.cause = outcome.message  # the gateway is unreachable or down
+            self.control.stop(reason, code)
+
+    def _budget_reached(self) -> None:
+        if not self.control.stopping:
+            log.warning("budget of $%.4f reached: no new requests are sent", self.config.max_cost)
+            self.control.stop("budget", EXIT_STOPPED)

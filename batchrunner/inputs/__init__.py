@@ -1,0 +1,1 @@
+"""Rows in: readers (files, buckets), row to request, row hashes."""

@@ -1,0 +1,1 @@
+"""What is kept on disk: the checkpoint, resume, the output and its formats."""

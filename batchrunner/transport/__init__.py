@@ -1,0 +1,1 @@
+"""Talking to the gateway: one HTTP attempt, retries, pacing, limits."""
