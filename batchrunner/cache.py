@@ -211,6 +211,9 @@ class ResponseCache:
                 str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                 check_same_thread=False,
             )
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"the response cache {path} cannot be used: {exc}") from None
+        try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -221,8 +224,11 @@ class ResponseCache:
             with _transaction(db):
                 for statement in _statements():
                     db.execute(statement)
-        except sqlite3.DatabaseError as exc:
-            raise UsageError(f"the response cache {path} cannot be used: {exc}") from None
+        except BaseException as exc:
+            db.close()  # not left for the garbage collector (Python 3.13 warns of it)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise UsageError(f"the response cache {path} cannot be used: {exc}") from None
+            raise
         cache = cls(path, db)
         cache._private_sidecars()
         return cache

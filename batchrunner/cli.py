@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -270,8 +271,9 @@ def main() -> None:
     """Batch jobs for OpenAI-compatible chat-completions gateways.
 
     \b
-    Try it with no key and no network:
-      batchrunner run -i sample_data/prompts.jsonl -o out/results.parquet -m gpt-4o-mini --local
+    Try it with no key and no network (the samples come with batchrunner):
+      batchrunner samples demo && cd demo && batchrunner run job.toml
+      batchrunner summary out/quickstart.parquet
     """
 
 
@@ -609,6 +611,29 @@ def validate(job: Path, base_url: str | None, local: bool | None) -> None:
         raise UsageError(f"{job}: {plural(check.problem_rows, 'input row')} of "
                          f"{info.rows:,} cannot be sent; a run would exit 1: fix them first")
     click.echo(f"{job}: ok: nothing was sent")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace sample files that were changed.")
+def samples(folder: Path, force: bool) -> None:
+    """Write sample prompts, an evaluation set and job files into FOLDER.
+
+    The job files run against the gateway simulator built into batchrunner: no key, no
+    network. A file already in FOLDER with other content is not replaced without --force.
+
+    \b
+    Examples:
+      batchrunner samples demo && cd demo && batchrunner run job.toml
+      batchrunner summary out/quickstart.parquet
+      batchrunner run eval.toml && batchrunner compare out/eval.parquet
+    """
+    from .samples import write_samples
+
+    for path in write_samples(folder, force=force):
+        click.echo(path)
+    click.echo(f"next: cd {shlex.quote(str(folder))} && batchrunner run job.toml "
+               f"(README.md there says what else to try)", err=True)
 
 
 @main.group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
+# The package's copies, which `batchrunner samples DIR` writes for users with no checkout
+# (tests/test_samples.py checks that they are the same bytes as these).
+PACKAGE_SAMPLES = HERE.parent / "batchrunner" / "samples"
 
 # --- prompts: the quick-start set ---------------------------------------------------------------
 
@@ -570,6 +574,8 @@ def main() -> None:
         [{"id": f"c{i:02d}", "messages": m} for i, m in enumerate(CONVERSATIONS, 1)],
     )
     write_jsonl("batch_api.jsonl", batch_api())
+    for name in ("prompts.jsonl", "eval_multiple_choice.jsonl"):
+        shutil.copyfile(HERE / name, PACKAGE_SAMPLES / name)
     for name, rows in sets.items():
         print(f"{name}: {len(rows)} rows")
 

@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from moto.server import ThreadedMotoServer
 from pyarrow import fs
 
 import aioresponses_compat  # noqa: F401  (aioresponses on aiohttp 3.14)
+from optional import require
 from batchrunner.gateway import GatewayConfig, RunningGateway, gateway_in_thread
 
 
@@ -50,7 +50,8 @@ def start_gateway() -> Iterator[Callable[..., RunningGateway]]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3 server on loopback, for object-store paths (SPEC 14)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto_server = require("moto.server", "test-s3", "the object-store tests (moto's S3 server)")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     try:

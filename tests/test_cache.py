@@ -6,6 +6,7 @@ say what was really sent. Sharing and crash tests use real CLI processes and rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -139,6 +140,43 @@ def test_a_folder_or_a_corrupt_file_is_a_usage_error(tmp_path: Path) -> None:
         ResponseCache.open(junk)
 
 
+def test_a_file_that_is_not_a_database_leaves_no_connection_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection that found the file unusable is closed, not left to the garbage
+    collector (Python 3.13 warns of an unclosed database: `--cache junk.sqlite` printed a
+    ResourceWarning after its error line)."""
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def recording_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", recording_connect)
+    with pytest.raises(UsageError, match="cannot be used"):
+        ResponseCache.open(junk)
+    monkeypatch.undo()
+    assert opened
+    for db in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            db.execute("SELECT 1")
+
+    # As a user meets it, with every ResourceWarning shown: one line.
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-m", "batchrunner", "run", "-i", str(source), "-o",
+         str(tmp_path / "o.parquet"), "-m", MODEL, "--local", f"--cache={junk}"],
+        capture_output=True, text=True, env=child_env(), timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"batchrunner: error: the response cache {junk} cannot be used: file is not a database"]
+
+
 # -- the engine -----------------------------------------------------------------------------
 
 
@@ -216,12 +254,12 @@ def test_cache_modes(tmp_path: Path, gateway) -> None:  # type: ignore[no-untype
     _, rows = go(source, tmp_path / "ro2.parquet", gateway.base_url, cache, cache_mode="read-only")
     assert gateway.stats.requests == 0 and all(r["cache_hit"] for r in rows)
 
-    with sqlite3.connect(cache) as db:
+    with contextlib.closing(sqlite3.connect(cache)) as db:
         before = dict(db.execute("SELECT key, created FROM responses"))
     gateway.stats.reset()
     _, rows = go(source, tmp_path / "rf.parquet", gateway.base_url, cache, cache_mode="refresh")
     assert gateway.stats.requests == 12 and not any(r["cache_hit"] for r in rows)
-    with sqlite3.connect(cache) as db:
+    with contextlib.closing(sqlite3.connect(cache)) as db:
         after = dict(db.execute("SELECT key, created FROM responses"))
     assert after.keys() == before.keys() and all(after[k] > before[k] for k in before)
 
@@ -355,7 +393,7 @@ def child_env() -> dict[str, str]:
 
 
 def integrity(cache: Path) -> tuple[str, int]:
-    with sqlite3.connect(cache, timeout=30) as db:
+    with contextlib.closing(sqlite3.connect(cache, timeout=30)) as db:
         check = db.execute("PRAGMA integrity_check").fetchone()[0]
         count = db.execute("SELECT count(*) FROM responses").fetchone()[0]
     return check, count

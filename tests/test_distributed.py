@@ -21,11 +21,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from batchrunner import engine
 from batchrunner.config import RunConfig
 from batchrunner.gateway.stats import key_label
+from optional import require
+
+ray = require("ray", "test-ray", "the Ray engine's tests")
 
 KEY_A = "sk-ru-" + "a" * 8 + "-ray-test-key-one"
 KEY_B = "sk-ru-" + "b" * 8 + "-ray-test-key-two"

@@ -31,6 +31,7 @@ from batchrunner.errors import UsageError
 from batchrunner.gateway import GatewayConfig, gateway_in_thread
 from batchrunner.viewer import Dataset, Filters, ViewerConfig, create_app, open_sources
 from batchrunner.viewer.dataset import error_kind
+from optional import missing, require
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ru-viewer-test-key-MARKER-7f3a"
@@ -441,11 +442,10 @@ def browser() -> Iterator[Any]:
     In CI (CI is set; .ci/run installs chromium) a missing browser fails the tests; on a
     machine without /usr/bin/chromium they are skipped, saying so.
     """
+    require("selenium", "test-browser", "the viewer's browser tests")
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        message = f"the browser tests need {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("the viewer's browser tests",
+                f"{CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
