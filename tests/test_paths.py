@@ -1,4 +1,4 @@
-"""`{date}` in output paths: a nightly job writes a new file each night (SPEC section 8)."""
+"""`{date}` in output paths: a nightly job writes a new file each night (docs/cron.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Failures are visible and the cost of what is left is known (SPEC section 9).
+"""Failures are visible and the cost of what is left is known (docs/cost.md).
 
 The final summary, `status` and `summary` list the most frequent errors; `summary` reads an
 unfinished output from its checkpoint; `estimate` counts only the rows still to send.
