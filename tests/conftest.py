@@ -49,7 +49,7 @@ def start_gateway() -> Iterator[Callable[..., RunningGateway]]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """moto's S3 server on loopback, for object-store paths (SPEC 14)."""
+    """moto's S3 server on loopback, for object-store paths (docs/buckets.md)."""
     moto_server = require("moto.server", "test-s3", "the object-store tests (moto's S3 server)")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

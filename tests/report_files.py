@@ -1,4 +1,4 @@
-"""Result files as SPEC section 7 writes them, and the independent sums the report tests check against."""
+"""Result files as a run writes them (docs/output.md), and the independent sums the report tests check against."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from batchrunner.config.pricing import BUILTIN_PRICES, ModelPrice
 from batchrunner.reports import SummaryReport
 
-# --- result files as SPEC section 7 writes them ---------------------------------------------
+
+# --- result files as a run writes them (docs/output.md) ------------------------------------
 
 RESULT_TYPES: dict[str, pa.DataType] = {
     "status": pa.string(),

@@ -1,4 +1,4 @@
-"""The response cache (SPEC 16): keys, storage, the engine's use of it, and its safety.
+"""The response cache (docs/cache.md): keys, storage, the engine's use of it, and its safety.
 
 Runs go through the library against the gateway simulator on loopback; its request counters
 say what was really sent. Sharing and crash tests use real CLI processes and real signals.

@@ -316,7 +316,7 @@ def test_https_is_verified_against_the_trusted_authorities(
             asyncio.run(go(server.base_url))  # an authority nobody trusts yet
         assert caught.value.cause == "tls"
         authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # as the README says
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # as docs/gateway.md says
         assert asyncio.run(go(server.base_url)) == "over tls"
     assert server.requests[0].headers["authorization"] == f"Bearer {KEY}"
 

@@ -1,4 +1,4 @@
-"""A bug never shows a traceback: one line, exit 70, crash.log without the key (SPEC 11)."""
+"""A bug never shows a traceback: one line, exit 70, crash.log without the key (docs/exit-codes.md)."""
 
 from __future__ import annotations
 

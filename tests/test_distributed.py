@@ -1,4 +1,4 @@
-"""The Ray engine (SPEC 14) on a local Ray instance: same output as the local engine, faults.
+"""The Ray engine (docs/ray.md) on a local Ray instance: same output as the local engine, faults.
 
 One Ray instance serves the module (starting one takes seconds). The keys the tests use are
 put in the environment before it starts, so its worker processes inherit them, as the

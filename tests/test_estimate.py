@@ -1,4 +1,4 @@
-"""Estimates before a run and their calibration (SPEC section 9), checked against the truth."""
+"""Estimates before a run and their calibration (docs/cost.md#estimate), checked against the truth."""
 
 from __future__ import annotations
 

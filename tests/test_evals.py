@@ -1,4 +1,4 @@
-"""Evaluations end to end (SPEC 15): scoring in a run, sweeps, compare, the DataFrame face."""
+"""Evaluations end to end (docs/evaluations.md): scoring in a run, sweeps, compare, the DataFrame face."""
 
 from __future__ import annotations
 

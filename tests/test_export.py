@@ -1,4 +1,4 @@
-"""Output formats and `batchrunner export` (SPEC section 7; issue 12, point 2)."""
+"""Output formats and `batchrunner export` (docs/output.md; issue 12, point 2)."""
 
 from __future__ import annotations
 

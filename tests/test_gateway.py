@@ -1,4 +1,4 @@
-"""The gateway simulator (SPEC section 10): the official SDK against it, the OpenAI schema,
+"""The gateway simulator (docs/simulator.md): the official SDK against it, the OpenAI schema,
 the 400/401/404 bodies, deterministic answers and usage, prompt caching, and every fault."""
 
 from __future__ import annotations

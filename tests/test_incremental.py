@@ -1,4 +1,4 @@
-"""Incremental inputs (SPEC 8): a changed input keeps the results of the rows left as they were.
+"""Incremental inputs (docs/resume.md): a changed input keeps the results of the rows left as they were.
 
 Runs go through the library against the gateway simulator; its request counters say what was
 really sent.

@@ -1,4 +1,4 @@
-"""Job files (SPEC 12): loading, checking, path resolution, and folding with the command line."""
+"""Job files (docs/jobs.md): loading, checking, path resolution, and folding with the command line."""
 
 from __future__ import annotations
 
@@ -409,7 +409,7 @@ def test_an_unknown_table_is_an_unknown_key(tmp_path: Path) -> None:
 
 
 def test_models_is_a_sweep_and_a_table_of_models_is_refused(tmp_path: Path) -> None:
-    # `models` is a job key since the sweeps of SPEC 15: an array of names, nothing else
+    # `models` is a job key since sweeps (docs/evaluations.md#sweeps): an array of names, nothing else
     message = error_of(write_job(tmp_path, '[models."gpt-4o"]\ninput = 2.5\n'))
     assert "`models` must be a non-empty array of model names, not a table" in message
     job = write_job(tmp_path, 'input = "in.jsonl"\noutput = "o.parquet"\n'

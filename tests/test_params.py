@@ -1,4 +1,4 @@
-"""`--param KEY=JSON` takes JSON only (SPEC section 6; issue 12, point 4)."""
+"""`--param KEY=JSON` takes JSON only (docs/run.md; issue 12, point 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`{date}` in output paths: a nightly job writes a new file each night (SPEC section 8)."""
+"""`{date}` in output paths: a nightly job writes a new file each night (docs/cron.md)."""
 
 from __future__ import annotations
 
@@ -64,9 +64,9 @@ def test_the_shipped_nightly_jobs_write_a_file_a_day() -> None:
         assert config.summary_json.name in today_names(stem + ".summary.json")
 
 
-def test_the_readme_cron_example_shows_it() -> None:
-    readme = (REPO / "README.md").read_text()
-    cron = readme[readme.index("## Unattended runs (cron)"):]
+def test_the_cron_guide_shows_it() -> None:
+    guide = (REPO / "docs" / "cron.md").read_text()
+    cron = guide[guide.index("## A new file each night"):]
     cron = cron[:cron.index("\n## ", 3)]
     assert "{date}" in cron and "{date:%Y%m%d-%H}" in cron
 

@@ -1,4 +1,4 @@
-"""Charts of summaries (SPEC section 9): drawn, labelled, folded, and the errors."""
+"""Charts of summaries (docs/cost.md#summary): drawn, labelled, folded, and the errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Failing fast (SPEC section 6): the models checked before sending, and the systematic stop.
+"""Failing fast (docs/gateway.md#failing-fast): the models checked before sending, and the systematic stop.
 
 The CLI as a user runs it (subprocesses) against the gateway simulator on loopback; its
 counters say how many chat requests were really sent.

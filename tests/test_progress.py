@@ -1,4 +1,4 @@
-"""What a person sees of a run (SPEC section 13): the bar, the stop messages, the error line.
+"""What a person sees of a run (docs/cron.md#progress-and-logs): the bar, the stop messages, the error line.
 
 The bar is tested through the library with the display's stream injected (a terminal is
 what makes the CLI draw it); signals and messages through the CLI as a user runs it.

@@ -1,4 +1,4 @@
-"""The API key is in no file and no line, even when a gateway echoes it (SPEC 3).
+"""The API key is in no file and no line, even when a gateway echoes it (docs/gateway.md#credentials).
 
 A gateway or a proxy that quotes the Authorization header in its error message would put the
 key into the row's `error`: the output, the checkpoint, `--summary-json`, stderr. The one

@@ -1,4 +1,4 @@
-"""Renderers of summaries: the table, JSON and CSV carry the same figures (SPEC section 9)."""
+"""Renderers of summaries: the table, JSON and CSV carry the same figures (docs/cost.md#summary)."""
 
 from __future__ import annotations
 

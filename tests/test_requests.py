@@ -1,4 +1,4 @@
-"""Building requests from rows: SPEC sections 5 and 6."""
+"""Building requests from rows (docs/input.md, docs/run.md)."""
 
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ def test_built_bodies_fit_the_openai_schema() -> None:
         validate(body(row), "CreateChatCompletionRequest")
 
 
-# --- every message the OpenAI API accepts (SPEC section 5) -------------------------------------
+# --- every message the OpenAI API accepts (docs/input.md) ----------------------------------------
 
 TOOL_CALL = {"id": "call_1", "type": "function",
              "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}

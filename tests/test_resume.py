@@ -246,7 +246,7 @@ def test_a_changed_setting_is_refused_unless_restart(
     refused = finish(changed)
     assert refused.returncode == 2
     assert "temperature" in refused.stderr and "--restart" in refused.stderr
-    # a changed input with a changed setting: still refused (SPEC 8)
+    # a changed input with a changed setting: still refused (docs/resume.md#running-again)
     with open(source, "a") as handle:
         handle.write(json.dumps({"id": "extra", "prompt": "one more"}) + "\n")
     refused = finish(changed)

@@ -1,4 +1,4 @@
-"""Metrics (SPEC 15), on cases taken from each definition, and scoring result files."""
+"""Metrics (docs/evaluations.md#metrics), on cases taken from each definition, and scoring result files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Object-store inputs, outputs and checkpoints (SPEC 14) against moto's S3 server on loopback."""
+"""Object-store inputs, outputs and checkpoints (docs/buckets.md) against moto's S3 server on loopback."""
 
 from __future__ import annotations
 

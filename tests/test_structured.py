@@ -1,4 +1,4 @@
-"""Structured output (SPEC 17): schemas, validation, re-asking, the simulator's JSON, flatten."""
+"""Structured output (docs/structured.md): schemas, validation, re-asking, the simulator's JSON, flatten."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Summaries (SPEC section 9), checked against independent computations."""
+"""Summaries (docs/cost.md#summary), checked against independent computations."""
 
 from __future__ import annotations
 

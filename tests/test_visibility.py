@@ -1,4 +1,4 @@
-"""Failures are visible and the cost of what is left is known (SPEC section 9).
+"""Failures are visible and the cost of what is left is known (docs/cost.md).
 
 The final summary, `status` and `summary` list the most frequent errors; `summary` reads an
 unfinished output from its checkpoint; `estimate` counts only the rows still to send.
@@ -121,8 +121,8 @@ def test_estimate_counts_only_the_rows_still_to_send(tmp_path: Path, gateway) ->
 
 
 def test_max_cost_is_documented_as_the_spending_across_runs() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "across all the runs" in readme
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "cost.md").read_text()
+    assert "across all the runs" in guide
     helped = run_cli("run", "--help").stdout
     assert "across all its runs" in " ".join(helped.split())
 
