@@ -222,3 +222,18 @@ def test_no_module_imports_the_package_init() -> None:
     offenders = sorted(source for source, targets in graph.items()
                        if "batchrunner" in targets and source != "batchrunner.__main__")
     assert offenders == []
+
+
+def test_the_architecture_page_names_every_folder_and_module() -> None:
+    """ARCHITECTURE.md is drawn from the tree: a module or a folder it does not name is a
+    change it has not caught up with."""
+    page = (PACKAGE.parent / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py" and f"`{path.name}`" not in page
+        and f"`{path.parent.name}/{path.name}`" not in page
+    ]
+    missing += [f"{folder.name}/" for folder in sorted(PACKAGE.iterdir())
+                if (folder / "__init__.py").exists() and f"`{folder.name}/`" not in page]
+    assert missing == []
