@@ -49,12 +49,28 @@ def _config(path: Path, base_url: str, output: Path) -> Any:
                                            "base_url": base_url})
 
 
+def store_answers(path: Path, url: str, answers: Any) -> int:
+    """Store (Row, Result) pairs as a run does (`CacheSession.offer`, then `close`)."""
+    import asyncio
+
+    from batchrunner.cache.session import CacheSession
+
+    async def offer_all() -> int:
+        session = CacheSession.open(path, "write-only", url)
+        assert session is not None
+        for row, result in answers:
+            session.offer(row, result)
+        await session.close()
+        return session.stored
+
+    return asyncio.run(offer_all())
+
+
 def fill_cache(cache: Path, source: Path, base_url: str) -> int:
     """Store an answer for every row of `source`, keyed as `batchrunner run` would key it."""
-    from batchrunner.cache.responses import CachedAnswer, ResponseCache, cache_key
     from batchrunner.inputs import readers as inputs
     from batchrunner.inputs.requests import RequestBuilder
-    from batchrunner.results import Usage
+    from batchrunner.results import Result, Usage
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{cache}{suffix}").unlink(missing_ok=True)
@@ -62,20 +78,15 @@ def fill_cache(cache: Path, source: Path, base_url: str) -> int:
     builder = RequestBuilder(config, inputs.scan_input(config).columns)
     text = "A short cached answer: the tea trade grew through many ports."
     usage = Usage(21, 13, 34, 0)
-    now = time.time()
-    stored = 0
-    with ResponseCache.open(cache) as store:
-        batch = []
+
+    def answers() -> Any:
         for index, record, error in inputs.iter_records(config, columns=builder.columns):
-            body = builder.build(index, record, error).body
-            batch.append((cache_key(body, base_url), CachedAnswer(
-                (text,), "stop", "gpt-4o-mini-2024-07-18", f"chatcmpl-c{index:x}", MODEL,
-                usage, 0.0000111, now)))
-            if len(batch) >= 20_000:
-                stored += store.store(batch)
-                batch = []
-        stored += store.store(batch)
-    return stored
+            row = builder.build(index, record, error)
+            yield row, Result(index, row.id, "ok", MODEL, text, (text,), "stop",
+                              "gpt-4o-mini-2024-07-18", usage, 0.0000111,
+                              response_id=f"chatcmpl-c{index:x}")
+
+    return store_answers(cache, base_url, answers())
 
 
 def section_rerun(args: argparse.Namespace) -> None:
@@ -155,13 +166,9 @@ def _lookup_body(i: int) -> dict[str, Any]:
 
 
 def section_lookup(args: argparse.Namespace) -> None:
-    from batchrunner.cache.responses import (
-        CachedAnswer,
-        CacheSession,
-        ResponseCache,
-        cache_key,
-    )
-    from batchrunner.results import Row, Usage
+    from batchrunner.cache.responses import ResponseCache, cache_key
+    from batchrunner.cache.session import CacheSession
+    from batchrunner.results import Result, Row, Usage
 
     entries = args.lookup_entries
     url = "http://127.0.0.1:9/v1"
@@ -171,13 +178,11 @@ def section_lookup(args: argparse.Namespace) -> None:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         started = time.perf_counter()
-        answer = CachedAnswer(("A cached answer of ordinary length, a sentence or two long.",),
-                              "stop", "gpt-4o-mini-2024-07-18", "chatcmpl-x", MODEL,
-                              Usage(21, 13, 34, 0), 0.0000111, time.time())
-        with ResponseCache.open(path) as cache:
-            for start in range(0, entries, 50_000):
-                cache.store([(cache_key(_lookup_body(i), url), answer)
-                             for i in range(start, min(entries, start + 50_000))])
+        text = "A cached answer of ordinary length, a sentence or two long."
+        answer = Result(0, "row", "ok", MODEL, text, (text,), "stop", "gpt-4o-mini-2024-07-18",
+                        Usage(21, 13, 34, 0), 0.0000111, response_id="chatcmpl-x")
+        store_answers(path, url, ((Row(i, f"row-{i}", _lookup_body(i)), answer)
+                                  for i in range(entries)))
         marker.write_text("ok")
         harness.log(f"built a {entries:,}-entry cache in {time.perf_counter() - started:.1f} s "
                     f"({path.stat().st_size / 1e6:,.0f} MB)")

@@ -602,7 +602,7 @@ def test_a_second_identical_structured_run_with_the_cache_sends_nothing(
 def test_the_cache_stores_valid_answers_with_their_re_asks_and_forgets_the_rest(
     tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchrunner.cache.responses import CacheSession
+    from batchrunner.cache.session import CacheSession
 
     left: list[int] = []
     close = CacheSession.close

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from batchrunner.cache.responses import LOOKUP_ROWS
+from batchrunner.cache.session import LOOKUP_ROWS
 from batchrunner.config.settings import RunConfig
 from batchrunner.engine.state import EXIT_STOPPED
 from batchrunner.engine.sweep import sweep_rows

@@ -21,7 +21,8 @@ from typing import Any
 
 from batchrunner.answers.scoring import Metric, check_reference_column, parse_metric
 from batchrunner.answers.structured import load_schema
-from batchrunner.cache.responses import CacheSession, request_hash
+from batchrunner.cache.responses import request_hash
+from batchrunner.cache.session import CacheSession
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key
 from batchrunner.engine import preflight

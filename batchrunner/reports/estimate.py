@@ -327,12 +327,8 @@ def _cache_marked(
     config: RunConfig, bodies: Iterable[dict[str, Any] | None]
 ) -> Iterable[tuple[dict[str, Any] | None, bool]]:
     """Each body, with True where the response cache (`config.cache`) holds its answer."""
-    from batchrunner.cache.responses import (
-        LOOKUP_ROWS,
-        ResponseCache,
-        cache_key,
-        default_cache_path,
-    )
+    from batchrunner.cache.responses import ResponseCache, cache_key, default_cache_path
+    from batchrunner.cache.session import LOOKUP_ROWS
     from batchrunner.config.settings import resolve_base_url
 
     path = None
