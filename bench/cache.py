@@ -68,19 +68,20 @@ def store_answers(path: Path, url: str, answers: Any) -> int:
 
 def fill_cache(cache: Path, source: Path, base_url: str) -> int:
     """Store an answer for every row of `source`, keyed as `batchrunner run` would key it."""
-    from batchrunner.inputs import readers as inputs
+    from batchrunner.inputs.readers import iter_records
     from batchrunner.inputs.requests import RequestBuilder
+    from batchrunner.inputs.scan import scan_input
     from batchrunner.results import Result, Usage
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{cache}{suffix}").unlink(missing_ok=True)
     config = _config(source, base_url, RESULTS / "unused.parquet")
-    builder = RequestBuilder(config, inputs.scan_input(config).columns)
+    builder = RequestBuilder(config, scan_input(config).columns)
     text = "A short cached answer: the tea trade grew through many ports."
     usage = Usage(21, 13, 34, 0)
 
     def answers() -> Any:
-        for index, record, error in inputs.iter_records(config, columns=builder.columns):
+        for index, record, error in iter_records(config, columns=builder.columns):
             row = builder.build(index, record, error)
             yield row, Result(index, row.id, "ok", MODEL, text, (text,), "stop",
                               "gpt-4o-mini-2024-07-18", usage, 0.0000111,
@@ -235,15 +236,15 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
 
     import batchrunner
     from batchrunner.engine import runner as engine
-    from batchrunner.inputs import readers as inputs
     from batchrunner.inputs.requests import RequestBuilder
+    from batchrunner.inputs.scan import fingerprint_input, scan_input
     from batchrunner.results import Result, Usage
     from batchrunner.store import checkpoint as checkpoint_module
     from batchrunner.store.checkpoint import Checkpoint, results_to_batch
 
     output = RESULTS / "incremental-template" / "out.parquet"
     config = _config(path, base_url, output)
-    fingerprint = {"input": inputs.fingerprint_input(config.input),
+    fingerprint = {"input": fingerprint_input(config.input),
                    "settings": config.request_settings()}
     key = hashlib.sha256(json.dumps([fingerprint, Path(checkpoint_module.__file__).read_text()],
                                     sort_keys=True, default=str).encode()).hexdigest()
@@ -254,7 +255,7 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
     shutil.rmtree(output.parent, ignore_errors=True)
     output.parent.mkdir(parents=True)
     started = time.perf_counter()
-    info = inputs.scan_input(config)
+    info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     current = engine.ChangedInput(config, builder)
     ids, input_hashes = current.rows()  # what a run records of each row, as a run computes it

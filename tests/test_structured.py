@@ -21,8 +21,8 @@ from batchrunner.cli.commands import main
 from batchrunner.config.jobs import build_config, load_job
 from batchrunner.config.pricing import PriceTable
 from batchrunner.errors import CheckpointMismatch, UsageError
-from batchrunner.inputs.readers import scan_input
 from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.inputs.scan import scan_input
 from batchrunner.reports import summarize, to_json
 from batchrunner.simulator import ApiError, complete
 

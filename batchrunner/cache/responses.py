@@ -1,4 +1,4 @@
-"""The response cache file: answers already paid for, shared across outputs and runs (docs/cache.md).
+"""The response cache file: answers already paid for, shared across outputs and runs.
 
 One SQLite file (the standard library's sqlite3) in WAL mode with a busy timeout, so that
 several processes (two cron jobs) read and write it at once; each process has one connection,
@@ -8,7 +8,8 @@ of a batch or none of it (SQLite's journal), never a torn entry.
 
 The key is the SHA-256 of the gateway's base URL and the canonical request body (every field,
 keys sorted at every level, `stream` and `stream_options` left out): never the API key. Only ok
-answers whose finish reason is `stop` or `tool_calls` are stored.
+answers whose finish reason is `stop` or `tool_calls` are stored (docs/cache.md). A run uses the
+cache through `CacheSession` (session.py).
 
     cache = ResponseCache.open(default_cache_path())
     hits = cache.lookup([cache_key(body, base_url)])
