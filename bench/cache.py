@@ -49,33 +49,45 @@ def _config(path: Path, base_url: str, output: Path) -> Any:
                                            "base_url": base_url})
 
 
+def store_answers(path: Path, url: str, answers: Any) -> int:
+    """Store (Row, Result) pairs as a run does (`CacheSession.offer`, then `close`)."""
+    import asyncio
+
+    from batchrunner.cache.session import CacheSession
+
+    async def offer_all() -> int:
+        session = CacheSession.open(path, "write-only", url)
+        assert session is not None
+        for row, result in answers:
+            session.offer(row, result)
+        await session.close()
+        return session.stored
+
+    return asyncio.run(offer_all())
+
+
 def fill_cache(cache: Path, source: Path, base_url: str) -> int:
     """Store an answer for every row of `source`, keyed as `batchrunner run` would key it."""
-    from batchrunner.cache.responses import CachedAnswer, ResponseCache, cache_key
-    from batchrunner.inputs import readers as inputs
+    from batchrunner.inputs.readers import iter_records
     from batchrunner.inputs.requests import RequestBuilder
-    from batchrunner.results import Usage
+    from batchrunner.inputs.scan import scan_input
+    from batchrunner.results import Result, Usage
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{cache}{suffix}").unlink(missing_ok=True)
     config = _config(source, base_url, RESULTS / "unused.parquet")
-    builder = RequestBuilder(config, inputs.scan_input(config).columns)
+    builder = RequestBuilder(config, scan_input(config).columns)
     text = "A short cached answer: the tea trade grew through many ports."
     usage = Usage(21, 13, 34, 0)
-    now = time.time()
-    stored = 0
-    with ResponseCache.open(cache) as store:
-        batch = []
-        for index, record, error in inputs.iter_records(config, columns=builder.columns):
-            body = builder.build(index, record, error).body
-            batch.append((cache_key(body, base_url), CachedAnswer(
-                (text,), "stop", "gpt-4o-mini-2024-07-18", f"chatcmpl-c{index:x}", MODEL,
-                usage, 0.0000111, now)))
-            if len(batch) >= 20_000:
-                stored += store.store(batch)
-                batch = []
-        stored += store.store(batch)
-    return stored
+
+    def answers() -> Any:
+        for index, record, error in iter_records(config, columns=builder.columns):
+            row = builder.build(index, record, error)
+            yield row, Result(index, row.id, "ok", MODEL, text, (text,), "stop",
+                              "gpt-4o-mini-2024-07-18", usage, 0.0000111,
+                              response_id=f"chatcmpl-c{index:x}")
+
+    return store_answers(cache, base_url, answers())
 
 
 def section_rerun(args: argparse.Namespace) -> None:
@@ -155,13 +167,9 @@ def _lookup_body(i: int) -> dict[str, Any]:
 
 
 def section_lookup(args: argparse.Namespace) -> None:
-    from batchrunner.cache.responses import (
-        CachedAnswer,
-        CacheSession,
-        ResponseCache,
-        cache_key,
-    )
-    from batchrunner.results import Row, Usage
+    from batchrunner.cache.responses import ResponseCache, cache_key
+    from batchrunner.cache.session import CacheSession
+    from batchrunner.results import Result, Row, Usage
 
     entries = args.lookup_entries
     url = "http://127.0.0.1:9/v1"
@@ -171,13 +179,11 @@ def section_lookup(args: argparse.Namespace) -> None:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         started = time.perf_counter()
-        answer = CachedAnswer(("A cached answer of ordinary length, a sentence or two long.",),
-                              "stop", "gpt-4o-mini-2024-07-18", "chatcmpl-x", MODEL,
-                              Usage(21, 13, 34, 0), 0.0000111, time.time())
-        with ResponseCache.open(path) as cache:
-            for start in range(0, entries, 50_000):
-                cache.store([(cache_key(_lookup_body(i), url), answer)
-                             for i in range(start, min(entries, start + 50_000))])
+        text = "A cached answer of ordinary length, a sentence or two long."
+        answer = Result(0, "row", "ok", MODEL, text, (text,), "stop", "gpt-4o-mini-2024-07-18",
+                        Usage(21, 13, 34, 0), 0.0000111, response_id="chatcmpl-x")
+        store_answers(path, url, ((Row(i, f"row-{i}", _lookup_body(i)), answer)
+                                  for i in range(entries)))
         marker.write_text("ok")
         harness.log(f"built a {entries:,}-entry cache in {time.perf_counter() - started:.1f} s "
                     f"({path.stat().st_size / 1e6:,.0f} MB)")
@@ -230,15 +236,15 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
 
     import batchrunner
     from batchrunner.engine import runner as engine
-    from batchrunner.inputs import readers as inputs
     from batchrunner.inputs.requests import RequestBuilder
+    from batchrunner.inputs.scan import fingerprint_input, scan_input
     from batchrunner.results import Result, Usage
     from batchrunner.store import checkpoint as checkpoint_module
     from batchrunner.store.checkpoint import Checkpoint, results_to_batch
 
     output = RESULTS / "incremental-template" / "out.parquet"
     config = _config(path, base_url, output)
-    fingerprint = {"input": inputs.fingerprint_input(config.input),
+    fingerprint = {"input": fingerprint_input(config.input),
                    "settings": config.request_settings()}
     key = hashlib.sha256(json.dumps([fingerprint, Path(checkpoint_module.__file__).read_text()],
                                     sort_keys=True, default=str).encode()).hexdigest()
@@ -249,7 +255,7 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
     shutil.rmtree(output.parent, ignore_errors=True)
     output.parent.mkdir(parents=True)
     started = time.perf_counter()
-    info = inputs.scan_input(config)
+    info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
     current = engine.ChangedInput(config, builder)
     ids, input_hashes = current.rows()  # what a run records of each row, as a run computes it

@@ -717,7 +717,7 @@ def resume_template(path: Path, rows: int, done: int, base_url: str, concurrency
     the input or batchrunner's checkpoint module changes.
     """
     import batchrunner
-    from batchrunner.inputs import readers as inputs
+    from batchrunner.inputs.scan import fingerprint_input, scan_input
     from batchrunner.results import Result, Usage
     from batchrunner.store import checkpoint as checkpoint_module
     from batchrunner.store.checkpoint import Checkpoint, results_to_batch
@@ -729,7 +729,7 @@ def resume_template(path: Path, rows: int, done: int, base_url: str, concurrency
         "input": path, "output": output, "model": MODEL, "base_url": base_url,
         "concurrency": concurrency,
     })
-    fingerprint = {"input": inputs.fingerprint_input(config.input),
+    fingerprint = {"input": fingerprint_input(config.input),
                    "settings": config.request_settings()}
     key = hashlib.sha256(json.dumps(
         [fingerprint, done, Path(checkpoint_module.__file__).read_text()], sort_keys=True,
@@ -742,7 +742,7 @@ def resume_template(path: Path, rows: int, done: int, base_url: str, concurrency
     shutil.rmtree(output.parent, ignore_errors=True)
     output.parent.mkdir(parents=True)
     started = time.perf_counter()
-    info = inputs.scan_input(config)
+    info = scan_input(config)
     assert info.rows == rows, (info.rows, rows)
     prices = batchrunner.PriceTable.load(None)
     usage = Usage(prompt_tokens=21, completion_tokens=13, total_tokens=34, cached_tokens=0)

@@ -23,7 +23,8 @@ from aioresponses import aioresponses
 
 from batchrunner import RunConfig, run
 from batchrunner.simulator import complete
-from batchrunner.transport.client import Answer, Client
+from batchrunner.transport.client import Client
+from batchrunner.transport.completions import Answer
 
 KEY = "sk-ru-answers-whole-0123456789abcdef"
 BASE = "http://gateway.test/v1"

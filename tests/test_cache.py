@@ -6,6 +6,7 @@ say what was really sent. Sharing and crash tests use real CLI processes and rea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -25,16 +26,16 @@ from click.testing import CliRunner
 
 from batchrunner import RunConfig, run
 from batchrunner.cache.responses import (
-    CachedAnswer,
     ResponseCache,
     cache_key,
     cache_stats,
     default_cache_path,
     parse_age,
 )
+from batchrunner.cache.session import CacheSession
 from batchrunner.cli.commands import main
 from batchrunner.errors import UsageError
-from batchrunner.results import Usage
+from batchrunner.results import Result, Row, Usage
 
 KEY = "sk-ru-cache-tests-9d2e4f6a8b0c1e3a5c7e"
 MODEL = "gpt-4o-mini"
@@ -64,10 +65,35 @@ def go(source: Path, output: Path, base_url: str, cache: Path | None, **settings
     return report, rows
 
 
-def answer(finish_reason: str = "stop", text: str = "hello") -> CachedAnswer:
-    return CachedAnswer(choices=(text,), finish_reason=finish_reason, response_model="m-1",
-                        response_id="chatcmpl-1", model="m", usage=Usage(3, 4, 7, 0),
-                        cost_usd=0.25, created=time.time())
+URL = "http://127.0.0.1:1/v1"
+
+
+def answer(finish_reason: str = "stop", text: str = "hello") -> Result:
+    return Result(index=0, id="r", status="ok", model="m", content=text, choices=(text,),
+                  finish_reason=finish_reason, response_model="m-1", response_id="chatcmpl-1",
+                  usage=Usage(3, 4, 7, 0), cost_usd=0.25)
+
+
+def body(name: str) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": name}]}
+
+
+def store(path: Path, answers: dict[str, Result]) -> int:
+    """Store answers as a run does (`CacheSession.offer`, then `close`); returns how many."""
+
+    async def offer_all() -> int:
+        session = CacheSession.open(path, "write-only", URL)
+        assert session is not None
+        for index, (name, result) in enumerate(answers.items()):
+            session.offer(Row(index, name, body(name)), result)
+        await session.close()
+        return session.stored
+
+    return asyncio.run(offer_all())
+
+
+def key(name: str) -> bytes:
+    return cache_key(body(name), URL)
 
 
 # -- keys and storage ---------------------------------------------------------------------------
@@ -98,14 +124,14 @@ def test_file_and_its_wal_are_private_and_only_stop_answers_are_stored(tmp_path:
     old = os.umask(0o022)
     try:
         path = tmp_path / "new" / "responses.sqlite"
+        stored = store(path, {"a": answer("stop"), "b": answer("length"),
+                              "c": answer("tool_calls"), "d": answer("content_filter")})
+        assert stored == 2
         with ResponseCache.open(path) as cache:
-            stored = cache.store([(b"a" * 32, answer("stop")), (b"b" * 32, answer("length")),
-                                  (b"c" * 32, answer("tool_calls")), (b"d" * 32, answer("content_filter"))])
-            assert stored == 2
-            found = cache.lookup([b"a" * 32, b"b" * 32, b"c" * 32, b"d" * 32, b"e" * 32])
-            assert set(found) == {b"a" * 32, b"c" * 32}
-            assert found[b"a" * 32].usage == Usage(3, 4, 7, 0)
-            assert found[b"a" * 32].cost_usd == 0.25 and found[b"a" * 32].content == "hello"
+            found = cache.lookup([key("a"), key("b"), key("c"), key("d"), key("e")])
+            assert set(found) == {key("a"), key("c")}
+            assert found[key("a")].usage == Usage(3, 4, 7, 0)
+            assert found[key("a")].cost_usd == 0.25 and found[key("a")].content == "hello"
             for suffix in ("", "-wal", "-shm"):
                 mode = stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
                 assert mode == 0o600, (suffix, oct(mode))
@@ -118,11 +144,13 @@ def test_file_and_its_wal_are_private_and_only_stop_answers_are_stored(tmp_path:
 
 def test_prune_clear_and_ages(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
+    assert store(path, {"o": answer(text="x"), "n": answer()}) == 2
     with ResponseCache.open(path) as cache:
-        old = CachedAnswer(("x",), "stop", None, None, "m", Usage(), None, time.time() - 40 * 86400)
-        cache.store([(b"o" * 32, old), (b"n" * 32, answer())])
+        with cache._db:  # "o" was stored 40 days ago
+            cache._db.execute("UPDATE responses SET created = ? WHERE key = ?",
+                              (time.time() - 40 * 86400, key("o")))
         assert cache.prune(parse_age("30d")) == 1
-        assert set(cache.lookup([b"o" * 32, b"n" * 32])) == {b"n" * 32}
+        assert set(cache.lookup([key("o"), key("n")])) == {key("n")}
         assert cache.clear() == 1
         assert cache.stats().entries == 0
     assert parse_age("12h") == 43200 and parse_age("90m") == 5400 and parse_age("2w") == 1209600
@@ -293,7 +321,7 @@ def test_a_failing_cache_write_is_one_warning_not_a_stop(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(ResponseCache, "store_rows", broken)
-    monkeypatch.setattr("batchrunner.cache.responses.WRITE_ROWS", 4)  # several write attempts
+    monkeypatch.setattr("batchrunner.cache.session.WRITE_ROWS", 4)  # several write attempts
     source = write_input(tmp_path / "in.jsonl", 30)
     with caplog.at_level(logging.WARNING, logger="batchrunner"):
         report, rows = go(source, tmp_path / "a.parquet", gateway.base_url,

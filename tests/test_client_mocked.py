@@ -30,13 +30,9 @@ from batchrunner.errors import (
     RateLimited,
     ServerError,
 )
-from batchrunner.transport.client import (
-    MAX_RETRY_AFTER,
-    Answer,
-    Client,
-    EventStream,
-    parse_retry_after,
-)
+from batchrunner.transport.client import MAX_RETRY_AFTER, Client, parse_retry_after
+from batchrunner.transport.completions import Answer
+from batchrunner.transport.sse import EventStream
 
 KEY = "sk-ru-mocked-client-0123456789abcdef"
 BASE = "http://gateway.test/v1"

@@ -10,8 +10,8 @@ from batchrunner.cache.responses import parse_age
 from batchrunner.config import settings as config
 from batchrunner.config.durations import format_duration, parse_duration
 from batchrunner.simulator import faults
+from batchrunner.transport.headers import parse_reset
 from batchrunner.transport.limits import parse_deadline
-from batchrunner.transport.pacing import parse_reset
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ from batchrunner.config.pricing import PriceTable
 from batchrunner.engine import execution
 from batchrunner.engine import runner as engine
 from batchrunner.transport.limits import Deadline
-from batchrunner.transport.pacing import WINDOW, Pacer, Slot
+from batchrunner.transport.pacing import Pacer, Slot
+from batchrunner.transport.rates import WINDOW
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,15 +17,11 @@ import pytest
 
 from batchrunner.config.settings import RunConfig
 from batchrunner.errors import InputError
-from batchrunner.inputs import readers as inputs
-from batchrunner.inputs.readers import (
-    detect_format,
-    fingerprint_input,
-    iter_records,
-    iter_tables,
-    scan_input,
-    template_fields,
-)
+from batchrunner.inputs import formats, scan
+from batchrunner.inputs.columns import template_fields
+from batchrunner.inputs.formats import detect_format
+from batchrunner.inputs.readers import iter_records, iter_tables
+from batchrunner.inputs.scan import fingerprint_input, scan_input
 
 ROWS = [
     {"id": "a", "prompt": "What is 1+1?", "answer": "2"},
@@ -152,7 +148,7 @@ def test_a_file_that_cannot_be_opened_is_an_input_error(
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(inputs, "open", refuse, raising=False)
+    monkeypatch.setattr(formats, "open", refuse, raising=False)
     with pytest.raises(InputError) as caught:
         scan_input(config(path))
     assert str(caught.value) == f"{path}: cannot read (Permission denied)"
@@ -314,7 +310,7 @@ def test_a_hash_collision_is_confirmed_on_the_real_ids(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every id hashes alike: only an exact comparison can tell a true duplicate.
-    monkeypatch.setattr(inputs, "_hash_texts", lambda texts: np.zeros(len(texts), np.uint64))
+    monkeypatch.setattr(scan, "_hash_texts", lambda texts: np.zeros(len(texts), np.uint64))
     for name in ("p.jsonl", "p.parquet", "p.csv"):
         path = write_input(tmp_path / name, [{"id": f"r{i}", "prompt": "p"} for i in range(50)])
         assert scan_input(config(path)).rows == 50
@@ -504,7 +500,7 @@ def test_iter_records_reads_jsonl_lines_only_as_rows_are_taken(
 ) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(1000)])
     read = []
-    real = inputs._open_binary
+    real = formats._open_binary
 
     def counting(p: Path) -> Any:
         class Lines:
@@ -524,7 +520,7 @@ def test_iter_records_reads_jsonl_lines_only_as_rows_are_taken(
 
         return Lines()
 
-    monkeypatch.setattr(inputs, "_open_binary", counting)
+    monkeypatch.setattr(formats, "_open_binary", counting)
     records = iter_records(config(path))
     for _ in range(3):
         next(records)

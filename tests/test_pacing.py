@@ -10,15 +10,9 @@ from typing import Any
 import pytest
 from fakeclock import FakeClock
 
-from batchrunner.transport.pacing import (
-    WINDOW,
-    AdaptiveConcurrency,
-    HeaderPacer,
-    Pacer,
-    RateLimiter,
-    SharedPause,
-    parse_reset,
-)
+from batchrunner.transport.headers import HeaderPacer, parse_reset
+from batchrunner.transport.pacing import AdaptiveConcurrency, Pacer, SharedPause
+from batchrunner.transport.rates import WINDOW, RateLimiter
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
@@ -491,7 +485,7 @@ def test_low_remaining_tokens_pace_by_request_size() -> None:
 
 def test_after_a_hold_starts_are_probes_until_fresh_headers_arrive() -> None:
     """A sliding window frees up gradually: the reset must not release every worker at once."""
-    from batchrunner.transport.pacing import HeaderPacer
+    from batchrunner.transport.headers import HeaderPacer
 
     clock = FakeClock()
     pacer = HeaderPacer(clock)

@@ -13,8 +13,9 @@ from openapi_schema import validate
 
 from batchrunner.config.settings import RunConfig
 from batchrunner.errors import InputError
-from batchrunner.inputs.readers import iter_records, scan_input
+from batchrunner.inputs.readers import iter_records
 from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.inputs.scan import scan_input
 from batchrunner.results import Row
 
 HI = [{"role": "user", "content": "Hi"}]

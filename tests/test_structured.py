@@ -21,8 +21,8 @@ from batchrunner.cli.commands import main
 from batchrunner.config.jobs import build_config, load_job
 from batchrunner.config.pricing import PriceTable
 from batchrunner.errors import CheckpointMismatch, UsageError
-from batchrunner.inputs.readers import scan_input
 from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.inputs.scan import scan_input
 from batchrunner.reports import summarize, to_json
 from batchrunner.simulator import ApiError, complete
 
@@ -602,7 +602,7 @@ def test_a_second_identical_structured_run_with_the_cache_sends_nothing(
 def test_the_cache_stores_valid_answers_with_their_re_asks_and_forgets_the_rest(
     tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchrunner.cache.responses import CacheSession
+    from batchrunner.cache.session import CacheSession
 
     left: list[int] = []
     close = CacheSession.close

@@ -1,4 +1,4 @@
-"""The response cache (SPEC 16): answers already paid for, shared across outputs and runs.
+"""The response cache file: answers already paid for, shared across outputs and runs.
 
 One SQLite file (the standard library's sqlite3) in WAL mode with a busy timeout, so that
 several processes (two cron jobs) read and write it at once; each process has one connection,
@@ -8,7 +8,8 @@ of a batch or none of it (SQLite's journal), never a torn entry.
 
 The key is the SHA-256 of the gateway's base URL and the canonical request body (every field,
 keys sorted at every level, `stream` and `stream_options` left out): never the API key. Only ok
-answers whose finish reason is `stop` or `tool_calls` are stored.
+answers whose finish reason is `stop` or `tool_calls` are stored (docs/cache.md). A run uses the
+cache through `CacheSession` (session.py).
 
     cache = ResponseCache.open(default_cache_path())
     hits = cache.lookup([cache_key(body, base_url)])
@@ -24,7 +25,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import orjson
 
 from batchrunner.config.durations import parse_duration
 from batchrunner.errors import UsageError
-from batchrunner.results import Result, Usage
+from batchrunner.results import Usage
 
 __all__ = [
     "CACHE_MODES",
@@ -41,7 +42,6 @@ __all__ = [
     "CachedAnswer",
     "ResponseCache",
     "STORABLE_FINISH_REASONS",
-    "CacheSession",
     "cache_key",
     "cache_stats",
     "clear_cache",
@@ -101,7 +101,7 @@ def _canonical(body: Mapping[str, Any]) -> bytes:
 
 
 def request_hash(body: Mapping[str, Any]) -> int:
-    """A 64-bit hash of a request body (never 0), that the checkpoint keeps per row (SPEC 8)."""
+    """A 64-bit hash of a request body (never 0), that the checkpoint keeps per row."""
     digest = hashlib.blake2b(_canonical(body), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True) or 1
 
@@ -287,32 +287,9 @@ class ResponseCache:
                     )
         return found
 
-    def store(self, entries: Iterable[tuple[bytes, CachedAnswer]]) -> int:
-        """Store (or replace) answers in one transaction; returns how many."""
-        rows = [
-            (
-                key,
-                a.model,
-                orjson.dumps(_answer_json(
-                    list(a.choices), a.finish_reason, a.response_model, a.response_id,
-                    a.refusal, a.tool_calls, a.logprobs,
-                    None if a.choices_tool_calls is None else list(a.choices_tool_calls),
-                    a.usage.reasoning_tokens, a.parsed, a.reasks, a.reask_cost_usd,
-                )),
-                a.usage.prompt_tokens,
-                a.usage.completion_tokens,
-                a.usage.total_tokens,
-                a.usage.cached_tokens,
-                a.cost_usd,
-                a.created,
-            )
-            for key, a in entries
-            if a.finish_reason in STORABLE_FINISH_REASONS
-        ]
-        return self.store_rows(rows)
-
     def store_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
-        """Store rows already in the table's layout (what `store` builds), in one transaction."""
+        """Store rows already in the table's layout (key, model, answer JSON, the usage figures,
+        cost, created), in one transaction (`CacheSession` builds them)."""
         if not rows:
             return 0
         with self._lock, _transaction(self._db):
@@ -409,210 +386,6 @@ def _transaction(db: sqlite3.Connection):  # type: ignore[no-untyped-def]
             db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-# -- the cache as one run uses it -------------------------------------------------------------
-
-LOOKUP_ROWS = 512  # rows whose keys go to the cache thread at once
-WRITE_ROWS = 256  # answers stored per transaction
-
-
-class CacheSession:
-    """The response cache as one run uses it: lookups and writes on a thread of their own.
-
-    Built by the engine (`CacheSession.open(config, base_url)`); every method but the
-    blocking ones runs on the event loop. A failed write is one warning, and the run goes on
-    without storing (the checkpoint is what must not fail); a failed lookup is a miss.
-    """
-
-    def __init__(self, cache: ResponseCache, mode: str, key_url: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.cache = cache
-        self.mode = mode
-        self.key_url = key_url
-        self.reads = mode in ("read-write", "read-only")
-        self.writes = mode in ("read-write", "write-only", "refresh")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-cache")
-        self._keys: dict[int, bytes] = {}  # row index -> key, for rows looked up and missed
-        self._pending: list[tuple[Any, ...]] = []  # rows for store_rows, answers not yet JSON
-        self._futures: list[Any] = []
-        self._hits: dict[str | None, list[float]] = {}
-        self._broken_reads = False
-        self._broken_writes = False
-        self.schema: Any = None  # a --json-schema run's Schema: a hit must pass it
-        self.hits = 0
-        self.stored = 0
-
-    @classmethod
-    def open(cls, cache: bool | Path | str | None, mode: str, key_url: str) -> CacheSession | None:
-        """The session for a run's `cache` setting (None when the cache is off)."""
-        if cache is None or cache is False:
-            return None
-        path = default_cache_path() if cache is True else Path(cache)
-        return cls(ResponseCache.open(path), mode, key_url)
-
-    # -- reading -------------------------------------------------------------------------
-
-    async def lookup(
-        self, rows: Sequence[Any]
-    ) -> tuple[list[CachedAnswer | None], list[int]]:
-        """Each row's stored answer (or None) and request hash; off the event loop."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        keys, hashes, answers = await loop.run_in_executor(self._executor, self._lookup, rows)
-        if self.schema is not None:
-            answers = [self._checked(row, a) for row, a in zip(rows, answers)]
-        if self.writes:
-            for row, key, answer in zip(rows, keys, answers):
-                if answer is None:
-                    self._keys[row.index] = key
-        return answers, hashes
-
-    def _checked(self, row: Any, answer: CachedAnswer | None) -> CachedAnswer | None:
-        """A hit for a --json-schema run: valid against its schema (else a miss), `parsed` set.
-
-        An answer stored by a structured run carries its check; one stored by another run of
-        the same request is checked here.
-        """
-        if answer is None or answer.parsed is not None:
-            return answer
-        from batchrunner.answers.structured import names_function
-
-        check = self.schema.check_answer(answer, names_function(row.body))
-        if not check.valid:
-            return None
-        answer.parsed, answer.reasks, answer.reask_cost_usd = check.parsed, 0, 0.0
-        return answer
-
-    def _lookup(
-        self, rows: Sequence[Any]
-    ) -> tuple[list[bytes], list[int], list[CachedAnswer | None]]:
-        # One canonical form of each body gives both its cache key and its checkpoint hash.
-        prefix = hashlib.sha256(self.key_url.rstrip("/").encode() + b"\n")
-        keys: list[bytes] = []
-        hashes: list[int] = []
-        for row in rows:
-            canonical = _canonical(row.body)
-            digest = prefix.copy()
-            digest.update(canonical)
-            keys.append(digest.digest())
-            small = hashlib.blake2b(canonical, digest_size=8).digest()
-            hashes.append(int.from_bytes(small, "little", signed=True) or 1)
-        if self._broken_reads:
-            return keys, hashes, [None] * len(keys)
-        try:
-            found = self.cache.lookup(keys)
-        except sqlite3.Error as exc:
-            self._broken_reads = True
-            log.warning("response cache %s: cannot read it (%s); rows are sent instead",
-                        self.cache.path, exc)
-            return keys, hashes, [None] * len(keys)
-        return keys, hashes, [found.get(key) for key in keys]
-
-    def hit_result(self, row: Any, answer: CachedAnswer) -> Result:
-        """The Result of a row served from the cache: attempts 0, the first-paid figures."""
-        self.hits += 1
-        model = row.body.get("model")
-        counts = self._hits.get(model)
-        if counts is None:
-            counts = self._hits[model] = [0, 0.0]
-        counts[0] += 1
-        counts[1] += answer.cost_usd or 0.0
-        choices = answer.choices
-        return Result(
-            index=row.index,
-            id=row.id,
-            status="ok",
-            model=model,
-            content=choices[0] if choices else None,
-            choices=answer.choices,
-            finish_reason=answer.finish_reason,
-            response_model=answer.response_model,
-            usage=answer.usage,
-            cost_usd=answer.cost_usd,
-            attempts=0,
-            response_id=answer.response_id,
-            refusal=answer.refusal,
-            cache_hit=True,
-            tool_calls=answer.tool_calls,
-            logprobs=answer.logprobs,
-            choices_tool_calls=answer.choices_tool_calls,
-            parsed=answer.parsed,
-            reasks=answer.reasks,
-            reask_cost_usd=answer.reask_cost_usd,
-        )
-
-    # -- writing -------------------------------------------------------------------------
-
-    def offer(self, row: Any, result: Any) -> None:
-        """Store a sent row's answer, if it may be stored (ok, finish reason stop/tool_calls);
-        called for every row taken to be sent (`result` None when it got none), so that the
-        key kept for it since its lookup goes either way."""
-        key = self._keys.pop(row.index, None)
-        if not self.writes or self._broken_writes or result is None:
-            return
-        if not result.ok or result.finish_reason not in STORABLE_FINISH_REASONS:
-            return
-        if key is None:
-            key = cache_key(row.body, self.key_url)
-        usage = result.usage
-        self._pending.append((
-            key,
-            result.model,
-            (list(result.choices or ()), result.finish_reason, result.response_model,
-             result.response_id, result.refusal, result.tool_calls, result.logprobs,
-             None if result.choices_tool_calls is None else list(result.choices_tool_calls),
-             usage.reasoning_tokens, result.parsed, result.reasks, result.reask_cost_usd),
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.total_tokens,
-            usage.cached_tokens,
-            result.cost_usd,
-            time.time(),
-        ))
-        if len(self._pending) >= WRITE_ROWS:
-            self._submit_writes()
-
-    def _submit_writes(self) -> None:
-        entries, self._pending = self._pending, []
-        self._futures = [f for f in self._futures if not f.done()]
-        self._futures.append(self._executor.submit(self._store, entries))
-
-    def _store(self, entries: list[tuple[Any, ...]]) -> None:
-        if self._broken_writes:
-            return
-        try:
-            dumps = orjson.dumps
-            rows = [
-                (key, model, dumps(_answer_json(*a)), *rest) for key, model, a, *rest in entries
-            ]
-            self.stored += self.cache.store_rows(rows)
-        except (sqlite3.Error, OSError) as exc:
-            self._broken_writes = True
-            log.warning(
-                "response cache %s: cannot store answers (%s); the run goes on without "
-                "storing (%d answers not stored)", self.cache.path, exc, len(entries),
-            )
-
-    def _finish(self) -> None:
-        if self._hits:
-            try:
-                self.cache.record_hits({m: (int(n), s) for m, (n, s) in self._hits.items()})
-            except (sqlite3.Error, OSError):
-                pass  # statistics only; a broken cache was already warned about
-        self.cache.close()
-
-    async def close(self) -> None:
-        """Store what is pending, record the hit statistics, close; off the event loop."""
-        import asyncio
-
-        if self._pending:
-            self._submit_writes()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._finish)
-        self._executor.shutdown(wait=True)
 
 
 # -- what `batchrunner cache` does ------------------------------------------------------------

@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from batchrunner.cache.responses import LOOKUP_ROWS
+from batchrunner.cache.session import LOOKUP_ROWS
 from batchrunner.config.settings import RunConfig
 from batchrunner.engine.state import EXIT_STOPPED
 from batchrunner.engine.sweep import sweep_rows
 from batchrunner.errors import StorageError, UsageError
-from batchrunner.inputs import readers as inputs
+from batchrunner.inputs.formats import detect_format
+from batchrunner.inputs.readers import iter_hashed_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Result, Row
 from batchrunner.store.checkpoint import Checkpoint, DoneSet
@@ -301,9 +302,9 @@ class Dispatch:
 def _rows_to_send(config: RunConfig, builder: RequestBuilder, done: DoneSet) -> Iterator[Row]:
     """Rows with no checkpointed result, built into requests, lazily and in input order."""
     skip = done.mask if len(done) else None
-    records = inputs.iter_hashed_records(config, columns=builder.columns, skip=skip)
+    records = iter_hashed_records(config, columns=builder.columns, skip=skip)
     # Finished Parquet and CSV rows are skipped in bulk; JSONL rows are checked here.
-    one_by_one = skip is not None and inputs.detect_format(config.input) == "jsonl"
+    one_by_one = skip is not None and detect_format(config.input) == "jsonl"
     for index, record, error, input_hash in records:
         row = builder.build(index, record, error, input_hash)
         if one_by_one and done.contains(index, row.id):

@@ -21,7 +21,8 @@ from typing import Any
 
 from batchrunner.answers.scoring import Metric, check_reference_column, parse_metric
 from batchrunner.answers.structured import load_schema
-from batchrunner.cache.responses import CacheSession, request_hash
+from batchrunner.cache.responses import request_hash
+from batchrunner.cache.session import CacheSession
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key
 from batchrunner.engine import preflight
@@ -55,9 +56,12 @@ from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exp
 )
 from batchrunner.engine.sweep import Sweep
 from batchrunner.errors import AuthRefused, RequestError, UsageError
-from batchrunner.inputs import readers as inputs
 from batchrunner.inputs import rowhash
+from batchrunner.inputs.columns import resolve_columns
+from batchrunner.inputs.formats import detect_format
+from batchrunner.inputs.readers import iter_column_batches, iter_records
 from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.inputs.scan import InputInfo, fingerprint_input, scan_input
 from batchrunner.results import Result
 from batchrunner.store.checkpoint import (
     Checkpoint,
@@ -147,16 +151,16 @@ class _Run(Dispatch, RowProcessing, Recording):
         if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
             config = self.config = config.replace(model=config.models[0])
         self._input_state = input_state(config.input)  # compared at the end
-        info = inputs.scan_input(config)
+        info = scan_input(config)
         if info.rows == 0:  # not an error (a nightly export can be empty), but said
             log.warning("%s: the input has no rows: nothing to send; the output is written "
                         "empty (exit 0)", config.input)
         builder = RequestBuilder(config, info.columns)
-        self.id_column = inputs.resolve_columns(config, info.columns).id_column
+        self.id_column = resolve_columns(config, info.columns).id_column
         self.metric = _check_scoring(config, info.columns)
         self.sweep = Sweep.plan(config, info.columns, info.rows) if len(config.models) > 1 else None
         fingerprint = {
-            "input": inputs.fingerprint_input(config.input),
+            "input": fingerprint_input(config.input),
             "settings": config.request_settings(),
         }
         self.tally.rows = self.sweep.total if self.sweep is not None else info.rows
@@ -175,7 +179,7 @@ class _Run(Dispatch, RowProcessing, Recording):
     async def _execute(
         self,
         config: RunConfig,
-        info: inputs.InputInfo,
+        info: InputInfo,
         builder: RequestBuilder,
         fingerprint: dict[str, Any],
         deadline: Deadline | None,
@@ -273,9 +277,9 @@ class ChangedInput:
         import numpy as np
         import pyarrow as pa
 
-        if inputs.detect_format(self.config.input) == "jsonl":
+        if detect_format(self.config.input) == "jsonl":
             ids, bodies = [], []
-            for index, record, error in inputs.iter_records(
+            for index, record, error in iter_records(
                 self.config, columns=self.builder.columns
             ):
                 row = self.builder.build(index, record, error)
@@ -286,7 +290,7 @@ class ChangedInput:
         # Only the columns the requests read, and the ids (the scan refused missing ones).
         id_chunks: list[pa.Array] = [pa.array([], pa.string())]
         hash_chunks: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-        for batch, ids in inputs.iter_column_batches(self.config, self.builder.columns):
+        for batch, ids in iter_column_batches(self.config, self.builder.columns):
             columns = [c for c in self.builder.columns if c in batch.schema.names]
             id_chunks.append(ids)
             hash_chunks.append(rowhash.input_hashes(batch, columns))
@@ -306,7 +310,7 @@ class ChangedInput:
         def skip(ids: Any, first: int) -> Any:
             return ~wanted[first:first + len(ids)]
 
-        for index, record, error in inputs.iter_records(
+        for index, record, error in iter_records(
             self.config, columns=self.builder.columns, skip=skip
         ):
             if index < len(wanted) and wanted[index]:
@@ -345,10 +349,10 @@ async def check_models(
 def _run_models(config: RunConfig, builder: RequestBuilder) -> set[str]:
     models = {config.model} if config.model else set()
     models.update(config.models)  # a sweep's
-    plan = inputs.resolve_columns(config, builder.columns)
+    plan = resolve_columns(config, builder.columns)
     if plan.model_column is None and not plan.batch_api:
         return models
-    records = inputs.iter_records(config, columns=builder.columns)
+    records = iter_records(config, columns=builder.columns)
     for index, record, error in records:
         if index >= PREFLIGHT_ROWS:
             break

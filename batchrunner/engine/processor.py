@@ -30,7 +30,7 @@ from batchrunner.errors import (
 )
 from batchrunner.inputs.requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 from batchrunner.results import Result, Row
-from batchrunner.transport.client import Answer
+from batchrunner.transport.completions import Answer
 from batchrunner.transport.retry import call_with_retries
 
 log = logging.getLogger("batchrunner.engine.runner")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.answers.scoring import Metric, TableScorer
-from batchrunner.store.scored import score_results
 from batchrunner.cache.responses import request_hash
 from batchrunner.engine.state import (
     EXIT_OK,
@@ -25,9 +24,10 @@ from batchrunner.engine.state import (
     RunReport,
 )
 from batchrunner.errors import AuthRefused, StorageError
-from batchrunner.inputs import readers as inputs
+from batchrunner.inputs.readers import iter_tables
 from batchrunner.results import Result, Row
 from batchrunner.store.checkpoint import Checkpoint
+from batchrunner.store.scored import score_results
 
 log = logging.getLogger("batchrunner.engine.runner")
 
@@ -101,7 +101,7 @@ class Recording:
         scorer = _scorer(self.metric, self.config.reference_column)
         if complete and reason != "auth" and fault is None and not ckpt.finished:
             # 32,768-row chunks: the peak of writing a million rows stays under 300 MB
-            tables = inputs.iter_tables(self.config, batch_rows=32768)
+            tables = iter_tables(self.config, batch_rows=32768)
             fault = self.writer.finalize(
                 tables, rows if input_rows is None else input_rows, id_column=self.id_column,
                 sweep=self.sweep, transform=scorer,

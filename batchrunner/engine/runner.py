@@ -61,9 +61,9 @@ from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exp
     RunReport,
     Tally,
 )
-from batchrunner.inputs import readers as inputs
 from batchrunner.inputs import storage
 from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.inputs.scan import InputInfo, scan_input
 from batchrunner.store.checkpoint import (
     check_output_apart,
 )
@@ -200,7 +200,7 @@ def _install_signal_handlers(control: RunControl) -> None:
     loop.add_signal_handler(signal.SIGTERM, on_signal, "terminated", EXIT_SIGTERM)
 
 
-def check_job(config: RunConfig) -> inputs.InputInfo:
+def check_job(config: RunConfig) -> InputInfo:
     """Everything `run` checks before sending, without sending: the input, template, prices.
 
     Raises UsageError (or InputError) on the first problem; returns what the input holds.
@@ -219,7 +219,7 @@ def check_job(config: RunConfig) -> inputs.InputInfo:
     if storage.is_uri(config.input):
         config = config.replace(input=storage.stage_input(str(config.input)))
     ensure_room_for(config.concurrency)  # the open-file limit, as the client checks it
-    info = inputs.scan_input(config)
+    info = scan_input(config)
     RequestBuilder(config, info.columns)
     _check_scoring(config, info.columns)
     return info

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from batchrunner.config.settings import RunConfig
-from batchrunner.inputs import readers as inputs
+from batchrunner.inputs.readers import iter_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Row
 from batchrunner.store.checkpoint import DoneSet
@@ -42,7 +42,7 @@ def slot_bodies(config: RunConfig, builder: RequestBuilder) -> Iterator[dict[str
     `model` column is set), in output order: what `batchrunner estimate` counts.
     """
     sweep = config.models if len(config.models) > 1 else ()
-    for index, record, error in inputs.iter_records(config, builder.columns):
+    for index, record, error in iter_records(config, builder.columns):
         body = builder.build(index, record, error).body
         own = record is not None and record.get("model") not in (None, "")
         if not sweep or own:
@@ -67,7 +67,7 @@ class Sweep:
         if "model" in columns:
             # One pass over the `model` column alone: which rows name their own model.
             own = np.zeros(rows, dtype=bool)
-            for index, record, _error in inputs.iter_records(config, columns=("model",)):
+            for index, record, _error in iter_records(config, columns=("model",)):
                 if index >= rows:
                     break
                 value = (record or {}).get("model")
@@ -117,7 +117,7 @@ def sweep_rows(
     config: RunConfig, builder: RequestBuilder, done: DoneSet, sweep: Sweep
 ) -> Iterator[Row]:
     """The slots with no checkpointed result, built into requests, in input then model order."""
-    records = inputs.iter_records(config, columns=builder.columns)
+    records = iter_records(config, columns=builder.columns)
     offsets = sweep.offsets
     m = len(sweep.models)
     check = len(done) > 0

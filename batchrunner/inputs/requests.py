@@ -1,4 +1,4 @@
-"""Turn an input row into a request body (SPEC sections 5 and 6).
+"""Turn an input row into a request body (docs/input.md).
 
 The rules, in order, for a row:
 
@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchrunner.config.settings import RunConfig
-from batchrunner.inputs.readers import detect_format, id_text, resolve_columns
+from batchrunner.inputs.columns import id_text, resolve_columns
+from batchrunner.inputs.formats import detect_format
 from batchrunner.results import Row
 
 __all__ = ["CHARS_PER_TOKEN", "MESSAGE_TOKENS", "REPLY_TOKENS", "ROLES", "RequestBuilder"]
@@ -70,7 +71,7 @@ class RequestBuilder:
         params.pop("messages", None)
         if config.json_schema is not None and "response_format" not in params:
             from batchrunner.answers.structured import (
-                load_schema,  # SPEC 17: a --param response_format wins
+                load_schema,  # a --param response_format wins over --json-schema
             )
 
             params["response_format"] = load_schema(config.json_schema).response_format()
@@ -227,7 +228,7 @@ class RequestBuilder:
 def _checked_messages(value: Any, where: str, text_allowed: bool = True) -> list[dict[str, Any]]:
     """A list of messages, or a _RowProblem saying what is wrong with it.
 
-    Only the shape is checked (SPEC section 5): a list of objects, each with a string `role`.
+    Only the shape is checked: a list of objects, each with a string `role`.
     Whatever else the OpenAI API accepts passes as it is (roles `developer` and `tool`, content
     parts, `tool_calls`, `tool_call_id`, `name`, null content): the gateway judges the rest.
     A column may hold the list as JSON text; a body, already JSON, may not.

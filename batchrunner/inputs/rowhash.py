@@ -3,13 +3,13 @@
 With the run's settings unchanged (the checkpoint refuses other settings), a request body is a
 function of the values of the columns it reads (`RequestBuilder.columns`), so a row whose
 values hash the same as when its result was made has the same body. The checkpoint keeps this
-hash beside the body's own (`_ihash` and `_hash`), and an incremental run (SPEC 8) compares it
-for every row without building a single request: only the rows whose values changed have their
-bodies built and compared. Computed over Arrow batches, vectorised (pandas' SipHash of each
-column, mixed across columns): the same whatever the batch sizes, chunks, dictionary encoding
-or integer and string widths. A value whose hash changes for another reason (a newer pandas, a
-column now stored as floats) only sends that row down the slower, exact path: it is never
-taken as an edit on its own.
+hash beside the body's own (`_ihash` and `_hash`), and an incremental run (docs/resume.md)
+compares it for every row without building a single request: only the rows whose values
+changed have their bodies built and compared. Computed over Arrow batches, vectorised (pandas'
+SipHash of each column, mixed across columns): the same whatever the batch sizes, chunks,
+dictionary encoding or integer and string widths. A value whose hash changes for another
+reason (a newer pandas, a column now stored as floats) only sends that row down the slower,
+exact path: it is never taken as an edit on its own.
 """
 
 from __future__ import annotations

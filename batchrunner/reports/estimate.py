@@ -186,8 +186,8 @@ def estimate(
     >>> print(render_estimate(est))
     """
     from batchrunner.engine.sweep import sweep_config
-    from batchrunner.inputs.readers import scan_input
     from batchrunner.inputs.requests import RequestBuilder
+    from batchrunner.inputs.scan import scan_input
 
     config = sweep_config(config)
     info = scan_input(config)
@@ -269,7 +269,8 @@ def _bodies_to_send(
     (`done`, a DoneSet or None) already has are left out, as `run` leaves them.
     """
     from batchrunner.engine.sweep import slot_bodies
-    from batchrunner.inputs.readers import detect_format, iter_records
+    from batchrunner.inputs.formats import detect_format
+    from batchrunner.inputs.readers import iter_records
 
     if done is None or not len(done):
         yield from slot_bodies(config, builder)
@@ -299,7 +300,7 @@ def _checkpointed(config: RunConfig) -> tuple[Any, str | None]:
     """The rows of `config.output` that have a checkpointed result (a DoneSet), if the
     checkpoint is one `run` would resume; else None and, for a checkpoint it would refuse,
     why."""
-    from batchrunner.inputs.readers import fingerprint_input
+    from batchrunner.inputs.scan import fingerprint_input
     from batchrunner.store.checkpoint import read_done
     from batchrunner.store.manifest import describe_changes
 
@@ -327,12 +328,8 @@ def _cache_marked(
     config: RunConfig, bodies: Iterable[dict[str, Any] | None]
 ) -> Iterable[tuple[dict[str, Any] | None, bool]]:
     """Each body, with True where the response cache (`config.cache`) holds its answer."""
-    from batchrunner.cache.responses import (
-        LOOKUP_ROWS,
-        ResponseCache,
-        cache_key,
-        default_cache_path,
-    )
+    from batchrunner.cache.responses import ResponseCache, cache_key, default_cache_path
+    from batchrunner.cache.session import LOOKUP_ROWS
     from batchrunner.config.settings import resolve_base_url
 
     path = None

@@ -46,9 +46,10 @@ from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exp
     Tally,
 )
 from batchrunner.errors import UsageError
-from batchrunner.inputs import readers as inputs
 from batchrunner.inputs import storage
+from batchrunner.inputs.readers import iter_records
 from batchrunner.inputs.requests import RequestBuilder
+from batchrunner.inputs.scan import InputInfo
 from batchrunner.reports.estimate import estimate
 from batchrunner.store.checkpoint import (
     checkpoint_dir,
@@ -72,7 +73,7 @@ class JobCheck:
     checked against the gateway (unreachable, no key, --no-preflight), None when they were.
     """
 
-    info: inputs.InputInfo
+    info: InputInfo
     problem_rows: int
     problems: tuple[str, ...]
     models: tuple[str, ...]
@@ -106,7 +107,7 @@ def validate_job(config: RunConfig) -> JobCheck:
         checked = checked.replace(input=storage.stage_input(str(checked.input)))
     builder = RequestBuilder(checked, info.columns)
     problem_rows, problems = 0, []
-    for index, record, error in inputs.iter_records(checked, columns=builder.columns):
+    for index, record, error in iter_records(checked, columns=builder.columns):
         row = builder.build(index, record, error)
         if row.error is not None:
             problem_rows += 1

@@ -1,4 +1,4 @@
-"""The retry policy of SPEC section 6, built from tenacity's parts.
+"""The retry policy of a request, built from tenacity's parts.
 
 Retried: every `RetryableError` (connection errors, timeouts, 408, 409, 429, 5xx, bodies that
 are not a valid answer), at most `max_attempts` attempts per row, with exponential backoff and
