@@ -207,7 +207,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         return _reconcile(self, fingerprint, rows, current)
 
     def _write_manifest(self) -> None:
-        _atomic_write_bytes(
+        durability.write_atomically(
             self.directory / "manifest.json",
             json.dumps(self._manifest, indent=2, sort_keys=True, default=str).encode(),
         )
@@ -284,7 +284,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         self._segment_file.write(_SEGMENT_SCHEMA.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
-        _fsync_dir(self.directory)
+        durability.fsync_dir(self.directory)
 
     def _drop_segment(self, offset: int | None) -> None:
         """After a failed write: cut the segment back to its last whole batch and close it.
@@ -342,43 +342,37 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         slots; `transform(table)` (the scorer) may add columns before a chunk is written.
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
-        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
         writer: TableWriter | None = None
         start = 0
-        try:
-            for table in input_tables:
-                stop = start + table.num_rows
-                if sweep is None:
-                    results = self._results_for(start, stop)
-                else:
-                    results = self._results_for(*sweep.span(start, stop))
-                    table = table.take(pa.array(sweep.repeats(start, stop), pa.int64()))
-                joined = self._structured_output(_join(table, results, id_column))
-                if transform is not None:
-                    joined = transform(joined)
-                if writer is None:
-                    writer = open_table_writer(tmp, joined.schema, fmt)
-                writer.write_table(joined, row_group_size=65536)
-                del table, results, joined
-                pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
-                start = stop
-            if writer is None:  # an empty input still gets a valid, empty file
-                empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
-                writer = open_table_writer(tmp, empty.schema, fmt)
-            writer.close()
-            writer = None
-            if start != rows:
-                raise UsageError(f"the input has {start} rows now, not {rows}: it changed during the run")
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.output)
-            _fsync_dir(self.output.parent)
-        finally:
-            if writer is not None:
+        with durability.replaced_atomically(self.output, durable=True) as tmp:
+            try:
+                for table in input_tables:
+                    stop = start + table.num_rows
+                    if sweep is None:
+                        results = self._results_for(start, stop)
+                    else:
+                        results = self._results_for(*sweep.span(start, stop))
+                        table = table.take(pa.array(sweep.repeats(start, stop), pa.int64()))
+                    joined = self._structured_output(_join(table, results, id_column))
+                    if transform is not None:
+                        joined = transform(joined)
+                    if writer is None:
+                        writer = open_table_writer(tmp, joined.schema, fmt)
+                    writer.write_table(joined, row_group_size=65536)
+                    del table, results, joined
+                    pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
+                    start = stop
+                if writer is None:  # an empty input still gets a valid, empty file
+                    empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
+                    writer = open_table_writer(tmp, empty.schema, fmt)
                 writer.close()
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                writer = None
+                if start != rows:
+                    raise UsageError(f"the input has {start} rows now, not {rows}: it changed during the run")
+            finally:
+                if writer is not None:
+                    writer.close()
         self._manifest["finished"] = True
         self._write_manifest()
 
@@ -462,16 +456,6 @@ def open_checkpoint(
     return ckpt
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _check_same_file(path: Path, handle: Any) -> None:
     """Raise ENOENT when `path` no longer names the open file (its folder was removed).
 
@@ -479,14 +463,6 @@ def _check_same_file(path: Path, handle: Any) -> None:
     """
     if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
         raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- incremental inputs (SPEC 8) -------------------------------------------------------------
@@ -510,7 +486,7 @@ def _finish_compaction(directory: Path, first: int) -> None:
     pending = directory / f"compact-{first:05d}.tmp"
     if not target.exists() and pending.exists():
         os.replace(pending, target)
-        _fsync_dir(directory)
+        durability.fsync_dir(directory)
     for path in directory.glob("part-*.arrows"):
         if _segment_number(path) < first:
             with contextlib.suppress(FileNotFoundError):

@@ -43,13 +43,53 @@ __all__ = [
     "CheckpointWriter",
     "DurabilityGate",
     "StorageFault",
+    "fsync_dir",
     "read_fault",
+    "replaced_atomically",
+    "write_atomically",
     "write_error",
 ]
 
 FAULT_FILE = "storage-fault"
 _RESERVED_BYTES = 4096
 _BLANK = b"{}"
+
+
+@contextlib.contextmanager
+def replaced_atomically(target: Path, *, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `target`, renamed over it when the block ends without error.
+
+    A reader sees the old file or the new one, never a part. `durable`: the new file is
+    fsynced before the rename and its folder after. The temporary file never outlives the block.
+    """
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        if durable:
+            fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, durably (`replaced_atomically`)."""
+    with replaced_atomically(path, durable=True) as tmp:
+        tmp.write_bytes(data)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of `directory` (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 # Causes that name the folder rather than the disk: at the start they are usage errors (SPEC 7:
 # an output that cannot be written is exit 2 before anything is sent).
