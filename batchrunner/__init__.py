@@ -16,7 +16,8 @@ from batchrunner.api import arun, read_results, run
 from batchrunner.config.jobs import build_config, load_job
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig
-from batchrunner.engine.runner import RunControl, RunReport, check_job, list_models
+from batchrunner.engine.runner import check_job, list_models
+from batchrunner.engine.state import RunControl, RunReport
 from batchrunner.errors import (
     AuthRefused,
     BatchrunnerError,

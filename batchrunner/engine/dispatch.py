@@ -25,7 +25,8 @@ from batchrunner.errors import StorageError, UsageError
 from batchrunner.inputs import readers as inputs
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Result, Row
-from batchrunner.store.checkpoint import Checkpoint, DoneSet
+from batchrunner.store.checkpoint import Checkpoint
+from batchrunner.store.resume import DoneSet
 from batchrunner.transport.client import Client
 
 if TYPE_CHECKING:

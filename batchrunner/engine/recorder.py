@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.answers.scoring import Metric, TableScorer
-from batchrunner.store.scored import score_results
 from batchrunner.cache.responses import request_hash
 from batchrunner.engine.state import (
     EXIT_OK,
@@ -29,6 +28,7 @@ from batchrunner.inputs import readers as inputs
 from batchrunner.results import Result, Row
 from batchrunner.store.checkpoint import Checkpoint
 from batchrunner.store.durability import replaced_atomically
+from batchrunner.store.scored import score_results
 
 log = logging.getLogger("batchrunner.engine.runner")
 

@@ -23,7 +23,7 @@ from batchrunner.config.settings import RunConfig
 from batchrunner.inputs import readers as inputs
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Row
-from batchrunner.store.checkpoint import DoneSet
+from batchrunner.store.resume import DoneSet
 
 __all__ = ["Sweep", "slot_bodies", "sweep_config", "sweep_rows"]
 

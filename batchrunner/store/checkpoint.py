@@ -37,8 +37,6 @@ import pyarrow.compute as pc
 from batchrunner.errors import UsageError
 from batchrunner.results import Result
 from batchrunner.store import durability
-
-# The parts of the checkpoint; the names other modules and tests take from here are re-exported.
 from batchrunner.store.assembly import OutputAssembly, _join
 from batchrunner.store.durability import read_fault
 from batchrunner.store.export import TableWriter, open_table_writer, output_format
@@ -71,10 +69,8 @@ from batchrunner.store.segments import (
 )
 
 __all__ = [
-    "RESULT_SCHEMA",
     "Checkpoint",
     "CheckpointStatus",
-    "DoneSet",
     "check_output_apart",
     "checkpoint_dir",
     "checkpoint_results",
@@ -191,7 +187,6 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         self._segment_file: Any = None
         self._hashes: list[int | None] = []
         self._input_hashes: list[int | None] = []
-        self.incremental: dict[str, int] | None = None  # kept/new/changed/removed, when so
 
     def _finish_compaction(self) -> None:
         """Complete an incremental run's compaction that a crash interrupted."""
@@ -202,9 +197,9 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         fingerprint: dict[str, Any],
         rows: int,
         current: CurrentInput,
-    ) -> dict[str, int]:
+    ) -> None:
         """Keep the results of the rows a changed input left as they were (`_reconcile`)."""
-        return _reconcile(self, fingerprint, rows, current)
+        _reconcile(self, fingerprint, rows, current)
 
     def _write_manifest(self) -> None:
         durability.write_atomically(
@@ -469,7 +464,7 @@ def _check_same_file(path: Path, handle: Any) -> None:
 
 
 class CurrentInput(Protocol):
-    """The changed input an incremental run folds the checkpoint onto (engine.ChangedInput)."""
+    """The changed input an incremental run folds the checkpoint onto (engine/execution.py: ChangedInput)."""
 
     def rows(self) -> tuple[pa.Array, np.ndarray | None]:
         """Every row's id, and the hash of its input values (None where not available)."""
@@ -501,10 +496,10 @@ def _reconcile(
     fingerprint: dict[str, Any],
     rows: int,
     current: CurrentInput,
-) -> dict[str, int]:
+) -> None:
     """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
 
-    `current` is the new input (`engine.ChangedInput`): its ids and input-value hashes, and
+    `current` is the new input (`ChangedInput` in engine/execution.py): its ids and input-value hashes, and
     the body hashes of the rows whose values do not match (0 for a row that cannot be
     sent). The kept results are rewritten, renumbered, into one new segment, written and
     fsynced under a temporary name; the manifest (the new input, and that older segments are
@@ -553,7 +548,7 @@ def _reconcile(
         ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False)
         ckpt._write_manifest()
         _say_what_changed(ckpt.output, counts)
-        return counts
+        return
     mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
     mapping[last_rows[same]] = where[same]
     del old_ids, old_hashes, old_inputs, new_ids, new_inputs, where
@@ -580,7 +575,6 @@ def _reconcile(
     _fold_point("committed")
     _finish_compaction(directory, number)
     _say_what_changed(ckpt.output, counts)
-    return counts
 
 
 def _fold_point(name: str) -> None:
