@@ -59,7 +59,7 @@ def read_results(
     Integer columns stay integers where they have nulls (`Int64`, `Int32`), strings are
     pandas strings, booleans `boolean`, floats float64 (null as NaN), lists Python lists.
     `flatten` makes `parsed` (a --json-schema run's answers) a column per top-level field of
-    `json_schema`, else of the schema the results record (SPEC 17).
+    `json_schema`, else of the schema the results record (docs/structured.md).
 
     >>> df = batchrunner.read_results("out/nightly-*.parquet")
     >>> entities = batchrunner.read_results("out/entities.parquet", flatten=True)

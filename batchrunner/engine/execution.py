@@ -187,7 +187,7 @@ class _Run(Dispatch, RowProcessing, Recording):
             config.output, fingerprint, rows=total, restart=config.restart,
             current=current,
         ) as ckpt:
-            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
+            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (exit 74)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < total or not ckpt.complete(total):
@@ -255,7 +255,7 @@ def _finished_before(output: Path) -> bool:
 
 
 class ChangedInput:
-    """A changed input, as an incremental run compares it with the checkpoint (SPEC 8).
+    """A changed input, as an incremental run compares it with the checkpoint (docs/resume.md).
 
     `rows()` gives every row's id and the hash of its input values (`rowhash`), a batch at a
     time without building a request; for a JSONL input those hashes are None (its lines are

@@ -337,7 +337,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         slots; `transform(table)` (the scorer) may add columns before a chunk is written.
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
-        fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
+        fmt = output_format(self.output)  # .parquet, .jsonl or .csv, by the extension
         writer: TableWriter | None = None
         start = 0
         with durability.replaced_atomically(self.output, durable=True) as tmp:
@@ -460,7 +460,7 @@ def _check_same_file(path: Path, handle: Any) -> None:
         raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
 
 
-# -- incremental inputs (SPEC 8) -------------------------------------------------------------
+# -- incremental inputs (docs/resume.md) ----------------------------------------------------
 
 
 class CurrentInput(Protocol):

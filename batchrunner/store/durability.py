@@ -1,9 +1,10 @@
 """Storage faults: a checkpoint or output write that fails stops the run and loses little.
 
-SPEC section 8: from the first failed write (no space left, a read-only or vanished folder, an
-I/O error) no new request is sent; what is in flight gets the grace period; one last attempt
+From the first failed write (no space left, a read-only or vanished folder, an I/O error)
+no new request is sent; what is in flight gets the grace period; one last attempt
 is made to write what is buffered; the run ends with exit 74 and one line saying what could
-not be written, why, how many rows are safe and how many answers could not be kept.
+not be written, why, how many rows are safe and how many answers could not be kept
+(docs/exit-codes.md).
 
 `CheckpointWriter` wraps the run's checkpoint writes: a failure is recorded, not raised, and
 the batches it could not write are kept for the last attempt. The engine polls `fault`.
@@ -91,8 +92,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-# Causes that name the folder rather than the disk: at the start they are usage errors (SPEC 7:
-# an output that cannot be written is exit 2 before anything is sent).
+# Causes that name the folder rather than the disk: at the start they are usage errors (an
+# output that cannot be written is exit 2 before anything is sent).
 _NOT_WRITABLE = {errnos.EROFS, errnos.EACCES, errnos.EPERM, errnos.ENOENT, errnos.ENOTDIR}
 _NO_SPACE = {errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG}
 _VANISHED = {errnos.ENOENT, errnos.ENOTDIR, errnos.ESTALE}

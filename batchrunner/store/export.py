@@ -1,6 +1,6 @@
 """Output formats: where results can be written, the writers, and `batchrunner export`.
 
-The format of a run's output follows the extension of `--output` (SPEC section 7):
+The format of a run's output follows the extension of `--output` (docs/output.md):
 
     .parquet   typed columns (the default)
     .jsonl     one JSON object a row, the same fields
