@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from batchrunner.config.durations import (  # re-exported
+from batchrunner.config.durations import (
     format_duration,
     parse_deadline,
     parse_duration,

@@ -25,34 +25,10 @@ from batchrunner.cache.responses import CacheSession, request_hash
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key
 from batchrunner.engine import preflight
-
-# Names of the run's parts that other modules and tests take from here (re-exported).
-from batchrunner.engine.dispatch import (  # noqa: F401
-    FLUSH_SECONDS,
-    STOP_GRACE_SECONDS,
-    Dispatch,
-    _input_error_result,
-    _rows_to_send,  # noqa: F401
-)
-from batchrunner.engine.processor import (  # noqa: F401
-    BUDGET_MAX_TOKENS_GUESS,
-    RowProcessing,
-    _completion_bound,
-    _prompt_tokens,
-)
-from batchrunner.engine.recorder import Recording, input_state, write_summary_json  # noqa: F401
-from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exported)
-    EXIT_AUTH,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    EXIT_STOPPED,
-    EXIT_SYSTEMATIC,
-    RunControl,
-    RunReport,
-    Tally,
-)
+from batchrunner.engine.dispatch import Dispatch
+from batchrunner.engine.processor import RowProcessing
+from batchrunner.engine.recorder import Recording, input_state
+from batchrunner.engine.state import RunControl, RunReport, Tally
 from batchrunner.engine.sweep import Sweep
 from batchrunner.errors import AuthRefused, RequestError, UsageError
 from batchrunner.inputs import readers as inputs
