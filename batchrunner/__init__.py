@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from batchrunner._version import __version__
 from batchrunner.answers.scoring import parse_metric
-from batchrunner.store.scored import score_results
 from batchrunner.answers.structured import flatten
 from batchrunner.api import arun, read_results, run
 from batchrunner.config.jobs import build_config, load_job
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig
-from batchrunner.engine.runner import RunControl, RunReport, check_job, list_models
+from batchrunner.engine.runner import check_job, list_models
+from batchrunner.engine.state import RunControl, RunReport
 from batchrunner.errors import (
     AuthRefused,
     BatchrunnerError,
@@ -31,6 +31,7 @@ from batchrunner.reports.compare import compare
 from batchrunner.results import Result, Row, Usage
 from batchrunner.store.checkpoint import CheckpointStatus, read_status
 from batchrunner.store.export import export_results
+from batchrunner.store.scored import score_results
 
 __all__ = [
     "AuthRefused",

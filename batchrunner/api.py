@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrunner.store.scored import read_result_batches
 from batchrunner.config.jobs import build_config
 from batchrunner.config.settings import RunConfig
 from batchrunner.errors import OutputLocked, UsageError
 from batchrunner.reports import expand_paths
+from batchrunner.store.durability import replaced_atomically
+from batchrunner.store.scored import read_result_batches
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,7 +59,7 @@ def read_results(
     Integer columns stay integers where they have nulls (`Int64`, `Int32`), strings are
     pandas strings, booleans `boolean`, floats float64 (null as NaN), lists Python lists.
     `flatten` makes `parsed` (a --json-schema run's answers) a column per top-level field of
-    `json_schema`, else of the schema the results record (SPEC 17).
+    `json_schema`, else of the schema the results record (docs/structured.md).
 
     >>> df = batchrunner.read_results("out/nightly-*.parquet")
     >>> entities = batchrunner.read_results("out/entities.parquet", flatten=True)
@@ -116,9 +116,8 @@ def input_from_frame(config: RunConfig | Mapping[str, Any], frame: pd.DataFrame)
         table = pa.Table.from_pandas(frame, preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as exc:
         raise UsageError(f"input DataFrame: cannot be stored as Parquet ({exc})") from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table.replace_schema_metadata(None), tmp, compression="zstd")
-    os.replace(tmp, path)  # the same frame gives the same bytes: resume sees the same input
+    with replaced_atomically(path) as tmp:  # the same frame gives the same bytes: resume sees it
+        pq.write_table(table.replace_schema_metadata(None), tmp, compression="zstd")
     if isinstance(config, RunConfig):
         return config.replace(input=path)
     options = {k: v for k, v in config.items() if k != "input"}

@@ -1,7 +1,7 @@
 """The error tree of batchrunner.
 
 Every expected failure is one of these; each carries its context and, for the ones that end a
-command, the exit code of SPEC section 11. Retry decisions key on these classes, never on text.
+command, the exit code (docs/exit-codes.md). Retry decisions key on these classes, never on text.
 
     BatchrunnerError
     ├── UsageError                exit 2: bad options, job file or settings

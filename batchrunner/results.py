@@ -61,7 +61,7 @@ class Usage:
 # and compares by value.
 @dataclass(slots=True, unsafe_hash=True)
 class Result:
-    """The outcome of one row: what SPEC section 7 writes, less the carried input columns."""
+    """The outcome of one row: its output columns (docs/output.md) less the carried input ones."""
 
     index: int
     id: str
@@ -81,7 +81,7 @@ class Result:
     response_id: str | None = None
     refusal: str | None = None  # the first choice's message.refusal, when the model refused
     cache_hit: bool = False  # served from the response cache: nothing was sent or paid
-    # structured output (SPEC 17): the valid answer as canonical JSON, the answers asked
+    # structured output (docs/structured.md): the valid answer as canonical JSON, the answers asked
     # again for the schema and their cost; None where the run has no --json-schema
     parsed: str | None = None
     reasks: int | None = None

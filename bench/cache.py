@@ -235,12 +235,13 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
     import numpy as np
 
     import batchrunner
-    from batchrunner.engine import runner as engine
+    from batchrunner.engine.execution import ChangedInput
     from batchrunner.inputs.requests import RequestBuilder
     from batchrunner.inputs.scan import fingerprint_input, scan_input
     from batchrunner.results import Result, Usage
     from batchrunner.store import checkpoint as checkpoint_module
-    from batchrunner.store.checkpoint import Checkpoint, results_to_batch
+    from batchrunner.store.checkpoint import Checkpoint
+    from batchrunner.store.segments import results_to_batch
 
     output = RESULTS / "incremental-template" / "out.parquet"
     config = _config(path, base_url, output)
@@ -257,7 +258,7 @@ def incremental_template(path: Path, rows: int, base_url: str) -> Path:
     started = time.perf_counter()
     info = scan_input(config)
     builder = RequestBuilder(config, info.columns)
-    current = engine.ChangedInput(config, builder)
+    current = ChangedInput(config, builder)
     ids, input_hashes = current.rows()  # what a run records of each row, as a run computes it
     hashes = current.body_hashes(np.ones(len(ids), dtype=bool))
     ids = ids.to_pylist()

@@ -720,7 +720,8 @@ def resume_template(path: Path, rows: int, done: int, base_url: str, concurrency
     from batchrunner.inputs.scan import fingerprint_input, scan_input
     from batchrunner.results import Result, Usage
     from batchrunner.store import checkpoint as checkpoint_module
-    from batchrunner.store.checkpoint import Checkpoint, results_to_batch
+    from batchrunner.store.checkpoint import Checkpoint
+    from batchrunner.store.segments import results_to_batch
 
     # Exactly the config `batchrunner run -i PATH -o OUT -m MODEL --base-url U -c C` builds;
     # only the input and request settings enter the fingerprint.

@@ -15,7 +15,6 @@ import pytest
 from batchrunner.config.pricing import BUILTIN_PRICES, ModelPrice
 from batchrunner.reports import SummaryReport
 
-
 # --- result files as a run writes them (docs/output.md) ------------------------------------
 
 RESULT_TYPES: dict[str, pa.DataType] = {

@@ -18,7 +18,7 @@ SECRET = "sk-ru-CRASHCANARY-2b4d6f8a0c1e3a5c7e9b"
 # Runs the CLI with a bug planted: the 13th answer raises, its message carrying the key.
 PLANTED = """
 import os, sys
-import batchrunner.engine.runner as engine
+import batchrunner.engine.execution as engine
 import batchrunner.reports as reports
 calls = [0]
 original = engine._Run._ok_result

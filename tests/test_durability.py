@@ -234,7 +234,7 @@ def test_the_fault_record_fits_on_a_disk_left_with_no_byte_free(
 
 
 class FaultyOs:
-    """The os module as checkpoint.py sees it, with chosen calls failing.
+    """The os module as checkpoint.py and durability.py see it, with chosen calls failing.
 
     `segment_fds` holds the descriptors of the checkpoint segments checkpoint.py opened.
     """
@@ -295,6 +295,7 @@ def nth_segment_fsync(
 def faulty_os(monkeypatch: pytest.MonkeyPatch) -> FaultyOs:
     faulty = FaultyOs()
     monkeypatch.setattr(checkpoint_module, "os", faulty)
+    monkeypatch.setattr(durability_module, "os", faulty)  # the atomic replace of the output
     monkeypatch.setattr(checkpoint_module, "open", faulty.open_tracking_segments, raising=False)
     return faulty
 
@@ -457,7 +458,7 @@ def test_new_results_after_a_finished_output_keep_the_manifest_honest(
     cfg = config(tmp_path, gw.base_url, max_attempts=1)
     first = run(cfg, handle_signals=False)
     assert first.exit_code == 1 and first.failed > 0
-    real = checkpoint_module._atomic_write_bytes
+    real = durability_module.write_atomically
     refused = []
 
     def full_once(path: Path, data: bytes) -> None:
@@ -466,12 +467,12 @@ def test_new_results_after_a_finished_output_keep_the_manifest_honest(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(path, data)
 
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", full_once)
+    monkeypatch.setattr(durability_module, "write_atomically", full_once)
     report = run(cfg.replace(retry_failed=True), handle_signals=False)
     assert report.exit_code == 74 and refused
     assert "0 answers could not be kept" in report.message  # the last attempt wrote them
     assert read_status(cfg.output).failed < first.failed
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", real)
+    monkeypatch.setattr(durability_module, "write_atomically", real)
     report = run(cfg, handle_signals=False)  # complete: the output is rebuilt, not kept stale
     table = pq.read_table(cfg.output)
     assert table.num_rows == ROWS
@@ -486,7 +487,7 @@ def test_a_checkpoint_that_cannot_be_started_sends_nothing(
     def refuse(path: Path, data: bytes) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", refuse)
+    monkeypatch.setattr(durability_module, "write_atomically", refuse)
     error_class = StorageError if exit_code == 74 else UsageError
     with pytest.raises(error_class) as caught:
         run(config(tmp_path, gateway.base_url), handle_signals=False)
@@ -552,7 +553,7 @@ def test_a_full_disk_at_the_start_is_exit_74_with_one_line_and_a_summary(
     def full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", full)
+    monkeypatch.setattr(durability_module, "write_atomically", full)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 74
     assert len(result.stderr.strip().splitlines()) == 1

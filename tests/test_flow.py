@@ -15,7 +15,6 @@ from fakeclock import FakeClock
 from batchrunner import RunConfig, build_config, load_job, read_status, run
 from batchrunner.config.pricing import PriceTable
 from batchrunner.engine import execution
-from batchrunner.engine import runner as engine
 from batchrunner.transport.limits import Deadline
 from batchrunner.transport.pacing import Pacer, Slot
 from batchrunner.transport.rates import WINDOW

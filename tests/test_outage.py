@@ -27,7 +27,6 @@ from batchrunner.engine.preflight import (
 )
 from batchrunner.errors import GatewayUnreachable
 from batchrunner.results import Result
-from batchrunner.store.checkpoint import checkpoint_dir
 
 KEY = "sk-ru-outage-tests-5e7a9c1b3d"
 REPO = Path(__file__).resolve().parents[1]

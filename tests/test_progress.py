@@ -21,7 +21,7 @@ from typing import Any
 
 from batchrunner import RunConfig, run
 from batchrunner.cli.progress import ProgressDisplay
-from batchrunner.engine.runner import Tally
+from batchrunner.engine.state import Tally
 from batchrunner.results import Result
 
 KEY = "sk-ru-progress-tests-8e2c4a6f1b3d5e7c9a0b"

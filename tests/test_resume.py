@@ -183,7 +183,7 @@ def test_a_second_ctrl_c_exits_at_once_with_a_readable_checkpoint(
 # written to the checkpoint): the answers the run had received when it was stopped.
 NOTING = """
 import os, sys
-import batchrunner.engine.runner as engine
+import batchrunner.engine.execution as engine
 trace = os.open(os.environ["NOTED_RESULTS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 original = engine._Run._record
 def noting(self, ckpt, result, *args, **kwargs):

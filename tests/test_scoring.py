@@ -9,9 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrunner.answers.scoring import extract_choice, f1_score, last_number, normalize_answer, parse_metric
-from batchrunner.store.scored import score_results
+from batchrunner.answers.scoring import (
+    extract_choice,
+    f1_score,
+    last_number,
+    normalize_answer,
+    parse_metric,
+)
 from batchrunner.errors import UsageError
+from batchrunner.store.scored import score_results
 
 
 def scores(spec: str, answers: list[str | None], references: list[str | None]) -> list:

@@ -302,6 +302,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
     """
     from batchrunner.cli.progress import ProgressDisplay
     from batchrunner.engine import runner as engine
+    from batchrunner.engine.recorder import write_summary_json
     from batchrunner.store.checkpoint import use_system_allocator
 
     _configure_logging()  # warnings about the options themselves (a --param typo)
@@ -319,7 +320,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
                 if isinstance(exc, StorageError):
                     data["storage_fault"] = {"path": exc.path, "cause": exc.cause}
                 with contextlib.suppress(OSError):  # on the same full disk: the error says it
-                    engine.write_summary_json(config.summary_json, data)
+                    write_summary_json(config.summary_json, data)
             raise
     display.final_summary(report)
     sys.exit(report.exit_code)

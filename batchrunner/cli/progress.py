@@ -15,7 +15,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from batchrunner.config.settings import RunConfig
-from batchrunner.engine.runner import RunReport, Tally
+from batchrunner.engine.state import RunReport, Tally
 from batchrunner.results import Result
 from batchrunner.store.failures import render_errors
 

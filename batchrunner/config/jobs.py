@@ -214,7 +214,7 @@ def _warn_if_typo(key: str, where: str) -> None:
 
 
 def param_value(key: str, text: str) -> Any:
-    """The value of `--param KEY=TEXT`: TEXT must be JSON (SPEC section 6).
+    """The value of `--param KEY=TEXT`: TEXT must be JSON (docs/run.md).
 
     A bare word is refused rather than guessed at, since `{type:json}` or `0.5.1` sent as a
     string would reach the gateway unnoticed; the message shows how to quote a string.

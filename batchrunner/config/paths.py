@@ -1,4 +1,4 @@
-"""Dated output paths: `{date}` and `{date:STRFTIME}` in an output path (SPEC section 8).
+"""Dated output paths: `{date}` and `{date:STRFTIME}` in an output path (docs/cron.md).
 
 A nightly cron job writes a new file each night, and a re-run on the same day resumes that
 day's file: the placeholders are replaced once, by the local date and time the run started,

@@ -1,4 +1,4 @@
-"""The price table and the cost of a request (SPEC section 9).
+"""The price table and the cost of a request (docs/cost.md).
 
 Prices are US dollars per million tokens, for input, cached input and output tokens. The built-in
 table holds the providers' public list prices as they were on `PRICES_AS_OF`; a TOML file adds

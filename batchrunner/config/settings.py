@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from batchrunner.config.durations import (  # re-exported
+from batchrunner.config.durations import (
     format_duration,
     parse_deadline,
     parse_duration,
@@ -37,7 +37,7 @@ BASE_URL_ENVS = ("RU_LLM_BASE_URL", "OPENAI_BASE_URL")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run needs, with the defaults of SPEC sections 5-8 and 13.
+    """Everything one run needs, with its defaults (docs/run.md).
 
     `{date}` and `{date:STRFTIME}` in `output` and `summary_json` are replaced by the local
     date the config was made (the run's start), once.
@@ -51,10 +51,10 @@ class RunConfig:
     input: Path
     output: Path
     model: str | None = None
-    # request building (SPEC 5)
+    # request building (docs/input.md)
     system: str | None = None
     template: str | None = None
-    # None means the SPEC's default: "prompt"; "messages" where present; "id", else
+    # None means the default: "prompt"; "messages" where present; "id", else
     # "custom_id", else the 0-based row number. A column named explicitly must exist.
     prompt_column: str | None = None
     messages_column: str | None = None
@@ -63,7 +63,7 @@ class RunConfig:
     params: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     limit: int | None = None
-    # flow control (SPEC 6)
+    # flow control (docs/run.md)
     concurrency: int = 16
     rpm: float | None = None
     tpm: float | None = None
@@ -71,34 +71,34 @@ class RunConfig:
     timeout: float = 120.0
     max_cost: float | None = None
     deadline: str | None = None
-    # checkpoint and resume (SPEC 8)
+    # checkpoint and resume (docs/resume.md)
     checkpoint_every: int = 100
     restart: bool = False
     retry_failed: bool = False
-    # endpoint and credentials (SPEC 3)
+    # endpoint and credentials (docs/gateway.md)
     base_url: str | None = None
     api_key_env: str | None = None
     local: bool = False
-    # cost (SPEC 9)
+    # cost (docs/cost.md)
     prices: Path | None = None
-    # response cache (SPEC 16): True for the default file, a path for another; off when None
+    # response cache (docs/cache.md): True for the default file, a path for another; off when None
     cache: bool | Path | None = None
     cache_mode: str = "read-write"
-    # progress and logs (SPEC 13)
+    # progress and logs (docs/run.md)
     quiet: bool = False
     log_format: str = "text"
     summary_json: Path | None = None
     progress: bool | None = None  # None: a bar when stderr is a terminal
-    # evaluations (SPEC 15): a metric spec and the column holding references; a model sweep
+    # evaluations (docs/evaluations.md): a metric spec, the column of references; a sweep
     score: str | None = None
     reference_column: str | None = None
     models: tuple[str, ...] = ()
-    # fail fast (SPEC 6): check the run's models against GET /models before sending
+    # fail fast: check the run's models against GET /models before sending
     preflight: bool = True
-    # structured output (SPEC 17): a schema file, or the schema itself (a job's inline table)
+    # structured output (docs/structured.md): a schema file, or the schema (a job's inline table)
     json_schema: Path | dict[str, Any] | None = None
     invalid_retries: int = 2
-    # where the rows are processed (SPEC 14)
+    # where the rows are processed (docs/engines.md)
     engine: str = "local"  # "local": this process; "ray": actors on a Ray cluster
     ray_address: str | None = None  # None: the RAY_ADDRESS cluster, else a local instance
     ray_actors: int | None = None  # None: one actor per CPU of the cluster
@@ -189,7 +189,7 @@ def _check_options(config: RunConfig) -> None:
 
 
 def key_env_names(api_key_env: str | None) -> tuple[str, ...]:
-    """The variables `--api-key-env` names: one, or several separated by commas (SPEC 14).
+    """The variables `--api-key-env` names: one, or several separated by commas (docs/ray.md).
 
     >>> key_env_names("KEY_A, KEY_B")
     ('KEY_A', 'KEY_B')

@@ -26,7 +26,8 @@ from batchrunner.inputs.formats import detect_format
 from batchrunner.inputs.readers import iter_hashed_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Result, Row
-from batchrunner.store.checkpoint import Checkpoint, DoneSet
+from batchrunner.store.checkpoint import Checkpoint
+from batchrunner.store.resume import DoneSet
 from batchrunner.transport.client import Client
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ class Dispatch:
             # have already left the buffer (they would be lost); the end waits for it instead.
             await asyncio.shield(asyncio.wrap_future(write))
             self._writes = [w for w in self._writes if not w.done() or w.exception()]
-            if self.writer.fault is not None:  # no new request from now on (SPEC 8)
+            if self.writer.fault is not None:  # no new request from now on
                 self.control.stop("storage", StorageError.exit_code)
                 return
             self.gate.written(batch.num_rows)

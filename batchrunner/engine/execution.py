@@ -26,34 +26,10 @@ from batchrunner.cache.session import CacheSession
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key
 from batchrunner.engine import preflight
-
-# Names of the run's parts that other modules and tests take from here (re-exported).
-from batchrunner.engine.dispatch import (  # noqa: F401
-    FLUSH_SECONDS,
-    STOP_GRACE_SECONDS,
-    Dispatch,
-    _input_error_result,
-    _rows_to_send,  # noqa: F401
-)
-from batchrunner.engine.processor import (  # noqa: F401
-    BUDGET_MAX_TOKENS_GUESS,
-    RowProcessing,
-    _completion_bound,
-    _prompt_tokens,
-)
-from batchrunner.engine.recorder import Recording, input_state, write_summary_json  # noqa: F401
-from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exported)
-    EXIT_AUTH,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    EXIT_STOPPED,
-    EXIT_SYSTEMATIC,
-    RunControl,
-    RunReport,
-    Tally,
-)
+from batchrunner.engine.dispatch import Dispatch
+from batchrunner.engine.processor import RowProcessing
+from batchrunner.engine.recorder import Recording, input_state
+from batchrunner.engine.state import RunControl, RunReport, Tally
 from batchrunner.engine.sweep import Sweep
 from batchrunner.errors import AuthRefused, RequestError, UsageError
 from batchrunner.inputs import rowhash
@@ -191,7 +167,7 @@ class _Run(Dispatch, RowProcessing, Recording):
             config.output, fingerprint, rows=total, restart=config.restart,
             current=current,
         ) as ckpt:
-            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (SPEC 8)
+            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (exit 74)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < total or not ckpt.complete(total):
@@ -259,7 +235,7 @@ def _finished_before(output: Path) -> bool:
 
 
 class ChangedInput:
-    """A changed input, as an incremental run compares it with the checkpoint (SPEC 8).
+    """A changed input, as an incremental run compares it with the checkpoint (docs/resume.md).
 
     `rows()` gives every row's id and the hash of its input values (`rowhash`), a batch at a
     time without building a request; for a JSONL input those hashes are None (its lines are

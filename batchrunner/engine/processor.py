@@ -117,7 +117,7 @@ class RowProcessing:
             no_answer = False
             return answer
 
-        async def answered() -> Result:  # SPEC 17: one answer, to check against the schema
+        async def answered() -> Result:  # one answer, to check against the schema
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )

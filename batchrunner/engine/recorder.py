@@ -27,6 +27,7 @@ from batchrunner.errors import AuthRefused, StorageError
 from batchrunner.inputs.readers import iter_tables
 from batchrunner.results import Result, Row
 from batchrunner.store.checkpoint import Checkpoint
+from batchrunner.store.durability import replaced_atomically
 from batchrunner.store.scored import score_results
 
 log = logging.getLogger("batchrunner.engine.runner")
@@ -216,9 +217,8 @@ def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
     """Write the final figures for monitoring, atomically."""
     data = report.to_dict() if isinstance(report, RunReport) else report
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _stop_message(reason: str, auth_error: AuthRefused | None) -> str:

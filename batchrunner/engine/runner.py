@@ -22,62 +22,31 @@ from typing import Any
 from batchrunner.answers.structured import load_schema
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig
-
-# Names of the run's parts that other modules and tests take from here (re-exported).
-from batchrunner.engine.dispatch import (  # noqa: F401
-    FLUSH_SECONDS,
-    STOP_GRACE_SECONDS,
-    Dispatch,
-    _input_error_result,
-    _rows_to_send,  # noqa: F401
-)
 from batchrunner.engine.endpoint import endpoint, run_endpoint
-from batchrunner.engine.execution import (  # noqa: F401  (_Run: the tests' planted bugs)
-    DEFAULT_COMPLETION_GUESS,
-    PREFLIGHT_ROWS,
-    ChangedInput,
+from batchrunner.engine.execution import (
     ResultCallback,
     StartCallback,
     _check_scoring,
     _Run,
-    check_models,
 )
-from batchrunner.engine.processor import (  # noqa: F401
-    BUDGET_MAX_TOKENS_GUESS,
-    RowProcessing,
-    _completion_bound,
-    _prompt_tokens,
-)
-from batchrunner.engine.recorder import Recording, input_state, write_summary_json  # noqa: F401
-from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exported)
-    EXIT_AUTH,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
+from batchrunner.engine.state import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
-    EXIT_STOPPED,
-    EXIT_SYSTEMATIC,
     RunControl,
     RunReport,
-    Tally,
 )
 from batchrunner.inputs import storage
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.inputs.scan import InputInfo, scan_input
-from batchrunner.store.checkpoint import (
-    check_output_apart,
-)
+from batchrunner.store.checkpoint import check_output_apart
 from batchrunner.store.export import check_output, check_writable
 from batchrunner.transport.client import Client
 from batchrunner.transport.limits import parse_deadline
 from batchrunner.transport.openfiles import ensure_room_for
 
-__all__ = ["RunControl", "RunReport", "Tally", "arun", "check_job", "list_models", "run"]
+__all__ = ["arun", "check_job", "list_models", "run"]
 
 log = logging.getLogger(__name__)
-
-
-
 
 
 async def arun(

@@ -1,6 +1,6 @@
 """What one run shares with its callers: the running Tally, the final RunReport, RunControl.
 
-Values and the exit codes of SPEC section 11; no I/O. The engine's parts (engine.py, dispatch.py,
+Values and the exit codes (docs/exit-codes.md); no I/O. The engine's parts (engine.py, dispatch.py,
 row.py, recording.py) and the progress display read them.
 """
 
@@ -73,7 +73,7 @@ class Tally:
 
 @dataclass(frozen=True)
 class RunReport:
-    """How a run ended: the figures of SPEC section 13 and the exit code of section 11."""
+    """How a run ended: its figures and its exit code (docs/exit-codes.md)."""
 
     exit_code: int
     reason: str  # complete, budget, deadline, interrupted, terminated, auth, systematic, outage

@@ -1,4 +1,4 @@
-"""A model sweep: every input row sent to each of several models (SPEC sections 6, 7, 15).
+"""A model sweep: every input row sent to each of several models (docs/evaluations.md).
 
 The engine's row numbers become *slots*: input row i has slots offsets[i] .. offsets[i+1]-1,
 one per model in the order the models were given, so the checkpoint, resume and the output
@@ -23,7 +23,7 @@ from batchrunner.config.settings import RunConfig
 from batchrunner.inputs.readers import iter_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Row
-from batchrunner.store.checkpoint import DoneSet
+from batchrunner.store.resume import DoneSet
 
 __all__ = ["Sweep", "slot_bodies", "sweep_config", "sweep_rows"]
 

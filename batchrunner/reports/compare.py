@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrunner.store.scored import read_result_batches
 from batchrunner.errors import UsageError
 from batchrunner.reports.stats import (
     Interval,
@@ -35,6 +34,7 @@ from batchrunner.reports.stats import (
     paired_difference,
 )
 from batchrunner.reports.summary import expand_paths
+from batchrunner.store.scored import read_result_batches
 
 if TYPE_CHECKING:
     import pandas as pd

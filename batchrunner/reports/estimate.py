@@ -23,7 +23,7 @@ from batchrunner.config.settings import RunConfig
 from batchrunner.errors import UsageError
 from batchrunner.inputs.requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 from batchrunner.reports.summary import _json_value, expand_paths
-from batchrunner.store.checkpoint import RESULT_SCHEMA
+from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = [
     "CALIBRATED_MIN_MARGIN",

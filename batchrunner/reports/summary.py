@@ -26,13 +26,10 @@ import pyarrow.parquet as pq
 from batchrunner.answers.structured import StructuredSummary, summarize_files
 from batchrunner.config.pricing import PRICES_AS_OF, PriceTable
 from batchrunner.errors import UsageError
-from batchrunner.store.checkpoint import (
-    RESULT_SCHEMA,
-    checkpoint_dir,
-    checkpoint_results,
-)
+from batchrunner.store.checkpoint import checkpoint_dir, checkpoint_results
 from batchrunner.store.failures import ErrorCount, merge_counts, value_counts
 from batchrunner.store.manifest import trusted_manifest
+from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = ["GroupSummary", "SummaryReport", "expand_paths", "summarize", "summarize_days"]
 

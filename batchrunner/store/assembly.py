@@ -66,7 +66,6 @@ class OutputAssembly:
         # batches that hold these rows are read.
         for segment in sorted(by_segment, key=_segment_number):
             with pa.memory_map(str(segment)) as source:
-                layout = pa.ipc.read_schema(pa.ipc.read_message(source))
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)
                     batch = pa.ipc.read_record_batch(pa.ipc.read_message(source), layouts[segment])

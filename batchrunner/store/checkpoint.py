@@ -37,8 +37,6 @@ import pyarrow.compute as pc
 from batchrunner.errors import UsageError
 from batchrunner.results import Result
 from batchrunner.store import durability
-
-# The parts of the checkpoint; the names other modules and tests take from here are re-exported.
 from batchrunner.store.assembly import OutputAssembly, _join
 from batchrunner.store.durability import read_fault
 from batchrunner.store.export import TableWriter, open_table_writer, output_format
@@ -71,10 +69,8 @@ from batchrunner.store.segments import (
 )
 
 __all__ = [
-    "RESULT_SCHEMA",
     "Checkpoint",
     "CheckpointStatus",
-    "DoneSet",
     "check_output_apart",
     "checkpoint_dir",
     "checkpoint_results",
@@ -191,7 +187,6 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         self._segment_file: Any = None
         self._hashes: list[int | None] = []
         self._input_hashes: list[int | None] = []
-        self.incremental: dict[str, int] | None = None  # kept/new/changed/removed, when so
 
     def _finish_compaction(self) -> None:
         """Complete an incremental run's compaction that a crash interrupted."""
@@ -202,12 +197,12 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         fingerprint: dict[str, Any],
         rows: int,
         current: CurrentInput,
-    ) -> dict[str, int]:
+    ) -> None:
         """Keep the results of the rows a changed input left as they were (`_reconcile`)."""
-        return _reconcile(self, fingerprint, rows, current)
+        _reconcile(self, fingerprint, rows, current)
 
     def _write_manifest(self) -> None:
-        _atomic_write_bytes(
+        durability.write_atomically(
             self.directory / "manifest.json",
             json.dumps(self._manifest, indent=2, sort_keys=True, default=str).encode(),
         )
@@ -284,7 +279,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         self._segment_file.write(_SEGMENT_SCHEMA.serialize())
         self._segment_file.flush()
         os.fsync(self._segment_file.fileno())
-        _fsync_dir(self.directory)
+        durability.fsync_dir(self.directory)
 
     def _drop_segment(self, offset: int | None) -> None:
         """After a failed write: cut the segment back to its last whole batch and close it.
@@ -342,43 +337,37 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         slots; `transform(table)` (the scorer) may add columns before a chunk is written.
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
-        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        fmt = output_format(self.output)  # .parquet, .jsonl or .csv (SPEC section 7)
+        fmt = output_format(self.output)  # .parquet, .jsonl or .csv, by the extension
         writer: TableWriter | None = None
         start = 0
-        try:
-            for table in input_tables:
-                stop = start + table.num_rows
-                if sweep is None:
-                    results = self._results_for(start, stop)
-                else:
-                    results = self._results_for(*sweep.span(start, stop))
-                    table = table.take(pa.array(sweep.repeats(start, stop), pa.int64()))
-                joined = self._structured_output(_join(table, results, id_column))
-                if transform is not None:
-                    joined = transform(joined)
-                if writer is None:
-                    writer = open_table_writer(tmp, joined.schema, fmt)
-                writer.write_table(joined, row_group_size=65536)
-                del table, results, joined
-                pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
-                start = stop
-            if writer is None:  # an empty input still gets a valid, empty file
-                empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
-                writer = open_table_writer(tmp, empty.schema, fmt)
-            writer.close()
-            writer = None
-            if start != rows:
-                raise UsageError(f"the input has {start} rows now, not {rows}: it changed during the run")
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.output)
-            _fsync_dir(self.output.parent)
-        finally:
-            if writer is not None:
+        with durability.replaced_atomically(self.output, durable=True) as tmp:
+            try:
+                for table in input_tables:
+                    stop = start + table.num_rows
+                    if sweep is None:
+                        results = self._results_for(start, stop)
+                    else:
+                        results = self._results_for(*sweep.span(start, stop))
+                        table = table.take(pa.array(sweep.repeats(start, stop), pa.int64()))
+                    joined = self._structured_output(_join(table, results, id_column))
+                    if transform is not None:
+                        joined = transform(joined)
+                    if writer is None:
+                        writer = open_table_writer(tmp, joined.schema, fmt)
+                    writer.write_table(joined, row_group_size=65536)
+                    del table, results, joined
+                    pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
+                    start = stop
+                if writer is None:  # an empty input still gets a valid, empty file
+                    empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
+                    writer = open_table_writer(tmp, empty.schema, fmt)
                 writer.close()
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                writer = None
+                if start != rows:
+                    raise UsageError(f"the input has {start} rows now, not {rows}: it changed during the run")
+            finally:
+                if writer is not None:
+                    writer.close()
         self._manifest["finished"] = True
         self._write_manifest()
 
@@ -462,16 +451,6 @@ def open_checkpoint(
     return ckpt
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _check_same_file(path: Path, handle: Any) -> None:
     """Raise ENOENT when `path` no longer names the open file (its folder was removed).
 
@@ -481,19 +460,11 @@ def _check_same_file(path: Path, handle: Any) -> None:
         raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# -- incremental inputs (SPEC 8) -------------------------------------------------------------
+# -- incremental inputs (docs/resume.md) ----------------------------------------------------
 
 
 class CurrentInput(Protocol):
-    """The changed input an incremental run folds the checkpoint onto (engine.ChangedInput)."""
+    """The changed input an incremental run folds the checkpoint onto (engine/execution.py: ChangedInput)."""
 
     def rows(self) -> tuple[pa.Array, np.ndarray | None]:
         """Every row's id, and the hash of its input values (None where not available)."""
@@ -510,7 +481,7 @@ def _finish_compaction(directory: Path, first: int) -> None:
     pending = directory / f"compact-{first:05d}.tmp"
     if not target.exists() and pending.exists():
         os.replace(pending, target)
-        _fsync_dir(directory)
+        durability.fsync_dir(directory)
     for path in directory.glob("part-*.arrows"):
         if _segment_number(path) < first:
             with contextlib.suppress(FileNotFoundError):
@@ -525,10 +496,10 @@ def _reconcile(
     fingerprint: dict[str, Any],
     rows: int,
     current: CurrentInput,
-) -> dict[str, int]:
+) -> None:
     """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
 
-    `current` is the new input (`engine.ChangedInput`): its ids and input-value hashes, and
+    `current` is the new input (`ChangedInput` in engine/execution.py): its ids and input-value hashes, and
     the body hashes of the rows whose values do not match (0 for a row that cannot be
     sent). The kept results are rewritten, renumbered, into one new segment, written and
     fsynced under a temporary name; the manifest (the new input, and that older segments are
@@ -577,7 +548,7 @@ def _reconcile(
         ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False)
         ckpt._write_manifest()
         _say_what_changed(ckpt.output, counts)
-        return counts
+        return
     mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
     mapping[last_rows[same]] = where[same]
     del old_ids, old_hashes, old_inputs, new_ids, new_inputs, where
@@ -604,7 +575,6 @@ def _reconcile(
     _fold_point("committed")
     _finish_compaction(directory, number)
     _say_what_changed(ckpt.output, counts)
-    return counts
 
 
 def _fold_point(name: str) -> None:

@@ -1,9 +1,10 @@
 """Storage faults: a checkpoint or output write that fails stops the run and loses little.
 
-SPEC section 8: from the first failed write (no space left, a read-only or vanished folder, an
-I/O error) no new request is sent; what is in flight gets the grace period; one last attempt
+From the first failed write (no space left, a read-only or vanished folder, an I/O error)
+no new request is sent; what is in flight gets the grace period; one last attempt
 is made to write what is buffered; the run ends with exit 74 and one line saying what could
-not be written, why, how many rows are safe and how many answers could not be kept.
+not be written, why, how many rows are safe and how many answers could not be kept
+(docs/exit-codes.md).
 
 `CheckpointWriter` wraps the run's checkpoint writes: a failure is recorded, not raised, and
 the batches it could not write are kept for the last attempt. The engine polls `fault`.
@@ -43,7 +44,10 @@ __all__ = [
     "CheckpointWriter",
     "DurabilityGate",
     "StorageFault",
+    "fsync_dir",
     "read_fault",
+    "replaced_atomically",
+    "write_atomically",
     "write_error",
 ]
 
@@ -51,8 +55,45 @@ FAULT_FILE = "storage-fault"
 _RESERVED_BYTES = 4096
 _BLANK = b"{}"
 
-# Causes that name the folder rather than the disk: at the start they are usage errors (SPEC 7:
-# an output that cannot be written is exit 2 before anything is sent).
+
+@contextlib.contextmanager
+def replaced_atomically(target: Path, *, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside `target`, renamed over it when the block ends without error.
+
+    A reader sees the old file or the new one, never a part. `durable`: the new file is
+    fsynced before the rename and its folder after. The temporary file never outlives the block.
+    """
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        if durable:
+            fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, durably (`replaced_atomically`)."""
+    with replaced_atomically(path, durable=True) as tmp:
+        tmp.write_bytes(data)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of `directory` (a rename, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Causes that name the folder rather than the disk: at the start they are usage errors (an
+# output that cannot be written is exit 2 before anything is sent).
 _NOT_WRITABLE = {errnos.EROFS, errnos.EACCES, errnos.EPERM, errnos.ENOENT, errnos.ENOTDIR}
 _NO_SPACE = {errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG}
 _VANISHED = {errnos.ENOENT, errnos.ENOTDIR, errnos.ESTALE}

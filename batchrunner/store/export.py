@@ -1,6 +1,6 @@
 """Output formats: where results can be written, the writers, and `batchrunner export`.
 
-The format of a run's output follows the extension of `--output` (SPEC section 7):
+The format of a run's output follows the extension of `--output` (docs/output.md):
 
     .parquet   typed columns (the default)
     .jsonl     one JSON object a row, the same fields
@@ -17,7 +17,6 @@ output lines (`id`, `custom_id`, `response{status_code, request_id, body}`, `err
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 
 from batchrunner.errors import UsageError
 from batchrunner.inputs.storage import is_uri
+from batchrunner.store.durability import replaced_atomically
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -343,16 +343,8 @@ def export_results(
         with open(output, "wb") as handle:
             return _write(schema, batches, fmt, handle, created)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            rows = _write(schema, batches, fmt, handle, created)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, output)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with replaced_atomically(output, durable=True) as tmp, open(tmp, "wb") as handle:
+        rows = _write(schema, batches, fmt, handle, created)
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The most frequent errors of a run, with counts (SPEC section 9), for summaries and status.
+"""The most frequent errors of a run, with counts, for summaries and status.
 
     top = top_errors(pa.array(["HTTP 404: no such model", None, "HTTP 404: no such model"]))
     top[0].error, top[0].count      # ('HTTP 404: no such model', 2)

@@ -85,7 +85,6 @@ class LockAndManifest:
     directory: Path
     _lock_file: Any
     _manifest: dict[str, Any]
-    incremental: dict[str, int] | None
 
     @classmethod
     def open(
@@ -168,7 +167,7 @@ class LockAndManifest:
             if (changes and current is not None
                     and old.get("settings") == fingerprint.get("settings")):
                 # Only the input changed: keep the results of the rows left as they were.
-                self.incremental = self._reconcile_input(fingerprint, rows, current)
+                self._reconcile_input(fingerprint, rows, current)
                 return
             if changes and not _holds_results(self.directory, self._first_segment()):
                 # Nothing was kept under the old settings (a run stopped early because every

@@ -6,7 +6,6 @@ this module adds the file around them: any output format, streamed, replaced ato
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from batchrunner.answers.scoring import (
     with_scores,
 )
 from batchrunner.errors import UsageError
+from batchrunner.store.durability import replaced_atomically
 from batchrunner.store.export import open_table_writer, output_format
 
 __all__ = ["read_result_batches", "score_results"]
@@ -76,7 +76,6 @@ def score_results(
         raise UsageError(f"{path}: no column 'content' (is it a batchrunner result file?)")
     reference_column = check_reference_column(names, reference_column, str(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     warnings = _Warnings()
     rows = scored = 0
     total = 0.0
@@ -85,27 +84,25 @@ def score_results(
         schema = schema.append(pa.field("score", pa.float64()))
     else:
         schema = schema.set(names.index("score"), pa.field("score", pa.float64()))
-    try:
-        writer = open_table_writer(tmp, schema, fmt)
+    with replaced_atomically(target) as tmp:
         try:
-            for batch in batches:
-                table = pa.Table.from_batches([batch])
-                scores = score_table(batch, metric, reference_column, warnings)
-                rows += len(scores)
-                valid = pc.drop_null(scores)
-                scored += len(valid)
-                total += pc.sum(valid).as_py() or 0.0
-                writer.write_table(with_scores(table, scores).cast(schema), row_group_size=65536)
-        except pa.ArrowException as exc:
-            raise UsageError(f"{path}: cannot be read ({exc})") from None
-        writer.close()
-        writer = None
-        os.replace(tmp, target)
-    finally:
-        if writer is not None:
+            writer = open_table_writer(tmp, schema, fmt)
+            try:
+                for batch in batches:
+                    table = pa.Table.from_batches([batch])
+                    scores = score_table(batch, metric, reference_column, warnings)
+                    rows += len(scores)
+                    valid = pc.drop_null(scores)
+                    scored += len(valid)
+                    total += pc.sum(valid).as_py() or 0.0
+                    writer.write_table(with_scores(table, scores).cast(schema), row_group_size=65536)
+            except pa.ArrowException as exc:
+                raise UsageError(f"{path}: cannot be read ({exc})") from None
             writer.close()
-        if tmp.exists():
-            tmp.unlink()
+            writer = None
+        finally:
+            if writer is not None:
+                writer.close()
     warnings.warn(metric)
     return {
         "output": str(target),

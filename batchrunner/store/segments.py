@@ -44,7 +44,7 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("response_id", pa.string()),
         ("cache_hit", pa.bool_()),
-        # structured output (SPEC 17); dropped from the output of a run without a schema
+        # structured output (docs/structured.md); dropped from the output of a run without a schema
         ("parsed", pa.string()),
         ("reasks", pa.int32()),
         ("reask_cost_usd", pa.float64()),
@@ -62,7 +62,7 @@ _STRUCTURED_COLUMNS = ("parsed", "reasks", "reask_cost_usd")
 JSON_SCHEMA_METADATA = METADATA_KEY  # a structured run's output records its schema
 
 # `_hash`: a hash of the row's request body (null for an input error), so that a row edited in
-# the input is told from one left alone (SPEC 8, incremental inputs); `_ihash`: of the input
+# the input is told from one left alone (an incremental run); `_ihash`: of the input
 # values the body was built from (rowhash.py; null for JSONL inputs and older checkpoints),
 # which tells most rows unchanged without building their bodies again.
 _SEGMENT_SCHEMA = pa.schema(

@@ -15,7 +15,7 @@ from typing import Any
 from batchrunner.config.settings import RunConfig
 from batchrunner.errors import BatchrunnerError
 from batchrunner.inputs.requests import RequestBuilder
-from batchrunner.store.checkpoint import RESULT_SCHEMA
+from batchrunner.store.segments import RESULT_SCHEMA
 from batchrunner.viewer.sources import RESULT_COLUMNS, Source
 
 __all__ = ["RequestRenderer"]

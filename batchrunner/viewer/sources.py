@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrunner.errors import UsageError
-from batchrunner.store.checkpoint import RESULT_SCHEMA, checkpoint_dir
+from batchrunner.store.checkpoint import checkpoint_dir
+from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = ["CheckpointSource", "ParquetSource", "Source", "open_sources"]
 

@@ -1,4 +1,4 @@
-"""The Ray engine (SPEC 14): the same job, its blocks processed by actors on a Ray cluster.
+"""The Ray engine (docs/ray.md): the same job, its blocks processed by actors on a Ray cluster.
 
 Installed with the `ray` extra. Only `engine.arun` reaches here, when `config.engine` is
 "ray"; this package drives the engine and is never imported by it at module level.

@@ -35,7 +35,8 @@ from batchrunner.engine.state import EXIT_AUTH, EXIT_STOPPED, RunControl, RunRep
 from batchrunner.errors import AuthRefused, BatchrunnerError, UsageError
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Row
-from batchrunner.store.checkpoint import Checkpoint, DoneSet
+from batchrunner.store.checkpoint import Checkpoint
+from batchrunner.store.resume import DoneSet
 from batchrunner.transport.limits import Deadline
 
 __all__ = ["RayRun", "arun_on_ray"]
