@@ -2,7 +2,7 @@
 
 With `trust_env=True`, aiohttp's ClientSession reads the proxy variables and `~/.netrc` in a
 worker thread (`run_in_executor`, `asyncio.to_thread`) on every request. batchrunner reads the
-same settings once per run instead (batchrunner/client.py); this probe is why.
+same settings once per run instead (batchrunner/transport/client.py); this probe is why.
 
     python bench/trust_env.py --requests 10000      # C = 100, against bench/fastgate.py, L = 0
 """
