@@ -1,4 +1,4 @@
-"""Structured output (SPEC section 17): JSON-schema requests and the validation of answers.
+"""Structured output (docs/structured.md): JSON-schema requests and the validation of answers.
 
 A run with `--json-schema FILE` asks every request for JSON matching the schema
 (`response_format: {type: json_schema, json_schema: {name, schema, strict: true}}`, unless the

@@ -26,7 +26,7 @@ from batchrunner.redaction import scrub
 
 log = logging.getLogger("batchrunner")
 
-_error_format = {"json": False}  # --log-format json also shapes the error line (SPEC 13)
+_error_format = {"json": False}  # --log-format json also shapes the error line
 
 
 # -- shared plumbing ------------------------------------------------------------------------
@@ -414,7 +414,7 @@ def summary(results: tuple[str, ...], prices: Path | None, by: str, fmt: str,
 
 
 def _with_scores(text: str, results: list[str], by: str, fmt: str) -> str:
-    """A summary with the score section (SPEC 15) where the results have scores."""
+    """A summary with the score section (docs/evaluations.md) where the results have scores."""
     from batchrunner.reports.compare import render_groups, score_summary
 
     scores = score_summary(results, by=by)

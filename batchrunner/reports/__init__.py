@@ -1,4 +1,4 @@
-"""Usage and cost reports over result files, and cost estimates before a run (SPEC section 9).
+"""Usage and cost reports over result files, and cost estimates before a run (docs/cost.md).
 
     >>> report = summarize(["out/*.parquet"], by="model", prices=PriceTable.load())
     >>> print(render_table(report))
@@ -7,7 +7,7 @@
 
 One module a concept: `summary` (aggregation of result files and checkpoints), `estimate` (the
 pre-run estimate and its calibration), `render` (table, JSON and CSV text of both), `plots`
-(matplotlib charts, imported lazily) and `compare` (scored groups compared, SPEC section 15).
+(matplotlib charts, imported lazily) and `compare` (scored groups compared, docs/evaluations.md).
 The renderers return text and print nothing; the CLI decides where it goes.
 """
 

@@ -1,4 +1,4 @@
-"""Scored results per group, and paired comparisons of groups (SPEC section 15).
+"""Scored results per group, and paired comparisons of groups (docs/evaluations.md).
 
 `compare(paths, by="model")` reads the scored result files, groups their rows (by a column, or
 by file with `by="file"`), and for every pair of groups pairs the rows by `id`: wins, ties and

@@ -1,4 +1,4 @@
-"""Usage and cost summaries of result files (SPEC section 9): aggregation, results, checkpoints.
+"""Usage and cost summaries of result files (docs/cost.md): aggregation, results, checkpoints.
 
     >>> report = summarize(["out/*.parquet"], by="model", prices=PriceTable.load())
 
@@ -101,7 +101,7 @@ class SummaryReport:
     prices_file: str | None = None  # the price file overlaid on them, if any
     errors: tuple[ErrorCount, ...] = ()  # the most frequent errors, most first
     from_checkpoint: tuple[str, ...] = ()  # outputs read from their checkpoint (not finished)
-    structured: StructuredSummary | None = None  # SPEC 17, for files of --json-schema runs
+    structured: StructuredSummary | None = None  # for files of --json-schema runs (docs/structured.md)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: the same figures as the table, at full precision."""
