@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrunner.store.scored import read_result_batches
 from batchrunner.errors import UsageError
+from batchrunner.reports.result_files import expand_paths
 from batchrunner.reports.stats import (
     Interval,
     is_binary,
@@ -34,7 +34,7 @@ from batchrunner.reports.stats import (
     mean_interval,
     paired_difference,
 )
-from batchrunner.reports.summary import expand_paths
+from batchrunner.store.scored import read_result_batches
 
 if TYPE_CHECKING:
     import pandas as pd
