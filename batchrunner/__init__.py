@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 from batchrunner._version import __version__
+from batchrunner.answers.flatten import flatten
 from batchrunner.answers.scoring import parse_metric
-from batchrunner.answers.structured import flatten
 from batchrunner.api import arun, read_results, run
 from batchrunner.config.jobs import build_config, load_job
 from batchrunner.config.pricing import PriceTable

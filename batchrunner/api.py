@@ -79,7 +79,7 @@ def read_results(
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
         else tables[0]
     if flatten:
-        from batchrunner.answers.structured import flatten as flatten_parsed
+        from batchrunner.answers.flatten import flatten as flatten_parsed
 
         table = flatten_parsed(table, json_schema)
     return table.to_pandas(types_mapper=_nullable_types().get)

@@ -5,6 +5,6 @@ Kept so that scripts written as `from batchrunner.structured import flatten` sti
 
 from __future__ import annotations
 
-from batchrunner.answers.structured import flatten
+from batchrunner.answers.flatten import flatten
 
 __all__ = ["flatten"]

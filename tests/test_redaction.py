@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from scripted_server import Reply, Request, scripted_server
 
-from batchrunner.cli import commands as cli
+from batchrunner.cli import group as cli
 from batchrunner.redaction import KEY_MASK, scrub
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from scripted_server import Reply, Request, scripted_server
 
 from batchrunner import RunConfig, run
-from batchrunner.answers.structured import flatten, load_schema
+from batchrunner.answers.flatten import flatten
+from batchrunner.answers.structured import load_schema
 from batchrunner.cli.commands import main
 from batchrunner.config.jobs import build_config, load_job
 from batchrunner.config.pricing import PriceTable

@@ -31,7 +31,7 @@ import batchrunner
 from batchrunner.errors import UsageError
 from batchrunner.simulator import GatewayConfig, gateway_in_thread
 from batchrunner.viewer import Dataset, Filters, ViewerConfig, create_app, open_sources
-from batchrunner.viewer.dataset import error_kind
+from batchrunner.viewer.index import error_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ru-viewer-test-key-MARKER-7f3a"

@@ -1,4 +1,4 @@
-"""Metrics: an answer and a reference give a score in [0, 1] (SPEC section 15).
+"""Metrics: an answer and a reference give a score in [0, 1] (docs/evaluations.md).
 
 A metric is named by a spec string (`exact`, `numeric:0.01`, `regex:Answer: (\\w+)`,
 `python:mymetrics.py:judge`, ...); `parse_metric` checks it before anything is sent and gives a

@@ -1,4 +1,4 @@
-"""What a bug leaves behind: one line for the user, the traceback in `crash.log` (SPEC 11).
+"""What a bug leaves behind: one line for the user, the traceback in `crash.log` (docs/exit-codes.md).
 
 An exception that batchrunner did not expect is a bug. The command says so in one line on
 stderr and exits 70 (EX_SOFTWARE); the traceback goes to a file, with every API key scrubbed

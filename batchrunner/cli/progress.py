@@ -121,14 +121,14 @@ class ProgressDisplay:
             self._bar = None
 
     def final_summary(self, report: RunReport) -> None:
-        """The short summary of SPEC section 13, on stderr (or one JSON line)."""
+        """The short end-of-run summary (counts, tokens, cost, duration), on stderr (or one JSON line)."""
         if self.config.log_format == "json":
             figures = report.to_dict()
             record = {"time": round(time.time(), 3), "level": "info", "logger": "batchrunner",
                       "message": "summary", "detail": figures.pop("message"), **figures}
             print(json.dumps(record), file=self.stream, flush=True)
             return
-        if report.reason == "storage":  # SPEC 8: one line, naming the path and the cause
+        if report.reason == "storage":  # a storage failure: one line, naming the path and the cause
             print(f"batchrunner: error: {report.message}", file=self.stream, flush=True)
             return
         lines = [

@@ -1,13 +1,14 @@
-"""Usage and cost reports over result files, and cost estimates before a run (SPEC section 9).
+"""Usage and cost reports over result files, and cost estimates before a run (docs/cost.md).
 
     >>> report = summarize(["out/*.parquet"], by="model", prices=PriceTable.load())
     >>> print(render_table(report))
     >>> plot_summary(["out/*.parquet"], Path("usage.png"))
     >>> print(render_estimate(estimate(config, prices=PriceTable.load())))
 
-One module a concept: `summary` (aggregation of result files and checkpoints), `estimate` (the
-pre-run estimate and its calibration), `render` (table, JSON and CSV text of both), `plots`
-(matplotlib charts, imported lazily) and `compare` (scored groups compared, SPEC section 15).
+One module a concept: `result_files` (finding and reading result files and checkpoints),
+`summary` (their aggregation), `estimate` (the pre-run estimate and its calibration), `render`
+(table, JSON and CSV text of both), `plots` (matplotlib charts, imported lazily) and `compare`
+(scored groups compared, docs/evaluations.md).
 The renderers return text and print nothing; the CLI decides where it goes.
 """
 
@@ -31,10 +32,10 @@ from batchrunner.reports.render import (
     to_csv,
     to_json,
 )
+from batchrunner.reports.result_files import expand_paths
 from batchrunner.reports.summary import (
     GroupSummary,
     SummaryReport,
-    expand_paths,
     summarize,
     summarize_days,
 )

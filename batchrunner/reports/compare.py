@@ -1,4 +1,4 @@
-"""Scored results per group, and paired comparisons of groups (SPEC section 15).
+"""Scored results per group, and paired comparisons of groups (docs/evaluations.md).
 
 `compare(paths, by="model")` reads the scored result files, groups their rows (by a column, or
 by file with `by="file"`), and for every pair of groups pairs the rows by `id`: wins, ties and
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrunner.errors import UsageError
+from batchrunner.reports.result_files import expand_paths
 from batchrunner.reports.stats import (
     Interval,
     is_binary,
@@ -33,7 +34,6 @@ from batchrunner.reports.stats import (
     mean_interval,
     paired_difference,
 )
-from batchrunner.reports.summary import expand_paths
 from batchrunner.store.scored import read_result_batches
 
 if TYPE_CHECKING:

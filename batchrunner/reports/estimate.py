@@ -22,7 +22,8 @@ from batchrunner.config.pricing import PRICES_AS_OF, PriceTable
 from batchrunner.config.settings import RunConfig
 from batchrunner.errors import UsageError
 from batchrunner.inputs.requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
-from batchrunner.reports.summary import _json_value, expand_paths
+from batchrunner.reports.result_files import expand_paths
+from batchrunner.reports.summary import _json_value
 from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = [

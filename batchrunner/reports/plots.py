@@ -19,7 +19,8 @@ import numpy as np
 from batchrunner.config.pricing import PriceTable
 from batchrunner.errors import UsageError
 from batchrunner.reports.render import _key_text
-from batchrunner.reports.summary import _DAY, GroupSummary, _aggregate, expand_paths
+from batchrunner.reports.result_files import _DAY, expand_paths
+from batchrunner.reports.summary import GroupSummary, _aggregate
 from batchrunner.store.durability import write_error
 
 __all__ = ["plot_summary"]

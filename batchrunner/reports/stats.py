@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
     """Wilson's score interval for `successes` out of `n` (0/1 scores)."""
     if n == 0:
         return Interval(None, None, None, 0, "wilson")
-    z = Z95 if confidence == 0.95 else _normal_quantile(0.5 + confidence / 2)
+    z = Z95 if confidence == 0.95 else NormalDist().inv_cdf(0.5 + confidence / 2)
     p = successes / n
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
@@ -180,16 +181,4 @@ def t_quantile(p: float, df: float) -> float:
             high = mid
         if high - low < 1e-13 * max(1.0, high):
             break
-    return (low + high) / 2.0
-
-
-def _normal_quantile(p: float) -> float:
-    """The standard normal quantile (by bisection on erf; only for confidences other than 95%)."""
-    low, high = -40.0, 40.0
-    for _ in range(200):
-        mid = (low + high) / 2.0
-        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
-            low = mid
-        else:
-            high = mid
     return (low + high) / 2.0

@@ -18,15 +18,8 @@ Server side only: nothing here imports batchrunner's client modules.
 from __future__ import annotations
 
 from batchrunner.simulator.app import create_app
-from batchrunner.simulator.completions import (
-    ApiError,
-    ChatRequest,
-    Completion,
-    Usage,
-    answer,
-    complete,
-    parse_request,
-)
+from batchrunner.simulator.chat_request import ApiError, ChatRequest, parse_request
+from batchrunner.simulator.completions import Completion, Usage, answer, complete
 from batchrunner.simulator.config import MODELS, GatewayConfig, ModelInfo
 from batchrunner.simulator.prompt_cache import PromptCache
 from batchrunner.simulator.server import (

@@ -28,14 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from batchrunner.simulator.completions import (
-    ApiError,
-    ChatRequest,
-    Completion,
-    Usage,
-    answer,
-    parse_request,
-)
+from batchrunner.simulator.chat_request import ApiError, ChatRequest, parse_request
+from batchrunner.simulator.completions import Completion, Usage, answer
 from batchrunner.simulator.config import MODELS, GatewayConfig
 from batchrunner.simulator.faults import FaultPlan, InvalidJsonPlan, RateLimiter
 from batchrunner.simulator.json_answers import spoil

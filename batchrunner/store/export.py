@@ -352,7 +352,8 @@ def _flattened(
     schema: pa.Schema, batches: Iterator[pa.RecordBatch], json_schema: Path | None, fmt: str
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """The batches with `parsed` made typed columns (structured.flatten, batch by batch)."""
-    from batchrunner.answers.structured import flatten, load_schema
+    from batchrunner.answers.flatten import flatten
+    from batchrunner.answers.structured import load_schema
 
     if fmt == "batch-api":
         raise UsageError("--flatten makes columns; the batch-api format has none")

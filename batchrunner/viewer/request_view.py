@@ -72,7 +72,7 @@ class RequestRenderer:
             return {"error": row.error}
         body = dict(row.body)
         if self._response_format is not None and "response_format" not in body:
-            body["response_format"] = self._response_format  # --json-schema (SPEC 17)
+            body["response_format"] = self._response_format  # --json-schema (docs/structured.md)
         if record.get("model"):
             body["model"] = record["model"]  # the output's model: the one this row asked for
         return body

@@ -22,7 +22,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ __all__ = ["CheckpointSource", "ParquetSource", "Source", "open_sources"]
 
 log = logging.getLogger(__name__)
 
-#: Result columns (SPEC section 7) that are not input columns: the checkpoint's, and the
+#: Result columns (docs/output.md) that are not input columns: the checkpoint's, and the
 #: optional ones other features add (some may be absent from a file).
 RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names) | {
     "refusal", "cache_hit", "score", "parsed", "reasks", "reask_cost_usd",
@@ -52,8 +52,11 @@ _CACHED_PIECES = 2
 _SCAN_ROWS = 16384  # decoded row groups kept for paging (each up to 65,536 rows of a few columns)
 
 
-class Source:
-    """One results file or checkpoint (see the module docstring)."""
+class Source(Protocol):
+    """One results file or checkpoint (see the module docstring).
+
+    The two kinds subclass it to share `light` and `manifest`.
+    """
 
     name: str
     path: Path
@@ -62,12 +65,12 @@ class Source:
     @property
     def columns(self) -> list[str]:
         """Column names, in file order."""
-        raise NotImplementedError
+        ...
 
     @property
     def visible(self) -> np.ndarray:
         """Physical positions shown, in display order."""
-        raise NotImplementedError
+        ...
 
     def light(self) -> Iterator[pa.RecordBatch]:
         """The light columns of every physical row, in order, in pieces."""
@@ -75,14 +78,14 @@ class Source:
 
     def scan(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         """The named columns of every physical row, in order, in pieces."""
-        raise NotImplementedError
+        ...
 
     def read(self, positions: np.ndarray, columns: Sequence[str], *, keep: bool = True) -> pa.Table:
         """The rows at these physical positions, in the order given.
 
         `keep`: cache what was decoded for the next call (paging); False for a one-off.
         """
-        raise NotImplementedError
+        ...
 
     def refresh(self) -> bool:
         """Take in what was written since the last look; True when something changed."""
@@ -93,7 +96,8 @@ class Source:
         return _read_manifest(self._checkpoint_directory())
 
     def _checkpoint_directory(self) -> Path:
-        raise NotImplementedError
+        """The checkpoint directory beside this output."""
+        ...
 
 
 class ParquetSource(Source):
@@ -194,7 +198,6 @@ class CheckpointSource(Source):
         self._refs: list[tuple[Path, int, pa.Schema]] = []  # one per batch read
         self._starts: list[int] = [0]  # physical position of each batch's first result
         self._rows_parts: list[np.ndarray] = []
-        self._models_parts: list[pa.Array] = []
         self._columns: list[str] = []
         self._visible = np.zeros(0, dtype=np.int64)
         self._light_parts: list[pa.RecordBatch] = []
