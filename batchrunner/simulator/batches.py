@@ -335,10 +335,15 @@ class BatchApi:
     async def _run(self, batch: _Batch) -> None:
         step = VALIDATING_SHARE * self._seconds
         await self._until(batch.created + step)
-        if batch.cancel_requested is None and batch.input.problems:
-            batch.errors = list(batch.input.problems)
-            batch.status = "failed"
-            batch.times["failed_at"] = self._now()
+        if batch.input.problems:  # its lines were never answerable: nothing to write
+            if batch.cancel_requested is not None:
+                await self._until(batch.cancel_requested + step)
+                ending = "cancelled"
+            else:
+                batch.errors = list(batch.input.problems)
+                ending = "failed"
+            batch.status = ending
+            batch.times[f"{ending}_at"] = self._now()
             return
         with _Files(self, batch) as files:
             if batch.cancel_requested is None:
@@ -367,7 +372,7 @@ class BatchApi:
     async def _answer_lines(self, batch: _Batch, files: _Files) -> None:
         clock = self._clock
         span = ANSWERING_SHARE * self._seconds
-        started = clock.monotonic()
+        started = batch.created + VALIDATING_SHARE * self._seconds  # when validating ended
         total = batch.total
         limit = total if self._expire_after is None else min(total, self._expire_after)
         while batch.done < total and batch.cancel_requested is None:
