@@ -203,7 +203,7 @@ def test_cancel_keeps_the_done_lines() -> None:
         errors = await api.content(done["error_file_id"])
         assert [line["error"]["code"] for line in errors] == ["batch_cancelled"] * 5
         status, again = await api.call("POST", f"/batches/{batch['id']}/cancel")
-        assert status == 409 and "cancelled" in again["error"]["message"]
+        assert status == 400 and "cancelled" in again["error"]["message"]
 
     run(test, clock, batch_seconds=10)
 

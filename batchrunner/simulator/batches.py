@@ -241,7 +241,7 @@ class BatchApi:
             batch = self._batch(request)
             if batch.status not in ("validating", "in_progress"):
                 raise ApiError(
-                    409, f"Cannot cancel a batch with status '{batch.status}'.", param="id"
+                    400, f"Cannot cancel a batch with status '{batch.status}'.", param="id"
                 )
             batch.cancel_requested = self._clock.monotonic()
             batch.status = "cancelling"
