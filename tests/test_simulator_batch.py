@@ -12,7 +12,8 @@ from typing import Any
 
 import aiohttp
 import openai
-import pytest
+from fakeclock import FakeClock
+from openai.types import Batch, FileObject
 
 from batchrunner.simulator import GatewayConfig, complete, gateway_in_thread, running_gateway
 
@@ -97,6 +98,7 @@ class Api:
     async def batch(self, batch_id: str) -> dict[str, Any]:
         status, batch = await self.call("GET", f"/batches/{batch_id}")
         assert status == 200, batch
+        Batch.model_validate(batch, strict=True)  # the SDK's own model, every field checked
         return batch
 
     async def content(self, file_id: str | None) -> list[dict[str, Any]]:
@@ -161,6 +163,7 @@ def test_a_batch_goes_validating_in_progress_finalizing_completed_on_the_clock()
             line["response"]["body"]["usage"]["prompt_tokens"] for line in output)
         status, file = await api.call("GET", f"/files/{done['output_file_id']}")
         assert status == 200 and file["purpose"] == "batch_output" and file["bytes"] > 0
+        FileObject.model_validate(file, strict=True)
 
     run(test, clock, batch_seconds=10)
 
@@ -210,12 +213,7 @@ def test_cancel_keeps_the_done_lines() -> None:
 
 def test_per_line_faults_and_bad_bodies_go_to_the_error_file() -> None:
     clock = ManualClock()
-    long_prompt = "rivers " * 1200  # past the 1024 cached-prefix threshold
-    lines = lines_of(40) + [
-        request_line("bad-model", body_for("hi", model="no-such-model")),
-        request_line("long-1", body_for(long_prompt)),
-        request_line("long-2", body_for(long_prompt + " again")),
-    ]
+    lines = lines_of(40) + [request_line("bad-model", body_for("hi", model="no-such-model"))]
 
     async def test(api: Api, gateway: Any) -> None:
         batch = await api.create(lines)
@@ -227,7 +225,7 @@ def test_per_line_faults_and_bad_bodies_go_to_the_error_file() -> None:
         errors = await api.content(done["error_file_id"])
         counts = done["request_counts"]
         assert counts["completed"] == len(output) and counts["failed"] == len(errors)
-        assert len(output) + len(errors) == 43
+        assert len(output) + len(errors) == 41
         statuses = {line["response"]["status_code"] for line in errors}
         assert 404 in statuses and statuses <= {404, 500, 503} and statuses & {500, 503}
         for line in errors:
@@ -237,12 +235,45 @@ def test_per_line_faults_and_bad_bodies_go_to_the_error_file() -> None:
         assert bad["response"]["body"]["error"]["code"] == "model_not_found"
         # faults are per line: some of the 40 failed, most did not
         assert 5 <= counts["failed"] <= 35
-        cached = {line["custom_id"]: line["response"]["body"]["usage"]["prompt_tokens_details"]
-                  ["cached_tokens"] for line in output if line["custom_id"].startswith("long")}
-        if cached.get("long-1") is not None and cached.get("long-2") is not None:
-            assert cached["long-1"] == 0 and cached["long-2"] > 0
 
     run(test, clock, batch_seconds=10, error_rate=0.5, fault_seed=3)
+
+
+def test_cached_tokens_are_reported_as_the_chat_endpoint_reports_them() -> None:
+    clock = ManualClock()
+    prompt = "rivers and lakes " * 500  # past the 1024-token cached prefix
+    lines = [request_line("first", body_for(prompt + "first?")),
+             request_line("second", body_for(prompt + "second?"))]
+
+    async def test(api: Api, gateway: Any) -> None:
+        batch = await api.create(lines)
+        for moment in (1.0, 9.0, 10.0):
+            await clock.advance_to(moment)
+        done = await api.batch(batch["id"])
+        output = await api.content(done["output_file_id"])
+        cached = [line["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+                  for line in output]
+        assert cached[0] == 0 and cached[1] >= 1024
+        assert done["usage"]["input_tokens_details"]["cached_tokens"] == cached[1]
+
+    run(test, clock, batch_seconds=10)
+
+
+def test_a_batch_slower_than_its_window_expires_at_24_hours_with_what_it_finished() -> None:
+    clock = FakeClock()  # time jumps whenever the loop is idle: two days pass in no time
+
+    async def test(api: Api, gateway: Any) -> None:
+        batch = await api.create(lines_of(10))
+        while (now := await api.batch(batch["id"]))["status"] not in ("expired", "completed"):
+            await clock.sleep(600)
+        assert now["status"] == "expired"
+        assert now["expired_at"] - now["created_at"] in range(24 * 3600, 24 * 3600 + 601)
+        # 48 hours to answer: about 24 hours of 0.8 x 48 answered, the other lines expired
+        assert 5 <= now["request_counts"]["completed"] <= 6
+        errors = await api.content(now["error_file_id"])
+        assert len(errors) == 10 - now["request_counts"]["completed"]
+
+    run(test, clock, batch_seconds=48 * 3600)
 
 
 def test_a_file_with_bad_lines_fails_the_batch_with_its_errors() -> None:

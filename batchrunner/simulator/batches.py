@@ -375,19 +375,20 @@ class BatchApi:
         started = batch.created + VALIDATING_SHARE * self._seconds  # when validating ended
         total = batch.total
         limit = total if self._expire_after is None else min(total, self._expire_after)
+        window_ends = batch.created + COMPLETION_WINDOW_S
         while batch.done < total and batch.cancel_requested is None:
             now = clock.monotonic()
-            if batch.done >= limit or now - batch.created >= COMPLETION_WINDOW_S:
-                batch.status = "expired"
-                return
             due = total if span <= 0 else min(total, int(total * (now - started) / span))
             due = min(due, limit)
             if due > batch.done:
                 files.answer(batch, min(due, batch.done + CHUNK))
                 await asyncio.sleep(0)  # let the server answer others between chunks
                 continue
+            if batch.done >= limit or now >= window_ends:
+                batch.status = "expired"
+                return
             next_due = started + (batch.done + 1) * span / total
-            await clock.sleep(max(next_due - now, span / TICKS))
+            await clock.sleep(min(max(next_due - now, span / TICKS), window_ends - now))
 
 
 class _Files:
