@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -371,3 +373,31 @@ def test_the_files_and_batches_of_the_openai_sdk_work_unchanged(tmp_path: Path) 
             f"row-{i}" for i in range(5)]
         assert client.files.delete(file.id).deleted
         assert gateway.stats.files_created == 1 and gateway.stats.batches_created == 2
+
+
+def test_the_gateway_command_takes_the_batch_options(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "batchrunner", "gateway", "--port", "0",
+               "--batch-seconds", "0", "--batch-expire-after", "2"]
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(command, cwd=root, stderr=subprocess.PIPE, text=True) as gateway:
+        try:
+            assert gateway.stderr is not None
+            base_url = gateway.stderr.readline().rsplit(" ", 1)[-1].strip()
+
+            async def main() -> dict[str, Any]:
+                async with aiohttp.ClientSession() as session:
+                    api = Api(session, base_url)
+                    batch = await api.create(lines_of(5))
+                    deadline = time.monotonic() + 30
+                    while (batch := await api.batch(batch["id"]))["status"] != "expired":
+                        assert time.monotonic() < deadline, batch["status"]
+                        await asyncio.sleep(0.05)
+                    return batch
+
+            batch = asyncio.run(main())
+            assert batch["request_counts"] == {"total": 5, "completed": 2, "failed": 0}
+        finally:
+            gateway.terminate()
+    refused = subprocess.run([*command[:6], "--batch-expire-after=-1"], cwd=root,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--batch-expire-after" in refused.stderr
