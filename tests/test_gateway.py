@@ -712,6 +712,8 @@ def test_stats_count_requests_statuses_and_concurrency(start_gateway: Any) -> No
         "dropped": 0,
         "invalid_json": 0,
         "by_status": {"200": 5, "404": 1},
+        "files_created": 0,
+        "batches_created": 0,
     }
     assert gateway.stats.max_in_flight == 5
     zeroed = call(gateway, "/_simulator/reset", key=None, method="POST").json()

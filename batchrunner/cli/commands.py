@@ -473,6 +473,10 @@ _PORT = click.IntRange(0, 65535)
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
 @click.option("--cache-min-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")
+@click.option("--batch-seconds", type=_NOT_NEGATIVE, default=2.0, show_default=True,
+              help="Seconds a Batch API batch takes to finish (about).")
+@click.option("--batch-expire-after", type=click.IntRange(min=0), metavar="N",
+              help="Every batch expires once N of its lines are done (they are kept).")
 def gateway(**kwargs: Any) -> None:
     """Serve the gateway simulator: the ru-llm API on loopback, for tests and demos.
 

@@ -8,6 +8,8 @@ Server side only: nothing here imports batchrunner's client modules.
     prompt_cache.py  cached_tokens for repeated prompt prefixes
     faults.py        latency, 500/503, dropped connections, the 429 limiter
     stats.py         live counters
+    batch_files.py   the Batch API's files: uploads on disk, their lines checked
+    batches.py       the Batch API: files and batches routes, a batch's statuses and lines
     app.py           the aiohttp.web application
     server.py        running it: async context manager, thread, blocking `serve`
 

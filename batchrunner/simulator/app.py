@@ -5,6 +5,7 @@ Routes:
 - `POST /v1/chat/completions`: JSON or Server-Sent Events (`"stream": true`)
 - `GET /v1/models`, `GET /v1/models/{id}`
 - `GET /_simulator/stats`, `POST /_simulator/reset`: the live counters (no key needed)
+- the Batch API (`/v1/files`, `/v1/batches`): batches.py, its lines answered by `answer_body`
 
 Each chat request goes: key -> body checks (400/404) -> rate limit (429) -> latency ->
 500/503 -> answer, possibly dropped midway. Answers are computed once per distinct body and
@@ -24,10 +25,11 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from batchrunner.simulator.batches import BatchApi, LineAnswer
 from batchrunner.simulator.chat_request import ApiError, ChatRequest, parse_request
 from batchrunner.simulator.completions import Completion, Usage, answer
 from batchrunner.simulator.config import MODELS, GatewayConfig
@@ -36,6 +38,9 @@ from batchrunner.simulator.json_answers import spoil
 from batchrunner.simulator.prompt_cache import PromptCache
 from batchrunner.simulator.stats import GatewayStats
 from batchrunner.simulator.tokens import count_tokens
+
+if TYPE_CHECKING:
+    from batchrunner.clock import Clock
 
 __all__ = ["SIMULATOR", "Simulator", "create_app"]
 
@@ -169,7 +174,7 @@ def _usage_of(usage: Usage, cached: int) -> str:
 class Simulator:
     """The state behind the routes: config, counters, limiter, faults and caches."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.config = config
         self.stats = GatewayStats()
         self.faults = FaultPlan(config)
@@ -190,6 +195,17 @@ class Simulator:
                 "data": [self._model_json(info.id) for info in MODELS.values()],
             }
         ).encode()
+        # Batch lines draw their faults from streams of their own: a batch running beside
+        # chat requests changes none of theirs.
+        batch_config = dataclasses.replace(
+            config, latency_ms=0.0, jitter_ms=0.0, drop_rate=0.0,
+            fault_seed=None if config.fault_seed is None else config.fault_seed ^ 0xBA7C4,
+        )
+        self._batch_faults = FaultPlan(batch_config)
+        self._batch_invalid_json = (
+            InvalidJsonPlan(batch_config) if config.invalid_json_rate else None
+        )
+        self.batches = BatchApi(config, self.stats, self.answer_body, self._refused, clock)
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -200,6 +216,7 @@ class Simulator:
         app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_get("/_simulator/stats", self.get_stats)
         app.router.add_post("/_simulator/reset", self.reset_stats)
+        self.batches.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:
@@ -305,6 +322,9 @@ class Simulator:
                 "We could not parse the JSON body of your request. The OpenAI API expects "
                 "a JSON payload, but what was sent was not valid JSON.",
             ) from None
+        return self._prepare_body(body)
+
+    def _prepare_body(self, body: Any) -> _Prepared:
         request = parse_request(body)
         completion = answer(request)
         prefixes = (
@@ -314,15 +334,45 @@ class Simulator:
         )
         return _Prepared(request, completion, prefixes, json.dumps(completion.model))
 
+    def answer_body(self, body: Any, created: int) -> LineAnswer:
+        """A Batch API line's `body` answered as `POST /v1/chat/completions` would answer it.
+
+        The same checks (400/404), text, usage and cached tokens; the 500/503s of `error_rate`
+        and the spoiled answers of `invalid_json_rate`, drawn from the batch lines' own
+        streams. The answer is never streamed.
+        """
+        try:
+            prepared = self._prepare_body(body)
+        except ApiError as error:
+            return LineAnswer(error.status, json.dumps(error.body()).encode())
+        faults = self._batch_faults.draw()
+        if faults.error_status is not None:
+            error = _server_error(faults.error_status)
+            return LineAnswer(error.status, json.dumps(error.body()).encode())
+        if self._batch_invalid_json is not None and prepared.request.response_format is not None:
+            how = self._batch_invalid_json.draw()
+            if how is not None:
+                prepared = _spoiled(prepared, how)
+                self.stats.invalid_json += 1
+        cached = (
+            self.prompt_cache.lookup_and_store(prepared.prefixes) if prepared.prefixes else 0
+        )
+        usage = prepared.completion.usage
+        return LineAnswer(
+            200, self._json_answer(prepared, cached, created), usage.prompt_tokens,
+            usage.completion_tokens, cached, usage.reasoning_tokens,
+        )
+
     def _new_id(self) -> str:
         return f"chatcmpl-{self._id_prefix}{next(self._ids):08x}"
 
-    def _json_answer(self, prepared: _Prepared, cached: int) -> bytes:
+    def _json_answer(self, prepared: _Prepared, cached: int, created: int | None = None) -> bytes:
         if prepared.choices_json is None:
             prepared.choices_json = _choices_json(prepared.completion)
         usage = prepared.completion.usage
+        created = int(time.time()) if created is None else created
         return (
-            f'{{"id":"{self._new_id()}","object":"chat.completion","created":{int(time.time())},'
+            f'{{"id":"{self._new_id()}","object":"chat.completion","created":{created},'
             f'"model":{prepared.model_json},"choices":{prepared.choices_json},'
             f'"usage":{_usage_of(usage, cached)},'
             f'"service_tier":"default","system_fingerprint":"{FINGERPRINT}"}}'
@@ -393,6 +443,11 @@ class Simulator:
 
     # -- errors and headers --------------------------------------------------------------------
 
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """The 401 answer to a request without an accepted key, or None."""
+        refused = self._refuse_key(request)
+        return None if refused is None else self._error(refused)
+
     def _refuse_key(self, request: web.Request) -> ApiError | None:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer ") or not header[7:].strip():
@@ -446,20 +501,7 @@ class Simulator:
         )
 
     def _server_error(self, status: int) -> web.Response:
-        if status == 503:
-            error = ApiError(
-                503,
-                "The server is overloaded or not ready yet.",
-                type="server_error",
-                code="service_unavailable",
-            )
-        else:
-            error = ApiError(
-                500,
-                "The server had an error while processing your request. Sorry about that!",
-                type="server_error",
-            )
-        return self._error(error)
+        return self._error(_server_error(status))
 
     def _counted(self, response: web.StreamResponse) -> web.StreamResponse:
         by_status = self.stats.by_status
@@ -477,16 +519,39 @@ class Simulator:
         }
 
 
+def _server_error(status: int) -> ApiError:
+    if status == 503:
+        return ApiError(
+            503,
+            "The server is overloaded or not ready yet.",
+            type="server_error",
+            code="service_unavailable",
+        )
+    return ApiError(
+        500,
+        "The server had an error while processing your request. Sorry about that!",
+        type="server_error",
+    )
+
+
 SIMULATOR = web.AppKey("simulator", Simulator)
 
 
-def create_app(config: GatewayConfig | None = None) -> web.Application:
+def create_app(config: GatewayConfig | None = None, clock: Clock | None = None) -> web.Application:
     """The simulator as an aiohttp application; its state is at `app[SIMULATOR]`.
+
+    `clock` (`monotonic()` and `async sleep()`) is the Batch API's time; tests give a virtual
+    one. Stopping the application stops its batches and removes their files.
 
     >>> app = create_app(GatewayConfig(error_rate=0.05, fault_seed=1))
     """
     app = web.Application()
-    simulator = Simulator(config or GatewayConfig())
+    simulator = Simulator(config or GatewayConfig(), clock)
     app[SIMULATOR] = simulator
     simulator.add_routes(app)
+
+    async def stop_batches(app: web.Application) -> None:
+        await simulator.batches.close()
+
+    app.on_cleanup.append(stop_batches)
     return app

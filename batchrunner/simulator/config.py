@@ -33,6 +33,8 @@ class GatewayConfig:
     fault_seed: int | None = None
     cache_min_tokens: int = 1024  # shortest prompt prefix that is cached
     cache_step_tokens: int = 128  # cached prefixes grow in steps of this many tokens
+    batch_seconds: float = 2.0  # a Batch API batch finishes in about this many seconds
+    batch_expire_after: int | None = None  # every batch expires once this many lines are done
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,6 +52,12 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be at least 1, not {value}")
         if self.rate_window_s <= 0:
             raise ValueError(f"rate_window_s must be positive, not {self.rate_window_s}")
+        if self.batch_seconds < 0:
+            raise ValueError(f"batch_seconds must not be negative, not {self.batch_seconds}")
+        if self.batch_expire_after is not None and self.batch_expire_after < 0:
+            raise ValueError(
+                f"batch_expire_after must not be negative, not {self.batch_expire_after}"
+            )
         if self.cache_min_tokens < 1 or self.cache_step_tokens < 1:
             raise ValueError("cache_min_tokens and cache_step_tokens must be at least 1")
         if isinstance(self.keys, str):  # a lone key would otherwise become its characters

@@ -16,11 +16,13 @@ class GatewayStats:
     (they are in no status). `in_flight` is live; `max_in_flight` is its peak since the reset.
     `invalid_json` counts json_schema answers made invalid on purpose (`invalid_json_rate`).
     `by_key` counts accepted requests by key, each key named by `key_label` (a digest, never
-    the key itself).
+    the key itself). `files_created` and `batches_created` count the Batch API's uploads
+    (`POST /v1/files`) and batches (`POST /v1/batches`).
     """
 
     __slots__ = (
-        "by_key", "by_status", "dropped", "in_flight", "invalid_json", "max_in_flight", "requests"
+        "batches_created", "by_key", "by_status", "dropped", "files_created", "in_flight",
+        "invalid_json", "max_in_flight", "requests",
     )
 
     def __init__(self) -> None:
@@ -31,6 +33,8 @@ class GatewayStats:
         self.invalid_json = 0
         self.by_status: dict[int, int] = {}
         self.by_key: dict[str, int] = {}
+        self.files_created = 0
+        self.batches_created = 0
 
     def count_key(self, key: str) -> None:
         """Count one accepted request under its key's label."""
@@ -45,6 +49,8 @@ class GatewayStats:
         self.invalid_json = 0
         self.by_status = {}
         self.by_key = {}
+        self.files_created = 0
+        self.batches_created = 0
 
     def to_json(self) -> dict[str, Any]:
         """The counters as JSON: `by_status` keys are the statuses as strings."""
@@ -56,6 +62,8 @@ class GatewayStats:
             "invalid_json": self.invalid_json,
             "by_status": {str(status): count for status, count in sorted(self.by_status.items())},
             "by_key": dict(sorted(self.by_key.items())),
+            "files_created": self.files_created,
+            "batches_created": self.batches_created,
         }
 
     def __repr__(self) -> str:

@@ -12,12 +12,13 @@ completions.py (a JSON body) or sse.py (a stream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -189,6 +190,42 @@ class Client:
         if not isinstance(data, list):
             raise InvalidResponse("GET /models: no `data` list in the answer")
         return data
+
+    def url(self, path: str) -> URL:
+        """The URL of `path` (e.g. `/batches`) under the base URL, with its query string."""
+        root = self._url.path.rpartition("/chat/completions")[0]
+        return self._url.with_path(root + path).with_query(self._url.query)
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self, method: str, path: str, *, stream: bool = False, content_type: str | None = None,
+        **options: Any,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request to `path` under the base URL, with the key, proxy and timeouts of
+        `complete`; the answer is yielded to read inside the block.
+
+        An answer that is not 2xx raises the error `complete` would raise; aiohttp's errors,
+        raised sending or while the block reads the body, leave as ours; every text is
+        scrubbed of the key. `stream` reads with the streaming timeouts (a long download is
+        not cut while it keeps arriving); `content_type` replaces the JSON one (a multipart
+        upload's, with its boundary).
+        """
+        session = self._session
+        assert session is not None, "use Client as an async context manager"
+        sent = {**self._send_options, **options}
+        if content_type is not None:
+            sent["headers"] = _Redacted({**sent["headers"], "Content-Type": content_type})
+        if stream:
+            sent["timeout"] = self._stream_timeout
+        try:
+            async with session.request(method, self.url(path), **sent) as response:
+                if not 200 <= response.status < 300:
+                    raise await _error_for(response)
+                yield response
+        except (RequestError, AuthRefused) as exc:
+            raise self._scrubbed(exc)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise self._scrubbed(self._failure(exc, stream)) from None
 
     def _scrubbed(self, exc: RequestError | AuthRefused) -> RequestError | AuthRefused:
         """`exc` with the key (and anything shaped like one) masked in its text.
