@@ -473,6 +473,8 @@ _PORT = click.IntRange(0, 65535)
 @click.option("--fault-seed", type=int, help="Seed for reproducible faults.")
 @click.option("--cache-min-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Shortest prompt prefix reported as cached.")
+@click.option("--prompt-cache-ttl", type=_NOT_NEGATIVE, default=300.0, show_default=True,
+              metavar="S", help="Seconds a cached prompt prefix stays without use.")
 def gateway(**kwargs: Any) -> None:
     """Serve the gateway simulator: the ru-llm API on loopback, for tests and demos.
 

@@ -33,6 +33,7 @@ class GatewayConfig:
     fault_seed: int | None = None
     cache_min_tokens: int = 1024  # shortest prompt prefix that is cached
     cache_step_tokens: int = 128  # cached prefixes grow in steps of this many tokens
+    prompt_cache_ttl: float = 300.0  # seconds a cached prefix stays without use
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +53,8 @@ class GatewayConfig:
             raise ValueError(f"rate_window_s must be positive, not {self.rate_window_s}")
         if self.cache_min_tokens < 1 or self.cache_step_tokens < 1:
             raise ValueError("cache_min_tokens and cache_step_tokens must be at least 1")
+        if self.prompt_cache_ttl < 0:
+            raise ValueError(f"prompt_cache_ttl must not be negative, not {self.prompt_cache_ttl}")
         if isinstance(self.keys, str):  # a lone key would otherwise become its characters
             object.__setattr__(self, "keys", (self.keys,))
         else:

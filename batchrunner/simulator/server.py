@@ -10,13 +10,16 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from batchrunner.simulator.app import SIMULATOR, create_app
 from batchrunner.simulator.config import GatewayConfig
 from batchrunner.simulator.stats import GatewayStats
+
+if TYPE_CHECKING:
+    from batchrunner.clock import Clock
 
 __all__ = ["CannotListen", "RunningGateway", "gateway_in_thread", "running_gateway", "serve"]
 
@@ -71,17 +74,20 @@ class RunningGateway:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: GatewayConfig | None = None) -> AsyncIterator[RunningGateway]:
+async def running_gateway(
+    config: GatewayConfig | None = None, *, clock: Clock | None = None
+) -> AsyncIterator[RunningGateway]:
     """Serve the simulator in the running event loop for the duration of the block.
 
     It listens on `config.host:config.port`; port 0 (the default when no config is given)
-    picks a free port, which `base_url` names.
+    picks a free port, which `base_url` names. `clock` is the simulator's time (latency, the
+    prompt cache's expiry): a FakeClock in tests.
 
     >>> async with running_gateway(GatewayConfig(port=0, error_rate=0.1)) as gw:
     ...     client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="sk-ru-test")
     """
     config = config if config is not None else GatewayConfig(port=0)
-    app = create_app(config)
+    app = create_app(config, clock=clock)
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
