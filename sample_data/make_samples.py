@@ -534,6 +534,158 @@ def short_arithmetic() -> list[dict[str, str]]:
     return rows
 
 
+# --- document QA: long shared prefixes (the prompt cache) -----------------------------------------
+# 200 generated town reports of 1,500+ tokens (about 4 characters a token), 10 questions each,
+# rows shuffled: the questions about one document are spread across the file, as in a real
+# question set. Each report states its facts in varied prose; the references are those facts.
+
+SYLLABLES = ["bar", "cel", "dor", "fen", "gal", "hol", "kir", "lom", "mar", "nor", "pel", "quin",
+             "ros", "sal", "tor", "ul", "ven", "wil", "yar", "zan", "bro", "cra", "dun", "ers"]
+REGIONS = ["the northern uplands", "the eastern marshes", "the western coast", "the southern plain",
+           "the central valley", "the lake district", "the pine hills", "the river delta"]
+INDUSTRIES = ["wool weaving", "glass blowing", "salt panning", "clock making", "paper milling",
+              "boat building", "cheese making", "copper mining", "rope making", "bell founding",
+              "lace making", "apple pressing"]
+BUILDINGS = ["a round library", "a copper-roofed market hall", "a stone lighthouse",
+             "a twelve-arched bridge", "a timber guildhall", "an observatory", "a covered arcade",
+             "a salt warehouse turned museum", "a bell tower", "a glass conservatory"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+FIRST_NAMES = ["Ada", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines",
+               "Jonas", "Kaja", "Luca", "Mira", "Nils", "Olga", "Pavel", "Rosa", "Stefan", "Tilda",
+               "Viktor"]
+TOPICS = {
+    "history": [
+        "Old charters kept in the archive describe {a} {b} that shaped the early settlement.",
+        "Chroniclers of the period wrote at length about the {a} disputes over {b} rights.",
+        "Several families arrived in waves, each bringing {a} customs and a taste for {b}.",
+        "A fire in the old quarter destroyed much of the {a} housing, and the rebuilding favoured {b}.",
+        "Records from the guilds show how {a} trade routes slowly replaced the {b} ones.",
+        "The town walls were pulled down long ago, and their {a} stones now line the {b} lanes.",
+    ],
+    "economy": [
+        "Most workshops today are small, {a} firms that sell {b} goods to the wider region.",
+        "Local banks lend mainly to {a} cooperatives, which in turn employ {b} apprentices.",
+        "Seasonal work still matters: in good years the {a} harvest brings {b} visitors.",
+        "The council publishes a {a} report each spring on wages, rents and the {b} market.",
+        "Shopkeepers complain that {a} rents push {b} businesses to the edge of town.",
+        "Exports leave by road and rail, and a {a} share still travels on {b} barges.",
+    ],
+    "geography": [
+        "The land around the town is {a}, cut by {b} streams that flood after the thaw.",
+        "Walkers follow a {a} path along the ridge, with {b} views over the farmland.",
+        "Winters are {a} and summers {b}, with most rain falling in the autumn months.",
+        "Hedgerows divide the {a} fields, and {b} woods cover the steeper slopes.",
+        "From the highest point one can see {a} villages and, on clear days, the {b} sea.",
+        "The soil is {a} near the water and {b} on the higher ground to the north.",
+    ],
+    "culture": [
+        "The town choir sings {a} songs at weddings and {b} hymns at funerals.",
+        "A small theatre stages {a} comedies in winter and {b} dramas in summer.",
+        "Children learn the {a} dances of the region at school, along with {b} crafts.",
+        "Cafés around the square serve {a} pastries and a {b} local coffee.",
+        "The museum keeps {a} tools, {b} costumes and a collection of old maps.",
+        "Writers who settled here praised the {a} light and the {b} pace of life.",
+    ],
+}
+ADJECTIVES = ["quiet", "busy", "gentle", "steep", "narrow", "broad", "ancient", "modest", "lively",
+              "hardy", "sheltered", "windy", "fertile", "rocky", "mild", "harsh", "bright", "humble",
+              "careful", "generous", "stubborn", "patient", "crowded", "scattered", "seasonal",
+              "rival", "shared", "forgotten", "famous", "plain", "costly", "cheap", "sturdy"]
+
+
+def _town_name(rng: random.Random) -> str:
+    return "".join(rng.sample(SYLLABLES, rng.choice([2, 3]))).capitalize()
+
+
+def _paragraph(rng: random.Random, topic: str, sentences: int) -> str:
+    return " ".join(
+        rng.choice(TOPICS[topic]).format(a=rng.choice(ADJECTIVES), b=rng.choice(ADJECTIVES))
+        for _ in range(sentences)
+    )
+
+
+def _town(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """One town report (1,500+ estimated tokens) and its (question, reference) pairs."""
+    name = _town_name(rng)
+    river = _town_name(rng)
+    twin = _town_name(rng)
+    facts = {
+        "region": rng.choice(REGIONS),
+        "founded": str(rng.randint(1100, 1850)),
+        "population": f"{rng.randint(2, 95) * 1000 + rng.randint(1, 999):,}",
+        "river": river,
+        "industry": rng.choice(INDUSTRIES),
+        "mayor": f"{rng.choice(FIRST_NAMES)} {_town_name(rng)}",
+        "festival": rng.choice(MONTHS),
+        "building": rng.choice(BUILDINGS),
+        "twin": twin,
+        "elevation": str(rng.randint(5, 1400)),
+        "bridges": str(rng.randint(2, 19)),
+        "schools": str(rng.randint(1, 12)),
+        "market": rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]),
+        "railway": str(rng.randint(1840, 1935)),
+    }
+    f = facts
+    intro = (
+        f"{name} is a town in {f['region']}, on the banks of the river {river}, "
+        f"{f['elevation']} metres above sea level. It was founded in {f['founded']} and is home "
+        f"to {f['population']} people today."
+    )
+    statements = {
+        "history": f"The railway reached {name} in {f['railway']}, and the town grew quickly "
+                   "after.",
+        "economy": f"Its best-known trade is {f['industry']}, and the weekly market is held every "
+                   f"{f['market']}.",
+        "geography": f"The river {river} is crossed by {f['bridges']} bridges inside the town.",
+        "culture": f"The town festival takes place every {f['festival']}; the best-known sight is "
+                   f"{f['building']}. {name} is twinned with {twin}, and its {f['schools']} "
+                   f"schools take part in exchanges. The current mayor is {f['mayor']}.",
+    }
+    paragraphs = [intro]
+    topics = list(TOPICS)
+    rng.shuffle(topics)
+    for topic in topics:
+        before = _paragraph(rng, topic, rng.randint(5, 8))
+        after = _paragraph(rng, topic, rng.randint(5, 8))
+        paragraphs.append(f"{topic.capitalize()}. {before} {statements[topic]} {after}")
+        paragraphs.append(_paragraph(rng, topic, rng.randint(6, 9)))
+    document = f"A report on {name}\n\n" + "\n\n".join(paragraphs)
+    while len(document) < 6_400:  # 1,600 tokens at 4 characters a token
+        document += "\n\n" + _paragraph(rng, rng.choice(topics), 7)
+    questions = [
+        (f"In which year was {name} founded?", f["founded"]),
+        (f"How many people live in {name}?", f["population"]),
+        (f"On which river does {name} lie?", river),
+        (f"What is {name}'s best-known trade?", f["industry"]),
+        (f"Who is the mayor of {name}?", f["mayor"]),
+        (f"In which month is the festival of {name} held?", f["festival"]),
+        (f"What is the best-known sight of {name}?", f["building"]),
+        (f"Which town is {name} twinned with?", twin),
+        (f"How high above sea level is {name}, in metres?", f["elevation"]),
+        (f"How many bridges cross the river inside {name}?", f["bridges"]),
+        (f"How many schools does {name} have?", f["schools"]),
+        (f"On which day is the weekly market of {name}?", f["market"]),
+        (f"When did the railway reach {name}?", f["railway"]),
+        (f"In which region is {name}?", f["region"]),
+    ]
+    return document, rng.sample(questions, 10)
+
+
+def doc_qa() -> list[dict[str, str]]:
+    rng = random.Random(20261208)
+    rows = []
+    for d in range(200):
+        document, questions = _town(rng)
+        rows += [
+            {"id": f"doc{d:03d}-q{q:02d}", "document": document, "question": question,
+             "reference": reference}
+            for q, (question, reference) in enumerate(questions)
+        ]
+    rng.shuffle(rows)
+    return rows
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 
@@ -574,10 +726,13 @@ def main() -> None:
         [{"id": f"c{i:02d}", "messages": m} for i, m in enumerate(CONVERSATIONS, 1)],
     )
     write_jsonl("batch_api.jsonl", batch_api())
+    qa = doc_qa()
+    write_parquet("doc_qa.parquet", qa)  # Parquet only: its dictionary stores each document once
     for name in ("prompts.jsonl", "eval_multiple_choice.jsonl"):
         shutil.copyfile(HERE / name, PACKAGE_SAMPLES / name)
     for name, rows in sets.items():
         print(f"{name}: {len(rows)} rows")
+    print(f"doc_qa: {len(qa)} rows, {(HERE / 'doc_qa.parquet').stat().st_size:,} bytes")
 
 
 if __name__ == "__main__":

@@ -523,10 +523,11 @@ def test_prompt_cache_remembers_the_latest_prefixes() -> None:
     messages = [{"role": "user", "content": "one two three four five six seven eight nine"}]
     prefixes = cache.prefix_digests("gpt-4o", messages)
     assert [length for length, _ in prefixes] == [8, 12, 16]
-    assert cache.lookup_and_store(prefixes) == 0
-    assert cache.lookup_and_store(prefixes) == 16
-    cache.lookup_and_store(cache.prefix_digests("gpt-4o", [{"role": "user", "content": "x " * 20}]))
-    assert cache.lookup_and_store(prefixes) == 0  # pushed out by capacity
+    assert cache.lookup(prefixes) == 0
+    cache.store(prefixes)
+    assert cache.lookup(prefixes) == 16
+    cache.store(cache.prefix_digests("gpt-4o", [{"role": "user", "content": "x " * 20}]))
+    assert cache.lookup(prefixes) == 0  # pushed out by capacity
 
 
 # -- faults --------------------------------------------------------------------------------------
@@ -783,6 +784,7 @@ def _gateway_command(*args: str) -> subprocess.CompletedProcess[str]:
     (["--port", "99999"], "--port"),  # not 99999 - 65536 = 34463
     (["--rpm", "0"], "--rpm"),
     (["--rate-window", "0"], "--rate-window"),
+    (["--prompt-cache-ttl", "-1"], "--prompt-cache-ttl"),
 ])
 def test_gateway_options_out_of_range_are_usage_errors(args: list[str], named: str) -> None:
     done = _gateway_command(*args)

@@ -477,6 +477,8 @@ _PORT = click.IntRange(0, 65535)
               help="Seconds a Batch API batch takes to finish (about).")
 @click.option("--batch-expire-after", type=click.IntRange(min=0), metavar="N",
               help="Every batch expires once N of its lines are done (they are kept).")
+@click.option("--prompt-cache-ttl", type=_NOT_NEGATIVE, default=300.0, show_default=True,
+              metavar="S", help="Seconds a cached prompt prefix stays without use.")
 def gateway(**kwargs: Any) -> None:
     """Serve the gateway simulator: the ru-llm API on loopback, for tests and demos.
 

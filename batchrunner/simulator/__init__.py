@@ -5,7 +5,7 @@ Server side only: nothing here imports batchrunner's client modules.
     config.py        GatewayConfig, the models served
     tokens.py        the tokenizer rule; usage always agrees with the text
     completions.py   request checks (400/404) and the deterministic answer, no server needed
-    prompt_cache.py  cached_tokens for repeated prompt prefixes
+    prompt_cache.py  cached_tokens: a prefix cached once answered, expiring unused
     faults.py        latency, 500/503, dropped connections, the 429 limiter
     stats.py         live counters
     batch_files.py   the Batch API's files: uploads on disk, their lines checked

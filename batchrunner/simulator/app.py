@@ -7,8 +7,9 @@ Routes:
 - `GET /_simulator/stats`, `POST /_simulator/reset`: the live counters (no key needed)
 - the Batch API (`/v1/files`, `/v1/batches`): batches.py, its lines answered by `answer_body`
 
-Each chat request goes: key -> body checks (400/404) -> rate limit (429) -> latency ->
-500/503 -> answer, possibly dropped midway. Answers are computed once per distinct body and
+Each chat request goes: key -> body checks (400/404) -> rate limit (429) -> its cached tokens
+(against the prefixes cached so far) -> latency -> 500/503 -> answer, possibly dropped midway;
+a complete answer caches its prompt's prefixes. Answers are computed once per distinct body and
 kept in a small cache, so a benchmark measures the HTTP path, not the text generator.
 """
 
@@ -171,11 +172,25 @@ def _usage_of(usage: Usage, cached: int) -> str:
     )
 
 
+class _RealClock:
+    """The real time (the package's `Clock` protocol): time.monotonic and asyncio.sleep."""
+
+    monotonic = staticmethod(time.monotonic)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
 class Simulator:
-    """The state behind the routes: config, counters, limiter, faults and caches."""
+    """The state behind the routes: config, counters, limiter, faults and caches.
+
+    `clock` is where the latency is waited, the prompt cache reads the time and batches are
+    scheduled (default the real one; a FakeClock or one moved by hand in tests).
+    """
 
     def __init__(self, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock = clock if clock is not None else _RealClock()
         self.stats = GatewayStats()
         self.faults = FaultPlan(config)
         self.invalid_json = InvalidJsonPlan(config) if config.invalid_json_rate else None
@@ -184,7 +199,12 @@ class Simulator:
             if config.rpm is not None or config.tpm is not None
             else None
         )
-        self.prompt_cache = PromptCache(config.cache_min_tokens, config.cache_step_tokens)
+        self.prompt_cache = PromptCache(
+            config.cache_min_tokens,
+            config.cache_step_tokens,
+            ttl_s=config.prompt_cache_ttl,
+            clock=clock.monotonic,
+        )
         self._keys = frozenset(config.keys)
         self._answers: OrderedDict[bytes, _Prepared] = OrderedDict()
         self._ids = itertools.count(1)
@@ -290,9 +310,11 @@ class Simulator:
             if refusal is not None:
                 return self._counted(self._rate_limited(*refusal, prepared))
 
+        # Decided on arrival, against the prefixes of the answers complete by now.
+        cached = self.prompt_cache.lookup(prepared.prefixes) if prepared.prefixes else 0
         faults = self.faults.draw()
         if faults.delay_s:
-            await asyncio.sleep(faults.delay_s)
+            await self.clock.sleep(faults.delay_s)
         if faults.error_status is not None:
             return self._counted(self._server_error(faults.error_status))
 
@@ -301,9 +323,6 @@ class Simulator:
             if how is not None:
                 prepared = _spoiled(prepared, how)
                 self.stats.invalid_json += 1
-        cached = (
-            self.prompt_cache.lookup_and_store(prepared.prefixes) if prepared.prefixes else 0
-        )
         if prepared.request.stream:
             return await self._stream(request, prepared, cached, faults.drop_at)
         body = self._json_answer(prepared, cached)
@@ -311,6 +330,7 @@ class Simulator:
         if faults.drop_at is not None:
             response = web.StreamResponse(headers=headers)
             return await self._drop(request, response, [body], faults.drop_at, stream=False)
+        self._answered(prepared)
         return self._counted(web.Response(body=body, headers=headers))
 
     def _prepare(self, raw: bytes) -> _Prepared:
@@ -354,9 +374,10 @@ class Simulator:
             if how is not None:
                 prepared = _spoiled(prepared, how)
                 self.stats.invalid_json += 1
-        cached = (
-            self.prompt_cache.lookup_and_store(prepared.prefixes) if prepared.prefixes else 0
-        )
+        cached = 0
+        if prepared.prefixes:  # a line's answer is complete at once: its prefix is cached
+            cached = self.prompt_cache.lookup(prepared.prefixes)
+            self.prompt_cache.store(prepared.prefixes)
         usage = prepared.completion.usage
         return LineAnswer(
             200, self._json_answer(prepared, cached, created), usage.prompt_tokens,
@@ -412,7 +433,13 @@ class Simulator:
             await response.write_eof()
         except ConnectionError:  # the client went away mid-stream: nothing to answer
             return response
+        self._answered(prepared)  # the last chunk is sent
         return self._counted(response)
+
+    def _answered(self, prepared: _Prepared) -> None:
+        """The answer is complete: its prompt's prefixes are cached from now on."""
+        if prepared.prefixes:
+            self.prompt_cache.store(prepared.prefixes)
 
     async def _drop(
         self,
@@ -540,8 +567,8 @@ SIMULATOR = web.AppKey("simulator", Simulator)
 def create_app(config: GatewayConfig | None = None, clock: Clock | None = None) -> web.Application:
     """The simulator as an aiohttp application; its state is at `app[SIMULATOR]`.
 
-    `clock` (`monotonic()` and `async sleep()`) is the Batch API's time; tests give a virtual
-    one. Stopping the application stops its batches and removes their files.
+    `clock` (`monotonic()` and `async sleep()`) is the simulator's time: latency, the prompt
+    cache's expiry, the Batch API's schedule; tests give a virtual one. Stopping the application stops its batches and removes their files.
 
     >>> app = create_app(GatewayConfig(error_rate=0.05, fault_seed=1))
     """

@@ -35,6 +35,7 @@ class GatewayConfig:
     cache_step_tokens: int = 128  # cached prefixes grow in steps of this many tokens
     batch_seconds: float = 2.0  # a Batch API batch finishes in about this many seconds
     batch_expire_after: int | None = None  # every batch expires once this many lines are done
+    prompt_cache_ttl: float = 300.0  # seconds a cached prefix stays without use
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -60,6 +61,8 @@ class GatewayConfig:
             )
         if self.cache_min_tokens < 1 or self.cache_step_tokens < 1:
             raise ValueError("cache_min_tokens and cache_step_tokens must be at least 1")
+        if self.prompt_cache_ttl < 0:
+            raise ValueError(f"prompt_cache_ttl must not be negative, not {self.prompt_cache_ttl}")
         if isinstance(self.keys, str):  # a lone key would otherwise become its characters
             object.__setattr__(self, "keys", (self.keys,))
         else:

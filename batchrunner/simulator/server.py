@@ -80,8 +80,8 @@ async def running_gateway(
     """Serve the simulator in the running event loop for the duration of the block.
 
     It listens on `config.host:config.port`; port 0 (the default when no config is given)
-    picks a free port, which `base_url` names. `clock` is the Batch API's time (tests give a
-    virtual one, tests/fakeclock.py's or one moved by hand).
+    picks a free port, which `base_url` names. `clock` is the simulator's time (latency, the
+    prompt cache's expiry, the Batch API's schedule): a FakeClock or one moved by hand in tests.
 
     >>> async with running_gateway(GatewayConfig(port=0, error_rate=0.1)) as gw:
     ...     client = openai.AsyncOpenAI(base_url=gw.base_url, api_key="sk-ru-test")
