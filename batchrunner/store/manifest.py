@@ -16,26 +16,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 from batchrunner.errors import CheckpointMismatch, OutputLocked, UsageError
 from batchrunner.store import incremental, layout
-from batchrunner.store.layout import (  # their old address: kept importable from here
-    MANIFEST_VERSION,
-    Manifest,
-    UntrustedCheckpoint,
-    read_manifest,
-    trusted_manifest,
-)
+from batchrunner.store.layout import Manifest, read_manifest, trusted_manifest
 from batchrunner.store.segments import _holds_results
 
 if TYPE_CHECKING:
     from batchrunner.store.incremental import CurrentInput
 
-__all__ = [
-    "MANIFEST_VERSION",
-    "LockAndManifest",
-    "UntrustedCheckpoint",
-    "describe_changes",
-    "read_manifest",
-    "trusted_manifest",
-]
+# `read_manifest` is layout.py's; its old address here is kept (engine/execution.py uses it).
+__all__ = ["LockAndManifest", "describe_changes", "is_locked", "read_manifest"]
 
 
 class LockAndManifest:
@@ -150,9 +138,6 @@ def is_locked(lock_path: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
-
-
-_is_locked = is_locked  # its old name
 
 
 def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
