@@ -25,13 +25,13 @@ from pathlib import Path
 
 from batchrunner._version import __version__
 from batchrunner.redaction import key_values, scrub
+from batchrunner.store.layout import CRASH_LOG
 
 __all__ = ["EXIT_INTERNAL", "crash_line", "write_crash_log"]
 
 #: The exit code of an internal error (sysexits' EX_SOFTWARE).
 EXIT_INTERNAL = 70
 
-CRASH_LOG = "crash.log"
 FALLBACK_LOG = "batchrunner-crash.log"
 
 

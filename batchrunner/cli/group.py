@@ -107,7 +107,7 @@ _KEY_VARIABLES = "batchrunner.key_variables"  # ctx.meta: variables whose values
 def _crash_folder(output: Path | str, api_key_env: str | None = None) -> None:
     """Have a bug in this command write its crash.log in `output`'s checkpoint folder."""
     from batchrunner.inputs.storage import is_uri
-    from batchrunner.store.checkpoint import checkpoint_dir
+    from batchrunner.store.layout import checkpoint_dir
 
     meta = click.get_current_context().meta
     if not is_uri(output):  # an object-store output's log goes to the current folder

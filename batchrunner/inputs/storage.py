@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from batchrunner.config.paths import is_uri
 from batchrunner.errors import StorageError, UsageError
+from batchrunner.store import layout
 
 __all__ = ["PUSH_SECONDS", "StagedOutput", "is_uri", "stage_input", "staged_run", "staging_root"]
 
@@ -128,14 +129,14 @@ class StagedOutput:
         self.uri = uri
         self._fs, self._path = _filesystem(uri)
         self.local = _folder_for(uri) / "output" / Path(self._path).name
-        self._remote_checkpoint = self._path + ".checkpoint"
+        self._remote_checkpoint = self._path + layout.CHECKPOINT_SUFFIX
         self._pushed: dict[str, int] = {}  # segment name -> bytes already in the store
         self._manifest_seen: tuple[int, int] | None = None
 
     @property
     def local_checkpoint(self) -> Path:
         """The local mirror of the checkpoint folder."""
-        return self.local.with_name(self.local.name + ".checkpoint")
+        return layout.checkpoint_dir(self.local)
 
     def pull(self) -> None:
         """Make the local checkpoint what the store holds (nothing there: an empty one)."""
@@ -144,7 +145,7 @@ class StagedOutput:
         folder = self.local_checkpoint
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.iterdir():
-            if stale.name != "lock":
+            if stale.name != layout.LOCK:
                 stale.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.local.unlink()
@@ -161,7 +162,7 @@ class StagedOutput:
             match = _DELTA.fullmatch(name)
             if match:
                 deltas.setdefault(match[1], []).append((int(match[2]), info.path))
-            elif name == "manifest.json":
+            elif name == layout.MANIFEST:
                 (folder / name).write_bytes(self._read(info.path))
         for segment, parts in deltas.items():
             with open(folder / segment, "wb") as sink:
@@ -170,7 +171,7 @@ class StagedOutput:
                         break  # a gap: a push that never finished; what follows is unusable
                     sink.write(self._read(path))
             self._pushed[segment] = (folder / segment).stat().st_size
-        manifest = folder / "manifest.json"
+        manifest = folder / layout.MANIFEST
         if manifest.exists():
             stat = manifest.stat()
             self._manifest_seen = (stat.st_size, stat.st_mtime_ns)
@@ -178,7 +179,7 @@ class StagedOutput:
     def push(self) -> None:
         """Upload what the local checkpoint gained since the last push (safe in a thread)."""
         folder = self.local_checkpoint
-        for segment in sorted(folder.glob("part-*.arrows")):
+        for segment in layout.segments(folder):
             size = segment.stat().st_size
             done = self._pushed.get(segment.name, 0)
             if size <= done:
@@ -188,12 +189,12 @@ class StagedOutput:
                 data = source.read(size - done)
             self._write(f"{self._remote_checkpoint}/{segment.name}@{done:016d}", data)
             self._pushed[segment.name] = done + len(data)
-        manifest = folder / "manifest.json"
+        manifest = folder / layout.MANIFEST
         if manifest.exists():
             stat = manifest.stat()
             seen = (stat.st_size, stat.st_mtime_ns)
             if seen != self._manifest_seen:
-                self._write(f"{self._remote_checkpoint}/manifest.json", manifest.read_bytes())
+                self._write(f"{self._remote_checkpoint}/{layout.MANIFEST}", manifest.read_bytes())
                 self._manifest_seen = seen
 
     def push_output(self) -> None:

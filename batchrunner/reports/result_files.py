@@ -16,12 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrunner.errors import UsageError
-from batchrunner.store.checkpoint import (
-    RESULT_SCHEMA,
-    checkpoint_dir,
-    checkpoint_results,
-)
-from batchrunner.store.manifest import trusted_manifest
+from batchrunner.store import layout
+from batchrunner.store.checkpoint import RESULT_SCHEMA, checkpoint_results
 
 _DAY = "__day__"  # pseudo-column: the UTC day of each row (a `created` column, else file mtime)
 _DAY_COLUMNS = ("created", "created_at")
@@ -40,11 +36,13 @@ def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[
         if glob.has_magic(text):
             matches = sorted(glob.glob(text, recursive=True))
             matches = [m for m in matches if os.path.isfile(m)]
-            matches += _unfinished_outputs(glob.glob(text + ".checkpoint", recursive=True))
+            matches += _unfinished_outputs(
+                glob.glob(text + layout.CHECKPOINT_SUFFIX, recursive=True)
+            )
         elif os.path.isdir(text):
             matches = sorted(glob.glob(os.path.join(glob.escape(text), "*.parquet")))
             matches += _unfinished_outputs(
-                glob.glob(os.path.join(glob.escape(text), "*.parquet.checkpoint"))
+                glob.glob(os.path.join(glob.escape(text), "*.parquet" + layout.CHECKPOINT_SUFFIX))
             )
         else:
             matches = [text] if os.path.isfile(text) or _has_checkpoint(Path(text)) else []
@@ -57,16 +55,14 @@ def expand_paths(paths: Iterable[str | Path], *, what: str = "results") -> list[
     return list(found.values())
 
 
-_CHECKPOINT = ".checkpoint"
-
-
 def _has_checkpoint(output: Path) -> bool:
-    return (checkpoint_dir(output) / "manifest.json").is_file()
+    return layout.has_manifest(layout.checkpoint_dir(output))
 
 
 def _unfinished_outputs(folders: Iterable[str]) -> list[str]:
     """The outputs of checkpoint folders that have no output file yet."""
-    outputs = [f[: -len(_CHECKPOINT)] for f in sorted(folders) if f.endswith(_CHECKPOINT)]
+    outputs = [str(layout.output_of(Path(f))) for f in sorted(folders)
+               if f.endswith(layout.CHECKPOINT_SUFFIX)]
     return [o for o in outputs if not os.path.isfile(o) and _has_checkpoint(Path(o))]
 
 
@@ -74,7 +70,7 @@ def _read_from_checkpoint(output: Path) -> bool:
     """True when the summary of `output` must come from its checkpoint: the run is going on,
     was interrupted, or is going again (the file, if any, is not the latest)."""
     try:
-        manifest = trusted_manifest(checkpoint_dir(output))
+        manifest = layout.trusted_manifest(layout.checkpoint_dir(output))
     except UsageError:  # an untrusted folder: its output file, if any, is what there is
         if output.is_file():
             return False

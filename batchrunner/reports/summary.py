@@ -32,10 +32,8 @@ from batchrunner.reports.result_files import (
     _read_from_checkpoint,
     expand_paths,
 )
-from batchrunner.store.checkpoint import (
-    checkpoint_dir,
-)
 from batchrunner.store.failures import ErrorCount, merge_counts, value_counts
+from batchrunner.store.layout import checkpoint_dir
 
 __all__ = ["GroupSummary", "SummaryReport", "summarize", "summarize_days"]
 

@@ -51,10 +51,7 @@ from batchrunner.inputs.readers import iter_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.inputs.scan import InputInfo
 from batchrunner.reports.estimate import estimate
-from batchrunner.store.checkpoint import (
-    checkpoint_dir,
-)
-from batchrunner.store.manifest import trusted_manifest
+from batchrunner.store.layout import checkpoint_dir, trusted_manifest
 
 __all__ = ["JobCheck", "validate_job"]
 

@@ -1,6 +1,6 @@
 """The checkpoint's output assembly: the last result of each row, joined with the input.
 
-`OutputAssembly` is the part of `Checkpoint` that reads back, in row order, the results of a
+`OutputAssembly` is the part of a `Checkpoint` that reads back, in row order, the results of a
 chunk of rows (only the batches that hold them) and joins them with the input's columns;
 `Checkpoint.finalize` writes the chunks out.
 """
@@ -16,46 +16,47 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.errors import UsageError
-from batchrunner.store.resume import _Progress
+from batchrunner.store.layout import segment_number
 from batchrunner.store.segments import (
     _SEGMENT_SCHEMA,
     _STRUCTURED_COLUMNS,
     JSON_SCHEMA_METADATA,
     RESULT_SCHEMA,
+    _BatchRef,
     _conform,
     _last_positions,
-    _segment_number,
 )
 
 
 class OutputAssembly:
-    """`Checkpoint`'s assembly part: results by row range, the structured columns."""
+    """Where each checkpointed batch lies, and the output's chunks read back from them.
 
-    output: Path
-    _loaded: Any
-    _manifest: dict[str, Any]
-    _progress: _Progress
+    >>> assembly = OutputAssembly(loaded.batches, json_schema=None)
+    >>> table = assembly.structured_output(assembly.results_for(0, 1000))
+    """
 
-    def complete(self, rows: int) -> bool:
-        """True when every one of the first `rows` rows has a result."""
-        return self._progress.complete(rows)
+    def __init__(self, batches: list[_BatchRef], json_schema: dict[str, Any] | None) -> None:
+        self.batches = batches  # in the order they were written; `add` appends
+        self.json_schema = json_schema  # a structured run's --json-schema, as the manifest has it
 
-    def _structured_output(self, table: pa.Table) -> pa.Table:
+    def add(self, ref: _BatchRef) -> None:
+        """Remember a batch just written."""
+        self.batches.append(ref)
+
+    def holds(self, segment: Path) -> bool:
+        """True when some remembered batch lies in `segment`."""
+        return any(b.segment == segment for b in self.batches)
+
+    def structured_output(self, table: pa.Table) -> pa.Table:
         """A structured run's output records its schema; another run's has no parsed columns."""
-        schema = self._manifest.get("fingerprint", {}).get("settings", {}).get("json_schema")
-        if schema is None:
+        if self.json_schema is None:
             return table.drop_columns(list(_STRUCTURED_COLUMNS))
-        metadata = {JSON_SCHEMA_METADATA: json.dumps(schema["schema"]).encode()}
+        metadata = {JSON_SCHEMA_METADATA: json.dumps(self.json_schema["schema"]).encode()}
         return table.replace_schema_metadata(metadata)
 
-    @property
-    def finished(self) -> bool:
-        """True when a previous run wrote the final output and it is still there."""
-        return bool(self._manifest.get("finished")) and self.output.exists()
-
-    def _results_for(self, start: int, stop: int) -> pa.Table:
+    def results_for(self, start: int, stop: int) -> pa.Table:
         """The last result of each row in [start, stop), in row order."""
-        refs = [b for b in self._loaded.batches if b.first_row < stop and b.last_row >= start]
+        refs = [b for b in self.batches if b.first_row < stop and b.last_row >= start]
         pieces: list[pa.RecordBatch] = []
         by_segment: dict[Path, list[int]] = {}
         layouts: dict[Path, pa.Schema] = {}
@@ -64,7 +65,7 @@ class OutputAssembly:
             layouts[ref.segment] = ref.schema or _SEGMENT_SCHEMA
         # Segment by segment in the order they were written, so later results win; only the
         # batches that hold these rows are read.
-        for segment in sorted(by_segment, key=_segment_number):
+        for segment in sorted(by_segment, key=segment_number):
             with pa.memory_map(str(segment)) as source:
                 for offset in sorted(by_segment[segment]):
                     source.seek(offset)

@@ -1,13 +1,10 @@
-"""Durable progress: checkpoint segments, resume, fingerprint, lock and the final Parquet file.
+"""Durable progress: the checkpoint of one output, its writes, and what it says of a run.
 
-Layout, beside the output `OUT.parquet`:
-
-    OUT.parquet.checkpoint/
-        manifest.json     what the run is: input fingerprint, request settings, row count
-        lock              flock()ed by the live run; the kernel drops it when the process dies
-        part-00001.arrows results of the first session, an Arrow IPC stream of record batches
-        part-00002.arrows results of the session after the first interruption, and so on
-        storage-fault     4 KiB reserved for the record of a failed write (durability.py)
+A `Checkpoint` is made of parts, each with its own state: `LockAndManifest` (manifest.py: the
+lock, the manifest), `DoneState` (resume.py: what is done), `OutputAssembly` (assembly.py:
+where each batch lies, the output's chunks) and here `SegmentWriter`, this session's segment.
+The folder's files are `layout.py`'s (the checkpoint beside `OUT.parquet` is
+`OUT.parquet.checkpoint/`).
 
 Each session appends record batches to its own segment and fsyncs after every batch, so a
 SIGKILL at any instant loses at most the batch being written; a torn last batch is detected on
@@ -20,32 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
 import logging
 import os
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Self
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.errors import UsageError
 from batchrunner.results import Result
-from batchrunner.store import durability
+from batchrunner.store import durability, layout
 from batchrunner.store.assembly import OutputAssembly, _join
 from batchrunner.store.durability import read_fault
 from batchrunner.store.export import TableWriter, open_table_writer, output_format
 from batchrunner.store.failures import ErrorCount
-from batchrunner.store.manifest import (
-    LockAndManifest,
-    _is_locked,
-    read_manifest,
-)
+from batchrunner.store.incremental import CurrentInput
+from batchrunner.store.layout import checkpoint_dir, load_manifest
+from batchrunner.store.manifest import LockAndManifest, is_locked
 from batchrunner.store.resume import (
     DoneSet,
     DoneState,
@@ -58,12 +49,7 @@ from batchrunner.store.segments import (
     _SEGMENT_SCHEMA,
     RESULT_SCHEMA,
     _BatchRef,
-    _last_positions,
     _load,
-    _Loaded,
-    _read_batches,
-    _segment_number,
-    _segments,
     _totals,
     results_to_batch,
 )
@@ -92,11 +78,6 @@ def use_system_allocator() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
 
 
-def checkpoint_dir(output: Path) -> Path:
-    """Where the checkpoint of `output` lives: `OUTPUT.checkpoint/` beside it."""
-    return output.with_name(output.name + ".checkpoint")
-
-
 def check_output_apart(input: Path | str, output: Path | str) -> None:
     """Refuse (UsageError) an output that would overwrite the input or a checkpoint.
 
@@ -120,10 +101,7 @@ def check_output_apart(input: Path | str, output: Path | str) -> None:
                          "overwritten; write the results to another file")
     folders = [checkpoint_dir(source).resolve()]
     for folder in target.resolve().parents:
-        if folder in folders or (
-            folder.name.endswith(".checkpoint")
-            and ((folder / "manifest.json").exists() or (folder / "lock").exists())
-        ):
+        if folder in folders or layout.is_checkpoint_dir(folder):
             raise UsageError(f"--output {output} lies inside the checkpoint folder {folder}: "
                              "write the results outside it")
     own = checkpoint_dir(target).resolve()
@@ -163,49 +141,175 @@ class CheckpointStatus:
         return max(0, self.rows - self.done)
 
 
-class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
-    """The checkpoint of one output: lock, manifest, segments, final assembly.
+class SegmentWriter:
+    """This session's segment: made at its first batch, each batch appended and fsynced.
 
-    Its parts: `manifest.py` (opening: lock, manifest, load), `resume.py` (what is done),
-    `assembly.py` (results by row range for the output); here, the writes: the segment
-    writer, the manifest and the final file.
+    The segment is an Arrow IPC stream written message by message (the schema, then one
+    message a batch), so that where each batch starts is known and the output can later read
+    just the batches it needs.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path: Path | None = None
+        self._file: IO[bytes] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True once this session's segment is made (until a failed write or `close`)."""
+        return self._file is not None
+
+    def open(self) -> None:
+        """Make the next segment, holding the schema, durably."""
+        path = layout.segment_path(self.directory, layout.next_segment_number(self.directory))
+        self._file = handle = open(path, "xb")  # noqa: SIM115 (open until `close` or `drop`)
+        self.path = path
+        handle.write(_SEGMENT_SCHEMA.serialize())
+        handle.flush()
+        os.fsync(handle.fileno())
+        durability.fsync_dir(self.directory)
+
+    def tell(self) -> int:
+        """Where the next batch starts."""
+        assert self._file is not None
+        return self._file.tell()
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        """Write one batch and fsync it; ENOENT when the folder was removed meanwhile."""
+        assert self._file is not None and self.path is not None
+        self._file.write(batch.serialize())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        _check_same_file(self.path, self._file)
+
+    def drop(self, offset: int | None, holds: Callable[[Path], bool]) -> None:
+        """After a failed write: cut the segment back to its last whole batch and close it.
+
+        `offset` is where the failed batch started (None: no batch was begun); `holds(path)`
+        says whether the segment holds a batch written before. The next write starts a new
+        segment. Best effort: on a vanished folder or a dead disk there is nothing to cut,
+        and a torn tail is ignored on reading anyway.
+        """
+        handle, path = self._file, self.path
+        self._file = self.path = None
+        if handle is None or path is None:
+            return
+        try:
+            ours: os.stat_result | None = os.fstat(handle.fileno())
+        except OSError:
+            ours = None
+        with contextlib.suppress(OSError):
+            handle.close()  # may flush a partial buffer: cut afterwards
+        if ours is None:
+            return
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+                return  # the path names another file now (the folder was replaced): not ours
+            if offset is None or not holds(path):
+                path.unlink()  # it holds no batch: a schema alone would only take space
+            else:
+                os.truncate(path, offset)
+
+    def close(self) -> None:
+        """Close the segment (every batch was fsynced as it was written)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+class Checkpoint:
+    """The checkpoint of one output: lock and manifest, what is done, segments, final output.
+
+    Made by `Checkpoint.open` (or `open_checkpoint`), which locks the output and loads what is
+    done; the parts are attributes, each holding its own state.
 
     >>> with Checkpoint.open(Path("out.parquet"), fingerprint, rows=1000) as ckpt:
     ...     done = ckpt.done_set(retry_failed=False)
     ...     ckpt.append(result); ckpt.write_batch(ckpt.take_batch())
     """
 
-    def __init__(self, output: Path) -> None:
-        self.output = output
-        self.directory = checkpoint_dir(output)
-        self._lock_file: Any = None
-        self._manifest: dict[str, Any] = {}
-        self._loaded = _Loaded()
-        self._progress = _Progress(0)
+    def __init__(self, folder: LockAndManifest, state: DoneState, assembly: OutputAssembly) -> None:
+        self.folder = folder  # the lock and the manifest
+        self.state = state  # what is done: the done set, the progress, the top errors
+        self.assembly = assembly  # where each batch lies; the output's chunks read back
+        self.segment = SegmentWriter(folder.directory)  # this session's writes
         self._buffer: list[Result] = []
-        self._segment_path: Path | None = None
-        self._segment_file: Any = None
         self._hashes: list[int | None] = []
         self._input_hashes: list[int | None] = []
 
-    def _finish_compaction(self) -> None:
-        """Complete an incremental run's compaction that a crash interrupted."""
-        _finish_compaction(self.directory, self._first_segment())
-
-    def _reconcile_input(
-        self,
+    @classmethod
+    def open(
+        cls,
+        output: Path,
         fingerprint: dict[str, Any],
+        *,
         rows: int,
-        current: CurrentInput,
-    ) -> None:
-        """Keep the results of the rows a changed input left as they were (`_reconcile`)."""
-        _reconcile(self, fingerprint, rows, current)
+        restart: bool = False,
+        current: CurrentInput | None = None,
+    ) -> Checkpoint:
+        """Lock the output, check or write the manifest, and load what is done.
 
-    def _write_manifest(self) -> None:
-        durability.write_atomically(
-            self.directory / "manifest.json",
-            json.dumps(self._manifest, indent=2, sort_keys=True, default=str).encode(),
-        )
+        Raises OutputLocked when another live run holds the output, CheckpointMismatch when
+        the settings changed, or the input did and `current` is not given (unless `restart`,
+        which discards everything). With `current` (the new input's ids and request hashes),
+        a changed input alone is reconciled: see `incremental.reconcile`.
+        """
+        folder = LockAndManifest(output)
+        folder.lock()
+        try:
+            if restart:
+                folder.discard()
+            folder.check(fingerprint, rows, current)
+            first = folder.first_segment
+            loaded = _load(folder.directory, first)
+            progress = _Progress.of(loaded.summary, rows)
+            state = DoneState(folder.directory, first, loaded.summary, progress)
+            assembly = OutputAssembly(loaded.batches, folder.manifest.settings.get("json_schema"))
+        except BaseException:
+            folder.unlock()
+            raise
+        return cls(folder, state, assembly)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def output(self) -> Path:
+        """The output this checkpoint is of."""
+        return self.folder.output
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint folder."""
+        return self.folder.directory
+
+    # -- what is done ----------------------------------------------------------------------
+
+    def done_set(self, *, retry_failed: bool) -> DoneSet:
+        """Ids never to send again (`DoneState.done_set`; called once, at the start)."""
+        return self.state.done_set(retry_failed=retry_failed)
+
+    def done_totals(self) -> dict[str, Any]:
+        """Counts, tokens and cost over the last result of each of this run's rows."""
+        return self.state.totals()
+
+    def top_errors(self) -> tuple[ErrorCount, ...]:
+        """The most frequent errors among the written results (reads the segments' errors)."""
+        return self.state.top_errors()
+
+    def complete(self, rows: int) -> bool:
+        """True when every one of the first `rows` rows has a result."""
+        return self.state.complete(rows)
+
+    @property
+    def finished(self) -> bool:
+        """True when a previous run wrote the final output and it is still there."""
+        return self.folder.manifest.finished and self.output.exists()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -235,90 +339,39 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
     def write_batch(self, batch: pa.RecordBatch | None) -> None:
         """Append a batch to this session's segment and fsync it (safe to call in a thread).
 
-        The segment is an Arrow IPC stream written message by message (the schema, then one
-        message a batch), so that where each batch starts is known and the output can later
-        read just the batches it needs.
+        The first batch of a session makes its segment, and marks a finished checkpoint
+        unfinished: new results mean the output must be rebuilt.
         """
         if batch is None or not batch.num_rows:
             return
+        manifest = self.folder.manifest
         offset: int | None = None
         try:
-            if self._segment_file is None:
-                self._open_segment()
-                if self._manifest.get("finished"):  # new results: the output must be rebuilt
-                    self._manifest["finished"] = False
+            if not self.segment.is_open:
+                self.segment.open()
+                if manifest.finished:
+                    manifest.finished = False
                     try:
-                        self._write_manifest()
+                        self.folder.write()
                     except OSError:
-                        self._manifest["finished"] = True  # still so on disk: write it next time
+                        manifest.finished = True  # still so on disk: write it next time
                         raise
-            offset = self._segment_file.tell()
-            self._segment_file.write(batch.serialize())
-            self._segment_file.flush()
-            os.fsync(self._segment_file.fileno())
-            _check_same_file(self._segment_path, self._segment_file)  # type: ignore[arg-type]
+            offset = self.segment.tell()
+            self.segment.append(batch)
         except OSError:
-            self._drop_segment(offset)
+            self.segment.drop(offset, self.assembly.holds)
             raise
+        assert self.segment.path is not None
         rows = batch.column(0)
-        self._loaded.batches.append(
-            _BatchRef(
-                self._segment_path,  # type: ignore[arg-type]
-                offset,
-                pc.min(rows).as_py(),
-                pc.max(rows).as_py(),
-            )
+        self.assembly.add(
+            _BatchRef(self.segment.path, offset, pc.min(rows).as_py(), pc.max(rows).as_py())
         )
-        self._progress.add(batch)
-
-    def _open_segment(self) -> None:
-        numbers = [_segment_number(p) for p in self.directory.glob("part-*.arrows")]
-        path = self.directory / f"part-{max(numbers, default=0) + 1:05d}.arrows"
-        self._segment_file = open(path, "xb")
-        self._segment_path = path
-        self._segment_file.write(_SEGMENT_SCHEMA.serialize())
-        self._segment_file.flush()
-        os.fsync(self._segment_file.fileno())
-        durability.fsync_dir(self.directory)
-
-    def _drop_segment(self, offset: int | None) -> None:
-        """After a failed write: cut the segment back to its last whole batch and close it.
-
-        The next write starts a new segment. Best effort: on a vanished folder or a dead disk
-        there is nothing to cut, and a torn tail is ignored on reading anyway.
-        """
-        handle, path = self._segment_file, self._segment_path
-        self._segment_file = self._segment_path = None
-        if handle is None or path is None:
-            return
-        try:
-            ours: os.stat_result | None = os.fstat(handle.fileno())
-        except OSError:
-            ours = None
-        with contextlib.suppress(OSError):
-            handle.close()  # may flush a partial buffer: cut afterwards
-        if ours is None:
-            return
-        with contextlib.suppress(OSError):
-            now = os.stat(path)
-            if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
-                return  # the path names another file now (the folder was replaced): not ours
-            if offset is None or not any(b.segment == path for b in self._loaded.batches):
-                path.unlink()  # it holds no batch: a schema alone would only take space
-            else:
-                os.truncate(path, offset)
+        self.state.add(batch)
 
     def close(self) -> None:
         """Close the segment and release the lock (buffered results must be written first)."""
-        if self._segment_file is not None:
-            with contextlib.suppress(OSError):  # every batch was fsynced as it was written
-                self._segment_file.close()
-            self._segment_file = None
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        self.segment.close()
+        self.folder.unlock()
 
     def finalize(
         self,
@@ -338,6 +391,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
         """
         pa.default_memory_pool().release_unused()  # what the run freed, before the peak
         fmt = output_format(self.output)  # .parquet, .jsonl or .csv, by the extension
+        assembly = self.assembly
         writer: TableWriter | None = None
         start = 0
         with durability.replaced_atomically(self.output, durable=True) as tmp:
@@ -345,11 +399,11 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
                 for table in input_tables:
                     stop = start + table.num_rows
                     if sweep is None:
-                        results = self._results_for(start, stop)
+                        results = assembly.results_for(start, stop)
                     else:
-                        results = self._results_for(*sweep.span(start, stop))
+                        results = assembly.results_for(*sweep.span(start, stop))
                         table = table.take(pa.array(sweep.repeats(start, stop), pa.int64()))
-                    joined = self._structured_output(_join(table, results, id_column))
+                    joined = assembly.structured_output(_join(table, results, id_column))
                     if transform is not None:
                         joined = transform(joined)
                     if writer is None:
@@ -359,7 +413,7 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
                     pa.default_memory_pool().release_unused()  # keep the peak to one chunk's worth
                     start = stop
                 if writer is None:  # an empty input still gets a valid, empty file
-                    empty = self._structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
+                    empty = assembly.structured_output(pa.Table.from_batches([], RESULT_SCHEMA))
                     writer = open_table_writer(tmp, empty.schema, fmt)
                 writer.close()
                 writer = None
@@ -368,8 +422,8 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
             finally:
                 if writer is not None:
                     writer.close()
-        self._manifest["finished"] = True
-        self._write_manifest()
+        self.folder.manifest.finished = True
+        self.folder.write()
 
 
 # -- status of a checkpoint, for `batchrunner status` ---------------------------------------
@@ -378,20 +432,18 @@ class Checkpoint(LockAndManifest, DoneState, OutputAssembly):
 def read_status(output: Path) -> CheckpointStatus:
     """What the checkpoint of `output` says, whether a run is live, interrupted or finished."""
     directory = checkpoint_dir(output)
-    manifest = read_manifest(directory, missing_ok=True)
+    manifest = load_manifest(directory, missing_ok=True)
     if manifest is None:
         raise UsageError(f"{output}: no checkpoint found at {directory}")
-    loaded = _load(directory, int(manifest.get("first_segment", 0)))
-    totals = _totals(loaded.summary)
-    rows = int(manifest.get("rows", 0))
+    first, rows = manifest.first_segment, manifest.rows
+    totals = _totals(_load(directory, first).summary)
     return CheckpointStatus(
         output=output,
         rows=rows,
-        live=_is_locked(directory / "lock"),
-        finished=bool(manifest.get("finished")) and output.exists(),
-        segments=len(_segments(directory, int(manifest.get("first_segment", 0)))),
-        errors=(_top_errors(directory, rows or None, int(manifest.get("first_segment", 0)))
-                if totals["failed"] else ()),
+        live=is_locked(directory / layout.LOCK),
+        finished=manifest.finished and output.exists(),
+        segments=len(layout.segments(directory, first)),
+        errors=_top_errors(directory, rows or None, first) if totals["failed"] else (),
         storage_fault=read_fault(directory),
         **totals,
     )
@@ -404,12 +456,11 @@ def checkpoint_results(output: Path, columns: Sequence[str]) -> tuple[pa.Table, 
     Raises UsageError when `output` has no checkpoint.
     """
     directory = checkpoint_dir(output)
-    manifest = read_manifest(directory, missing_ok=True)
+    manifest = load_manifest(directory, missing_ok=True)
     if manifest is None:
         raise UsageError(f"{output}: no result file and no checkpoint at {directory}")
-    rows = int(manifest.get("rows", 0))
-    first = int(manifest.get("first_segment", 0))
-    return _last_results(directory, columns, rows or None, first), rows
+    rows = manifest.rows
+    return _last_results(directory, columns, rows or None, manifest.first_segment), rows
 
 
 def read_done(output: Path) -> tuple[DoneSet, dict[str, Any]] | None:
@@ -417,13 +468,12 @@ def read_done(output: Path) -> tuple[DoneSet, dict[str, Any]] | None:
     None when there is no checkpoint. Takes no lock: a run may be going on."""
     directory = checkpoint_dir(output)
     try:
-        manifest = read_manifest(directory, missing_ok=True)
+        manifest = load_manifest(directory, missing_ok=True)
     except UsageError:
         return None
     if manifest is None:
         return None
-    first = int(manifest.get("first_segment", 0))
-    return _done_of(directory, first), manifest.get("fingerprint", {})
+    return _done_of(directory, manifest.first_segment), manifest.fingerprint
 
 
 def open_checkpoint(
@@ -432,7 +482,7 @@ def open_checkpoint(
     *,
     rows: int,
     restart: bool = False,
-    current: Any = None,
+    current: CurrentInput | None = None,
 ) -> Checkpoint:
     """`Checkpoint.open`, then reserve the fault record; a write that fails there is an error.
 
@@ -460,138 +510,3 @@ def _check_same_file(path: Path, handle: Any) -> None:
         raise FileNotFoundError(errno.ENOENT, "the checkpoint segment was replaced", str(path))
 
 
-# -- incremental inputs (docs/resume.md) ----------------------------------------------------
-
-
-class CurrentInput(Protocol):
-    """The changed input an incremental run folds the checkpoint onto (engine/execution.py: ChangedInput)."""
-
-    def rows(self) -> tuple[pa.Array, np.ndarray | None]:
-        """Every row's id, and the hash of its input values (None where not available)."""
-
-    def body_hashes(self, wanted: np.ndarray) -> np.ndarray:
-        """The request body hashes of the rows where `wanted` is True (0 elsewhere)."""
-
-
-def _finish_compaction(directory: Path, first: int) -> None:
-    """Complete an incremental rewrite that a crash interrupted after its manifest was written."""
-    if not first:
-        return
-    target = directory / f"part-{first:05d}.arrows"
-    pending = directory / f"compact-{first:05d}.tmp"
-    if not target.exists() and pending.exists():
-        os.replace(pending, target)
-        durability.fsync_dir(directory)
-    for path in directory.glob("part-*.arrows"):
-        if _segment_number(path) < first:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    for path in directory.glob("compact-*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _reconcile(
-    ckpt: Checkpoint,
-    fingerprint: dict[str, Any],
-    rows: int,
-    current: CurrentInput,
-) -> None:
-    """Fold the checkpoint onto a changed input: keep each result whose id and body are unchanged.
-
-    `current` is the new input (`ChangedInput` in engine/execution.py): its ids and input-value hashes, and
-    the body hashes of the rows whose values do not match (0 for a row that cannot be
-    sent). The kept results are rewritten, renumbered, into one new segment, written and
-    fsynced under a temporary name; the manifest (the new input, and that older segments are
-    gone) is the commit point; then the segment is renamed and the old ones removed. A crash at
-    any point leaves either the old checkpoint or the new one.
-    """
-    directory = ckpt.directory
-    first = ckpt._first_segment()
-    summary = _load(directory, first, ("_row", "id", "_hash", "_ihash")).summary
-    assert summary is not None
-    old_rows = summary.column("_row").to_numpy()
-    positions = _last_positions(old_rows)
-    picked = pa.array(positions, pa.int64())
-    last_rows = old_rows[positions]
-    old_ids = summary.column("id").take(picked).combine_chunks()
-    old_hashes = summary.column("_hash").take(picked).combine_chunks()
-    old_inputs = summary.column("_ihash").take(picked).combine_chunks()
-    del summary
-    pa.default_memory_pool().release_unused()
-    new_ids, new_inputs = current.rows()
-    pa.default_memory_pool().release_unused()  # each batch's Python strings, let go
-    where = pc.index_in(old_ids, value_set=new_ids).fill_null(-1).to_numpy(zero_copy_only=False)
-    matched = where >= 0
-    # First the input values: a row whose values hash as they did has the same body (the
-    # settings are the same), so no request is built for it.
-    same = np.zeros(len(where), dtype=bool)
-    if new_inputs is not None:
-        same = matched & old_inputs.is_valid().to_numpy(zero_copy_only=False)
-        same[same] = old_inputs.fill_null(0).to_numpy()[same] == new_inputs[where[same]]
-    # The others (values edited, or hashed by an older version or not at all): their bodies.
-    hashed = old_hashes.is_valid().to_numpy(zero_copy_only=False)
-    unsure = matched & hashed & ~same
-    if unsure.any():
-        wanted = np.zeros(len(new_ids), dtype=bool)
-        wanted[where[unsure]] = True
-        bodies = current.body_hashes(wanted)
-        same[unsure] = old_hashes.fill_null(0).to_numpy()[unsure] == bodies[where[unsure]]
-    counts = {
-        "kept": int(same.sum()),
-        "new": int(len(new_ids) - matched.sum()),
-        "changed": int((matched & ~same).sum()),
-        "removed": int((~matched).sum()),
-    }
-    if not counts["changed"] and not counts["removed"] and np.array_equal(where, last_rows):
-        # Rows only appended: every result keeps its number, the segments stay as they are.
-        ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False)
-        ckpt._write_manifest()
-        _say_what_changed(ckpt.output, counts)
-        return
-    mapping = np.full(int(old_rows.max(initial=-1)) + 2, -1, dtype=np.int64)
-    mapping[last_rows[same]] = where[same]
-    del old_ids, old_hashes, old_inputs, new_ids, new_inputs, where
-
-    number = max((_segment_number(p) for p in directory.glob("part-*.arrows")), default=0) + 1
-    pending = directory / f"compact-{number:05d}.tmp"
-    with open(pending, "wb") as handle:
-        handle.write(_SEGMENT_SCHEMA.serialize())
-        _fold_point("rewriting")
-        for segment in _segments(directory, first):
-            for _offset, batch in _read_batches(segment):
-                renumbered = mapping[np.minimum(batch.column(0).to_numpy(), len(mapping) - 1)]
-                keep = renumbered >= 0
-                if not keep.any():
-                    continue
-                kept = batch.filter(pa.array(keep))
-                columns = [pa.array(renumbered[keep], pa.int64()), *kept.columns[1:]]
-                out = pa.RecordBatch.from_arrays(columns, schema=_SEGMENT_SCHEMA)
-                handle.write(out.serialize())
-        handle.flush()
-        os.fsync(handle.fileno())
-    ckpt._manifest.update(fingerprint=fingerprint, rows=rows, finished=False, first_segment=number)
-    ckpt._write_manifest()  # the commit point
-    _fold_point("committed")
-    _finish_compaction(directory, number)
-    _say_what_changed(ckpt.output, counts)
-
-
-def _fold_point(name: str) -> None:
-    """A test's hook: with BATCHRUNNER_FOLD_PAUSE=DIR/NAME, the fold stops at point NAME.
-
-    The file DIR/NAME appears when the fold gets there, and the fold waits, so that a test's
-    SIGKILL lands at that point of the rewrite (tests/test_incremental.py), not at a guess.
-    """
-    marker = os.environ.get("BATCHRUNNER_FOLD_PAUSE")
-    if marker and Path(marker).name == name:
-        Path(marker).touch()
-        time.sleep(120)
-
-
-def _say_what_changed(output: Path, counts: dict[str, int]) -> None:
-    log.info(
-        "%s: the input changed: kept %s, new %s, changed %s, removed %s",
-        output, f"{counts['kept']:,}", f"{counts['new']:,}", f"{counts['changed']:,}",
-        f"{counts['removed']:,}",
-    )

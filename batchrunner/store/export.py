@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batchrunner.config.paths import is_uri
 from batchrunner.errors import UsageError
-from batchrunner.inputs.storage import is_uri
 from batchrunner.store.durability import replaced_atomically
 
 __all__ = [

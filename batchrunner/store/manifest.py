@@ -1,134 +1,57 @@
 """The checkpoint's lock and manifest: one live run per output, and what the run is.
 
-`LockAndManifest` is the part of `Checkpoint` that opens it: the flock()ed `lock` file, the
-`manifest.json` checked against the run's fingerprint (or reconciled with a changed input,
-by `Checkpoint._reconcile_input`), then what is done loaded from the segments.
+`LockAndManifest` is the part of a `Checkpoint` that opens it: it holds the flock()ed `lock`
+file and the run's `Manifest`, checks the manifest against the run's fingerprint (or has a
+changed input reconciled, `incremental.py`), and writes it back. The manifest's file and
+format are `layout.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from batchrunner.errors import CheckpointMismatch, OutputLocked, UsageError
-from batchrunner.store.resume import _Progress
-from batchrunner.store.segments import _holds_results, _load
+from batchrunner.store import incremental, layout
+from batchrunner.store.layout import Manifest, read_manifest, trusted_manifest
+from batchrunner.store.segments import _holds_results
 
 if TYPE_CHECKING:
-    from batchrunner.store.checkpoint import Checkpoint, CurrentInput
+    from batchrunner.store.incremental import CurrentInput
 
-MANIFEST_VERSION = 1
-
-# What a checkpoint folder may hold before its manifest is written: the lock (taken first),
-# the crash log of a bug in the command, the reserved fault record.
-_BEFORE_THE_MANIFEST = frozenset({"lock", "crash.log", "storage-fault"})
-
-
-class UntrustedCheckpoint(CheckpointMismatch):
-    """A checkpoint folder whose manifest is missing, unreadable or not batchrunner's."""
-
-
-def _refusal(what: str) -> str:
-    return (f"the checkpoint's {what}, so what it holds cannot be trusted. Run with --restart "
-            "to discard the folder and start again, or write to another --output.")
-
-
-def read_manifest(directory: Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
-    """The `manifest.json` of a checkpoint folder, or None where there is none and
-    `missing_ok`; UntrustedCheckpoint (exit 2, naming the folder) where it is unreadable,
-    not JSON or not batchrunner's (an object with a version and a fingerprint)."""
-    path = directory / "manifest.json"
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        if missing_ok:
-            return None
-        raise UsageError(f"no checkpoint found at {directory}") from None
-    except OSError as exc:
-        raise UntrustedCheckpoint(f"{directory}: "
-                                  + _refusal(f"manifest.json is unreadable ({exc.strerror})"))
-    try:
-        manifest = json.loads(text)
-    except ValueError:
-        raise UntrustedCheckpoint(f"{directory}: "
-                                  + _refusal("manifest.json is not JSON (corrupt)")) from None
-    if (not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict)
-            or not isinstance(manifest.get("version"), int)):
-        raise UntrustedCheckpoint(f"{directory}: "
-                                  + _refusal("manifest.json is not batchrunner's"))
-    return manifest
-
-
-def trusted_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest of a checkpoint folder `run` may use, None for a new (or no) folder;
-    UntrustedCheckpoint (exit 2, naming the folder and --restart) for one it must not trust."""
-    manifest = read_manifest(directory, missing_ok=True)
-    if manifest is None and directory.is_dir() and _holds_more_than_a_lock(directory):
-        raise UntrustedCheckpoint(f"{directory}: {_refusal('manifest.json is missing')}")
-    return manifest
-
-
-def _holds_more_than_a_lock(directory: Path) -> bool:
-    """True when the folder holds anything a run writes after its manifest (results)."""
-    return any(not (p.name in _BEFORE_THE_MANIFEST or p.name.startswith("."))
-               for p in directory.iterdir())
+# `read_manifest` is layout.py's; its old address here is kept (engine/execution.py uses it).
+__all__ = ["LockAndManifest", "describe_changes", "is_locked", "read_manifest"]
 
 
 class LockAndManifest:
-    """`Checkpoint`'s opening part: the lock, the manifest, the load of what is done."""
+    """The lock of one output's checkpoint folder and the manifest of the run that holds it.
 
-    output: Path
-    directory: Path
-    _lock_file: Any
-    _manifest: dict[str, Any]
+    >>> part = LockAndManifest(Path("out.parquet"))
+    >>> part.lock(); part.check(fingerprint, rows=1000); part.manifest.finished
+    False
+    """
 
-    @classmethod
-    def open(
-        cls,
-        output: Path,
-        fingerprint: dict[str, Any],
-        *,
-        rows: int,
-        restart: bool = False,
-        current: CurrentInput | None = None,
-    ) -> Checkpoint:
-        """Lock the output, check or write the manifest, and load what is done.
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.directory = layout.checkpoint_dir(output)
+        self.manifest = Manifest.new({}, 0)  # what `check` finds or makes
+        self._lock_file: IO[str] | None = None
 
-        Raises OutputLocked when another live run holds the output, CheckpointMismatch when
-        the settings changed, or the input did and `current` is not given (unless `restart`,
-        which discards everything). With `current` (the new input's ids and request hashes),
-        a changed input alone is reconciled: see `_reconcile`.
-        """
-        ckpt = cls(output)
-        ckpt._lock()
-        try:
-            if restart:
-                ckpt._discard()
-            ckpt._check_manifest(fingerprint, rows, current)
-            ckpt._loaded = _load(ckpt.directory, ckpt._first_segment())
-            ckpt._progress = _Progress.of(ckpt._loaded.summary, rows)
-        except BaseException:
-            ckpt.close()
-            raise
-        return ckpt
+    @property
+    def first_segment(self) -> int:
+        """Segments numbered below this one were folded into it by an incremental run."""
+        return self.manifest.first_segment
 
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _lock(self) -> None:
+    def lock(self) -> None:
+        """Take the output: OutputLocked when another live run holds it."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create the checkpoint folder {self.directory}: {exc.strerror}")
-        lock_path = self.directory / "lock"
-        handle = open(lock_path, "a+")
+        handle = open(self.directory / layout.LOCK, "a+")  # noqa: SIM115 (held until `unlock`)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -145,59 +68,67 @@ class LockAndManifest:
         handle.flush()
         self._lock_file = handle
 
-    def _discard(self) -> None:
+    def unlock(self) -> None:
+        """Release the lock (again: nothing)."""
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def discard(self) -> None:
+        """Empty the folder but for the lock, and remove the output (--restart)."""
         for path in self.directory.iterdir():
-            if path.name != "lock":
+            if path.name != layout.LOCK:
                 path.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.output.unlink()
 
-    def _check_manifest(
+    def write(self) -> None:
+        """Write the manifest as it is now (`layout.write_manifest`)."""
+        layout.write_manifest(self.directory, self.manifest)
+
+    def check(
         self,
         fingerprint: dict[str, Any],
         rows: int,
         current: CurrentInput | None = None,
     ) -> None:
-        manifest = trusted_manifest(self.directory)
-        if manifest is not None:
-            self._manifest = manifest
-            self._finish_compaction()
-            old = manifest.get("fingerprint", {})
-            changes = describe_changes(old, fingerprint)
-            if (changes and current is not None
-                    and old.get("settings") == fingerprint.get("settings")):
-                # Only the input changed: keep the results of the rows left as they were.
-                self._reconcile_input(fingerprint, rows, current)
-                return
-            if changes and not _holds_results(self.directory, self._first_segment()):
-                # Nothing was kept under the old settings (a run stopped early because every
-                # row failed the same way, say): nothing to protect, so the new ones rule.
-                changes, manifest["fingerprint"] = [], fingerprint
-            if changes:
-                raise CheckpointMismatch(
-                    f"{self.output}: the checkpoint was made with other settings: "
-                    + "; ".join(changes)
-                    + ". Run with --restart to discard it and start again, "
-                    "or write to another --output."
-                )
-            manifest["rows"] = rows
-            self._manifest = manifest
-            self._write_manifest()
+        """Trust the folder's manifest for this run, or make a new one, and write it.
+
+        CheckpointMismatch when the settings changed, or the input did and `current` is not
+        given; with `current`, a changed input alone is reconciled (`incremental.reconcile`).
+        """
+        found = trusted_manifest(self.directory)
+        if found is None:
+            self.manifest = Manifest.new(fingerprint, rows)
+            self.write()
             return
-        self._manifest = {
-            "version": MANIFEST_VERSION,
-            "fingerprint": fingerprint,
-            "rows": rows,
-            "finished": False,
-        }
-        self._write_manifest()
+        manifest = self.manifest = Manifest.of(found)
+        incremental.finish_compaction(self.directory, manifest.first_segment)
+        old = manifest.fingerprint
+        changes = describe_changes(old, fingerprint)
+        if changes and current is not None and old.get("settings") == fingerprint.get("settings"):
+            # Only the input changed: keep the results of the rows left as they were.
+            incremental.reconcile(self, fingerprint, rows, current)
+            return
+        if changes and not _holds_results(self.directory, manifest.first_segment):
+            # Nothing was kept under the old settings (a run stopped early because every
+            # row failed the same way, say): nothing to protect, so the new ones rule.
+            changes, manifest.fingerprint = [], fingerprint
+        if changes:
+            raise CheckpointMismatch(
+                f"{self.output}: the checkpoint was made with other settings: "
+                + "; ".join(changes)
+                + ". Run with --restart to discard it and start again, "
+                "or write to another --output."
+            )
+        manifest.rows = rows
+        self.write()
 
-    def _first_segment(self) -> int:
-        """Segments numbered below this one were folded into it by an incremental run."""
-        return int(self._manifest.get("first_segment", 0))
 
-
-def _is_locked(lock_path: Path) -> bool:
+def is_locked(lock_path: Path) -> bool:
+    """True while a live run holds this lock file."""
     if not lock_path.exists():
         return False
     with open(lock_path, "a+") as handle:

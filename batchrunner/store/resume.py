@@ -1,13 +1,13 @@
 """What a checkpoint holds as done: the done set a run skips, and its running progress sums.
 
 `DoneSet` (the rows never to send again), `_Progress` (per row none/ok/error and the sums of
-usage and cost) and `DoneState`, the part of `Checkpoint` that answers "what is done".
+usage and cost) and `DoneState`, the part of a `Checkpoint` that answers "what is done".
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrunner.store.failures import ErrorCount, top_errors
+from batchrunner.store.layout import segments
 from batchrunner.store.segments import (
     _SEGMENT_SCHEMA,
     _conform,
     _last_positions,
     _load,
     _read_batches,
-    _segments,
 )
 
 
@@ -163,7 +163,7 @@ def _last_results(
     # Copied out of each batch (take), so that a batch's answers are not kept alive.
     pieces = [
         pa.Table.from_batches([_conform(batch)]).select(wanted).take(np.arange(batch.num_rows))
-        for segment in _segments(directory, first_segment)
+        for segment in segments(directory, first_segment)
         for _offset, batch in _read_batches(segment)
         if batch.num_rows
     ]
@@ -184,13 +184,21 @@ def _top_errors(
 
 
 class DoneState:
-    """`Checkpoint`'s resume part: the done set, the totals and the top errors."""
+    """What a checkpoint holds as done: the loaded results (until the done set is taken), the
+    per-row progress and sums, the top errors.
 
-    directory: Path
-    _loaded: Any
-    _progress: _Progress
+    >>> loaded = _load(directory, first_segment)
+    >>> state = DoneState(directory, first_segment, loaded.summary, _Progress.of(loaded.summary, rows))
+    >>> done = state.done_set(retry_failed=False); state.totals()["done"]
+    """
 
-    _first_segment: Callable[[], int]  # manifest.py's
+    def __init__(
+        self, directory: Path, first_segment: int, summary: pa.Table | None, progress: _Progress
+    ) -> None:
+        self.directory = directory
+        self.first_segment = first_segment
+        self.progress = progress
+        self._summary = summary  # the loaded results, until `done_set` lets them go
 
     def done_set(self, *, retry_failed: bool) -> DoneSet:
         """Ids never to send again: every checkpointed row, or only the ok ones.
@@ -198,7 +206,7 @@ class DoneState:
         Called once, at the start: the loaded results are released afterwards, so that what
         a run keeps in memory does not grow with the rows already done.
         """
-        summary = self._loaded.summary
+        summary = self._summary
         if summary is None:
             raise RuntimeError("done_set() is called once, before any new result is written")
         positions = _last_positions(summary.column("_row").to_numpy())
@@ -209,16 +217,24 @@ class DoneState:
             summary.column("_row").to_numpy()[positions],
             summary.column("id").take(picked).combine_chunks(),
         )
-        self._loaded.summary = None
+        self._summary = None
         pa.default_memory_pool().release_unused()
         return done
 
-    def done_totals(self) -> dict[str, Any]:
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Count a batch of new results, just written."""
+        self.progress.add(batch)
+
+    def complete(self, rows: int) -> bool:
+        """True when every one of the first `rows` rows has a result."""
+        return self.progress.complete(rows)
+
+    def totals(self) -> dict[str, Any]:
         """Counts, tokens and cost over the last result of each of this run's rows."""
-        return self._progress.totals()
+        return self.progress.totals()
 
     def top_errors(self) -> tuple[ErrorCount, ...]:
         """The most frequent errors among the written results (reads the segments' errors)."""
-        if not self._progress.totals()["failed"]:
+        if not self.progress.totals()["failed"]:
             return ()
-        return _top_errors(self.directory, self._progress.rows, self._first_segment())
+        return _top_errors(self.directory, self.progress.rows, self.first_segment)

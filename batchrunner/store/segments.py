@@ -1,6 +1,6 @@
 """The checkpoint's segments: the result schema, results as record batches, segments read back.
 
-A segment (`part-NNNNN.arrows`) is an Arrow IPC stream of record batches of `_SEGMENT_SCHEMA`;
+A segment (`part-NNNNN.arrows`, named and listed by `layout.py`) is an Arrow IPC stream of record batches of `_SEGMENT_SCHEMA`;
 a torn last batch is skipped on reading. `_load` reduces every segment to a small summary (row
 number, id, status, usage) and where each batch lies. Reading only: the writing is in
 `checkpoint.Checkpoint`.
@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from batchrunner.answers.structured import METADATA_KEY
 from batchrunner.results import Result
+from batchrunner.store.layout import segments
 
 log = logging.getLogger("batchrunner.store.checkpoint")
 
@@ -136,13 +137,6 @@ class _Loaded:
     summary: pa.Table | None = field(default_factory=_SUMMARY_SCHEMA.empty_table)
 
 
-def _segment_number(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return 0
-
-
 def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(offset, batch) for each complete batch of a segment; a torn tail is skipped.
 
@@ -184,7 +178,7 @@ def _read_batches(segment: Path) -> Iterator[tuple[int, pa.RecordBatch]]:
 
 def _holds_results(directory: Path, first_segment: int = 0) -> bool:
     """True when some segment of the checkpoint holds at least one result."""
-    for segment in _segments(directory, first_segment):
+    for segment in segments(directory, first_segment):
         for _offset, batch in _read_batches(segment):
             if batch.num_rows:
                 return True
@@ -219,12 +213,6 @@ def _segment_layout(segment: Path) -> pa.Schema | None:
     return None if schema == _SEGMENT_SCHEMA else schema
 
 
-def _segments(directory: Path, first: int = 0) -> list[Path]:
-    """The live segments, in the order they were written."""
-    found = sorted(directory.glob("part-*.arrows"), key=_segment_number)
-    return [p for p in found if _segment_number(p) >= first]
-
-
 def _load(
     directory: Path, first_segment: int = 0, names: Sequence[str] | None = None
 ) -> _Loaded:
@@ -236,7 +224,7 @@ def _load(
     # ~32k rows at once: a batch holds whole answers, and memory must not grow with a segment.
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    for segment in _segments(directory, first_segment):
+    for segment in segments(directory, first_segment):
         layout = _segment_layout(segment)
         for offset, batch in _read_batches(segment):
             rows = batch.column(0)

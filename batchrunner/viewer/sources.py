@@ -17,7 +17,6 @@ error it retried), in row order.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrunner.errors import UsageError
-from batchrunner.store.checkpoint import checkpoint_dir
+from batchrunner.store import layout
 from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = ["CheckpointSource", "ParquetSource", "Source", "open_sources"]
@@ -93,7 +92,7 @@ class Source(Protocol):
 
     def manifest(self) -> dict[str, Any] | None:
         """The checkpoint manifest beside this output (the run's request settings), if any."""
-        return _read_manifest(self._checkpoint_directory())
+        return layout.peek_manifest(self._checkpoint_directory())
 
     def _checkpoint_directory(self) -> Path:
         """The checkpoint directory beside this output."""
@@ -171,7 +170,7 @@ class ParquetSource(Source):
         return table
 
     def _checkpoint_directory(self) -> Path:
-        return checkpoint_dir(self.path)
+        return layout.checkpoint_dir(self.path)
 
 
 class CheckpointSource(Source):
@@ -186,7 +185,7 @@ class CheckpointSource(Source):
 
     def __init__(self, output: Path) -> None:
         self.output = output
-        self.path = checkpoint_dir(output)
+        self.path = layout.checkpoint_dir(output)
         self.name = output.name + " (checkpoint)"
         self._reset(0)
         self.refresh()
@@ -224,10 +223,7 @@ class CheckpointSource(Source):
         if first != self._first_segment or any(not p.exists() for p in self._segments):
             self._reset(first)
             changed = True
-        segments = sorted(self.path.glob("part-*.arrows"), key=_segment_number)
-        for segment in segments:
-            if _segment_number(segment) < first:
-                continue
+        for segment in layout.segments(self.path, first):
             for offset, schema, batch in self._new_batches(segment):
                 if not self._columns:
                     self._columns = [c for c in schema.names if c != "_row"]
@@ -345,10 +341,10 @@ def open_sources(paths: Sequence[str | Path]) -> list[Source]:
 
 def open_source(path: Path) -> Source:
     """The source for one output path (see `open_sources`)."""
-    if path.name.endswith(".checkpoint") and path.is_dir():
-        path = path.with_name(path.name[: -len(".checkpoint")])
-    directory = checkpoint_dir(path)
-    manifest = _read_manifest(directory)
+    if path.name.endswith(layout.CHECKPOINT_SUFFIX) and path.is_dir():
+        path = layout.output_of(path)
+    directory = layout.checkpoint_dir(path)
+    manifest = layout.peek_manifest(directory)
     if path.is_file():
         if path.suffix.lower() in (".jsonl", ".csv"):
             raise UsageError(
@@ -371,28 +367,13 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
         if any(ch in text for ch in "*?["):
             base = Path(text).parent
             matches = sorted(base.glob(Path(text).name))
-            matches = [m for m in matches if not m.name.endswith(".checkpoint")]
+            matches = [m for m in matches if not m.name.endswith(layout.CHECKPOINT_SUFFIX)]
             if not matches:
                 raise UsageError(f"{text}: no results match")
             out.extend(matches)
         else:
             out.append(Path(text))
     return out
-
-
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _segment_number(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return 0
 
 
 def _last_of_each(rows: np.ndarray, models: np.ndarray) -> np.ndarray:
