@@ -28,7 +28,14 @@ from batchrunner.reports.summary import (
 )
 from batchrunner.store.failures import render_errors
 
-__all__ = ["estimate_to_json", "render_estimate", "render_table", "to_csv", "to_json"]
+__all__ = [
+    "estimate_to_json",
+    "prompt_cache_notes",
+    "render_estimate",
+    "render_table",
+    "to_csv",
+    "to_json",
+]
 
 _TABLE_COLUMNS = (
     ("rows", "rows"),
@@ -124,6 +131,7 @@ def _notes(report: SummaryReport) -> list[str]:
             f"cache, reused ${report.total.reused_cost_usd:,.{_COST_DIGITS}f} paid before "
             "(not counted again)"
         )
+    notes.extend(prompt_cache_notes(report.total))
     notes.extend(reasoning_notes(report))
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
@@ -134,6 +142,27 @@ def _notes(report: SummaryReport) -> list[str]:
         notes.extend(render_errors(report.errors))
     if report.structured is not None:
         notes.append(report.structured.render())
+    return notes
+
+
+def prompt_cache_notes(total: GroupSummary) -> list[str]:
+    """The gateway's prompt cache (its share of prompt tokens, what it saved) and the rows paid
+    at batch prices."""
+    notes = []
+    if total.cached_tokens and total.cached_share is not None:
+        saved = ("an unknown sum (a model with cached tokens has no price)"
+                 if total.cache_saving_usd is None
+                 else f"${total.cache_saving_usd:,.{_COST_DIGITS}f}")
+        notes.append(
+            f"prompt cache: {total.cached_share:.1%} of prompt tokens were cached "
+            f"({total.cached_tokens:,}), which saved {saved} against no caching"
+        )
+    if total.batch_rows:
+        notes.append(
+            f"{_plural(total.batch_rows, 'row')} answered through the Batch API "
+            f"({'its' if total.batch_rows == 1 else 'their'} batch_id is set), priced at "
+            "batch prices"
+        )
     return notes
 
 
