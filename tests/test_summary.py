@@ -243,3 +243,13 @@ def test_a_saving_that_cannot_be_priced_is_unknown(tmp_path: Path) -> None:
     report = summarize([_write(tmp_path / "r.parquet", rows, batch_column=False)])
     assert report.total.cache_saving_usd is None
     assert "an unknown sum" in render_table(report)
+
+
+def test_a_result_says_its_endpoint_and_batch_and_is_online_by_default() -> None:
+    from batchrunner.results import Result
+
+    online = Result(0, "a", "ok", "gpt-4o")
+    assert online.endpoint is None and online.batch_id is None
+    batched = Result(0, "a", "ok", "gpt-4o", endpoint="https://gw.example/v1", batch_id="batch_1")
+    assert (batched.endpoint, batched.batch_id) == ("https://gw.example/v1", "batch_1")
+    assert batched != online
