@@ -326,3 +326,18 @@ def test_api_key_env_repeated_without_endpoint_is_the_several_keys_form(tmp_path
     assert _overrides(dict(kwargs))["api_key_env"] == "KEY_A,KEY_B"
     one = _overrides({**kwargs, "api_key_env": ("KEY_A",)})
     assert one["api_key_env"] == "KEY_A" and "endpoints" not in one
+
+
+def test_validate_checks_every_endpoint_s_key_variable(tmp_path: Path) -> None:
+    job = _validate_job(tmp_path, [json.dumps({"id": 1, "prompt": "q"})], extra=(
+        'endpoints = [{ base_url = "http://127.0.0.1:1/v1", api_key_env = "BR_KEY_A" },\n'
+        '             { base_url = "http://127.0.0.1:2/v1", api_key_env = "BR_KEY_B" }]\n'))
+    missing = CliRunner().invoke(main, ["validate", str(job)], env={"BR_KEY_A": SECRET,
+                                                                     "BR_KEY_B": ""})
+    assert missing.exit_code == 0, missing.output
+    assert "not checked: no API key: `endpoints` [1] (http://127.0.0.1:2/v1) names BR_KEY_B" \
+        in missing.output
+    both = CliRunner().invoke(main, ["validate", str(job)], env={"BR_KEY_A": SECRET,
+                                                                  "BR_KEY_B": SECRET})
+    assert both.exit_code == 0 and "2 endpoints: the run's pre-flight checks each" in both.output
+    assert SECRET not in missing.output + both.output
