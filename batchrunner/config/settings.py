@@ -15,7 +15,12 @@ from batchrunner.config.durations import (
     parse_duration,
 )
 from batchrunner.config.endpoints import Endpoint, endpoint_name
-from batchrunner.config.options import OPTION_BY_NAME, OPTIONS, InvalidValue, checked_base_url
+from batchrunner.config.options import (
+    OPTION_BY_NAME,
+    OPTIONS,
+    InvalidValue,
+    checked_base_url,
+)
 from batchrunner.config.paths import expand_date
 from batchrunner.errors import UsageError
 from batchrunner.redaction import remember_key

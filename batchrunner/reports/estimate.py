@@ -440,7 +440,7 @@ def _model_estimate(
     # estimate's expected prompt tokens (a calibrated ratio moves both alike)
     rule_tokens = t.chars / CHARS_PER_TOKEN + overhead
     scale = (prompt.expected or 0) / rule_tokens if rule_tokens else 0.0
-    prefix_cached = min(int(round(t.cached * scale)), int(prompt.expected or 0))
+    prefix_cached = min(round(t.cached * scale), int(prompt.expected or 0))
     if price is None:
         return ModelEstimate(model, t.rows, prompt, completion, None, None, prefix_cached)
 
