@@ -92,6 +92,11 @@ class Result:
     tool_calls: str | None = None
     logprobs: str | None = None
     choices_tool_calls: tuple[str | None, ...] | None = None
+    # where the answer came from: the endpoint's name (its base URL without credentials or
+    # query, config.endpoints.endpoint_name), and the Batch API batch that answered the row
+    # (None online; its cost is at batch prices)
+    endpoint: str | None = None
+    batch_id: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -291,3 +291,53 @@ def test_summary_reads_jsonl_and_csv_outputs(tmp_path: Path, suffix: str) -> Non
     figures = json.loads(shown.stdout)
     assert figures["total"]["rows"] == 7 and figures["total"]["ok"] == 7
     assert figures["total"]["prompt_tokens"] > 0 and figures["total"]["cost_usd"] > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--endpoint", "https://a.example/v1", "--endpoint", "https://b.example/v1",
+      "--api-key-env", "KEY_A"], "2 --endpoint and 1 --api-key-env"),
+    (["--endpoint", "not-a-url"], "--endpoint #1 must be an http:// or https:// URL"),
+    (["--endpoint", "https://a.example/v1", "--endpoint", "https://a.example/v1/"],
+     "are the same endpoint (https://a.example/v1)"),
+    (["--endpoint", "https://a.example/v1", "--local"], "--local runs against the built-in"),
+    (["--endpoint", "https://a.example/v1", "--base-url", "https://b.example/v1"],
+     "--base-url and --endpoint"),
+    (["--engine", "batch", "--stream"], "--stream does not apply to --engine batch"),
+    (["--engine", "batch", "--endpoint", "https://a.example/v1", "--endpoint",
+      "https://b.example/v1"], "--engine batch sends to one endpoint"),
+    (["--order", "random"], "'random' is not one of 'prefix', 'input'"),
+])
+def test_run_refuses_endpoints_and_engines_that_make_no_sense(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(main, ["run", "-i", "sample_data/prompts.jsonl", "-o",
+                                       str(tmp_path / "o.parquet"), "-m", "gpt-4o", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_api_key_env_repeated_without_endpoint_is_the_several_keys_form(tmp_path: Path) -> None:
+    from batchrunner.cli.group import _overrides
+
+    kwargs = {"param": (), "input_": Path("a.jsonl"), "model": (), "stop": (),
+              "endpoint": (), "api_key_env": ("KEY_A", "KEY_B")}
+    assert _overrides(dict(kwargs))["api_key_env"] == "KEY_A,KEY_B"
+    one = _overrides({**kwargs, "api_key_env": ("KEY_A",)})
+    assert one["api_key_env"] == "KEY_A" and "endpoints" not in one
+
+
+def test_validate_checks_every_endpoint_s_key_variable(tmp_path: Path) -> None:
+    job = _validate_job(tmp_path, [json.dumps({"id": 1, "prompt": "q"})], extra=(
+        'endpoints = [{ base_url = "http://127.0.0.1:1/v1", api_key_env = "BR_KEY_A" },\n'
+        '             { base_url = "http://127.0.0.1:2/v1", api_key_env = "BR_KEY_B" }]\n'))
+    missing = CliRunner().invoke(main, ["validate", str(job)], env={"BR_KEY_A": SECRET,
+                                                                     "BR_KEY_B": ""})
+    assert missing.exit_code == 0, missing.output
+    assert "not checked: no API key: `endpoints` [1] (http://127.0.0.1:2/v1) names BR_KEY_B" \
+        in missing.output
+    both = CliRunner().invoke(main, ["validate", str(job)], env={"BR_KEY_A": SECRET,
+                                                                  "BR_KEY_B": SECRET})
+    assert both.exit_code == 0 and "2 endpoints: the run's pre-flight checks each" in both.output
+    assert SECRET not in missing.output + both.output

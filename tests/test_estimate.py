@@ -211,3 +211,77 @@ def test_estimate_of_an_unusable_input_is_an_input_error(tmp_path: Path) -> None
                        model="gpt-4o")
     with pytest.raises(InputError):
         estimate(config, prices=PriceTable.load())
+
+
+# --- the Batch API's price and the prompt cache ------------------------------------------------
+
+
+def _doc_qa(tmp_path: Path, documents: int = 5, questions: int = 4) -> Path:
+    """Questions about long documents: each document (about 1,600 tokens) first, the question
+    last, shuffled so that a document's questions are spread over the input."""
+    rng = np.random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    docs = [" ".join(rng.choice(words, 1300)) for _ in range(documents)]
+    records = [{"id": f"d{d}q{q}", "prompt": f"{docs[d]}\n\nQuestion {q}: what about {q}?"}
+               for d in range(documents) for q in range(questions)]
+    order = rng.permutation(len(records))
+    return write_jsonl(tmp_path / "docqa.jsonl", [records[i] for i in order])
+
+
+def test_estimate_gives_the_online_and_the_batch_cost_side_by_side(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl",
+                         [{"id": i, "prompt": p} for i, p in enumerate(generated_prompts(40, 1))])
+    config = RunConfig(input=source, output=tmp_path / "o.parquet", model="gpt-4o",
+                       params={"max_tokens": 64})
+    est = estimate(config, prices=PriceTable.load())
+    for name in ("low", "expected", "high"):
+        online, batch = getattr(est.cost_usd, name), getattr(est.batch_cost_usd, name)
+        if online is not None:
+            assert batch == pytest.approx(online / 2)
+    (model,) = est.models
+    assert model.batch_cost_usd.high == pytest.approx(model.cost_usd.high / 2)
+    text = render_estimate(est)
+    assert "cost (USD), online (this job):" in text and "cost (USD), batch:" in text
+    assert "batch (USD)" in text  # the per-model table's column
+    data = json.loads(estimate_to_json(est))
+    assert data["batch_cost_usd"]["high"] == pytest.approx(data["cost_usd"]["high"] / 2)
+    assert data["models"][0]["batch_cost_usd"] is not None
+    as_batch = estimate(config.replace(engine="batch"), prices=PriceTable.load())
+    assert "cost (USD), batch (this job):" in render_estimate(as_batch)
+    # a model with no price: both unknown, the priced rows' figure said
+    unpriced = estimate(config.replace(model="no-such-model"), prices=PriceTable.load())
+    assert unpriced.cost_usd is None and unpriced.batch_cost_usd is None
+
+
+def test_estimate_says_what_the_prompt_cache_saves_with_the_prefix_order(tmp_path: Path) -> None:
+    from batchrunner.inputs.prefixes import cacheable_tokens
+
+    source = _doc_qa(tmp_path)
+    config = RunConfig(input=source, output=tmp_path / "o.parquet", model="gpt-4o",
+                       params={"max_tokens": 32})
+    est = estimate(config, prices=PriceTable.load())
+    # five documents of four questions: the first question of each pays in full, the other
+    # three have their document's cacheable prefix cached (in steps of 128, at most a step
+    # short of the whole prompt's cacheable part)
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    whole = [cacheable_tokens({"messages": [{"role": "user", "content": r["prompt"]}]})
+             for r in rows]
+    assert 15 * (min(whole) - 128) <= est.prefix_cached_tokens <= 15 * max(whole)
+    assert est.prefix_cached_tokens % 128 == 0
+    assert 0.6 < est.prefix_cached_share < 0.75  # 15 of 20 rows, most of each prompt
+    price = BUILTIN_PRICES["gpt-4o"]
+    assert est.cache_saving_usd == pytest.approx(
+        est.prefix_cached_tokens * (price.input - price.cached_input) / 1e6)
+    assert est.cache_saving_batch_usd == pytest.approx(est.cache_saving_usd / 2)
+    text = render_estimate(est)
+    assert f"of prompt tokens ({est.prefix_cached_tokens:,}) expected cached" in text
+    assert f"saving ${est.cache_saving_usd:,.6f} online" in text
+    assert json.loads(estimate_to_json(est))["prefix_cached_tokens"] == est.prefix_cached_tokens
+    # the input order is said to expect less; short prompts share nothing
+    assert "this job sends in input order" in render_estimate(
+        estimate(config.replace(order="input"), prices=PriceTable.load()))
+    short = write_jsonl(tmp_path / "short.jsonl",
+                        [{"id": i, "prompt": "same question"} for i in range(10)])
+    none = estimate(config.replace(input=short), prices=PriceTable.load())
+    assert none.prefix_cached_tokens == 0 and none.cache_saving_usd == 0
+    assert "nothing expected cached" in render_estimate(none)

@@ -530,3 +530,153 @@ def test_param_model_on_the_command_line_points_at_the_model_option() -> None:
             param_value("model", text)
     with pytest.raises(UsageError, match=r"^--param model is not allowed: use --model"):
         build_config(None, {"input": "a", "output": "b", "params": {"model": "x"}})
+
+
+# --- engines, order and several endpoints ---------------------------------------------------
+
+
+def test_batch_engine_order_and_their_defaults(tmp_path: Path) -> None:
+    plain = build_config(None, {"input": Path("a.jsonl"), "output": Path("o.parquet")})
+    assert (plain.engine, plain.order) == ("local", "prefix")
+    assert (plain.batch_poll, plain.batch_max_requests, plain.batch_max_bytes) == (
+        30.0, 50_000, 190_000_000)
+    job = write_job(tmp_path, """
+        input = "a.jsonl"
+        output = "o.parquet"
+        engine = "batch"
+        batch_poll = 5
+        batch_max_requests = 1000
+        batch_max_bytes = 1000000
+        order = "input"
+        """)
+    config = build_config(load_job(job), {})
+    assert (config.engine, config.order, config.batch_poll) == ("batch", "input", 5.0)
+    assert (config.batch_max_requests, config.batch_max_bytes) == (1000, 1_000_000)
+    assert build_config(load_job(job), {"order": "prefix"}).order == "prefix"
+    assert "must be one of prefix, input" in error_of(write_job(tmp_path, 'order = "random"\n'))
+    assert "must be one of local, ray, batch" in error_of(write_job(tmp_path, 'engine = "x"\n'))
+    assert "batch_poll` must be positive" in error_of(write_job(tmp_path, "batch_poll = 0\n"))
+    assert "at least 1" in error_of(write_job(tmp_path, "batch_max_bytes = 0\n"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"engine": "batch", "stream": True}, "--stream does not apply to --engine batch"),
+    ({"engine": "batch", "ray_actors": 4}, "apply to --engine ray"),
+    ({"engine": "batch", "api_key_env": "KEY_A,KEY_B"}, "--engine batch sends to one endpoint"),
+])
+def test_nonsense_with_the_batch_engine_is_a_usage_error(
+    overrides: dict, message: str
+) -> None:
+    with pytest.raises(UsageError, match=message) as caught:
+        build_config(None, {"input": Path("a.jsonl"), "output": Path("o.parquet"), **overrides})
+    assert caught.value.exit_code == 2
+    # the batch engine with --local (the simulator's Batch API) is fine
+    build_config(None, {"input": Path("a.jsonl"), "output": Path("o.parquet"),
+                        "engine": "batch", "local": True})
+
+
+def test_a_job_names_several_endpoints(tmp_path: Path) -> None:
+    from batchrunner.config.settings import Endpoint, resolve_endpoints
+
+    job = write_job(tmp_path, """
+        input = "a.jsonl"
+        output = "o.parquet"
+        concurrency = 8
+        endpoints = [
+          { base_url = "https://gw-a.example/v1/", api_key_env = "KEY_A", rpm = 600, tpm = 200000 },
+          { base_url = "https://gw-b.example/v1?api-version=1", api_key_env = "KEY_B", concurrency = 4 },
+        ]
+        """)
+    config = build_config(load_job(job), {})
+    assert config.endpoints == (
+        Endpoint("https://gw-a.example/v1", "KEY_A", rpm=600.0, tpm=200000.0),
+        Endpoint("https://gw-b.example/v1?api-version=1", "KEY_B", concurrency=4),
+    )
+    assert [e.name for e in config.endpoints] == ["https://gw-a.example/v1",
+                                                  "https://gw-b.example/v1"]
+    resolved = resolve_endpoints(config, {"KEY_A": "sk-a", "KEY_B": "sk-b"})
+    assert [(e.rpm, e.concurrency) for e in resolved] == [(600.0, 8), (None, 4)]
+    # a key variable that is not set: named, with the endpoint; never a value
+    with pytest.raises(UsageError, match=r"`endpoints` \[1\] .*names KEY_B, which is not set"):
+        resolve_endpoints(config, {"KEY_A": "sk-a"})
+    # the command line's --base-url replaces the job's endpoints
+    one = build_config(load_job(job), {"base_url": "https://other.example/v1"})
+    assert one.endpoints == ()
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ("[]", "non-empty array"),
+    ('[{ api_key_env = "K" }]', r"\[0\] has no `base_url`"),
+    ('[{ base_url = "gw.example" }]', r"\[0\]\.base_url must be an http:// or https:// URL"),
+    ('[{ base_url = "https://a/v1", api_key_env = "sk-live-123" }]',
+     r"\[0\]\.api_key_env must be the NAME"),
+    ('[{ base_url = "https://a/v1", api_key_env = "A,B" }]', "must name one variable"),
+    ('[{ base_url = "https://a/v1", rpm = 0 }]', r"\[0\]\.rpm must be positive"),
+    ('[{ base_url = "https://a/v1", concurency = 3 }]', "unknown key `concurency`"),
+    ('["https://a/v1"]', r"\[0\] must be a table"),
+])
+def test_bad_endpoints_in_a_job_name_the_key(tmp_path: Path, entries: str, message: str) -> None:
+    path = write_job(tmp_path, f"endpoints = {entries}\n")
+    text = error_of(path)
+    assert str(path) in text and "`endpoints`" in text
+    assert __import__("re").search(message, text), text
+    assert "sk-live-123" not in text
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('base_url = "https://c/v1"\n', "--base-url and --endpoint"),
+    ('api_key_env = "K"\n', "give each endpoint its `api_key_env`"),
+    ("local = true\n", "--local runs against the built-in gateway simulator"),
+    ('endpoints = [{ base_url = "https://b/v1", api_key_env = "K" }]\n',
+     r"\[0\] and \[2\] are the same endpoint \(https://b/v1 with the same key variable K\)"),
+    ('engine = "batch"\n', "--engine batch sends to one endpoint"),
+])
+def test_endpoints_that_conflict_are_usage_errors(tmp_path: Path, text: str, message: str) -> None:
+    job = write_job(tmp_path, """
+        input = "a.jsonl"
+        output = "o.parquet"
+        endpoints = [{ base_url = "https://b/v1", api_key_env = "K" },
+                     { base_url = "https://b/v1/", api_key_env = "L" }]
+        """)
+    data = load_job(job)
+    extra = load_job(write_job(tmp_path, text, "extra.toml"))
+    if "endpoints" in extra:
+        data["endpoints"] = data["endpoints"] + extra.pop("endpoints")
+    with pytest.raises(UsageError, match=message) as caught:
+        build_config({**data, **extra}, {})
+    assert caught.value.exit_code == 2
+
+
+def test_one_endpoint_is_the_ordinary_run_and_several_keys_are_endpoints() -> None:
+    from batchrunner.config.settings import Endpoint, resolve_endpoints
+
+    base = {"input": Path("a.jsonl"), "output": Path("o.parquet")}
+    plain = build_config(None, base)
+    assert plain.endpoints == ()
+    env = {"RU_LLM_API_KEY": "sk-x", "RU_LLM_BASE_URL": "https://env.example/v1"}
+    assert resolve_endpoints(plain, env) == (
+        Endpoint("https://env.example/v1", None, concurrency=16),)
+    with pytest.raises(UsageError, match="no API key for https://env.example/v1"):
+        resolve_endpoints(plain, {"RU_LLM_BASE_URL": "https://env.example/v1"})
+    # the Ray engine's several keys: one endpoint per key at the one base URL
+    keys = build_config(None, {**base, "base_url": "https://gw/v1", "api_key_env": "KA,KB"})
+    assert [(e.base_url, e.api_key_env) for e in resolve_endpoints(keys, {"KA": "1", "KB": "2"})] \
+        == [("https://gw/v1", "KA"), ("https://gw/v1", "KB")]
+    with pytest.raises(UsageError, match="--api-key-env names KB, which is not set"):
+        resolve_endpoints(keys, {"KA": "1"})
+
+
+def test_endpoints_from_the_command_line_pair_urls_and_key_variables() -> None:
+    from batchrunner.config.settings import Endpoint, endpoints_from_options
+
+    assert endpoints_from_options(["https://a/v1", "https://b/v1"], ["KA", "KB"]) == (
+        Endpoint("https://a/v1", "KA"), Endpoint("https://b/v1", "KB"))
+    assert endpoints_from_options(["https://a/v1"], []) == (Endpoint("https://a/v1"),)
+    with pytest.raises(UsageError, match="2 --endpoint and 1 --api-key-env"):
+        endpoints_from_options(["https://a/v1", "https://b/v1"], ["KA"])
+    with pytest.raises(UsageError, match="--endpoint #2 must be an http"):
+        endpoints_from_options(["https://a/v1", "ftp://b"], ["KA", "KB"])
+    with pytest.raises(UsageError, match="--api-key-env #1 must be the NAME"):
+        endpoints_from_options(["https://a/v1"], ["sk-123 secret"])
+    with pytest.raises(UsageError, match="one variable per --api-key-env"):
+        endpoints_from_options(["https://a/v1"], ["KA,KB"])

@@ -73,3 +73,13 @@ def test_invocation_only_options_are_named_as_flags_in_a_job_file(tmp_path: Path
     job.write_text("retry_failed = true\n")
     with pytest.raises(UsageError, match="give --retry-failed on the command line"):
         load_job(job)
+
+
+def test_an_endpoint_is_named_by_its_base_url_without_credentials_or_query() -> None:
+    from batchrunner.config.endpoints import Endpoint, endpoint_name
+
+    assert endpoint_name("https://user:secret@gw.example.com:8443/v1/?api-version=2024-06-01"
+                         "&api-key=sk-123#x") == "https://gw.example.com:8443/v1"
+    assert endpoint_name(" http://127.0.0.1:8000/v1 ") == "http://127.0.0.1:8000/v1"
+    assert endpoint_name("http://[::1]:9000/v1") == "http://[::1]:9000/v1"
+    assert Endpoint("https://k@a.example/v1?key=1").name == "https://a.example/v1"

@@ -234,3 +234,43 @@ def test_missing_and_unreadable_price_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe[models]\n")
     with pytest.raises(UsageError, match="bin.toml"):
         PriceTable.load(binary)
+
+
+def test_batch_prices_are_half_the_online_ones_by_default() -> None:
+    table = PriceTable.builtin()
+    online = table.cost("gpt-4o", 2000, 300, 1024)
+    assert table.cost("gpt-4o", 2000, 300, 1024, batch=True) == pytest.approx(online / 2)
+    assert BUILTIN_PRICES["gpt-4o"].rates(batch=True) == (1.25, 0.625, 5.00)
+    assert BUILTIN_PRICES["gpt-4o"].rates() == (2.50, 1.25, 10.00)
+    worst = table.worst_case("gpt-4o", 1000, 100, n=2)
+    assert table.worst_case("gpt-4o", 1000, 100, n=2, batch=True) == pytest.approx(worst / 2)
+    # what a cache hit saved: the input price less the cached one, online or in a batch
+    assert BUILTIN_PRICES["gpt-4o"].cache_saving(1_000_000) == pytest.approx(1.25)
+    assert BUILTIN_PRICES["gpt-4o"].cache_saving(1_000_000, batch=True) == pytest.approx(0.625)
+
+
+def test_a_price_file_may_give_the_batch_prices(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [models."gpt-4o"]
+        input = 2.5
+        cached_input = 1.25
+        output = 10
+        batch_input = 2.0
+        batch_output = 4
+
+        [models.plain]
+        input = 1
+        output = 2
+        """)
+    table = PriceTable.load(path)
+    # given batch prices win; the one not given is half its online price
+    assert table.get("gpt-4o").rates(batch=True) == (2.0, 0.625, 4.0)
+    assert table.cost("gpt-4o", 1000, 100, 0, batch=True) == pytest.approx(
+        (1000 * 2.0 + 100 * 4.0) / 1e6)
+    assert table.get("plain").rates(batch=True) == (0.5, 0.5, 1.0)
+    bad = write(tmp_path, '[models.x]\ninput = 1\noutput = 1\nbatch_output = "cheap"\n')
+    with pytest.raises(UsageError, match=r"models\.x\.batch_output"):
+        PriceTable.load(bad)
+    typo = write(tmp_path, '[models.x]\ninput = 1\noutput = 1\nbatch_ouput = 1\n')
+    with pytest.raises(UsageError, match="batch_input, batch_cached_input, batch_output"):
+        PriceTable.load(typo)

@@ -172,3 +172,28 @@ def test_json_logs_shape_the_error_line_too(tmp_path: Path) -> None:
     assert "many" in json.loads(line)["message"]
     plain = run_cli("run", "--concurrency", "many")
     assert plain.returncode == 2 and "Usage:" in plain.stderr  # click's own, without json
+
+
+def test_the_final_summary_says_what_the_prompt_cache_saved(tmp_path: Path) -> None:
+    from batchrunner.cli.progress import cache_line
+    from batchrunner.config.pricing import BUILTIN_PRICES
+    from batchrunner.engine.state import RunReport
+
+    report = RunReport(exit_code=0, reason="complete", output=tmp_path / "o.parquet", rows=10,
+                       ok=10, failed=0, resumed=0, sent=10, prompt_tokens=20_000,
+                       completion_tokens=500, cached_tokens=15_360, total_tokens=20_500,
+                       cost_usd=0.01, wall_seconds=3.0)
+    config = RunConfig(input=tmp_path / "i.jsonl", output=tmp_path / "o.parquet",
+                       model="gpt-4o", progress=False)
+    stream = io.StringIO()
+    ProgressDisplay(config, stream).final_summary(report)
+    saved = BUILTIN_PRICES["gpt-4o"].cache_saving(15_360)
+    assert f"cached    76.8% of prompt tokens (the gateway's prompt cache), saved ${saved:,.4f}" \
+        in stream.getvalue()
+    batch = cache_line(report, config.replace(engine="batch"))
+    assert f"saved ${saved / 2:,.4f}" in batch
+    # a sweep: the share, the saving per model is summary's; nothing cached: no line
+    assert "saved" not in cache_line(report, config.replace(models=("gpt-4o", "gpt-4o-mini")))
+    import dataclasses
+
+    assert cache_line(dataclasses.replace(report, cached_tokens=0), config) is None

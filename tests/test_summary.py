@@ -159,3 +159,97 @@ def test_days_from_file_mtimes_and_created_columns(tmp_path: Path) -> None:
     report = summarize_days([tmp_path / "c.parquet"])
     assert [(g.key, g.rows) for g in report.groups] == [
         ("2025-11-24", 10), ("2025-11-26", 10), ("2025-11-27", 10)]
+
+
+# --- the prompt cache's saving and the rows paid at batch prices --------------------------------
+
+
+def _usage_row(i: int, model: str, prompt: int, cached: int, completion: int,
+               batch_id: str | None = None, *, batch: bool = False) -> dict[str, Any]:
+    price = BUILTIN_PRICES.get(model)
+    cost = None if price is None else price.cost(prompt, completion, cached, batch=batch)
+    row = {"id": str(i), "model": model, "status": "ok", "prompt_tokens": prompt,
+           "cached_tokens": cached, "completion_tokens": completion,
+           "total_tokens": prompt + completion, "cost_usd": cost, "latency_ms": 10.0,
+           "error": None}
+    if batch_id is not None or batch:
+        row["batch_id"] = batch_id
+    return row
+
+
+def _write(path: Path, rows: list[dict[str, Any]], batch_column: bool) -> Path:
+    types = {"id": pa.string(), "model": pa.string(), "status": pa.string(),
+             "prompt_tokens": pa.int64(), "cached_tokens": pa.int64(),
+             "completion_tokens": pa.int64(), "total_tokens": pa.int64(),
+             "cost_usd": pa.float64(), "latency_ms": pa.float64(), "error": pa.string()}
+    if batch_column:
+        types["batch_id"] = pa.string()
+    pq.write_table(pa.table({n: pa.array([r.get(n) for r in rows], type=t)
+                             for n, t in types.items()}), path)
+    return path
+
+
+def test_summary_says_the_cached_share_and_what_the_cache_saved(tmp_path: Path) -> None:
+    rows = [_usage_row(0, "gpt-4o", 2000, 0, 100), _usage_row(1, "gpt-4o", 2000, 1536, 100),
+            _usage_row(2, "gpt-4o-mini", 1500, 1024, 50)]
+    path = _write(tmp_path / "old.parquet", rows, batch_column=False)  # an older output
+    full = BUILTIN_PRICES["gpt-4o"]
+    mini = BUILTIN_PRICES["gpt-4o-mini"]
+    # the cached tokens priced in full, less what was paid for them
+    saved = ((1536 * full.input - 1536 * full.cached_input)
+             + (1024 * mini.input - 1024 * mini.cached_input)) / 1e6
+    for prices in (None, PriceTable.load()):
+        report = summarize([path], prices=prices)
+        assert report.total.cached_share == pytest.approx(2560 / 5500)
+        assert report.total.cache_saving_usd == pytest.approx(saved)
+        assert report.total.batch_rows == 0
+        by_model = {g.key: g for g in report.groups}
+        assert by_model["gpt-4o"].cache_saving_usd == pytest.approx(1536 * 1.25 / 1e6)
+    text = render_table(report)
+    assert f"prompt cache: 46.5% of prompt tokens were cached (2,560), which saved ${saved:,.6f}" \
+        in text
+    assert "Batch API" not in text
+    data = json.loads(to_json(report))
+    assert data["total"]["cached_share"] == pytest.approx(2560 / 5500)
+    assert data["total"]["cache_saving_usd"] == pytest.approx(saved)
+    from batchrunner.reports.render import to_csv
+
+    header, *_ = to_csv(report).splitlines()
+    assert "cache_saving_usd" in header and "batch_rows" in header
+
+
+def test_rows_with_a_batch_id_are_priced_at_batch_prices(tmp_path: Path) -> None:
+    rows = [_usage_row(0, "gpt-4o", 2000, 1024, 100),
+            _usage_row(1, "gpt-4o", 2000, 1024, 100, "batch_abc", batch=True),
+            _usage_row(2, "gpt-4o", 2000, 0, 100, None)]  # a null batch_id: online
+    path = _write(tmp_path / "mixed.parquet", rows, batch_column=True)
+    price = BUILTIN_PRICES["gpt-4o"]
+    online = price.cost(2000, 100, 1024) + price.cost(2000, 100, 0)
+    in_batch = price.cost(2000, 100, 1024, batch=True)
+    report = summarize([path], prices=PriceTable.load())
+    assert report.total.batch_rows == 1
+    assert report.total.cost_usd == pytest.approx(online + in_batch)
+    assert summarize([path]).total.cost_usd == pytest.approx(online + in_batch)  # the files'
+    # the batch row's cached tokens saved the batch prices' difference
+    assert report.total.cache_saving_usd == pytest.approx(
+        price.cache_saving(1024) + price.cache_saving(1024, batch=True))
+    text = render_table(report)
+    assert "1 row answered through the Batch API (its batch_id is set), priced at batch prices" \
+        in text
+
+
+def test_a_saving_that_cannot_be_priced_is_unknown(tmp_path: Path) -> None:
+    rows = [_usage_row(0, "house-model", 2000, 1024, 100)]
+    report = summarize([_write(tmp_path / "r.parquet", rows, batch_column=False)])
+    assert report.total.cache_saving_usd is None
+    assert "an unknown sum" in render_table(report)
+
+
+def test_a_result_says_its_endpoint_and_batch_and_is_online_by_default() -> None:
+    from batchrunner.results import Result
+
+    online = Result(0, "a", "ok", "gpt-4o")
+    assert online.endpoint is None and online.batch_id is None
+    batched = Result(0, "a", "ok", "gpt-4o", endpoint="https://gw.example/v1", batch_id="batch_1")
+    assert (batched.endpoint, batched.batch_id) == ("https://gw.example/v1", "batch_1")
+    assert batched != online

@@ -42,6 +42,9 @@ def run(job: Path | None, **kwargs: Any) -> None:
       batchrunner run jobs/nightly-eval.toml
       batchrunner run jobs/nightly-eval.toml --limit 10 -o out/smoke.parquet
       batchrunner run jobs/nightly-eval.toml --engine ray --api-key-env KEY_A,KEY_B
+      batchrunner run jobs/nightly-eval.toml --engine batch
+      batchrunner run jobs/nightly-eval.toml --endpoint https://gw-a.example/v1 \\
+          --api-key-env KEY_A --endpoint https://gw-b.example/v1 --api-key-env KEY_B
       RU_LLM_API_KEY=sk-ru-... batchrunner run -i qs.parquet -o out/qs.parquet -m gpt-4o \\
           --template 'Answer briefly: {question}' --temperature 0 --rpm 600 --max-cost 5
 
@@ -62,7 +65,9 @@ def run(job: Path | None, **kwargs: Any) -> None:
     _configure_logging()  # warnings about the options themselves (a --param typo)
     _error_format["json"] = kwargs.get("log_format") == "json"
     config = _config(job, kwargs)
-    _crash_folder(config.output, config.api_key_env)
+    from batchrunner.config.settings import resolved_key_names
+
+    _crash_folder(config.output, ",".join(n for n in resolved_key_names(config) if n))
     _configure_logging(quiet=config.quiet, log_format=config.log_format)
     use_system_allocator()
     with ProgressDisplay(config) as display:

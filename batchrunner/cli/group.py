@@ -243,6 +243,13 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs["model"] = model[0]
     elif model:
         kwargs["models"] = tuple(model)
+    urls, key_envs = kwargs.pop("endpoint", ()), kwargs.pop("api_key_env", ())
+    if urls:  # --endpoint URL ... with --api-key-env NAME ... in the same order
+        from batchrunner.config.settings import endpoints_from_options
+
+        kwargs["endpoints"] = endpoints_from_options(urls, key_envs)
+    elif key_envs:  # several: one endpoint per key at the one base URL (KEY_A,KEY_B alike)
+        kwargs["api_key_env"] = ",".join(key_envs)
     stop = kwargs.pop("stop")
     if stop:
         kwargs["stop"] = list(stop) if len(stop) > 1 else stop[0]

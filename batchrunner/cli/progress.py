@@ -142,6 +142,9 @@ class ProgressDisplay:
                f"({report.cache_hits:,} rows)" if report.cache_hits else ""),
             f"  wall time {_duration(report.wall_seconds)}",
         ]
+        cached = cache_line(report, self.config)
+        if cached:
+            lines.insert(3, cached)
         if report.timed_out_after_sending:
             lines.append(
                 f"  {plural(report.timed_out_after_sending, 'attempt')} timed out after sending; "
@@ -155,6 +158,31 @@ class ProgressDisplay:
             lines.append("  most frequent errors (rows, error):")
             lines.extend(render_errors(report.errors, indent="    "))
         print("\n".join(lines), file=self.stream, flush=True)
+
+
+def cache_line(report: RunReport, config: RunConfig) -> str | None:
+    """The share of prompt tokens the gateway's prompt cache served, and what that saved.
+
+    The saving (the cached tokens priced in full, less the cached price paid) is given where
+    the run names one model with a price (at batch prices with `--engine batch`); with a sweep
+    or a model column, `batchrunner summary` gives it per model.
+    """
+    if not report.cached_tokens or not report.prompt_tokens:
+        return None
+    text = (f"  cached    {report.cached_tokens / report.prompt_tokens:.1%} of prompt tokens "
+            "(the gateway's prompt cache)")
+    if len(config.sweep) == 1:
+        from batchrunner.config.pricing import PriceTable
+        from batchrunner.errors import UsageError
+
+        try:
+            price = PriceTable.load(config.prices).get(config.sweep[0])
+        except UsageError:  # the run read the same file: it cannot fail here, but say nothing
+            price = None
+        if price is not None:
+            saved = price.cache_saving(report.cached_tokens, batch=config.engine == "batch")
+            text += f", saved ${saved:,.4f} against no caching"
+    return text
 
 
 def _headline(report: RunReport) -> str:

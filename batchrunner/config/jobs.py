@@ -256,6 +256,12 @@ def build_config(job: Mapping[str, Any] | None, overrides: Mapping[str, Any]) ->
 
     given_params: dict[str, Any] = {}
     named_params: dict[str, Any] = {}
+    # The command line's gateways replace the job file's, whichever way either names them.
+    if overrides.get("endpoints"):
+        settings.pop("base_url", None)
+        settings.pop("api_key_env", None)
+    elif overrides.get("base_url"):
+        settings.pop("endpoints", None)
     for key, value in overrides.items():
         if value is None or (key == "stop" and isinstance(value, (list, tuple)) and not value):
             continue

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from batchrunner.config.durations import parse_deadline
+from batchrunner.config.endpoints import ENDPOINT_KEYS, Endpoint
 from batchrunner.config.paths import is_uri
 from batchrunner.errors import UsageError
 
@@ -166,6 +167,47 @@ def _env_name(value: object) -> str:
             "not the key itself"
         )
     return text
+
+
+def _one_env_name(value: object) -> str:
+    text = _env_name(value)
+    if "," in text:
+        raise InvalidValue("must name one variable (an endpoint has one key)")
+    return text
+
+
+def _endpoints(value: object) -> tuple[Endpoint, ...]:
+    """`endpoints`: an array of tables {base_url, api_key_env, rpm, tpm, concurrency}."""
+    if isinstance(value, Endpoint):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _wrong("a non-empty array of tables such as "
+                     '{ base_url = "https://...", api_key_env = "KEY_A" }', value)
+    checks: dict[str, Callable[[object], Any]] = {
+        "base_url": _url, "api_key_env": _one_env_name, "rpm": _number(positive=True),
+        "tpm": _number(positive=True), "concurrency": _integer(minimum=1),
+    }
+    endpoints = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, Endpoint):
+            entry = entry.to_dict()
+        if not isinstance(entry, dict):
+            raise InvalidValue(f"[{i}] must be a table, not {type_name(entry)}")
+        unknown = sorted(set(entry) - set(ENDPOINT_KEYS))
+        if unknown:
+            raise InvalidValue(f"[{i}]: unknown key `{unknown[0]}` (the keys are: "
+                               f"{', '.join(ENDPOINT_KEYS)})")
+        if "base_url" not in entry:
+            raise InvalidValue(f"[{i}] has no `base_url`")
+        fields: dict[str, Any] = {}
+        for key, item in entry.items():
+            try:
+                fields[key] = checks[key](item)
+            except InvalidValue as exc:
+                raise InvalidValue(f"[{i}].{key} {exc}") from None
+        fields["base_url"] = checked_base_url(fields["base_url"])
+        endpoints.append(Endpoint(**fields))
+    return tuple(endpoints)
 
 
 def _deadline(value: object) -> str:
@@ -343,8 +385,12 @@ OPTIONS: tuple[Option, ...] = (
            help="Answers that may wait for a checkpoint write [100] (a write starts at half)."),
     Option("base_url", ("--base-url",), _url,
            help="Gateway base URL [RU_LLM_BASE_URL, OPENAI_BASE_URL]."),
-    Option("api_key_env", ("--api-key-env",), _env_name, metavar="NAME",
-           help="Environment variable holding the key [RU_LLM_API_KEY, OPENAI_API_KEY]."),
+    Option("api_key_env", ("--api-key-env",), _env_name, "many", metavar="NAME",
+           help="Environment variable holding the key [RU_LLM_API_KEY, OPENAI_API_KEY]; "
+                "with --endpoint, one per endpoint in the same order."),
+    Option("endpoints", ("--endpoint",), _endpoints, "many", metavar="URL", dest="endpoint",
+           help="Send to several gateways (repeatable; job key `endpoints` also takes each "
+                "one's rpm, tpm and concurrency)."),
     Option("local", ("--local",), _boolean, "flag",
            help="Run against the built-in gateway simulator; no key, no network."),
     Option("prices", ("--prices",), path_value, "file", relative=True,
@@ -363,6 +409,9 @@ OPTIONS: tuple[Option, ...] = (
            relative=True, help="Ask for JSON matching this schema (JSON or TOML)."),
     Option("invalid_retries", ("--invalid-retries",), _integer(minimum=0), "int", metavar="N",
            help="Re-asks of an answer that fails the schema [2]."),
+    Option("order", ("--order",), _choice("prefix", "input"), "choice",
+           help="Sending order: rows sharing a cacheable prompt prefix together, or input "
+                "order [prefix]; the output's order is the input's either way."),
     # run only, after the options estimate shares
     Option("restart", ("--restart",), _boolean, "flag", commands=RUN, job=False,
            help="Discard the checkpoint; send all."),
@@ -377,8 +426,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("summary_json", ("--summary-json",), path_value, "file", commands=RUN,
            relative=True,
            help="Also write the final figures, with the exit code, to this JSON file."),
-    Option("engine", ("--engine",), _choice("local", "ray"), "choice", commands=RUN,
-           help="Where rows are processed: this process, or actors on a Ray cluster [local]."),
+    Option("engine", ("--engine",), _choice("local", "ray", "batch"), "choice", commands=RUN,
+           help="Where rows are processed: this process, actors on a Ray cluster, or the "
+                "provider's Batch API (half the price, answers within 24 hours) [local]."),
+    Option("batch_poll", ("--batch-poll",), _number(positive=True), "float",
+           metavar="SECONDS", commands=RUN,
+           help="--engine batch: seconds between polls of a batch's state [30]."),
+    Option("batch_max_requests", ("--batch-max-requests",), _integer(minimum=1), "int",
+           metavar="N", commands=RUN,
+           help="--engine batch: request lines per batch at most [50,000]."),
+    Option("batch_max_bytes", ("--batch-max-bytes",), _integer(minimum=1), "int",
+           metavar="BYTES", commands=RUN,
+           help="--engine batch: bytes of a batch's request file at most [190000000]."),
     Option("ray_address", ("--ray-address",), _nonempty_string, metavar="ADDR", commands=RUN,
            help="Ray cluster to join [RAY_ADDRESS, else a local instance]."),
     Option("ray_actors", ("--ray-actors",), _integer(minimum=1), "int", commands=RUN,

@@ -8,9 +8,13 @@ models or replaces the price of a built-in one:
     input = 2.50
     cached_input = 1.25      # optional: defaults to `input`
     output = 10.00
+    batch_input = 1.25       # optional, the Batch API's prices: default half the online ones
+    batch_cached_input = 0.625
+    batch_output = 5.00
 
     >>> prices = PriceTable.load(Path("prices.toml"))
     >>> prices.cost("gpt-4o", prompt_tokens=1200, completion_tokens=300, cached_tokens=1024)
+    >>> prices.cost("gpt-4o", prompt_tokens=1200, completion_tokens=300, batch=True)
 
 Cost is by the model the row *requested* (the `model` column), matched exactly: a dated name
 such as `gpt-4o-2024-08-06` has a price only where the table lists it. A model with no price has
@@ -30,7 +34,7 @@ from typing import Any
 
 from batchrunner.errors import UsageError
 
-__all__ = ["BUILTIN_PRICES", "PRICES_AS_OF", "ModelPrice", "PriceTable"]
+__all__ = ["BATCH_DISCOUNT", "BUILTIN_PRICES", "PRICES_AS_OF", "ModelPrice", "PriceTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +43,59 @@ logger = logging.getLogger(__name__)
 PRICES_AS_OF = "2026-11-25"
 
 
+#: The Batch API's price against the online one, where a price table gives no batch price.
+BATCH_DISCOUNT = 0.5
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """US dollars per million input, cached input and output tokens of one model."""
+    """US dollars per million input, cached input and output tokens of one model.
+
+    The `batch_` prices are the Batch API's (`--engine batch`); None means the default, half
+    the online price (`BATCH_DISCOUNT`).
+    """
 
     input: float
     cached_input: float
     output: float
+    batch_input: float | None = None
+    batch_cached_input: float | None = None
+    batch_output: float | None = None
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
-        """((prompt - cached) * input + cached * cached_input + completion * output) / 1e6."""
+    def rates(self, *, batch: bool = False) -> tuple[float, float, float]:
+        """(input, cached input, output) per million tokens, online or at batch prices."""
+        if not batch:
+            return self.input, self.cached_input, self.output
         return (
-            (prompt_tokens - cached_tokens) * self.input
-            + cached_tokens * self.cached_input
-            + completion_tokens * self.output
+            self.input * BATCH_DISCOUNT if self.batch_input is None else self.batch_input,
+            self.cached_input * BATCH_DISCOUNT
+            if self.batch_cached_input is None else self.batch_cached_input,
+            self.output * BATCH_DISCOUNT if self.batch_output is None else self.batch_output,
+        )
+
+    def cost(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        *,
+        batch: bool = False,
+    ) -> float:
+        """((prompt - cached) * input + cached * cached_input + completion * output) / 1e6.
+
+        With `batch`, at the Batch API's prices.
+        """
+        input_, cached_input, output = self.rates(batch=batch)
+        return (
+            (prompt_tokens - cached_tokens) * input_
+            + cached_tokens * cached_input
+            + completion_tokens * output
         ) / 1e6
+
+    def cache_saving(self, cached_tokens: float, *, batch: bool = False) -> float:
+        """What `cached_tokens` prompt tokens saved against paying them full: USD."""
+        input_, cached_input, _ = self.rates(batch=batch)
+        return cached_tokens * (input_ - cached_input) / 1e6
 
 
 def _p(input: float, cached_input: float, output: float) -> ModelPrice:
@@ -93,6 +135,7 @@ BUILTIN_PRICES: Mapping[str, ModelPrice] = MappingProxyType(
 )
 
 _PRICE_KEYS = ("input", "cached_input", "output")
+_BATCH_KEYS = ("batch_input", "batch_cached_input", "batch_output")  # optional all three
 
 
 class PriceTable:
@@ -152,17 +195,20 @@ class PriceTable:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         cached_tokens: int | None = 0,
+        *,
+        batch: bool = False,
     ) -> float | None:
         """The cost in USD of one request; None for a model with no price or missing counts.
 
-        `cached_tokens` None means the gateway reported no cache hit: it counts as 0.
+        `cached_tokens` None means the gateway reported no cache hit: it counts as 0. With
+        `batch`, at the model's Batch API prices (a row answered by a batch).
         """
         if prompt_tokens is None or completion_tokens is None:
             return None
         price = self.get(model, warn=True)
         if price is None:
             return None
-        return price.cost(prompt_tokens, completion_tokens, cached_tokens or 0)
+        return price.cost(prompt_tokens, completion_tokens, cached_tokens or 0, batch=batch)
 
     def worst_case(
         self,
@@ -171,8 +217,11 @@ class PriceTable:
         max_tokens: int | None,
         *,
         n: int = 1,
+        batch: bool = False,
     ) -> float | None:
         """The most one request can cost: every prompt token uncached, `n * max_tokens` out.
+
+        With `batch`, at the Batch API's prices (what `--max-cost` checks before a submission).
 
         None where no bound exists: the model has no price, or `max_tokens` is not set (the
         caller decides, e.g. by refusing a budget it cannot keep).
@@ -182,7 +231,7 @@ class PriceTable:
         price = self.get(model, warn=True)
         if price is None:
             return None
-        return price.cost(prompt_tokens_estimate, n * max_tokens, 0)
+        return price.cost(prompt_tokens_estimate, n * max_tokens, 0, batch=batch)
 
     def warned_models(self) -> frozenset[str]:
         """The unknown models this table has warned about so far."""
@@ -234,10 +283,11 @@ def _read_price_file(path: Path) -> dict[str, ModelPrice]:
         where = f"price file {path}: models.{_toml_key(model)}"
         if not isinstance(entry, dict):
             raise UsageError(f"{where} must be a table with input, cached_input and output")
-        extra = sorted(set(entry) - set(_PRICE_KEYS))
+        extra = sorted(set(entry) - set(_PRICE_KEYS) - set(_BATCH_KEYS))
         if extra:
             raise UsageError(
-                f"{where}.{extra[0]}: unknown key (expected input, cached_input, output)"
+                f"{where}.{extra[0]}: unknown key (expected input, cached_input, output, "
+                "batch_input, batch_cached_input, batch_output)"
             )
         values: dict[str, float] = {}
         for key in _PRICE_KEYS:
@@ -247,6 +297,9 @@ def _read_price_file(path: Path) -> dict[str, ModelPrice]:
                 raise UsageError(f"{where}.{key} is missing (USD per million tokens)")
             values[key] = _price_value(entry[key], f"{where}.{key}")
         values.setdefault("cached_input", values["input"])
+        for key in _BATCH_KEYS:
+            if key in entry:
+                values[key] = _price_value(entry[key], f"{where}.{key}")
         prices[model] = ModelPrice(**values)
     return prices
 

@@ -14,25 +14,40 @@ from batchrunner.config.durations import (
     parse_deadline,
     parse_duration,
 )
-from batchrunner.config.options import OPTIONS, InvalidValue, checked_base_url
+from batchrunner.config.endpoints import Endpoint, endpoint_name
+from batchrunner.config.options import (
+    OPTION_BY_NAME,
+    OPTIONS,
+    InvalidValue,
+    checked_base_url,
+)
 from batchrunner.config.paths import expand_date
 from batchrunner.errors import UsageError
 from batchrunner.redaction import remember_key
 
 __all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_REQUESTS",
     "DEFAULT_BASE_URL",
+    "Endpoint",
     "RunConfig",
+    "endpoint_name",
+    "endpoints_from_options",
     "format_duration",
     "key_env_names",
     "parse_deadline",
     "parse_duration",
     "resolve_api_key",
     "resolve_base_url",
+    "resolve_endpoints",
 ]
 
 DEFAULT_BASE_URL = "https://api.ru-llm.relay2.xyz/v1"
 API_KEY_ENVS = ("RU_LLM_API_KEY", "OPENAI_API_KEY")
 BASE_URL_ENVS = ("RU_LLM_BASE_URL", "OPENAI_BASE_URL")
+#: The Batch API's limits per batch (OpenAI's: 50,000 requests and 200 MB a file), with room.
+BATCH_MAX_REQUESTS = 50_000
+BATCH_MAX_BYTES = 190_000_000
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,8 @@ class RunConfig:
     # endpoint and credentials (docs/gateway.md)
     base_url: str | None = None
     api_key_env: str | None = None
+    # several gateways (docs/run.md): none means the one of base_url and api_key_env
+    endpoints: tuple[Endpoint, ...] = ()
     local: bool = False
     # cost (docs/cost.md)
     prices: Path | None = None
@@ -98,8 +115,15 @@ class RunConfig:
     # structured output (docs/structured.md): a schema file, or the schema (a job's inline table)
     json_schema: Path | dict[str, Any] | None = None
     invalid_retries: int = 2
+    # the order rows are sent in (docs/run.md): "prefix", rows sharing a cacheable prompt
+    # prefix together (inputs/prefixes.py); "input", input order. The output's order is the same.
+    order: str = "prefix"
     # where the rows are processed (docs/engines.md)
-    engine: str = "local"  # "local": this process; "ray": actors on a Ray cluster
+    # "local": this process; "ray": actors on a Ray cluster; "batch": the provider's Batch API
+    engine: str = "local"
+    batch_poll: float = 30.0  # --engine batch: seconds between polls of a batch
+    batch_max_requests: int = BATCH_MAX_REQUESTS  # --engine batch: lines per batch, at most
+    batch_max_bytes: int = BATCH_MAX_BYTES  # --engine batch: bytes of a request file, at most
     ray_address: str | None = None  # None: the RAY_ADDRESS cluster, else a local instance
     ray_actors: int | None = None  # None: one actor per CPU of the cluster
 
@@ -111,7 +135,12 @@ class RunConfig:
             if value is not None and "{" in str(value):
                 flag = "--" + name.replace("_", "-")
                 object.__setattr__(self, name, expand_date(value, now=started, what=flag))
+        if self.endpoints and not (
+            type(self.endpoints) is tuple and all(type(e) is Endpoint for e in self.endpoints)
+        ):  # a library caller's list of tables
+            object.__setattr__(self, "endpoints", _checked_endpoints(self.endpoints))
         _check_options(self)
+        _check_combinations(self)
         if self.score is not None and not self.reference_column:
             raise UsageError("--score needs --reference-column COL (job key `reference_column`)")
         if self.models and len(set(self.models)) != len(self.models):
@@ -152,6 +181,134 @@ class RunConfig:
         from batchrunner.answers.structured import load_schema
 
         return {"json_schema": load_schema(self.json_schema).settings()}
+
+
+def _checked_endpoints(value: Any) -> tuple[Endpoint, ...]:
+    try:
+        return OPTION_BY_NAME["endpoints"].check(value)  # type: ignore[misc,no-any-return]
+    except InvalidValue as exc:
+        raise UsageError(f"`endpoints` {exc}") from None
+
+
+def _check_combinations(config: RunConfig) -> None:
+    """Options that make no sense together: a usage error naming both."""
+    endpoints = config.endpoints
+    if endpoints:
+        if config.base_url:
+            raise UsageError("--base-url and --endpoint (job keys `base_url` and `endpoints`) "
+                             "are both given: name every gateway in `endpoints`, or one with "
+                             "`base_url`")
+        if config.api_key_env:
+            raise UsageError("--api-key-env without --endpoint, with job key `endpoints`: give "
+                             "each endpoint its `api_key_env` (or one --api-key-env per "
+                             "--endpoint, in the same order)")
+        if config.local:
+            raise UsageError("--local runs against the built-in gateway simulator: it takes no "
+                             "--endpoint (job key `endpoints`)")
+        seen: dict[tuple[str, str | None], int] = {}
+        for i, e in enumerate(endpoints):
+            same = (endpoint_name(e.base_url), e.api_key_env)
+            if same in seen:
+                key = f" with the same key variable {e.api_key_env}" if e.api_key_env else ""
+                raise UsageError(
+                    f"`endpoints` [{seen[same]}] and [{i}] are the same endpoint "
+                    f"({same[0]}{key}): name each gateway (or each key of one) once"
+                )
+            seen[same] = i
+    if config.engine == "batch":
+        if len(resolved_key_names(config)) > 1:
+            raise UsageError("--engine batch sends to one endpoint: give one --endpoint "
+                             "(or `base_url`) and one key variable")
+        if config.stream:
+            raise UsageError("--stream does not apply to --engine batch: a batch's answers "
+                             "come whole, in its output file")
+        if config.ray_address or config.ray_actors is not None:
+            raise UsageError("--ray-address and --ray-actors apply to --engine ray, "
+                             "not --engine batch")
+
+
+def resolved_key_names(config: RunConfig) -> tuple[str | None, ...]:
+    """The key variable of each endpoint the run sends to (None: the default variables)."""
+    if config.endpoints:
+        return tuple(e.api_key_env for e in config.endpoints)
+    return key_env_names(config.api_key_env) or (None,)
+
+
+def endpoints_from_options(
+    urls: tuple[str, ...] | list[str], key_envs: tuple[str, ...] | list[str]
+) -> tuple[Endpoint, ...]:
+    """`--endpoint URL` repeated, with `--api-key-env NAME` repeated in the same order.
+
+    No --api-key-env: every endpoint takes the default variables; otherwise one per endpoint.
+
+    >>> endpoints_from_options(["https://a.example/v1", "https://b.example/v1"], ["KEY_A", "KEY_B"])
+    """
+    if key_envs and len(key_envs) != len(urls):
+        raise UsageError(
+            f"{len(urls)} --endpoint and {len(key_envs)} --api-key-env: give one "
+            "--api-key-env per --endpoint, in the same order (or none, for the default "
+            "RU_LLM_API_KEY / OPENAI_API_KEY)"
+        )
+    entries: list[dict[str, Any]] = []
+    for i, url in enumerate(urls):
+        entry: dict[str, Any] = {"base_url": url}
+        if key_envs:
+            if "," in key_envs[i]:
+                raise UsageError(f"--api-key-env {key_envs[i]}: with --endpoint, one variable "
+                                 "per --api-key-env (repeat the option)")
+            entry["api_key_env"] = key_envs[i]
+        entries.append(entry)
+    try:
+        return OPTION_BY_NAME["endpoints"].check(entries)  # type: ignore[misc,no-any-return]
+    except InvalidValue as exc:
+        # "[1].base_url must be ..." said as the option: "--endpoint 2 must be ..."
+        text = str(exc)
+        if text.startswith("["):
+            index, _, rest = text[1:].partition("]")
+            field, _, rest = rest.lstrip(".").partition(" ")
+            flag = "--endpoint" if field == "base_url" else "--api-key-env"
+            raise UsageError(f"{flag} #{int(index) + 1} {rest}") from None
+        raise UsageError(f"--endpoint {text}") from None
+
+
+def resolve_endpoints(
+    config: RunConfig, environ: dict[str, str] | None = None
+) -> tuple[Endpoint, ...]:
+    """Every endpoint the run sends to, base URLs resolved, limits filled from the run's own.
+
+    The declared `endpoints`; else one endpoint per key variable of `api_key_env` (one, or
+    several separated by commas: the Ray engine's form) at the base URL of `resolve_base_url`.
+    Each endpoint's missing rpm, tpm and concurrency are the run's. Every key variable must be
+    set (a UsageError naming the variable and the option, never a value); the keys themselves
+    are not returned (`resolve_api_key` reads them). Not for `--local`: the run's simulator is
+    its one endpoint.
+    """
+    environ = os.environ if environ is None else environ
+    if config.endpoints:
+        declared = config.endpoints
+        where = "`endpoints` [{i}] ({name})"
+    else:
+        url = resolve_base_url(config.base_url, environ)
+        declared = tuple(Endpoint(url, name) for name in key_env_names(config.api_key_env)) or (
+            Endpoint(url),)
+        where = "--api-key-env"
+    out = []
+    for i, e in enumerate(declared):
+        if e.api_key_env is not None and not environ.get(e.api_key_env, "").strip():
+            place = where.format(i=i, name=e.name)
+            raise UsageError(f"no API key: {place} names {e.api_key_env}, which is not set "
+                             "in the environment")
+        if e.api_key_env is None and not any(environ.get(n, "").strip() for n in API_KEY_ENVS):
+            raise UsageError(f"no API key for {e.name}: set {' or '.join(API_KEY_ENVS)} in the "
+                             "environment (or use --local to try the built-in gateway)")
+        out.append(Endpoint(
+            base_url=checked_base_url(e.base_url),
+            api_key_env=e.api_key_env,
+            rpm=config.rpm if e.rpm is None else e.rpm,
+            tpm=config.tpm if e.tpm is None else e.tpm,
+            concurrency=config.concurrency if e.concurrency is None else e.concurrency,
+        ))
+    return tuple(out)
 
 
 def resolve_base_url(explicit: str | None, environ: dict[str, str] | None = None) -> str:

@@ -102,6 +102,12 @@ class ModelEstimate:
     prompt_tokens: Range
     completion_tokens: Range
     cost_usd: Range | None
+    batch_cost_usd: Range | None = None  # at the Batch API's prices (--engine batch)
+    # --order prefix: prompt tokens a gateway's prompt cache is expected to serve, and what
+    # that saves against paying them in full (None for a model with no price)
+    cached_tokens: int = 0
+    cache_saving_usd: float | None = None
+    cache_saving_batch_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,19 @@ class Estimate:
     checkpoint: str | None = None  # the output whose checkpoint was read, if any
     checkpoint_note: str | None = None  # why a checkpoint was not used
     cached_rows: int = 0  # with --cache: rows the response cache holds (not sent, no cost)
+    # the same rows through the Batch API (--engine batch): None as cost_usd is
+    batch_cost_usd: Range | None = None
+    batch_cost_usd_known: Range = Range(0, 0, 0)
+    engine: str = "local"  # the job's engine: which of the two costs it will pay
+    # The prompt cache with --order prefix (inputs/prefixes.py): a group's first request pays
+    # in full, the others their prefix shared with an earlier one, in steps of 128 tokens, at
+    # the estimate's expected tokens. `cache_saving_usd` is against no caching, at online
+    # prices (`cache_saving_batch_usd` at batch prices); None where a model has no price.
+    order: str = "prefix"
+    prefix_cached_tokens: int = 0
+    prefix_cached_share: float | None = None  # of the expected prompt tokens
+    cache_saving_usd: float | None = None
+    cache_saving_batch_usd: float | None = None
 
     @property
     def unpriced_models(self) -> tuple[str | None, ...]:
@@ -161,10 +180,11 @@ _RULE = (
 class _ModelTally:
     """Running sums of the rows of one model while the input is read."""
 
-    __slots__ = ("rows", "chars", "messages", "choices", "cap", "unbounded")
+    __slots__ = ("rows", "chars", "messages", "choices", "cap", "unbounded", "cached")
 
     def __init__(self) -> None:
         self.rows = self.chars = self.messages = self.choices = self.cap = self.unbounded = 0
+        self.cached = 0  # prompt tokens the prompt cache would serve (--order prefix)
 
 
 def estimate(
@@ -187,6 +207,7 @@ def estimate(
     >>> print(render_estimate(est))
     """
     from batchrunner.engine.sweep import sweep_config
+    from batchrunner.inputs.prefixes import PrefixCache
     from batchrunner.inputs.requests import RequestBuilder
     from batchrunner.inputs.scan import scan_input
 
@@ -196,6 +217,7 @@ def estimate(
     tallies: dict[str | None, _ModelTally] = {}
     rows = input_errors = cached_rows = 0
     done, checkpoint_note = _checkpointed(config)
+    prompt_cache = PrefixCache()
     for body, cached in _cache_marked(config, _bodies_to_send(config, builder, done)):
         rows += 1
         if body is None:
@@ -214,6 +236,7 @@ def estimate(
             tally.messages += 1
         n = body.get("n") or 1
         tally.choices += n
+        tally.cached += prompt_cache.cached_tokens(body)
         bound = body.get("max_completion_tokens") or body.get("max_tokens")
         if bound is None:
             tally.unbounded += 1
@@ -231,6 +254,13 @@ def estimate(
     priced = [m.cost_usd for m in models if m.cost_usd is not None]
     unpriced_rows = sum(m.rows for m in models if m.cost_usd is None)
     known = sum(priced, _ZERO)
+    batch_known = sum((m.batch_cost_usd for m in models if m.batch_cost_usd is not None), _ZERO)
+    prompt_expected = sum(
+        m.prompt_tokens.expected or 0 for m in models  # always set: the rule's figure
+    )
+    prefix_cached = sum(m.cached_tokens for m in models)
+    savings = [m.cache_saving_usd for m in models]
+    batch_savings = [m.cache_saving_batch_usd for m in models]
     done_rows = 0
     if done is not None:  # output rows: in a sweep, an input row's for each of its models
         from batchrunner.engine.sweep import Sweep
@@ -258,6 +288,16 @@ def estimate(
         checkpoint=None if done is None else str(config.output),
         checkpoint_note=checkpoint_note,
         cached_rows=cached_rows,
+        batch_cost_usd=None if unpriced_rows else batch_known,
+        batch_cost_usd_known=batch_known,
+        engine=config.engine,
+        order=config.order,
+        prefix_cached_tokens=prefix_cached,
+        prefix_cached_share=prefix_cached / prompt_expected if prompt_expected else None,
+        cache_saving_usd=None if None in savings else float(sum(savings)),  # type: ignore[arg-type]
+        cache_saving_batch_usd=(
+            None if None in batch_savings else float(sum(batch_savings))  # type: ignore[arg-type]
+        ),
     )
 
 
@@ -396,19 +436,30 @@ def _model_estimate(
         cached = cal.cached_fraction
     prompt, completion = _whole(prompt), _whole(completion)
     price = prices.get(model, warn=True)
-    cost = None
-    if price is not None:
-        def dollars(p: float, c: float, cached_share: float) -> float:
-            return price.cost(p, c, p * cached_share)
+    # the prompt cache's tokens were counted at the rule's CHARS_PER_TOKEN: scaled to this
+    # estimate's expected prompt tokens (a calibrated ratio moves both alike)
+    rule_tokens = t.chars / CHARS_PER_TOKEN + overhead
+    scale = (prompt.expected or 0) / rule_tokens if rule_tokens else 0.0
+    prefix_cached = min(round(t.cached * scale), int(prompt.expected or 0))
+    if price is None:
+        return ModelEstimate(model, t.rows, prompt, completion, None, None, prefix_cached)
 
-        cost = Range(
-            dollars(prompt.low, completion.low, cached),
+    def dollars(batch: bool) -> Range:
+        def at(p: float, c: float, cached_share: float) -> float:
+            return price.cost(p, c, p * cached_share, batch=batch)  # type: ignore[arg-type]
+
+        return Range(
+            at(prompt.low, completion.low, cached),
             None if completion.expected is None or prompt.expected is None
-            else dollars(prompt.expected, completion.expected, cached),
+            else at(prompt.expected, completion.expected, cached),
             None if completion.high is None or prompt.high is None
-            else dollars(prompt.high, completion.high, 0.0),
+            else at(prompt.high, completion.high, 0.0),
         )
-    return ModelEstimate(model, t.rows, prompt, completion, cost)
+
+    return ModelEstimate(
+        model, t.rows, prompt, completion, dollars(False), dollars(True), prefix_cached,
+        price.cache_saving(prefix_cached), price.cache_saving(prefix_cached, batch=True),
+    )
 
 
 def _interval(expected: float, sd: float, *, floor: float, ceiling: float | None) -> Range:

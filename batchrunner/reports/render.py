@@ -28,7 +28,14 @@ from batchrunner.reports.summary import (
 )
 from batchrunner.store.failures import render_errors
 
-__all__ = ["estimate_to_json", "render_estimate", "render_table", "to_csv", "to_json"]
+__all__ = [
+    "estimate_to_json",
+    "prompt_cache_notes",
+    "render_estimate",
+    "render_table",
+    "to_csv",
+    "to_json",
+]
 
 _TABLE_COLUMNS = (
     ("rows", "rows"),
@@ -124,6 +131,7 @@ def _notes(report: SummaryReport) -> list[str]:
             f"cache, reused ${report.total.reused_cost_usd:,.{_COST_DIGITS}f} paid before "
             "(not counted again)"
         )
+    notes.extend(prompt_cache_notes(report.total))
     notes.extend(reasoning_notes(report))
     files = len(report.files)
     notes.append(f"{files} file{'s' if files != 1 else ''}; latency over ok rows")
@@ -134,6 +142,27 @@ def _notes(report: SummaryReport) -> list[str]:
         notes.extend(render_errors(report.errors))
     if report.structured is not None:
         notes.append(report.structured.render())
+    return notes
+
+
+def prompt_cache_notes(total: GroupSummary) -> list[str]:
+    """The gateway's prompt cache (its share of prompt tokens, what it saved) and the rows paid
+    at batch prices."""
+    notes = []
+    if total.cached_tokens and total.cached_share is not None:
+        saved = ("an unknown sum (a model with cached tokens has no price)"
+                 if total.cache_saving_usd is None
+                 else f"${total.cache_saving_usd:,.{_COST_DIGITS}f}")
+        notes.append(
+            f"prompt cache: {total.cached_share:.1%} of prompt tokens were cached "
+            f"({total.cached_tokens:,}), which saved {saved} against no caching"
+        )
+    if total.batch_rows:
+        notes.append(
+            f"{_plural(total.batch_rows, 'row')} answered through the Batch API "
+            f"({'its' if total.batch_rows == 1 else 'their'} batch_id is set), priced at "
+            "batch prices"
+        )
     return notes
 
 
@@ -211,15 +240,24 @@ def render_estimate(est: Estimate) -> str:
         lines.append(est.checkpoint_note)
     lines.append(f"prompt tokens:      {_range_text(est.prompt_tokens, _tokens)}")
     lines.append(f"completion tokens:  {_range_text(est.completion_tokens, _tokens)}")
-    if est.cost_usd is not None:
-        lines.append(f"cost (USD):         {_range_text(est.cost_usd, _dollars)}")
+    mine = " (this job)"  # the engine the job runs with says which of the two it pays
+    online = f"cost (USD), online{'' if est.engine == 'batch' else mine}:"
+    batch = f"cost (USD), batch{mine if est.engine == 'batch' else ''}:"
+    width = max(len(online), len(batch)) + 1
+    if est.cost_usd is not None and est.batch_cost_usd is not None:
+        lines.append(f"{online:<{width}}{_range_text(est.cost_usd, _dollars)}")
+        lines.append(f"{batch:<{width}}{_range_text(est.batch_cost_usd, _dollars)}")
     else:
         lines.append(
-            f"cost (USD):         unknown: {_plural(est.unpriced_rows, 'row')} "
+            f"{online:<{width}}unknown: {_plural(est.unpriced_rows, 'row')} "
             f"{'asks' if est.unpriced_rows == 1 else 'ask'} for a model with no "
             f"price; the priced rows: {_range_text(est.cost_usd_known, _dollars)}"
         )
-    header = ["model", "rows", "prompt tokens", "completion tokens", "cost (USD)"]
+        lines.append(f"{batch:<{width}}unknown; the priced rows: "
+                     f"{_range_text(est.batch_cost_usd_known, _dollars)}")
+    lines.append(_prefix_line(est))
+    header = ["model", "rows", "prompt tokens", "completion tokens", "cost (USD)",
+              "batch (USD)"]
     table = [
         [
             _key_text(m.model),
@@ -227,6 +265,8 @@ def render_estimate(est: Estimate) -> str:
             _range_text(m.prompt_tokens, _tokens, short=True),
             _range_text(m.completion_tokens, _tokens, short=True),
             "no price" if m.cost_usd is None else _range_text(m.cost_usd, _dollars, short=True),
+            "no price" if m.batch_cost_usd is None
+            else _range_text(m.batch_cost_usd, _dollars, short=True),
         ]
         for m in est.models
     ]
@@ -258,6 +298,25 @@ def render_estimate(est: Estimate) -> str:
     extra = f", overlaid by {est.prices_file}" if est.prices_file else ""
     lines.append(f"prices as of {est.prices_as_of}{extra}; nothing was sent")
     return "\n".join(lines)
+
+
+def _prefix_line(est: Estimate) -> str:
+    """What the prompt cache is expected to serve with --order prefix, and what it saves."""
+    head = "prompt cache:       "
+    if not est.prefix_cached_tokens:
+        return (head + "no rows share a cacheable prefix (1,024 tokens or more): "
+                "nothing expected cached")
+    share = f"{est.prefix_cached_share:.1%}" if est.prefix_cached_share is not None else "?"
+    if est.cache_saving_usd is None:
+        saving = "saving unknown (a model with no price)"
+    else:
+        saving = (f"saving {_dollars(est.cache_saving_usd)} online, "
+                  f"{_dollars(est.cache_saving_batch_usd or 0.0)} at batch prices, "
+                  "against no caching")
+    order = ("with --order prefix" if est.order == "prefix"
+             else "with --order prefix (this job sends in input order: expect less)")
+    return (f"{head}{share} of prompt tokens ({est.prefix_cached_tokens:,}) expected cached "
+            f"{order}; {saving}")
 
 
 def estimate_to_json(est: Estimate) -> str:

@@ -34,6 +34,7 @@ from batchrunner.reports.result_files import (
 )
 from batchrunner.store.failures import ErrorCount, merge_counts, value_counts
 from batchrunner.store.layout import checkpoint_dir
+from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = ["GroupSummary", "SummaryReport", "summarize", "summarize_days"]
 
@@ -72,6 +73,17 @@ class GroupSummary:
     # ok rows with no answer because reasoning used up the limit (finish_reason "length",
     # every completion token a reasoning token): raise max_completion_tokens for them
     reasoning_cut_rows: int = 0
+    # rows answered through the Batch API (a non-null `batch_id`): priced at batch prices
+    batch_rows: int = 0
+    # what the gateway's prompt cache saved: the cached prompt tokens priced in full less what
+    # was paid for them (at batch prices for batch rows); None where a model with cached
+    # tokens has no price
+    cache_saving_usd: float | None = 0.0
+
+    @property
+    def cached_share(self) -> float | None:
+        """The share of prompt tokens the gateway's prompt cache served (None: no prompt)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     @property
     def reasoning_share(self) -> float | None:
@@ -114,11 +126,14 @@ class SummaryReport:
             "errors": [e.to_dict() for e in self.errors],
             "from_checkpoint": list(self.from_checkpoint),
             "groups": [
-                _plain(asdict(g) | {"reasoning_share": g.reasoning_share}) for g in self.groups
+                _plain(asdict(g) | {"reasoning_share": g.reasoning_share,
+                                    "cached_share": g.cached_share})
+                for g in self.groups
             ],
             "total": _plain(
                 {k: v for k, v in asdict(self.total).items() if k != "key"}
-                | {"reasoning_share": self.total.reasoning_share}
+                | {"reasoning_share": self.total.reasoning_share,
+                   "cached_share": self.total.cached_share}
             ),
         } | ({"structured": self.structured.to_dict()} if self.structured else {})
 
@@ -199,8 +214,13 @@ _SUMS = (
     "reused",  # their cost when first paid, from the files' cost_usd
     "reasoning_tokens",
     "reasoning_cut",  # ok rows left empty by reasoning that used up the limit
+    "batch",  # rows answered through the Batch API (a non-null batch_id)
+    "b_prompt",  # the c_ sums of those rows: priced at batch prices (c_ holds the others)
+    "b_cached",
+    "b_completion",
 )
-_OPTIONAL = ("cache_hit", "cost_usd", "reasoning_tokens", "finish_reason")  # older files lack some
+# older files lack some (batch_id: outputs of runs before --engine batch)
+_OPTIONAL = ("cache_hit", "cost_usd", "reasoning_tokens", "finish_reason", "batch_id")
 
 
 def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> SummaryReport:
@@ -219,8 +239,8 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     for path in files:
         if _read_from_checkpoint(path):
             from_checkpoint.append(str(path))
-            # the checkpoint has every result column (cache_hit and cost_usd included)
-            extra = [c for c in _OPTIONAL if c not in needed]
+            # the checkpoint has every result column of its schema (cache_hit, cost_usd)
+            extra = [c for c in _OPTIONAL if c not in needed and c in _CHECKPOINT_COLUMNS]
             batches = _checkpoint_batches(path, by, [*needed, *extra])
         else:
             extra = [c for c in _OPTIONAL if c in _names(path) and c not in needed]
@@ -242,6 +262,22 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     s = dict(zip(_SUMS, sums, strict=True))
 
     # Cost per (key, model) pair: linear in the token sums, so priced once per pair, not per row.
+    # What the prompt cache saved needs prices too: the table given, else the built-in one.
+    saving_prices = prices if prices is not None else PriceTable.builtin()
+    rates = [saving_prices.get(m) for m in models.values]
+    online_rates = np.array(
+        [p.rates() if p else (0.0, 0.0, 0.0) for p in rates]).reshape(-1, 3)
+    batch_rates = np.array(
+        [p.rates(batch=True) if p else (0.0, 0.0, 0.0) for p in rates]).reshape(-1, 3)
+    ro = online_rates[pm] if len(pm) else np.zeros((0, 3))
+    rb = batch_rates[pm] if len(pm) else np.zeros((0, 3))
+    pair_saving = (s["c_cached"] * (ro[:, 0] - ro[:, 1])
+                   + s["b_cached"] * (rb[:, 0] - rb[:, 1])) / 1e6
+    has_rate = np.array([p is not None for p in rates], dtype=bool)
+    pair_unknown_saving = (
+        (~has_rate[pm]) & ((s["c_cached"] + s["b_cached"]) > 0)
+        if len(pm) else np.zeros(0, dtype=bool)
+    )
     if prices is None:
         pair_cost = s["file_cost"]
         pair_unpriced = s["file_uncosted"]
@@ -262,6 +298,9 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
             (s["c_prompt"] - s["c_cached"]) * r[:, 0]
             + s["c_cached"] * r[:, 1]
             + s["c_completion"] * r[:, 2]
+            + (s["b_prompt"] - s["b_cached"]) * rb[:, 0]
+            + s["b_cached"] * rb[:, 1]
+            + s["b_completion"] * rb[:, 2]
         ) / 1e6
         pair_unpriced = np.where(known[pm], s["billable"] - s["complete"], s["billable"])
         unpriced_models = {models.values[m] for m in np.unique(pm[pair_unpriced > 0])}
@@ -271,8 +310,11 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
 
     by_key = {
         name: per_key(s[name])
-        for name in ("rows", "ok", *_TOKENS, "hits", "reused", "reasoning_tokens", "reasoning_cut")
+        for name in ("rows", "ok", *_TOKENS, "hits", "reused", "reasoning_tokens", "reasoning_cut",
+                     "batch")
     }
+    by_key["saving"] = per_key(pair_saving)
+    by_key["saving_unknown"] = per_key(pair_unknown_saving.astype(float))
     cost_by_key = per_key(pair_cost)
     unpriced_by_key = per_key(pair_unpriced)
     lk = np.concatenate(lat_keys) if lat_keys else np.zeros(0, np.int64)
@@ -356,6 +398,10 @@ def _tally(
     names = table.column_names
     reasoning = (_counts(table.column("reasoning_tokens")) if "reasoning_tokens" in names
                  else np.zeros(n))
+    batch = (_bool(pc.is_valid(table.column("batch_id"))) if "batch_id" in names
+             else np.zeros(n, dtype=bool))
+    online = complete & ~batch
+    answered_in_batch = complete & batch
     cut = np.zeros(n, dtype=bool)
     if "finish_reason" in names and reasoning.any():
         length = _bool(pc.fill_null(pc.equal(table.column("finish_reason"), "length"), False))
@@ -376,15 +422,19 @@ def _tally(
         counts["total_tokens"],
         billable,
         complete,
-        np.where(complete, counts["prompt_tokens"], 0),
-        np.where(complete, counts["cached_tokens"], 0),
-        np.where(complete, counts["completion_tokens"], 0),
+        np.where(online, counts["prompt_tokens"], 0),
+        np.where(online, counts["cached_tokens"], 0),
+        np.where(online, counts["completion_tokens"], 0),
         file_cost,
         uncosted,
         hit,
         reused,
         reasoning,
         cut,
+        batch,
+        np.where(answered_in_batch, counts["prompt_tokens"], 0),
+        np.where(answered_in_batch, counts["cached_tokens"], 0),
+        np.where(answered_in_batch, counts["completion_tokens"], 0),
     )
     # Group rows by (key, model) pair: a dense pair index, then one bincount per sum.
     width = int(mglobal.max(initial=0)) + 1
@@ -432,6 +482,9 @@ def _group(
         reused_cost_usd=float(sums.get("reused", 0.0)),
         reasoning_tokens=int(round(sums.get("reasoning_tokens", 0))),
         reasoning_cut_rows=int(round(sums.get("reasoning_cut", 0))),
+        batch_rows=int(round(sums.get("batch", 0))),
+        cache_saving_usd=None if sums.get("saving_unknown", 0) > 0
+        else float(sums.get("saving", 0.0)),
     )
 
 
@@ -471,6 +524,9 @@ def _grouped_quantiles(
 
 
 _PARTITION_MAX_GROUPS = 2_000  # fits uint16; above it one lexsort beats a loop of partitions
+
+
+_CHECKPOINT_COLUMNS = frozenset(RESULT_SCHEMA.names)
 
 
 def _codes(column: pa.ChunkedArray, name: str, path: Path) -> tuple[np.ndarray, list[Any]]:

@@ -122,6 +122,15 @@ def validate_job(config: RunConfig) -> JobCheck:
 async def _preflight_only(config: RunConfig, builder: RequestBuilder) -> str | None:
     if not config.preflight:
         return "--no-preflight"
+    if config.endpoints:
+        from batchrunner.config.settings import resolve_endpoints
+
+        try:  # every endpoint's key variable set: said, as a missing key is
+            resolve_endpoints(config)
+        except UsageError as exc:
+            return str(exc)
+        return (f"{len(config.endpoints)} endpoints: the run's pre-flight checks each "
+                "endpoint's models")
     if not config.local:
         try:  # no key or no base URL here (validate may run where the job does not): said
             resolve_base_url(config.base_url)
