@@ -130,6 +130,8 @@ class LocalDispatcher:
                 sent = await processor.process(row)
                 if sent is not None:
                     recorder.record_answer(sent, row)
+                else:
+                    recorder.answered(row, None)
             finally:
                 self.busy -= 1
 

@@ -31,6 +31,7 @@ __all__ = ["CollectedResults", "FLUSH_SECONDS", "Recorder", "ResultCallback", "R
 FLUSH_SECONDS = 2.0  # at most this much finished work waits for the next checkpoint write
 
 ResultCallback = Callable[[Result, Tally], None]
+AnswerCallback = Callable[[Row, "Result | None"], None]  # a sent row's result, or None: given up
 
 
 class ResultStore(Protocol):
@@ -93,6 +94,7 @@ class Recorder:
         self.streak: FailureStreak[Held] = FailureStreak()
         self._flush = asyncio.Event()
         self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
+        self._listeners: list[AnswerCallback] = []
 
     @classmethod
     def for_checkpoint(
@@ -102,10 +104,21 @@ class Recorder:
         failed write)."""
         return cls(state, ckpt, on_result, CheckpointWriter(ckpt))
 
+    def listen(self, callback: AnswerCallback) -> None:
+        """Have `callback(row, result)` called once a sent row has its result (or is given up:
+        None), as it comes back, before any streak holds it."""
+        self._listeners.append(callback)
+
+    def answered(self, row: Row, result: Result | None) -> None:
+        """Tell the listeners that a sent row came back (a dispatcher calls this)."""
+        for callback in self._listeners:
+            callback(row, result)
+
     def record_answer(self, sent: Sent, row: Row) -> None:
         """Record a sent row's result, unless it extends a streak of identical failures or of
         rows the gateway did not answer (then it is held back, and dropped if the streak trips:
         the row stays pending)."""
+        self.answered(row, sent.result)
         state = self.state
         row_hash = request_hash(row.body) if row.body is not None else None
         held = Held(sent.result, row_hash, row.input_hash)
