@@ -18,16 +18,16 @@ SECRET = "sk-ru-CRASHCANARY-2b4d6f8a0c1e3a5c7e9b"
 # Runs the CLI with a bug planted: the 13th answer raises, its message carrying the key.
 PLANTED = """
 import os, sys
-import batchrunner.engine.execution as engine
+import batchrunner.engine.processor as engine
 import batchrunner.reports as reports
 calls = [0]
-original = engine._Run._ok_result
+original = engine.RowProcessor._ok_result
 def broken(self, *args, **kwargs):
     calls[0] += 1
     if calls[0] > 12:
         raise RuntimeError("planted bug, key " + os.environ["RU_LLM_API_KEY"] + " inside")
     return original(self, *args, **kwargs)
-engine._Run._ok_result = broken
+engine.RowProcessor._ok_result = broken
 def broken_summary(*args, **kwargs):
     raise KeyError("Authorization: Bearer " + os.environ["RU_LLM_API_KEY"])
 reports.summarize = broken_summary

@@ -14,7 +14,7 @@ from fakeclock import FakeClock
 
 from batchrunner import RunConfig, build_config, load_job, read_status, run
 from batchrunner.config.pricing import PriceTable
-from batchrunner.engine import execution
+from batchrunner.engine import dispatch
 from batchrunner.transport.limits import Deadline
 from batchrunner.transport.pacing import Pacer, Slot
 from batchrunner.transport.rates import WINDOW
@@ -111,7 +111,7 @@ def paced_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
         def slot(self, estimated_tokens: int = 0) -> Slot:
             return RecordingSlot(self, estimated_tokens)
 
-    monkeypatch.setattr(execution, "Pacer", RecordingPacer)
+    monkeypatch.setattr(dispatch, "Pacer", RecordingPacer)
     return starts
 
 

@@ -183,13 +183,13 @@ def test_a_second_ctrl_c_exits_at_once_with_a_readable_checkpoint(
 # written to the checkpoint): the answers the run had received when it was stopped.
 NOTING = """
 import os, sys
-import batchrunner.engine.execution as engine
+import batchrunner.engine.recorder as engine
 trace = os.open(os.environ["NOTED_RESULTS"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-original = engine._Run._record
-def noting(self, ckpt, result, *args, **kwargs):
-    original(self, ckpt, result, *args, **kwargs)
+original = engine.Recorder.record
+def noting(self, result, *args, **kwargs):
+    original(self, result, *args, **kwargs)
     os.write(trace, (result.id + "\\n").encode())
-engine._Run._record = noting
+engine.Recorder.record = noting
 from batchrunner.cli.commands import main
 sys.argv[0] = "batchrunner"
 main()

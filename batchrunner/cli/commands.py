@@ -59,7 +59,7 @@ def run(job: Path | None, **kwargs: Any) -> None:
     """
     from batchrunner.cli.progress import ProgressDisplay
     from batchrunner.engine import runner as engine
-    from batchrunner.engine.recorder import write_summary_json
+    from batchrunner.engine.ending import write_summary_json
     from batchrunner.store.checkpoint import use_system_allocator
 
     _configure_logging()  # warnings about the options themselves (a --param typo)

@@ -1,20 +1,18 @@
-"""The run's state and its setup: scan, plan, pre-flight, cache, checkpoint, resumed counts.
+"""One run, put together: its setup, its parts, and the order they act in.
 
-`_Run` is one run; its other parts live in their own modules: `dispatch.py` (feeder, workers,
-flusher, watchers), `processor.py` (one row: budget, pacing, client, retries, structured
-re-asks) and `recorder.py` (results into the checkpoint, the end and the report). A feeder
-streams rows from the input into a bounded queue; a fixed set of workers takes rows from it;
-results are buffered and written to the checkpoint by one flusher task; when every row has a
-result the output is assembled. Memory is proportional to the concurrency, not to the input.
-The entry points (`arun`, `run`) and the choice of engine are in `runner.py`.
+`Run` scans the input, plans the rows (a sweep's slots too), runs the pre-flight, opens the
+response cache and the checkpoint, and then hands the rows still to send (`feed.py`) to a
+dispatcher (`dispatch.py`: the seam; the local one by default, the Ray one from
+`ray/driver.py`) with the recorder (`recorder.py`) that keeps what comes back. When every
+row has a result the output is assembled (`ending.py`). The parts share one `RunState`
+(`shared.py`). Memory is proportional to the concurrency, not to the input. The entry points
+(`arun`, `run`) and the choice of engine are in `runner.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,13 @@ from batchrunner.answers.scoring import Metric, check_reference_column, parse_me
 from batchrunner.answers.structured import load_schema
 from batchrunner.cache.responses import request_hash
 from batchrunner.cache.session import CacheSession
-from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key
 from batchrunner.engine import preflight
-from batchrunner.engine.dispatch import Dispatch
-from batchrunner.engine.processor import RowProcessing
-from batchrunner.engine.recorder import Recording, input_state
+from batchrunner.engine.dispatch import Dispatcher, LocalDispatcher
+from batchrunner.engine.ending import Ending, finish, input_state, use_totals
+from batchrunner.engine.feed import pending_rows, rows_to_send
+from batchrunner.engine.recorder import Recorder, ResultCallback
+from batchrunner.engine.shared import RunState
 from batchrunner.engine.state import RunControl, RunReport, Tally
 from batchrunner.engine.sweep import Sweep
 from batchrunner.errors import AuthRefused, RequestError, UsageError
@@ -38,34 +37,29 @@ from batchrunner.inputs.formats import detect_format
 from batchrunner.inputs.readers import iter_column_batches, iter_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.inputs.scan import InputInfo, fingerprint_input, scan_input
-from batchrunner.results import Result
-from batchrunner.store.checkpoint import (
-    Checkpoint,
-    checkpoint_dir,
-    open_checkpoint,
-)
-from batchrunner.store.durability import CheckpointWriter, DurabilityGate
+from batchrunner.store.checkpoint import Checkpoint, checkpoint_dir, open_checkpoint
 from batchrunner.store.export import check_output, check_writable
 from batchrunner.store.manifest import read_manifest
 from batchrunner.transport.client import Client
-from batchrunner.transport.limits import Budget, Deadline
-from batchrunner.transport.pacing import Pacer
+from batchrunner.transport.limits import Deadline
 
-__all__ = ["ChangedInput", "check_models"]
+__all__ = [
+    "ChangedInput", "DispatcherFactory", "ResultCallback", "Run", "StartCallback", "check_models",
+]
 
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMPLETION_GUESS = 256  # tokens, for tpm pacing before any usage has come back
 PREFLIGHT_ROWS = 10_000  # the models of this many first rows are checked before sending
 
 
-ResultCallback = Callable[[Result, Tally], None]
 StartCallback = Callable[[Tally], None]
+#: Makes the run's dispatcher once its state and deadline are known.
+DispatcherFactory = Callable[[RunState, "Deadline | None"], Dispatcher]
 
 
-class _Run(Dispatch, RowProcessing, Recording):
-    """The state of one run and its setup; lives for one `arun` call."""
+class Run:
+    """One run of a job against one gateway; lives for one `arun` call."""
 
     def __init__(
         self,
@@ -75,82 +69,58 @@ class _Run(Dispatch, RowProcessing, Recording):
         on_result: ResultCallback | None,
         control: RunControl,
         on_start: StartCallback | None = None,
+        dispatcher: DispatcherFactory | None = None,
     ) -> None:
-        self.on_start = on_start
-        self.streak = preflight.FailureStreak()
-        self.outage = preflight.Outage(base_url)
-        # id() of a failed Result whose every attempt got no answer, until it is recorded
-        self._no_answer: set[int] = set()
-        self._outage_timer: asyncio.TimerHandle | None = None  # the unreachable window's end
-        # id() of a failed Result -> its non-retryable failure, until the result is recorded
-        self._failure_keys: dict[int, preflight.FailureKey] = {}
-        # id() of a sent row's Result -> the hashes of its body and of its input values
-        self._held_hashes: dict[int, tuple[int | None, int | None]] = {}
-        self.config = config
-        self.base_url = base_url
-        self._api_key = api_key
+        self.state = RunState.for_run(config, base_url, control)
+        if config.json_schema is not None:
+            self.state.schema = load_schema(config.json_schema)
         self.on_result = on_result
-        self.control = control
-        self.tally = Tally()
-        self.prices = PriceTable.load(config.prices)
-        self.budget = Budget(config.max_cost) if config.max_cost is not None else None
-        self.pacer = Pacer(config.concurrency, config.rpm, config.tpm)
-        self.stop_event = asyncio.Event()
-        self.flush_event = asyncio.Event()
-        self.busy = 0  # rows being processed right now
-        self.gate = DurabilityGate(config.checkpoint_every + config.concurrency)
-        self._writes: list[Future[None]] = []  # checkpoint writes not yet known to succeed
-        self.id_column: str | None = None
-        self.metric: Metric | None = None
-        self.sweep: Sweep | None = None
-        self.feed_error: UsageError | None = None
-        self._input_state: tuple[int, int] | None = None  # the input's size and mtime at start
-        self.crash: BaseException | None = None  # the first task of the run that raised (a bug)
-        self.auth_error: AuthRefused | None = None
-        self.budget_note: str | None = None  # why the budget bought nothing, where it did not
-        self.completion_guess = float(DEFAULT_COMPLETION_GUESS)
-        self._warned_budget: set[str] = set()
-        self.cache: CacheSession | None = None
-        self.schema = load_schema(config.json_schema) if config.json_schema is not None else None
+        self.on_start = on_start
+        self._api_key = api_key
+        self._dispatcher = dispatcher or (
+            lambda state, deadline: LocalDispatcher(state, api_key, deadline)
+        )
+        self.ending = Ending()
 
     def __repr__(self) -> str:
-        return f"_Run({self.config.output})"
-
-    # -- the run as a whole --------------------------------------------------------------
+        return f"Run({self.state.config.output})"
 
     async def execute(self) -> RunReport:
-        config = self.config
+        state = self.state
+        config = state.config
         check_output(config.output)  # nothing is paid for that cannot be written
         if config.summary_json is not None:  # nor a run whose monitoring file cannot be
             check_writable(config.summary_json, what="--summary-json")
         deadline = self._deadline()
         if len(config.models) > 1:  # a sweep: rows are built for the first model, then each
-            config = self.config = config.replace(model=config.models[0])
-        self._input_state = input_state(config.input)  # compared at the end
+            config = state.config = config.replace(model=config.models[0])
+        self.ending.input_state = input_state(config.input)  # compared at the end
         info = scan_input(config)
         if info.rows == 0:  # not an error (a nightly export can be empty), but said
             log.warning("%s: the input has no rows: nothing to send; the output is written "
                         "empty (exit 0)", config.input)
         builder = RequestBuilder(config, info.columns)
-        self.id_column = resolve_columns(config, info.columns).id_column
-        self.metric = _check_scoring(config, info.columns)
-        self.sweep = Sweep.plan(config, info.columns, info.rows) if len(config.models) > 1 else None
+        self.ending.id_column = resolve_columns(config, info.columns).id_column
+        self.ending.metric = _check_scoring(config, info.columns)
+        if len(config.models) > 1:
+            self.ending.sweep = Sweep.plan(config, info.columns, info.rows)
         fingerprint = {
             "input": fingerprint_input(config.input),
             "settings": config.request_settings(),
         }
-        self.tally.rows = self.sweep.total if self.sweep is not None else info.rows
+        sweep = self.ending.sweep
+        state.tally.rows = sweep.total if sweep is not None else info.rows
         if config.preflight and not _finished_before(config.output):
             await self._check_models(builder)
-        key_url = "batchrunner:local" if config.local else self.base_url  # --local: any port
-        self.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
-        if self.cache is not None:
-            self.cache.schema = self.schema  # a hit of a structured run must pass it too
+        key_url = "batchrunner:local" if config.local else state.base_url  # --local: any port
+        state.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
+        if state.cache is not None:
+            state.cache.schema = state.schema  # a hit of a structured run must pass it too
         try:
             return await self._execute(config, info, builder, fingerprint, deadline)
         finally:
-            if self.cache is not None:
-                await self.cache.close()
+            if state.cache is not None:
+                await state.cache.close()
 
     async def _execute(
         self,
@@ -160,55 +130,67 @@ class _Run(Dispatch, RowProcessing, Recording):
         fingerprint: dict[str, Any],
         deadline: Deadline | None,
     ) -> RunReport:
-        total = self.sweep.total if self.sweep is not None else info.rows  # output rows
+        state = self.state
+        sweep = self.ending.sweep
+        total = sweep.total if sweep is not None else info.rows  # output rows
         # A sweep's checkpoint is numbered by slot, not input row: no incremental remapping.
-        current = None if self.sweep is not None else ChangedInput(config, builder)
+        current = None if sweep is not None else ChangedInput(config, builder)
         with open_checkpoint(
             config.output, fingerprint, rows=total, restart=config.restart,
             current=current,
         ) as ckpt:
-            self.writer = CheckpointWriter(ckpt)  # a failed write stops the run (exit 74)
+            # a failed write stops the run (exit 74)
+            recorder = Recorder.for_checkpoint(state, ckpt, self.on_result)
             done = ckpt.done_set(retry_failed=config.retry_failed)
             self._count_resumed(ckpt, retry_failed=config.retry_failed)
             if len(done) < total or not ckpt.complete(total):
-                self.control.bind(self.stop_event)
+                state.control.bind(state.stop_event)
                 if self.on_start is not None:
-                    self.on_start(self.tally)
-                await self._dispatch(ckpt, builder, done, deadline)
+                    self.on_start(state.tally)
+                rows = rows_to_send(state, recorder, pending_rows(config, builder, done, sweep))
+                dispatcher = self._dispatcher(state, deadline)
+                async with recorder.checkpointing():
+                    try:
+                        await dispatcher.dispatch(rows, recorder)
+                    finally:
+                        await rows.aclose()
+                        recorder.end_streaks()
             del done  # a million rows' ids: not needed to write the output
-            if self.feed_error is not None:
-                raise self.feed_error
-            return self._finish(ckpt, total, info.rows)
+            if state.feed_error is not None:
+                raise state.feed_error
+            return finish(state, recorder, self.ending, ckpt, total, info.rows)
 
     async def _check_models(self, builder: RequestBuilder) -> None:
         """The pre-flight: the run's models against GET /models, before anything is sent."""
-        note = await check_models(self.config, builder, self.base_url, self._api_key)
+        state = self.state
+        note = await check_models(state.config, builder, state.base_url, self._api_key)
         if note is not None:
             log.debug("pre-flight: %s", note)
 
     def _deadline(self) -> Deadline | None:
         """--deadline resolved now, and said: a time of day already past means tomorrow's."""
-        if not self.config.deadline:
+        config = self.state.config
+        if not config.deadline:
             return None
-        deadline = Deadline.from_text(self.config.deadline, now=_wall_now())
+        deadline = Deadline.from_text(config.deadline, now=_wall_now())
         if deadline.tomorrow:  # likely not what was meant: said even with --quiet
             log.warning("--deadline %s: that time has passed today: sending %s",
-                        self.config.deadline, deadline.text)
+                        config.deadline, deadline.text)
         else:
-            log.info("--deadline %s: sending %s", self.config.deadline, deadline.text)
+            log.info("--deadline %s: sending %s", config.deadline, deadline.text)
         return deadline
 
     def _count_resumed(self, ckpt: Checkpoint, *, retry_failed: bool) -> None:
         totals = ckpt.done_totals()
-        tally = self.tally
+        tally = self.state.tally
         if not retry_failed:
-            self._use_totals(totals)
+            use_totals(tally, totals)
         else:
             # Only the ok rows are kept; their figures are a lower bound shown until the end.
             tally.ok, tally.failed, tally.cost_usd = totals["ok"], 0, 0.0
         tally.resumed = tally.ok + tally.failed
-        if self.budget is not None:
-            self.budget.add_spent(totals["cost_usd"])
+        if self.state.budget is not None:
+            self.state.budget.add_spent(totals["cost_usd"])
 
 
 def _wall_now() -> datetime:

@@ -21,12 +21,27 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from batchrunner.clock import SYSTEM_CLOCK, Clock
 from batchrunner.errors import GatewayUnreachable, UsageError
-from batchrunner.results import Result
+
+
+class Answered(Protocol):
+    """What the streaks read of a row's result (a Result, or the recorder's held row)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def http_status(self) -> int | None: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=Answered)
 
 __all__ = [
     "OUTAGE_ROWS",
@@ -78,7 +93,7 @@ def check_models(models: Iterable[str], listed: Sequence[dict[str, Any]]) -> Non
         )
 
 
-class FailureStreak:
+class FailureStreak(Generic[R]):
     """Answered rows that failed the same non-retryable way, held back while they last.
 
     A streak is broken by any other answered row (ok, or failed another way); its held rows are
@@ -94,9 +109,9 @@ class FailureStreak:
         self.example: str | None = None  # the error of the streak's first row
         self.count = 0  # rows of the tripped streak, those that came back after it included
         self.tripped = False
-        self._held: list[Result] = []
+        self._held: list[R] = []
 
-    def observe(self, result: Result, key: FailureKey | None) -> list[Result]:
+    def observe(self, result: R, key: FailureKey | None) -> list[R]:
         """Take one answered row's result (`key` set for a non-retryable failure); return the
         results that may be recorded now."""
         if self.tripped:
@@ -120,7 +135,7 @@ class FailureStreak:
             self._held = []
         return []
 
-    def release(self) -> list[Result]:
+    def release(self) -> list[R]:
         """The held results of an untripped streak (the run ends or stops for another reason)."""
         released, self._held = self._held, []
         return released
@@ -159,7 +174,7 @@ _UNREACHABLE_WORDS = {
 }
 
 
-class Outage:
+class Outage(Generic[R]):
     """The gateway unreachable or down: when to stop sending, and the rows that stay pending.
 
     Two signs, either of which trips it (then the run sends nothing more and exits 3):
@@ -184,8 +199,8 @@ class Outage:
         self.tripped = False
         self.cause: str | None = None  # the one line saying why, once tripped
         self.dropped = 0  # rows given no result because of the outage
-        self._held: list[Result] = []
-        self._dropped: list[Result] = []
+        self._held: list[R] = []
+        self._dropped: list[R] = []
         self._answered_once = False  # an attempt got an HTTP answer in this run
         self._since: float | None = None  # the first attempt with no connection since an answer
         self._attempts = 0  # attempts with no connection since then
@@ -231,7 +246,7 @@ class Outage:
 
     # -- rows ----------------------------------------------------------------------------
 
-    def hold(self, result: Result) -> bool:
+    def hold(self, result: R) -> bool:
         """A row that got no answer on any attempt; True when this trips the outage now."""
         if self.tripped:
             self.dropped += 1
@@ -245,12 +260,12 @@ class Outage:
         )
         return True
 
-    def release(self) -> list[Result]:
+    def release(self) -> list[R]:
         """A row got an answer: the held rows did fail; they are given back to be recorded."""
         released, self._held = self._held, []
         return released
 
-    def take_dropped(self) -> list[Result]:
+    def take_dropped(self) -> list[R]:
         """The held rows the trip dropped (once): they get no result and stay pending."""
         dropped, self._dropped = self._dropped, []
         return dropped

@@ -1,7 +1,9 @@
-"""One row's way through the run: budget, pacing, the client, retries, structured re-asks.
+"""One row's way to its answer: budget, pacing slot, the client, retries, structured re-asks.
 
-`RowProcessing` is a part of `engine._Run` (a mixin: the state is the run's): `_process(row)`
-returns the row's Result, or None when the run stops before the row is answered.
+A `RowProcessor` sends rows to one endpoint (its client and its pacer) with the run's shared
+state; `process(row)` returns what came of the row as a `Sent` (its Result and how it failed),
+or None when the run stops before the row is answered. It knows nothing of checkpoints: what
+becomes of a Sent is the recorder's business.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from batchrunner.answers.structured import ReaskStopped, ask_until_valid, names_function
-from batchrunner.engine.state import EXIT_AUTH, EXIT_STOPPED, Abandon
+from batchrunner.engine.preflight import FailureKey
+from batchrunner.engine.shared import RunState
+from batchrunner.engine.state import EXIT_STOPPED, Abandon
 from batchrunner.errors import (
     AttemptTimeout,
     AuthRefused,
@@ -30,7 +35,9 @@ from batchrunner.errors import (
 )
 from batchrunner.inputs.requests import CHARS_PER_TOKEN, MESSAGE_TOKENS, REPLY_TOKENS
 from batchrunner.results import Result, Row
+from batchrunner.transport.client import Client
 from batchrunner.transport.completions import Answer
+from batchrunner.transport.pacing import Pacer
 from batchrunner.transport.retry import call_with_retries
 
 log = logging.getLogger("batchrunner.engine.runner")
@@ -54,38 +61,39 @@ def _got_no_answer(exc: BaseException) -> bool:
     return isinstance(exc, ServerError) and (exc.http_status or 0) >= 500
 
 
-class RowProcessing:
-    """`_Run`'s per-row part: one row from its request body to its Result."""
+@dataclass(frozen=True)
+class Sent:
+    """What came of a row taken to be sent: its Result, and how it failed, where it did."""
 
-    # The run's state this part reads and updates (set by `_Run.__init__`).
-    config: Any
-    client: Any
-    pacer: Any
-    budget: Any
-    prices: Any
-    gate: Any
-    tally: Any
-    control: Any
-    cache: Any
-    schema: Any
-    stop_event: asyncio.Event
-    completion_guess: float
-    auth_error: AuthRefused | None
-    budget_note: str | None
-    outage: Any
-    _failure_keys: dict[int, Any]
-    _no_answer: set[int]
-    _outage_timer: asyncio.TimerHandle | None
-    _warned_budget: set[str]
+    result: Result
+    failure_key: FailureKey | None = None  # a non-retryable failure: for the systematic stop
+    no_answer: bool = False  # every attempt got no answer: for the outage stop
 
-    async def _process(self, row: Row) -> Result | None:
+
+class RowProcessor:
+    """Sends rows to one endpoint: its client and pacer, the run's budget, gate and stops."""
+
+    def __init__(self, state: RunState, client: Client, pacer: Pacer) -> None:
+        self.state = state
+        self.config = state.config
+        self.client = client
+        self.pacer = pacer
+        self._outage_timer: asyncio.TimerHandle | None = None  # the unreachable window's end
+
+    def close(self) -> None:
+        """Cancel the outage check still waiting (the dispatch is over)."""
+        if self._outage_timer is not None:
+            self._outage_timer.cancel()
+            self._outage_timer = None
+
+    async def process(self, row: Row) -> Sent | None:
         body = row.body
         assert body is not None
         model = row.model
         estimate, prompt_bound = _prompt_tokens(body)
         completion_bound = _completion_bound(body)
         tokens_estimate = estimate + (
-            completion_bound if completion_bound is not None else int(self.completion_guess)
+            completion_bound if completion_bound is not None else int(self.state.completion_guess)
         )
         attempts = 0
         started = time.perf_counter()
@@ -93,26 +101,26 @@ class RowProcessing:
 
         async def send() -> Answer:
             nonlocal attempts, started, reserved, no_answer
-            if self.stop_event.is_set():
+            if self.state.stop_event.is_set():
                 raise Abandon()
             reserved = await self._reserve_budget(model, prompt_bound, completion_bound)
-            await self.gate.admit()  # at most one checkpoint interval waits to be durable
-            if self.stop_event.is_set():
-                if self.budget is not None:
-                    self.budget.settle(reserved, 0.0)
+            await self.state.gate.admit()  # at most one checkpoint interval waits to be durable
+            if self.state.stop_event.is_set():
+                if self.state.budget is not None:
+                    self.state.budget.settle(reserved, 0.0)
                 raise Abandon()
             attempts += 1
             started = time.perf_counter()
             try:
-                with self.gate.sending():
+                with self.state.gate.sending():
                     answer = await self._attempt(body, tokens_estimate)
             except BaseException as exc:
                 if not _got_no_answer(exc):
                     no_answer = False
-                if self.budget is not None:
+                if self.state.budget is not None:
                     # An answer cut short may still be billed: count the worst case.
                     maybe = isinstance(exc, _MAYBE_BILLED) and _reached_gateway(exc)
-                    self.budget.settle(reserved, None if maybe else 0.0)
+                    self.state.budget.settle(reserved, None if maybe else 0.0)
                 raise
             no_answer = False
             return answer
@@ -126,26 +134,26 @@ class RowProcessing:
         reserved = 0.0
         result: Result | None = None
         try:
-            if self.schema is not None:
+            if self.state.schema is not None:
                 try:
                     checked = await ask_until_valid(
-                        answered, self.schema, self.config.invalid_retries, names_function(body)
+                        answered, self.state.schema, self.config.invalid_retries, names_function(body)
                     )
                 except ReaskStopped as stopped:  # answers paid for are kept, as a failed re-ask
                     checked = stopped.result
                     if isinstance(stopped.cause, AuthRefused):
-                        self._refused(stopped.cause)
+                        self.state.refused(stopped.cause)
                 result = dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
-                return result
+                return Sent(result)
             answer = await call_with_retries(
                 send, self.config.max_attempts, sleep=self._retry_sleep
             )
             result = self._ok_result(row, answer, attempts, reserved)
-            return result
+            return Sent(result)
         except Abandon:
             return None
         except AuthRefused as exc:
-            self._refused(exc)
+            self.state.refused(exc)
             return None
         except RequestError as exc:
             failed = Result(
@@ -159,17 +167,12 @@ class RowProcessing:
                 error=str(exc),
             )
             if isinstance(exc, PermanentError):  # for the systematic-failure stop
-                self._failure_keys[id(failed)] = (exc.http_status, exc.code)
-            elif no_answer:  # for the outage stop: held back, pending if the gateway is down
-                self._no_answer.add(id(failed))
-            return failed
+                return Sent(failed, failure_key=(exc.http_status, exc.code))
+            # with no answer on any attempt: held back, pending if the gateway is down
+            return Sent(failed, no_answer=no_answer)
         finally:
-            if self.cache is not None:  # stores an answer it may; forgets the row's key anyway
-                self.cache.offer(row, result)
-
-    def _refused(self, exc: AuthRefused) -> None:
-        self.auth_error = exc
-        self.control.stop("auth", EXIT_AUTH)
+            if self.state.cache is not None:  # stores an answer it may; forgets its key anyway
+                self.state.cache.offer(row, result)
 
     async def _attempt(self, body: dict[str, Any], tokens_estimate: int) -> Answer:
         async with self.pacer.slot(tokens_estimate) as slot:
@@ -182,38 +185,38 @@ class RowProcessing:
                 elif isinstance(exc, RequestError):
                     slot.failed()
                 raise
-            self.tally.sent += 1
-            self.outage.answered()
+            self.state.tally.sent += 1
+            self.state.outage.answered()
             slot.succeeded(answer.usage.total_tokens, answer.rate_headers)
             return answer
 
     def _attempt_failed(self, exc: BaseException) -> None:
         """Count a failed attempt: sent or not, timed out after sending, the gateway reached."""
         if isinstance(exc, GatewayUnreachable):  # never reached the gateway: not sent
-            if self.outage.unreachable(exc):
-                self._stop_for_outage()
+            if self.state.outage.unreachable(exc):
+                self.state.stop_for_outage()
             elif self._outage_timer is None:
                 self._check_outage_later()
             return
         if isinstance(exc, AttemptTimeout):
             if exc.sent:  # the gateway had the request: it may have answered, and billed it
-                self.tally.sent += 1
-                self.tally.timed_out_after_sending += 1
+                self.state.tally.sent += 1
+                self.state.tally.timed_out_after_sending += 1
             return
-        self.tally.sent += 1  # an answer, a connection lost after sending, or cut off at a stop
+        self.state.tally.sent += 1  # an answer, a connection lost after sending, or cut off at a stop
         if getattr(exc, "http_status", None) is not None or isinstance(exc, AuthRefused):
-            self.outage.answered()
+            self.state.outage.answered()
 
     def _ok_result(self, row: Row, answer: Answer, attempts: int, reserved: float) -> Result:
         usage = answer.usage
-        cost = self.prices.cost(
+        cost = self.state.prices.cost(
             row.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens or 0
         )
-        if self.budget is not None:
-            self.budget.settle(reserved, cost if cost is not None else 0.0)
+        if self.state.budget is not None:
+            self.state.budget.settle(reserved, cost if cost is not None else 0.0)
         if usage.completion_tokens is not None:
             # A slow-moving mean of completion length, for tpm estimates without max_tokens.
-            self.completion_guess += 0.05 * (usage.completion_tokens - self.completion_guess)
+            self.state.completion_guess += 0.05 * (usage.completion_tokens - self.state.completion_guess)
         return Result(
             index=row.index,
             id=row.id,
@@ -239,33 +242,33 @@ class RowProcessing:
     async def _reserve_budget(
         self, model: str | None, prompt_tokens: int, bound: int | None
     ) -> float:
-        if self.budget is None:
+        if self.state.budget is None:
             return 0.0
-        if bound is None and "max_tokens" not in self._warned_budget:
-            self._warned_budget.add("max_tokens")
+        if bound is None and "max_tokens" not in self.state.warned:
+            self.state.warned.add("max_tokens")
             log.warning(
                 "--max-cost without max_tokens: assuming at most %d completion tokens a request",
                 BUDGET_MAX_TOKENS_GUESS,
             )
-        worst = self.prices.worst_case(model, prompt_tokens, bound or BUDGET_MAX_TOKENS_GUESS)
+        worst = self.state.prices.worst_case(model, prompt_tokens, bound or BUDGET_MAX_TOKENS_GUESS)
         if worst is None:
-            if model not in self._warned_budget:
-                self._warned_budget.add(str(model))
+            if model not in self.state.warned:
+                self.state.warned.add(str(model))
                 log.warning("no price for model %s: --max-cost cannot bound its spending", model)
             worst = 0.0
-        if not await self.budget.acquire(worst):
-            if "reached" not in self._warned_budget:  # once a run, not once a worker
-                self._warned_budget.add("reached")
-                if worst > self.budget.max_cost:  # no request of this size can ever fit
-                    self.budget_note = _below_one_request(
-                        self.budget.max_cost, worst, model, prompt_tokens, bound
+        if not await self.state.budget.acquire(worst):
+            if "reached" not in self.state.warned:  # once a run, not once a worker
+                self.state.warned.add("reached")
+                if worst > self.state.budget.max_cost:  # no request of this size can ever fit
+                    self.state.budget_note = _below_one_request(
+                        self.state.budget.max_cost, worst, model, prompt_tokens, bound
                     )
-                    log.warning("%s", self.budget_note)
+                    log.warning("%s", self.state.budget_note)
                 else:
                     log.warning(
                         "budget of $%.4f reached: no new requests are sent", self.config.max_cost
                     )
-            self.control.stop("budget", EXIT_STOPPED)
+            self.state.control.stop("budget", EXIT_STOPPED)
             raise Abandon()
         return worst
 
@@ -274,12 +277,12 @@ class RowProcessing:
         row waiting out a backoff), and a gateway that refused everything for the whole window
         is unreachable then."""
         self._outage_timer = None
-        delay = self.outage.seconds_to_check()
-        if delay is None or self.stop_event.is_set():
+        delay = self.state.outage.seconds_to_check()
+        if delay is None or self.state.stop_event.is_set():
             return
         if delay <= 0:  # the window is over: it trips now, or at the next attempt's failure
-            if self.outage.check():
-                self._stop_for_outage()
+            if self.state.outage.check():
+                self.state.stop_for_outage()
             return
         loop = asyncio.get_running_loop()
         self._outage_timer = loop.call_later(max(delay, 0.05), self._check_outage_later)
@@ -288,7 +291,7 @@ class RowProcessing:
         """tenacity's sleep: cut short when the run is stopping."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self.stop_event.wait()
+                await self.state.stop_event.wait()
 
 
 def _below_one_request(

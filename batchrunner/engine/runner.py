@@ -1,7 +1,7 @@
 """Where a run starts: `arun` and `run`, the choice of engine, the checks made before sending.
 
 `arun` runs a job: object-store inputs and outputs staged, `--engine ray` sent to the Ray
-driver (`ray/`), every other run to `execution._Run` against its endpoint (`endpoint.py`: the
+driver (`ray/`), every other run to `execution.Run` (with the local dispatcher) against its endpoint (`endpoint.py`: the
 configured gateway, or the simulator of `--local`). `check_job` and `list_models` are what
 `validate`, `estimate` and `models` share with it.
 """
@@ -25,9 +25,9 @@ from batchrunner.config.settings import RunConfig
 from batchrunner.engine.endpoint import endpoint, run_endpoint
 from batchrunner.engine.execution import (
     ResultCallback,
+    Run,
     StartCallback,
     _check_scoring,
-    _Run,
 )
 from batchrunner.engine.state import (
     EXIT_SIGINT,
@@ -81,7 +81,7 @@ async def arun(
 
         return await arun_on_ray(config, on_result=on_result, control=control)
     async with run_endpoint(config) as (base_url, key):  # --local: the simulator's (local.py)
-        return await _Run(config, base_url, key, on_result, control, on_start).execute()
+        return await Run(config, base_url, key, on_result, control, on_start).execute()
 
 
 def run(

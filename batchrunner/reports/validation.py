@@ -15,36 +15,9 @@ from typing import Any
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key, resolve_base_url
 
-# Names of the run's parts that other modules and tests take from here (re-exported).
-from batchrunner.engine.dispatch import (  # noqa: F401
-    FLUSH_SECONDS,
-    STOP_GRACE_SECONDS,
-    Dispatch,
-    _input_error_result,
-    _rows_to_send,  # noqa: F401
-)
 from batchrunner.engine.endpoint import run_endpoint
 from batchrunner.engine.execution import _run_models, check_models
-from batchrunner.engine.processor import (  # noqa: F401
-    BUDGET_MAX_TOKENS_GUESS,
-    RowProcessing,
-    _completion_bound,
-    _prompt_tokens,
-)
-from batchrunner.engine.recorder import Recording, input_state, write_summary_json  # noqa: F401
 from batchrunner.engine.runner import check_job
-from batchrunner.engine.state import (  # noqa: F401  (the exit codes are re-exported)
-    EXIT_AUTH,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    EXIT_STOPPED,
-    EXIT_SYSTEMATIC,
-    RunControl,
-    RunReport,
-    Tally,
-)
 from batchrunner.errors import UsageError
 from batchrunner.inputs import storage
 from batchrunner.inputs.readers import iter_records

@@ -6,6 +6,6 @@ Installed with the `ray` extra. Only `engine.arun` reaches here, when `config.en
 
 from __future__ import annotations
 
-from batchrunner.engine.ray.driver import RayRun, arun_on_ray
+from batchrunner.engine.ray.driver import RayDispatcher, arun_on_ray
 
-__all__ = ["RayRun", "arun_on_ray"]
+__all__ = ["RayDispatcher", "arun_on_ray"]

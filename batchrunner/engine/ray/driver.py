@@ -1,11 +1,11 @@
-"""The Ray engine's driver: the local run, with its rows sent by actors instead of workers.
+"""The Ray engine's driver: the run, with its rows sent by Ray actors (`RayDispatcher`).
 
-`RayRun` is `engine._Run` with one step replaced. Reading the input, skipping finished rows,
-building requests, the checkpoint, the output and the summary are the local engine's, so the
-output has the same schema, order and content, and a job may be resumed on either engine. The
-dispatch step cuts the rows still to send into blocks and hands each to a free actor; an
-actor runs the local engine on its block and returns the results, which the driver records
-and checkpoints as they come. Only finished blocks are ever written, so a killed actor costs
+The run is the local engine's (`execution.Run`) with another dispatcher. Reading the input,
+skipping finished rows, building requests, the response cache, the checkpoint, the output and
+the summary are the run's, so the output has the same schema, order and content, and a job may
+be resumed on either engine. The dispatcher cuts the rows still to send into blocks and hands
+each to a free actor; an actor sends its block with a local dispatcher of its own and returns
+the results, which the driver records and checkpoints as they come. Only finished blocks are ever written, so a killed actor costs
 a retry of its block (Ray restarts the actor and runs the call again) and a killed driver,
 run again, repeats at most the blocks that were in flight.
 
@@ -23,23 +23,21 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from batchrunner.config.settings import RunConfig, key_env_names, resolve_api_key
-from batchrunner.engine.dispatch import _input_error_result
 from batchrunner.engine.endpoint import local_gateway
-from batchrunner.engine.execution import ResultCallback, _Run
+from batchrunner.engine.execution import ResultCallback, Run
 from batchrunner.engine.ray.worker import BlockOutcome, BlockWorker, WorkerSettings
+from batchrunner.engine.recorder import Recorder
+from batchrunner.engine.shared import RunState
 from batchrunner.engine.state import EXIT_AUTH, EXIT_STOPPED, RunControl, RunReport
 from batchrunner.errors import AuthRefused, BatchrunnerError, UsageError
-from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.results import Row
-from batchrunner.store.checkpoint import Checkpoint
-from batchrunner.store.resume import DoneSet
 from batchrunner.transport.limits import Deadline
 
-__all__ = ["RayRun", "arun_on_ray"]
+__all__ = ["RayDispatcher", "arun_on_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +85,19 @@ async def arun_on_ray(
                 logging_level=logging.WARNING,
                 log_to_driver=False,
             )
+
+    def on_ray(state: RunState, deadline: Deadline | None) -> RayDispatcher:
+        return RayDispatcher(state, ray, deadline)
+
     try:
         if config.local:
-            async with local_gateway() as (base_url, _key):
-                return await RayRun(config, base_url, "", on_result, control, ray).execute()
+            async with local_gateway() as (base_url, _key):  # the driver holds no key
+                return await Run(config, base_url, "", on_result, control,
+                                 dispatcher=on_ray).execute()
         from batchrunner.config.settings import resolve_base_url
 
         base_url = resolve_base_url(config.base_url)
-        return await RayRun(config, base_url, "", on_result, control, ray).execute()
+        return await Run(config, base_url, "", on_result, control, dispatcher=on_ray).execute()
     finally:
         if started_here:
             ray.shutdown()
@@ -115,32 +118,28 @@ def _signal_handlers_kept() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-class RayRun(_Run):
-    """The local run with `_dispatch` sending blocks to Ray actors (the driver holds no key)."""
+class RayDispatcher:
+    """Blocks of rows to Ray actors; their results to the run's recorder."""
 
-    def __init__(
-        self,
-        config: RunConfig,
-        base_url: str,
-        api_key: str,
-        on_result: ResultCallback | None,
-        control: RunControl,
-        ray: Any,
-    ) -> None:
-        super().__init__(config, base_url, api_key, on_result, control)
+    def __init__(self, state: RunState, ray: Any, deadline: Deadline | None) -> None:
+        self.state = state
+        self.config = state.config
+        self.base_url = state.base_url
+        self.control = state.control
+        self.stop_event = state.stop_event
+        self.budget = state.budget
+        self.tally = state.tally
+        self.deadline = deadline
         self._ray = ray
 
-    async def _dispatch(
-        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, deadline: Deadline | None
-    ) -> None:
-        async with self._checkpointing(ckpt):
-            actors = self._start_actors()
-            try:
-                await self._drive(ckpt, builder, done, deadline, actors)
-            finally:
-                for actor in actors:
-                    with contextlib.suppress(Exception):
-                        self._ray.kill(actor)
+    async def dispatch(self, rows: AsyncIterator[Row], recorder: Recorder) -> None:
+        actors = self._start_actors()
+        try:
+            await self._drive(rows, recorder, actors)
+        finally:
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    self._ray.kill(actor)
 
     # -- actors ----------------------------------------------------------------------------
 
@@ -182,15 +181,10 @@ class RayRun(_Run):
 
     # -- blocks ----------------------------------------------------------------------------
 
-    def _blocks(
-        self, ckpt: Checkpoint, builder: RequestBuilder, done: DoneSet, size: int
-    ) -> Iterator[list[Row]]:
-        """Rows still to send, in blocks; rows with an input error are recorded, not sent."""
+    async def _blocks(self, rows: AsyncIterator[Row], size: int) -> AsyncIterator[list[Row]]:
+        """The rows to send (a sweep's slots too), in blocks of `size`."""
         block: list[Row] = []
-        for row in self._rows(builder, done):  # a sweep's slots too
-            if row.body is None:
-                self._record(ckpt, _input_error_result(row, row.model or self.config.model))
-                continue
+        async for row in rows:
             block.append(row)
             if len(block) >= size:
                 yield block
@@ -203,15 +197,11 @@ class RayRun(_Run):
         return max(1, min(MAX_BLOCK_ROWS, math.ceil(pending / (4 * actors))))
 
     async def _drive(
-        self,
-        ckpt: Checkpoint,
-        builder: RequestBuilder,
-        done: DoneSet,
-        deadline: Deadline | None,
-        actors: list[Any],
+        self, rows: AsyncIterator[Row], recorder: Recorder, actors: list[Any]
     ) -> None:
         """Keep every actor busy with a block until the rows run out or the run stops."""
-        blocks = self._blocks(ckpt, builder, done, self._block_size(len(actors)))
+        deadline = self.deadline
+        blocks = self._blocks(rows, self._block_size(len(actors)))
         again: collections.deque[list[Row]] = collections.deque()  # rows a stopped block left
         free = list(range(len(actors)))
         in_flight: dict[asyncio.Future[Any], tuple[int, list[Row], float]] = {}
@@ -230,7 +220,7 @@ class RayRun(_Run):
                         allowance = left / len(free)
                         if allowance < _MIN_ALLOWANCE:
                             break
-                    block = again.popleft() if again else next(blocks, None)
+                    block = again.popleft() if again else await anext(blocks, None)
                     if block is None:
                         break
                     slot = free.pop()
@@ -257,9 +247,7 @@ class RayRun(_Run):
                         continue
                     slot, block, allowance = in_flight.pop(future)
                     results, outcome = self._block_result(future)
-                    bodies = {row.index: row.body for row in block}
-                    for result in results:  # with its body's hash, as the local engine does
-                        self._record(ckpt, result, body=bodies[result.index])
+                    self._record(recorder, block, results)
                     self.tally.sent += outcome.sent
                     if left is not None:
                         left += max(0.0, allowance - outcome.cost_usd)
@@ -267,6 +255,18 @@ class RayRun(_Run):
                     free.append(slot)
         finally:
             stop_wait.cancel()
+
+    def _record(self, recorder: Recorder, block: list[Row], results: list[Any]) -> None:
+        """A block's results into the run, each with its body's hash, as the local engine
+        does; the response cache stores what it may, and forgets the rows with no answer."""
+        cache = self.state.cache
+        by_index = {result.index: result for result in results}
+        for row in block:
+            result = by_index.get(row.index)
+            if cache is not None:
+                cache.offer(row, result)
+            if result is not None:
+                recorder.record(result, body=row.body)
 
     def _block_result(self, future: asyncio.Future[Any]) -> tuple[list[Any], BlockOutcome]:
         try:
@@ -290,8 +290,7 @@ class RayRun(_Run):
         if code in (0, 1):
             return
         if code == EXIT_AUTH:
-            self.auth_error = AuthRefused(outcome.message)
-            self.control.stop("auth", EXIT_AUTH)
+            self.state.refused(AuthRefused(outcome.message))
         elif reason == "budget":
             # This block's share ran out: the rows it left wait for a share of what is left,
             # and when a whole share bought nothing, the budget is spent.
@@ -307,8 +306,8 @@ class RayRun(_Run):
             self.control.stop("usage", 2)
             raise UsageError(outcome.message)
         else:
-            if reason == "outage" and self.outage.cause is None:
-                self.outage.cause = outcome.message  # the gateway is unreachable or down
+            if reason == "outage" and self.state.outage.cause is None:
+                self.state.outage.cause = outcome.message  # the gateway is unreachable or down
             self.control.stop(reason, code)
 
     def _budget_reached(self) -> None:

@@ -1,10 +1,11 @@
-"""One Ray actor: runs batchrunner's own engine on the blocks of rows the driver hands it.
+"""One Ray actor: sends the blocks of rows the driver hands it, with batchrunner's own engine.
 
 A block arrives as built requests (`Row`s, whose bodies the driver made with the job's
-settings). The actor writes them to a scratch folder as OpenAI Batch API lines, so the block
-is an ordinary input to `engine._Run`: bounded concurrency, pacing, the shared 429 pause,
-retries, the budget and the deadline all work in the actor exactly as on one machine. The
-results come back to the driver, which alone writes the run's checkpoint and output.
+settings, numbered as in the whole input). The actor sends them with a `LocalDispatcher` of
+its own: bounded concurrency, pacing, the shared 429 pause, retries, the budget, the deadline
+and the failure and outage streaks all work in the actor exactly as on one machine. Its
+recorder collects the results in memory and they go back to the driver, which alone writes
+the run's checkpoint and output: an actor writes no file.
 
 The API key is read here, from the actor's own environment, by the *name* of its variable:
 no key ever travels through Ray (its object store, its task arguments or its logs).
@@ -12,18 +13,21 @@ no key ever travels through Ray (its object store, its task arguments or its log
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from batchrunner.answers.structured import load_schema
 from batchrunner.config.settings import RunConfig, resolve_api_key
 from batchrunner.errors import BatchrunnerError
 from batchrunner.results import Result, Row
+from batchrunner.transport.limits import Deadline
+
+if TYPE_CHECKING:
+    from batchrunner.engine.recorder import Recorder
+    from batchrunner.engine.shared import RunState
 
 __all__ = ["BlockOutcome", "BlockWorker", "LOCAL_KEY"]
 
@@ -78,90 +82,76 @@ class BlockWorker:
     ) -> tuple[list[Result], BlockOutcome]:
         """Send a block's rows; return their results (row numbers of the whole input)."""
         from batchrunner.engine import (  # the engine is what an actor runs
-            execution,
+            dispatch,
+            recorder,
+            shared,
             state,
         )
 
         settings = self._settings
         try:
             key = LOCAL_KEY if settings.local else resolve_api_key(settings.key_env)
+            config = _block_config(settings, max_cost)
+            run = shared.RunState.for_run(config, settings.base_url, state.RunControl())
+            if config.json_schema is not None:
+                run.schema = load_schema(config.json_schema)
         except BatchrunnerError as exc:
             return [], BlockOutcome(exc.exit_code, "usage", str(exc), 0, 0.0)
-        folder = Path(tempfile.mkdtemp(prefix="batchrunner-block-"))
+        deadline = None if deadline_seconds is None else Deadline(max(deadline_seconds, 0.001))
+        collected = recorder.CollectedResults()
+        kept = recorder.Recorder(run, collected)
+        self._control = run.control
+        run.control.bind(run.stop_event)
         try:
-            source = folder / "block.jsonl"
-            with source.open("w", encoding="utf-8") as f:
-                # Positions as ids: in a sweep a row's id repeats, once per model.
-                for position, row in enumerate(rows):
-                    f.write(json.dumps({"custom_id": str(position), "body": row.body}) + "\n")
-            config = _block_config(settings, source, max_cost, deadline_seconds)
-            results: list[Result] = []
-            self._control = control = state.RunControl()
-            run = execution._Run(
-                config, settings.base_url, key, lambda r, _t: results.append(r), control
-            )
-            try:
-                report = await run.execute()
-            except BatchrunnerError as exc:
-                return [], BlockOutcome(exc.exit_code, "usage", str(exc), 0, 0.0)
-            finally:
-                self._control = None
-            # Positions in the block become the rows' numbers in the whole input.
-            placed = [
-                dataclasses.replace(r, index=rows[r.index].index, id=rows[r.index].id)
-                for r in results
-            ]
-            cost = sum(r.cost_usd or 0.0 for r in results)
-            # A refused key: the gateway's words, which the driver's own message wraps.
-            message = str(run.auth_error) if run.auth_error is not None else report.message
-            if report.reason == "outage" and run.outage.cause is not None:
-                message = run.outage.cause  # the driver's own message says the rest
-            outcome = BlockOutcome(report.exit_code, report.reason, message, report.sent, cost)
-            return placed, outcome
+            await dispatch.LocalDispatcher(run, key, deadline).dispatch(_each(rows), kept)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            kept.end_streaks()
+            self._control = None
+        if run.crash is not None:
+            raise run.crash
+        results = collected.results
+        cost = sum(r.cost_usd or 0.0 for r in results)
+        code, reason, message = _ending(run, kept)
+        return results, BlockOutcome(code, reason, message, run.tally.sent, cost)
 
 
-def _block_config(
-    settings: WorkerSettings,
-    source: Path,
-    max_cost: float | None,
-    deadline_seconds: float | None,
-) -> RunConfig:
-    """The settings of one block's run: the job's, with this actor's share of the limits.
+async def _each(rows: list[Row]) -> AsyncIterator[Row]:
+    for row in rows:
+        yield row
 
-    The bodies are already built, so the columns and the template no longer apply (the
-    Batch API lines carry `custom_id` and `body`); every other setting is kept.
-    """
-    deadline = None
-    if deadline_seconds is not None:
-        deadline = f"{max(deadline_seconds, 0.001):.3f}s"
+
+def _ending(run: RunState, kept: Recorder) -> tuple[int, str, str]:
+    """How a block's sending ended: its exit code, reason and the one line that says why."""
+    from batchrunner.engine.ending import stop_message
+
+    control = run.control
+    if not control.stopping:
+        return (1 if run.tally.failed else 0), "complete", ""
+    reason = control.reason or "stopped"
+    code = control.exit_code if control.exit_code is not None else 5
+    if run.auth_error is not None:
+        message = str(run.auth_error)  # the gateway's words, which the driver's message wraps
+    elif reason == "outage" and run.outage.cause is not None:
+        message = run.outage.cause  # the driver's own message says the rest
+    elif reason == "systematic" and kept.streak.tripped:
+        message = kept.streak.describe()
+    elif reason == "budget" and run.budget_note is not None:
+        message = f"stopped: {run.budget_note}"
+    else:
+        message = stop_message(reason, run.auth_error)
+    return code, reason, message
+
+
+def _block_config(settings: WorkerSettings, max_cost: float | None) -> RunConfig:
+    """The settings of one block: the job's, with this actor's share of the limits."""
     return settings.config.replace(
-        input=source,
-        output=source.with_name("block.parquet"),
-        template=None,
-        prompt_column=None,
-        messages_column=None,
-        id_column=None,
-        limit=None,
         concurrency=settings.concurrency,
         rpm=settings.rpm,
         tpm=settings.tpm,
         max_cost=max_cost,
-        deadline=deadline,
-        restart=True,
-        retry_failed=False,
+        deadline=None,  # the driver's, handed over as seconds left
         base_url=settings.base_url,
         api_key_env=settings.key_env,
         local=False,
-        quiet=True,
-        summary_json=None,
-        progress=False,
-        preflight=False,  # the driver checked the models once, for the whole run
-        engine="local",
-        ray_address=None,
-        ray_actors=None,
-        models=(),  # the driver already made a sweep's slots, each body with its model
-        score=None,  # the driver scores the whole output
-        reference_column=None,
+        cache=None,  # the driver reads and writes the response cache
     )

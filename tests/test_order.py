@@ -1,0 +1,139 @@
+"""The order of sending by cacheable prefix (engine/order.py), on its own: no gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from batchrunner.engine.order import PrefixOrder
+from batchrunner.results import Result, Row
+
+
+def _rows(keys: list[str | None]) -> list[Row]:
+    return [Row(index=i, id=f"r{i}", body={"k": k}) for i, k in enumerate(keys)]
+
+
+def _key(row: Row) -> int | None:
+    key = row.body["k"] if row.body else None
+    return None if key is None else hash(key)
+
+
+async def _source(rows: list[Row], read: list[int]) -> AsyncIterator[Row]:
+    for row in rows:
+        read.append(row.index)
+        yield row
+
+
+def _ok(row: Row) -> Result:
+    return Result(index=row.index, id=row.id, status="ok", model="m")
+
+
+def _failed(row: Row) -> Result:
+    return Result(index=row.index, id=row.id, status="error", model="m", error="boom")
+
+
+async def _take(rows: AsyncIterator[Row], n: int) -> list[int]:
+    """The next `n` rows' indices; fails if fewer come within a second."""
+    got = []
+    for _ in range(n):
+        row = await asyncio.wait_for(anext(rows), 1)
+        got.append(row.index)
+    return got
+
+
+def test_a_groups_first_row_goes_alone_and_the_rest_once_it_is_answered() -> None:
+    async def main() -> None:
+        rows = _rows(["A", "A", "B", "A", None, "B"])
+        order = PrefixOrder(_source(rows, []), _key, window=100)
+        sending = order.rows()
+        # The leaders of A and B, and the row too short to be cached, at once.
+        assert await _take(sending, 3) == [0, 2, 4]
+        pending = asyncio.ensure_future(anext(sending))
+        await asyncio.sleep(0.01)
+        assert not pending.done()  # the rest wait for their group's first answer
+        order.answered(rows[0], _ok(rows[0]))
+        assert (await pending).index == 1
+        assert await _take(sending, 1) == [3]  # A's rows together, in input order
+        pending = asyncio.ensure_future(anext(sending))
+        await asyncio.sleep(0.01)
+        assert not pending.done()
+        order.answered(rows[2], _failed(rows[2]))  # B's leader failed: the next B leads
+        assert (await pending).index == 5
+        order.answered(rows[5], _ok(rows[5]))
+        assert await _nothing_more_or_end(sending)
+
+    asyncio.run(main())
+
+
+async def _nothing_more_or_end(rows: AsyncIterator[Row]) -> bool:
+    try:
+        await asyncio.wait_for(anext(rows), 1)
+    except StopAsyncIteration:
+        return True
+    return False
+
+
+def test_a_row_of_an_answered_group_goes_at_once() -> None:
+    async def main() -> None:
+        rows = _rows(["A", "A", "A"])
+        read: list[int] = []
+        order = PrefixOrder(_source(rows, read), _key, window=1)
+        sending = order.rows()
+        assert await _take(sending, 1) == [0]
+        order.answered(rows[0], _ok(rows[0]))
+        assert await _take(sending, 2) == [1, 2]
+
+    asyncio.run(main())
+
+
+def test_the_window_bounds_the_rows_read_ahead_and_every_row_comes_once() -> None:
+    async def main() -> None:
+        keys: list[str | None] = [f"g{i % 7}" for i in range(200)]
+        rows = _rows(keys)
+        read: list[int] = []
+        order = PrefixOrder(_source(rows, read), _key, window=20)
+        sending = order.rows()
+        sent: list[int] = []
+        pending = asyncio.ensure_future(anext(sending))
+        while len(sent) < len(rows):
+            done, _ = await asyncio.wait({pending}, timeout=0.05)
+            if not done:
+                # Nothing ready: answer every row sent so far (as a gateway would).
+                for index in sent:
+                    order.answered(rows[index], _ok(rows[index]))
+                continue
+            sent.append(pending.result().index)
+            pending = asyncio.ensure_future(anext(sending))
+            # Never more than the window read ahead of what was sent.
+            assert len(read) - len(sent) <= 20
+        assert sorted(sent) == list(range(200))
+        for index in sent:
+            order.answered(rows[index], _ok(rows[index]))
+        try:
+            await asyncio.wait_for(pending, 1)
+        except StopAsyncIteration:
+            pass
+        else:
+            raise AssertionError("a row came twice")
+
+    asyncio.run(main())
+
+
+def test_closing_the_order_closes_its_source() -> None:
+    closed = []
+
+    async def source() -> AsyncIterator[Row]:
+        try:
+            for row in _rows(["A", None, None]):
+                yield row
+        finally:
+            closed.append(True)
+
+    async def main() -> None:
+        order = PrefixOrder(source(), _key, window=10)
+        sending = order.rows()
+        await anext(sending)
+        await sending.aclose()
+
+    asyncio.run(main())
+    assert closed == [True]
