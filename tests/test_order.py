@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrunner import RunConfig, run
 from batchrunner.engine.order import PrefixOrder
 from batchrunner.results import Result, Row
 
@@ -137,3 +144,60 @@ def test_closing_the_order_closes_its_source() -> None:
 
     asyncio.run(main())
     assert closed == [True]
+
+
+# -- whole runs on the simulator -------------------------------------------------------------
+
+DOC_QA = Path(__file__).resolve().parents[1] / "sample_data" / "doc_qa.parquet"
+# Columns that say when and how a row went, not what came back.
+TIMING = ("latency_ms", "ttft_ms", "cached_tokens", "cost_usd", "response_id")
+
+
+def _doc_qa(tmp_path: Path, documents: int) -> Path:
+    """The rows of the sample's first `documents` documents, still shuffled."""
+    table = pq.read_table(DOC_QA)
+    keep = set(sorted(set(table.column("document").to_pylist()))[:documents])
+    mask = pa.array([d in keep for d in table.column("document").to_pylist()])
+    path = tmp_path / "doc_qa.parquet"
+    pq.write_table(table.filter(mask), path)
+    return path
+
+
+def _run(source: Path, output: Path, base_url: str, order: str, **settings: Any) -> pa.Table:
+    config = RunConfig(
+        input=source, output=output, base_url=base_url, model="gpt-4o-mini",
+        template="{document}\n\nQuestion: {question}", order=order, progress=False, quiet=True,
+        **settings,
+    )
+    report = run(config, handle_signals=False)
+    assert report.exit_code == 0, report.message
+    return pq.read_table(output)
+
+
+def test_both_orders_give_the_same_output_row_by_row(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", "sk-ru-order")
+    source = _doc_qa(tmp_path, 12)
+    by_order = {}
+    for order in ("input", "prefix"):
+        gateway = start_gateway(latency_ms=20)  # a fresh prompt cache for each order
+        by_order[order] = _run(source, tmp_path / f"{order}.parquet", gateway.base_url, order,
+                               concurrency=8)
+    first, second = (t.drop_columns(list(TIMING)) for t in by_order.values())
+    assert first.num_rows == 120
+    assert first.to_pylist() == second.to_pylist()  # same rows, same order, same answers
+    assert pq.read_table(source).column("id").to_pylist() == first.column("id").to_pylist()
+
+
+def test_with_the_prefix_order_only_a_documents_first_question_pays_in_full(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RU_LLM_API_KEY", "sk-ru-order")
+    source = _doc_qa(tmp_path, 12)
+    gateway = start_gateway(latency_ms=20)
+    table = _run(source, tmp_path / "out.parquet", gateway.base_url, "prefix", concurrency=16)
+    cached = table.column("cached_tokens").to_pylist()
+    # Each group's first row goes alone; the rest only once it is answered: 12 misses.
+    assert sum(1 for c in cached if not c) == 12
+    assert gateway.stats.requests == 120

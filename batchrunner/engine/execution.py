@@ -26,6 +26,7 @@ from batchrunner.engine import preflight
 from batchrunner.engine.dispatch import Dispatcher, LocalDispatcher
 from batchrunner.engine.ending import Ending, finish, input_state, use_totals
 from batchrunner.engine.feed import pending_rows, rows_to_send
+from batchrunner.engine.order import PrefixOrder
 from batchrunner.engine.recorder import Recorder, ResultCallback
 from batchrunner.engine.shared import RunState
 from batchrunner.engine.state import RunControl, RunReport, Tally
@@ -34,9 +35,11 @@ from batchrunner.errors import AuthRefused, RequestError, UsageError
 from batchrunner.inputs import rowhash
 from batchrunner.inputs.columns import resolve_columns
 from batchrunner.inputs.formats import detect_format
+from batchrunner.inputs.prefixes import prefix_key
 from batchrunner.inputs.readers import iter_column_batches, iter_records
 from batchrunner.inputs.requests import RequestBuilder
 from batchrunner.inputs.scan import InputInfo, fingerprint_input, scan_input
+from batchrunner.results import Row
 from batchrunner.store.checkpoint import Checkpoint, checkpoint_dir, open_checkpoint
 from batchrunner.store.export import check_output, check_writable
 from batchrunner.store.manifest import read_manifest
@@ -80,6 +83,9 @@ class Run:
         self._dispatcher = dispatcher or (
             lambda state, deadline: LocalDispatcher(state, api_key, deadline)
         )
+        # --order prefix needs answers row by row: the local dispatcher's (a dispatcher that
+        # sends blocks or batches takes the rows in input order)
+        self._orders = dispatcher is None
         self.ending = Ending()
 
     def __repr__(self) -> str:
@@ -148,6 +154,12 @@ class Run:
                 if self.on_start is not None:
                     self.on_start(state.tally)
                 rows = rows_to_send(state, recorder, pending_rows(config, builder, done, sweep))
+                if config.order == "prefix" and self._orders:
+                    order = PrefixOrder(
+                        rows, _prefix_key, window=PrefixOrder.window_for(config.concurrency)
+                    )
+                    recorder.listen(order.answered)
+                    rows = order.rows()
                 dispatcher = self._dispatcher(state, deadline)
                 async with recorder.checkpointing():
                     try:
@@ -191,6 +203,11 @@ class Run:
         tally.resumed = tally.ok + tally.failed
         if self.state.budget is not None:
             self.state.budget.add_spent(totals["cost_usd"])
+
+
+def _prefix_key(row: Row) -> int | None:
+    """The hash of a row's cacheable prompt prefix (None: too short to be cached)."""
+    return prefix_key(row.body) if row.body is not None else None
 
 
 def _wall_now() -> datetime:

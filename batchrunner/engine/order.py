@@ -8,8 +8,11 @@ group as soon as it is answered, one after another, so that the group stays clos
 Rows too short to be cached, and rows of a group already answered, go at once. Only the order
 of sending changes: every row is sent once, and the output is in input order as always.
 
-Memory: the window (rows read ahead, `WINDOW_PER_WORKER` per unit of concurrency, at least
-`MIN_WINDOW`) and one small entry per group recently seen (at most `MAX_GROUPS`).
+Rows are read only as a row is wanted: until one may be sent, parking on the way the rows
+whose group waits for its first answer. Memory: the parked rows (at most the window,
+`WINDOW_PER_WORKER` per unit of concurrency and at least `MIN_WINDOW`) and one small entry
+per group recently seen (at most `MAX_GROUPS`). A job whose prompts are too short to be
+cached is sent in input order, reading no row ahead.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ class PrefixOrder:
                 await aclose()
 
     async def _read_ahead(self) -> None:
-        while not self._exhausted and self._waiting + len(self._ready) < self._window:
+        """Read rows until one may be sent, or the window is full of rows waiting."""
+        while not self._exhausted and not self._ready and self._waiting < self._window:
             row = await anext(self._source, None)
             if row is None:
                 self._exhausted = True

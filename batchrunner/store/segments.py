@@ -55,6 +55,9 @@ RESULT_SCHEMA = pa.schema(
         ("reasoning_tokens", pa.int64()),
         ("logprobs", pa.string()),
         ("choices_tool_calls", pa.list_(pa.string())),
+        # which endpoint answered (a run of several; docs/endpoints.md), which batch (--engine batch)
+        ("endpoint", pa.string()),
+        ("batch_id", pa.string()),
     ]
 )
 
@@ -329,6 +332,8 @@ def results_to_batch(
         [u.reasoning_tokens for u in usages],
         [r.logprobs for r in results],
         [None if r.choices_tool_calls is None else list(r.choices_tool_calls) for r in results],
+        [r.endpoint for r in results],
+        [r.batch_id for r in results],
         list(hashes) if hashes is not None else [None] * len(results),
         list(input_hashes) if input_hashes is not None else [None] * len(results),
     ]
