@@ -40,6 +40,10 @@ STOP_GRACE_SECONDS = 5.0  # in-flight requests get this long to finish after Ctr
 class Dispatcher(Protocol):
     """Sends a run's rows and gives their results to the recorder."""
 
+    #: True when rows are sent one by one and each answer comes back as it is made (then
+    #: `--order prefix` can hold a group's rows until its first is answered).
+    row_by_row: bool
+
     async def dispatch(self, rows: AsyncIterator[Row], recorder: Recorder) -> None:
         """Send `rows` until they run out or the run stops; record every answer."""
         ...
@@ -73,6 +77,8 @@ class _RowQueue:
 
 class LocalDispatcher:
     """Rows sent from this machine by `concurrency` worker tasks to one endpoint."""
+
+    row_by_row = True
 
     def __init__(self, state: RunState, api_key: str, deadline: Deadline | None = None) -> None:
         self.state = state

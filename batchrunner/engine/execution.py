@@ -83,9 +83,6 @@ class Run:
         self._dispatcher = dispatcher or (
             lambda state, deadline: LocalDispatcher(state, api_key, deadline)
         )
-        # --order prefix needs answers row by row: the local dispatcher's (a dispatcher that
-        # sends blocks or batches takes the rows in input order)
-        self._orders = dispatcher is None
         self.ending = Ending()
 
     def __repr__(self) -> str:
@@ -154,13 +151,15 @@ class Run:
                 if self.on_start is not None:
                     self.on_start(state.tally)
                 rows = rows_to_send(state, recorder, pending_rows(config, builder, done, sweep))
-                if config.order == "prefix" and self._orders:
+                dispatcher = self._dispatcher(state, deadline)
+                # --order prefix needs answers row by row (a dispatcher that sends blocks or
+                # batches takes the rows in input order)
+                if config.order == "prefix" and dispatcher.row_by_row:
                     order = PrefixOrder(
                         rows, _prefix_key, window=PrefixOrder.window_for(config.concurrency)
                     )
                     recorder.listen(order.answered)
                     rows = order.rows()
-                dispatcher = self._dispatcher(state, deadline)
                 async with recorder.checkpointing():
                     try:
                         await dispatcher.dispatch(rows, recorder)

@@ -121,6 +121,8 @@ def _signal_handlers_kept() -> Iterator[None]:
 class RayDispatcher:
     """Blocks of rows to Ray actors; their results to the run's recorder."""
 
+    row_by_row = False  # a block's answers come back together
+
     def __init__(self, state: RunState, ray: Any, deadline: Deadline | None) -> None:
         self.state = state
         self.config = state.config
