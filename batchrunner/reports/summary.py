@@ -10,7 +10,6 @@ is read from its checkpoint (reading the files: `batchrunner.reports.result_file
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,10 +21,17 @@ import pyarrow.compute as pc
 
 from batchrunner.answers.structured import StructuredSummary, summarize_files
 from batchrunner.config.pricing import PRICES_AS_OF, PriceTable
-from batchrunner.errors import UsageError
+from batchrunner.reports.columns import (
+    as_bools,
+    as_counts,
+    as_floats,
+    codes_of,
+    day_codes,
+    grouped_quantiles,
+    hashable,
+)
 from batchrunner.reports.result_files import (
     _DAY,
-    _DAY_COLUMNS,
     _checkpoint_batches,
     _names,
     _read_batches,
@@ -33,7 +39,6 @@ from batchrunner.reports.result_files import (
     expand_paths,
 )
 from batchrunner.store.failures import ErrorCount, merge_counts, value_counts
-from batchrunner.store.layout import checkpoint_dir
 from batchrunner.store.segments import RESULT_SCHEMA
 
 __all__ = ["GroupSummary", "SummaryReport", "summarize", "summarize_days"]
@@ -186,7 +191,7 @@ class _Groups:
         out = np.full(len(uniques), -1, dtype=np.int64)
         for i in np.flatnonzero(used):
             value = uniques[i]
-            key = _hashable(value)
+            key = hashable(value)
             gid = self.ids.get(key)
             if gid is None:
                 gid = self.ids[key] = len(self.values)
@@ -319,7 +324,7 @@ def _aggregate(files: Sequence[Path], by: str, prices: PriceTable | None) -> Sum
     unpriced_by_key = per_key(pair_unpriced)
     lk = np.concatenate(lat_keys) if lat_keys else np.zeros(0, np.int64)
     lv = np.concatenate(lat_values) if lat_values else np.zeros(0)
-    p50, p95 = _grouped_quantiles(lk, lv, nkeys, (0.50, 0.95))
+    p50, p95 = grouped_quantiles(lk, lv, nkeys, (0.50, 0.95))
 
     groups = [
         _group(
@@ -375,41 +380,41 @@ def _tally(
     """Vectorised sums of one batch; keys and models get global ids from `keys`, `models`."""
     n = table.num_rows
     if by == _DAY:
-        kcodes, kuniques = _day_codes(table, path)
+        kcodes, kuniques = day_codes(table, path)
     else:
-        kcodes, kuniques = _codes(table.column(by), by, path)
+        kcodes, kuniques = codes_of(table.column(by), by, path)
     mcodes, muniques = kcodes, kuniques
     if by != "model":
-        mcodes, muniques = _codes(table.column("model"), "model", path)
+        mcodes, muniques = codes_of(table.column("model"), "model", path)
     kglobal = keys.lookup(kuniques, kcodes)
     mglobal = models.lookup(muniques, mcodes)
 
-    scodes, suniques = _codes(table.column("status"), "status", path)
+    scodes, suniques = codes_of(table.column("status"), "status", path)
     ok = np.isin(scodes, [i for i, v in enumerate(suniques) if v == "ok"])
-    counts = {name: _counts(table.column(name)) for name in _TOKENS}
-    valid = {name: _bool(pc.is_valid(table.column(name))) for name in _TOKENS}
+    counts = {name: as_counts(table.column(name)) for name in _TOKENS}
+    valid = {name: as_bools(pc.is_valid(table.column(name))) for name in _TOKENS}
     billable = valid["prompt_tokens"] | valid["completion_tokens"] | valid["total_tokens"]
     complete = valid["prompt_tokens"] & valid["completion_tokens"]
-    hit = (_bool(pc.fill_null(table.column("cache_hit"), False))
+    hit = (as_bools(pc.fill_null(table.column("cache_hit"), False))
            if "cache_hit" in table.column_names else np.zeros(n, dtype=bool))
-    reused = (np.where(hit, _floats(pc.fill_null(table.column("cost_usd"), 0.0)), 0.0)
+    reused = (np.where(hit, as_floats(pc.fill_null(table.column("cost_usd"), 0.0)), 0.0)
               if hit.any() else np.zeros(n))
     billable, complete = billable & ~hit, complete & ~hit  # a cache hit was not paid for
     names = table.column_names
-    reasoning = (_counts(table.column("reasoning_tokens")) if "reasoning_tokens" in names
+    reasoning = (as_counts(table.column("reasoning_tokens")) if "reasoning_tokens" in names
                  else np.zeros(n))
-    batch = (_bool(pc.is_valid(table.column("batch_id"))) if "batch_id" in names
+    batch = (as_bools(pc.is_valid(table.column("batch_id"))) if "batch_id" in names
              else np.zeros(n, dtype=bool))
     online = complete & ~batch
     answered_in_batch = complete & batch
     cut = np.zeros(n, dtype=bool)
     if "finish_reason" in names and reasoning.any():
-        length = _bool(pc.fill_null(pc.equal(table.column("finish_reason"), "length"), False))
+        length = as_bools(pc.fill_null(pc.equal(table.column("finish_reason"), "length"), False))
         cut = ok & length & (reasoning > 0) & (reasoning >= counts["completion_tokens"])
     if not recompute:
         cost_col = table.column("cost_usd")
-        file_cost = np.where(hit, 0.0, _floats(pc.fill_null(cost_col, 0.0)))
-        uncosted = billable & ~_bool(pc.is_valid(cost_col))
+        file_cost = np.where(hit, 0.0, as_floats(pc.fill_null(cost_col, 0.0)))
+        uncosted = billable & ~as_bools(pc.is_valid(cost_col))
     else:
         file_cost = np.zeros(n)
         uncosted = np.zeros(n, dtype=bool)
@@ -447,7 +452,7 @@ def _tally(
     sums = np.stack([np.bincount(inverse, weights=c, minlength=len(pairs)) for c in columns])
     seen = sums[0] > 0
 
-    latency = _floats(table.column("latency_ms"))
+    latency = as_floats(table.column("latency_ms"))
     timed = ok & ~np.isnan(latency)
     return _Tally(pairs[seen] // width, pairs[seen] % width, sums[:, seen],
                   kglobal[timed].astype(np.int32), latency[timed])
@@ -488,111 +493,7 @@ def _group(
     )
 
 
-def _grouped_quantiles(
-    keys: np.ndarray, values: np.ndarray, nkeys: int, qs: Sequence[float]
-) -> list[np.ndarray]:
-    """Per-key quantiles of `values`, exactly as numpy's default (linear) method; NaN if empty.
-
-    Rows are bucketed by key with one stable sort (a radix sort for small key counts), then each
-    bucket is partitioned (O(n)) rather than sorted; many small buckets are sorted as one array.
-    """
-    out = [np.full(nkeys, np.nan) for _ in qs]
-    if not len(values):
-        return out
-    if nkeys <= _PARTITION_MAX_GROUPS:
-        order = np.argsort(keys.astype(np.uint16), kind="stable")
-        values = values[order]
-        counts = np.bincount(keys, minlength=nkeys)
-        bounds = np.concatenate(([0], np.cumsum(counts)))
-        for g in np.flatnonzero(counts):
-            found = np.percentile(values[bounds[g] : bounds[g + 1]], [q * 100 for q in qs])
-            for result, value in zip(out, found, strict=True):
-                result[g] = value
-        return out
-    order = np.lexsort((values, keys))
-    keys, values = keys[order], values[order]
-    counts = np.bincount(keys, minlength=nkeys)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    has = counts > 0
-    last = starts[has] + counts[has] - 1
-    for result, q in zip(out, qs, strict=True):
-        pos = starts[has] + q * (counts[has] - 1)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, last)
-        result[has] = values[lo] + (values[hi] - values[lo]) * (pos - lo)
-    return out
-
-
-_PARTITION_MAX_GROUPS = 2_000  # fits uint16; above it one lexsort beats a loop of partitions
-
-
 _CHECKPOINT_COLUMNS = frozenset(RESULT_SCHEMA.names)
-
-
-def _codes(column: pa.ChunkedArray, name: str, path: Path) -> tuple[np.ndarray, list[Any]]:
-    """Dense codes of a column's values, and the values; null is the last value."""
-    try:
-        if pa.types.is_dictionary(column.type):
-            column = pa.table({"c": column}).unify_dictionaries().column("c")
-        else:
-            column = pc.dictionary_encode(column)
-    except (pa.ArrowException, TypeError) as exc:
-        raise UsageError(
-            f"{path}: cannot group by column {name!r} of type {column.type} ({exc})"
-        ) from None
-    chunks = column.chunks
-    dictionary = chunks[0].dictionary if chunks else pa.array([], type=pa.null())
-    uniques = dictionary.to_pylist()
-    null_code = len(uniques)
-    if chunks:
-        indices = pa.chunked_array([c.indices for c in chunks])
-        codes = pc.fill_null(indices, null_code).to_numpy().astype(np.int64)
-    else:
-        codes = np.zeros(0, dtype=np.int64)
-    return codes, [*uniques, None]
-
-
-def _day_codes(table: pa.Table, path: Path) -> tuple[np.ndarray, list[Any]]:
-    """The UTC day of each row: from a `created` column where set, else the file's mtime."""
-    n = table.num_rows
-    stat_path = path if path.exists() else checkpoint_dir(path)  # an unfinished output
-    mtime_day = np.datetime64(int(os.stat(stat_path).st_mtime), "s").astype("datetime64[D]")
-    days = np.full(n, mtime_day)
-    created = next((c for c in _DAY_COLUMNS if c in table.column_names), None)
-    if created is not None:
-        col = table.column(created)
-        if pa.types.is_timestamp(col.type):
-            scale = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[col.type.unit]
-            seconds = _floats(col.cast(pa.int64()).cast(pa.float64())) / scale
-        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            seconds = _floats(col.cast(pa.float64()))  # epoch seconds, like OpenAI's `created`
-        else:
-            seconds = np.full(n, np.nan)
-        have = ~np.isnan(seconds)
-        days[have] = seconds[have].astype("datetime64[s]").astype("datetime64[D]")
-    uniques, codes = np.unique(days, return_inverse=True)
-    return codes.astype(np.int64), [str(d) for d in uniques]
-
-
-def _bool(values: pa.ChunkedArray) -> np.ndarray:
-    return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool)
-
-
-def _counts(values: pa.ChunkedArray) -> np.ndarray:
-    # float64, as bincount weights are: exact for sums below 2**53 tokens.
-    return pc.fill_null(values, 0).to_numpy().astype(np.float64)
-
-
-def _floats(values: pa.ChunkedArray) -> np.ndarray:
-    return values.to_numpy(zero_copy_only=False).astype(np.float64)
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
 
 
 def _sort_key(group: GroupSummary) -> tuple[int, str, Any]:

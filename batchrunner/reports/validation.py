@@ -14,7 +14,6 @@ from typing import Any
 
 from batchrunner.config.pricing import PriceTable
 from batchrunner.config.settings import RunConfig, resolve_api_key, resolve_base_url
-
 from batchrunner.engine.endpoint import run_endpoint
 from batchrunner.engine.execution import _run_models, check_models
 from batchrunner.engine.runner import check_job
