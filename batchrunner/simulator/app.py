@@ -15,7 +15,6 @@ kept in a small cache, so a benchmark measures the HTTP path, not the text gener
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import json
@@ -26,12 +25,13 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from batchrunner.simulator.batches import BatchApi, LineAnswer
 from batchrunner.simulator.chat_request import ApiError, ChatRequest, parse_request
+from batchrunner.simulator.clock import REAL_CLOCK, Clock
 from batchrunner.simulator.completions import Completion, Usage, answer
 from batchrunner.simulator.config import MODELS, GatewayConfig
 from batchrunner.simulator.faults import FaultPlan, InvalidJsonPlan, RateLimiter
@@ -39,9 +39,6 @@ from batchrunner.simulator.json_answers import spoil
 from batchrunner.simulator.prompt_cache import PromptCache
 from batchrunner.simulator.stats import GatewayStats
 from batchrunner.simulator.tokens import count_tokens
-
-if TYPE_CHECKING:
-    from batchrunner.clock import Clock
 
 __all__ = ["SIMULATOR", "Simulator", "create_app"]
 
@@ -172,13 +169,6 @@ def _usage_of(usage: Usage, cached: int) -> str:
     )
 
 
-class _RealClock:
-    """The real time (the package's `Clock` protocol): time.monotonic and asyncio.sleep."""
-
-    monotonic = staticmethod(time.monotonic)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 class Simulator:
@@ -190,7 +180,7 @@ class Simulator:
 
     def __init__(self, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.config = config
-        self.clock = clock = clock if clock is not None else _RealClock()
+        self.clock = clock = clock if clock is not None else REAL_CLOCK
         self.stats = GatewayStats()
         self.faults = FaultPlan(config)
         self.invalid_json = InvalidJsonPlan(config) if config.invalid_json_rate else None

@@ -28,17 +28,15 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from aiohttp import web
 
 from batchrunner.simulator.batch_files import CHAT_URL, FileRecord, FileStore
 from batchrunner.simulator.chat_request import ApiError
+from batchrunner.simulator.clock import REAL_CLOCK, Clock
 from batchrunner.simulator.config import GatewayConfig
 from batchrunner.simulator.stats import GatewayStats
-
-if TYPE_CHECKING:
-    from batchrunner.clock import Clock
 
 __all__ = ["AnswerLine", "BatchApi", "LineAnswer"]
 
@@ -68,11 +66,6 @@ AnswerLine = Callable[[Any, int], LineAnswer]
 """Answers a line's `body` as the chat endpoint would, `created` at the given Unix time."""
 
 
-class _RealClock:
-    monotonic = staticmethod(time.monotonic)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 @dataclass
@@ -143,7 +136,7 @@ class BatchApi:
         self._stats = stats
         self._answer = answer_line
         self._refuse = refuse
-        self._clock: Clock = clock if clock is not None else _RealClock()
+        self._clock: Clock = clock if clock is not None else REAL_CLOCK
         self._epoch = time.time() - self._clock.monotonic()
         self.files = FileStore()
         self.batches: dict[str, _Batch] = {}  # oldest first

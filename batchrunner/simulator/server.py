@@ -10,16 +10,14 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from batchrunner.simulator.app import SIMULATOR, create_app
+from batchrunner.simulator.clock import Clock
 from batchrunner.simulator.config import GatewayConfig
 from batchrunner.simulator.stats import GatewayStats
-
-if TYPE_CHECKING:
-    from batchrunner.clock import Clock
 
 __all__ = ["CannotListen", "RunningGateway", "gateway_in_thread", "running_gateway", "serve"]
 
