@@ -69,10 +69,6 @@ def machine() -> dict[str, Any]:
             versions[name] = version(name)
         except Exception:
             versions[name] = "not installed"
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True, text=True,
-    ).stdout.strip()
     return {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
@@ -82,9 +78,17 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "loadavg": os.getloadavg(),
-        "commit": commit,
+        "commit": _commit(ROOT),
         "versions": versions,
     }
+
+
+def _commit(tree: Path) -> str:
+    """`git describe` of a checkout: which batchrunner was measured."""
+    return subprocess.run(
+        ["git", "-C", str(tree), "describe", "--always", "--dirty"],
+        check=False, capture_output=True, text=True,
+    ).stdout.strip()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -357,8 +361,13 @@ def run_client(
     sample_rss: bool = False,
     prepare_output: Callable[[Path], None] | None = None,
     timeout: float = 300.0,
+    tree: Path | None = None,
 ) -> Measurement:
-    """Run one client to its end (or `timeout` seconds); measure it and check its output."""
+    """Run one client to its end (or `timeout` seconds); measure it and check its output.
+
+    `tree`: a checkout whose `batchrunner` the batchrunner client imports (first on its
+    PYTHONPATH), to compare two versions against the same harness and server.
+    """
     measured = Measurement(client, rows, concurrency, server.latency_ms)
     if client != "batchrunner":
         sys.path.insert(0, str(HERE))
@@ -382,6 +391,8 @@ def run_client(
     env = {**os.environ, "RU_LLM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     env.pop("RU_LLM_BASE_URL", None)
     env.pop("OPENAI_BASE_URL", None)
+    if tree is not None and client == "batchrunner":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
 
     server.reset()
     server_cpu = server.cpu()
@@ -435,6 +446,9 @@ def run_client(
         measured.run_cpu_s = inside["run_cpu_s"]
         measured.extra["run_user_s"] = inside["run_user_s"]
         measured.extra["run_sys_s"] = inside["run_sys_s"]
+        if "batchrunner_file" in inside:
+            measured.extra["batchrunner_file"] = inside["batchrunner_file"]
+            log(f"{client}: batchrunner imported from {inside['batchrunner_file']}")
         # wait4's ru_maxrss carries the harness's own peak across fork + exec: VmHWM does not.
         measured.extra["ru_maxrss_mb"] = measured.peak_mb
         measured.peak_mb = inside["peak_rss_mb"]
@@ -545,8 +559,11 @@ def section_peers(args: argparse.Namespace) -> None:
     runs = []
     with Server(args.server, latency, args.server_workers) as server:
         for client in args.clients:
-            runs.append(run_client(client, path, rows, c, server, timeout=args.timeout))
-    emit("peers", f"Side by side: {rows:,} rows, C = {c}, L = {latency:g} ms ({server.describe()})",
+            runs.append(run_client(client, path, rows, c, server, timeout=args.timeout,
+                                   tree=args.tree))
+    tree = f", batchrunner from {args.tree} ({_commit(args.tree)})" if args.tree else ""
+    emit("peers", f"Side by side: {rows:,} rows, C = {c}, L = {latency:g} ms "
+         f"({server.describe()}{tree})",
          table(runs) + "\n\nbatchrunner also checkpoints (fsynced Arrow segments every 100 rows "
          "or 2 s), prices every row and writes the input columns through; the peers keep "
          "everything in memory and write one Parquet file at the end." + peer_targets(runs))
@@ -798,6 +815,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="server latency [50; cpu: 0; curve: 200]")
     parser.add_argument("--clients", default=",".join(CLIENTS),
                         help="clients for peers (and curve with --curve-peers) [%(default)s]")
+    parser.add_argument("--tree", type=Path, metavar="PATH",
+                        help="peers: run the batchrunner of this checkout (put first on the "
+                             "client's PYTHONPATH) [the one this Python imports]")
     parser.add_argument("--server", choices=("fast", "simulator"), default="fast",
                         help="bench/fastgate.py or the built-in simulator [%(default)s]")
     parser.add_argument("--server-workers", type=int, default=1,
