@@ -166,9 +166,11 @@ def make_doc_qa_input(rows: int, documents: int) -> Path:
                       for d in range(documents)])
     which = rng.permutation(np.arange(rows) % documents).astype(np.int32)  # shuffled
     tmp = path.with_name(path.name + ".tmp")
-    schema = pa.schema([("id", pa.string()), ("document", pa.string()),
+    schema = pa.schema([("id", pa.string()),
+                        ("document", pa.dictionary(pa.int32(), pa.string())),
                         ("question", pa.string())])
     chunk = 100_000
+    # Without the Arrow schema stored, a reader sees the document column as plain strings.
     with pq.ParquetWriter(tmp, schema, compression="zstd", store_schema=False,
                           dictionary_pagesize_limit=64 << 20) as writer:
         for start in range(0, rows, chunk):
@@ -722,10 +724,13 @@ def section_memory(args: argparse.Namespace) -> None:
         what = "input (short prompts)"
     if args.order:
         what += f", --order {args.order}"
+    if args.tree:
+        what += f", batchrunner from {args.tree} ({_commit(args.tree)})"
     tag = f"-memory-{args.prompts}{'-' + args.order if args.order else ''}"
     with Server(args.server, latency, args.server_workers) as server:
         m = run_client("batchrunner", path, rows, c, server, tag=tag, extra_args=extra,
-                       watch_first_request=True, sample_rss=True, timeout=args.timeout)
+                       watch_first_request=True, sample_rss=True, timeout=args.timeout,
+                       tree=args.tree)
     m.ok_rows = _checkpointed(RESULTS / f"out-batchrunner-{rows}-c{c}-l{latency:g}{tag}.parquet")
     samples = m.extra.get("rss_mb_by_second", [])
     timeline = ", ".join(f"{t:.0f} s: {mb:.0f}" for t, mb in samples[:: max(1, len(samples) // 10)])
@@ -876,7 +881,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", default=",".join(CLIENTS),
                         help="clients for peers (and curve with --curve-peers) [%(default)s]")
     parser.add_argument("--tree", type=Path, metavar="PATH",
-                        help="peers: run the batchrunner of this checkout (put first on the "
+                        help="peers, memory: run the batchrunner of this checkout (first on the "
                              "client's PYTHONPATH) [the one this Python imports]")
     parser.add_argument("--server", choices=("fast", "simulator"), default="fast",
                         help="bench/fastgate.py or the built-in simulator [%(default)s]")
