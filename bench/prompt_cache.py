@@ -36,7 +36,8 @@ MODEL = "gpt-4o-mini"  # the job's model
 
 # One line a run: its label and the `batchrunner run` options that make it different.
 RUNS: list[tuple[str, tuple[str, ...]]] = [
-    ("input order", ()),
+    ("input order", ("--order", "input")),
+    ("prefix order", ("--order", "prefix")),
 ]
 
 

@@ -69,10 +69,6 @@ def machine() -> dict[str, Any]:
             versions[name] = version(name)
         except Exception:
             versions[name] = "not installed"
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-        capture_output=True, text=True,
-    ).stdout.strip()
     return {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
@@ -82,9 +78,17 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "loadavg": os.getloadavg(),
-        "commit": commit,
+        "commit": _commit(ROOT),
         "versions": versions,
     }
+
+
+def _commit(tree: Path) -> str:
+    """`git describe` of a checkout: which batchrunner was measured."""
+    return subprocess.run(
+        ["git", "-C", str(tree), "describe", "--always", "--dirty"],
+        check=False, capture_output=True, text=True,
+    ).stdout.strip()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -130,6 +134,56 @@ def make_input(rows: int, *, short: bool = False) -> Path:
             writer.write_table(pa.table([ids, prompts], schema=schema), row_group_size=100_000)
     os.replace(tmp, path)
     log(f"made {path.name}: {rows:,} rows in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+DOC_QA_SYSTEM = "Answer the question from the document alone, in a few words."
+DOC_QA_TEMPLATE = "{document}\n\nQuestion: {question}"
+DOC_QA_WORDS = ("the of and town river market harvest bridge mill school festival mayor council "
+                "trade wool grain salt road railway station church hall square winter summer "
+                "north south east west old new").split()
+
+
+def make_doc_qa_input(rows: int, documents: int) -> Path:
+    """A document-QA input: `rows` questions about `documents` documents, shuffled, made once.
+
+    Columns `id`, `document` (about 6,600 characters: 1,600+ estimated tokens, so that a
+    request's leading 1,024 tokens are a cacheable prefix its document's questions share) and
+    `question`; sent with DOC_QA_SYSTEM and DOC_QA_TEMPLATE (document first, question last), as
+    jobs/doc-qa.toml sends sample_data/doc_qa.parquet. The document column is written
+    dictionary-encoded, so that each row group stores each document once.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"input-{rows}-docqa{documents}.parquet"
+    if path.exists():
+        with contextlib.suppress(Exception):
+            if pq.ParquetFile(path).metadata.num_rows == rows:
+                return path
+    started = time.perf_counter()
+    rng = np.random.default_rng(20261208)
+    words = np.array(DOC_QA_WORDS)
+    texts = pa.array([f"A report on town {d}.\n\n" + " ".join(rng.choice(words, 1100))
+                      for d in range(documents)])
+    which = rng.permutation(np.arange(rows) % documents).astype(np.int32)  # shuffled
+    tmp = path.with_name(path.name + ".tmp")
+    schema = pa.schema([("id", pa.string()),
+                        ("document", pa.dictionary(pa.int32(), pa.string())),
+                        ("question", pa.string())])
+    chunk = 100_000
+    # Without the Arrow schema stored, a reader sees the document column as plain strings.
+    with pq.ParquetWriter(tmp, schema, compression="zstd", store_schema=False,
+                          dictionary_pagesize_limit=64 << 20) as writer:
+        for start in range(0, rows, chunk):
+            numbers = pa.array(np.arange(start, min(rows, start + chunk))).cast(pa.string())
+            ids = pc.binary_join_element_wise("row-", numbers, "")
+            document = pa.DictionaryArray.from_arrays(pa.array(which[start:start + chunk]), texts)
+            questions = pc.binary_join_element_wise(
+                "What does the report say about item ", numbers, "?", "")
+            writer.write_table(pa.Table.from_arrays([ids, document, questions],
+                                                    names=schema.names))
+    os.replace(tmp, path)
+    log(f"made {path.name}: {rows:,} rows about {documents:,} documents in "
+        f"{time.perf_counter() - started:.1f} s")
     return path
 
 
@@ -357,8 +411,13 @@ def run_client(
     sample_rss: bool = False,
     prepare_output: Callable[[Path], None] | None = None,
     timeout: float = 300.0,
+    tree: Path | None = None,
 ) -> Measurement:
-    """Run one client to its end (or `timeout` seconds); measure it and check its output."""
+    """Run one client to its end (or `timeout` seconds); measure it and check its output.
+
+    `tree`: a checkout whose `batchrunner` the batchrunner client imports (first on its
+    PYTHONPATH), to compare two versions against the same harness and server.
+    """
     measured = Measurement(client, rows, concurrency, server.latency_ms)
     if client != "batchrunner":
         sys.path.insert(0, str(HERE))
@@ -382,6 +441,8 @@ def run_client(
     env = {**os.environ, "RU_LLM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     env.pop("RU_LLM_BASE_URL", None)
     env.pop("OPENAI_BASE_URL", None)
+    if tree is not None and client == "batchrunner":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
 
     server.reset()
     server_cpu = server.cpu()
@@ -435,6 +496,9 @@ def run_client(
         measured.run_cpu_s = inside["run_cpu_s"]
         measured.extra["run_user_s"] = inside["run_user_s"]
         measured.extra["run_sys_s"] = inside["run_sys_s"]
+        if "batchrunner_file" in inside:
+            measured.extra["batchrunner_file"] = inside["batchrunner_file"]
+            log(f"{client}: batchrunner imported from {inside['batchrunner_file']}")
         # wait4's ru_maxrss carries the harness's own peak across fork + exec: VmHWM does not.
         measured.extra["ru_maxrss_mb"] = measured.peak_mb
         measured.peak_mb = inside["peak_rss_mb"]
@@ -545,8 +609,11 @@ def section_peers(args: argparse.Namespace) -> None:
     runs = []
     with Server(args.server, latency, args.server_workers) as server:
         for client in args.clients:
-            runs.append(run_client(client, path, rows, c, server, timeout=args.timeout))
-    emit("peers", f"Side by side: {rows:,} rows, C = {c}, L = {latency:g} ms ({server.describe()})",
+            runs.append(run_client(client, path, rows, c, server, timeout=args.timeout,
+                                   tree=args.tree))
+    tree = f", batchrunner from {args.tree} ({_commit(args.tree)})" if args.tree else ""
+    emit("peers", f"Side by side: {rows:,} rows, C = {c}, L = {latency:g} ms "
+         f"({server.describe()}{tree})",
          table(runs) + "\n\nbatchrunner also checkpoints (fsynced Arrow segments every 100 rows "
          "or 2 s), prices every row and writes the input columns through; the peers keep "
          "everything in memory and write one Parquet file at the end." + peer_targets(runs))
@@ -644,12 +711,27 @@ def draw_curve(runs: list[Measurement], latency_ms: float, path: Path) -> None:
 def section_memory(args: argparse.Namespace) -> None:
     """Peak RSS on a 10,000,000-row input, the run stopped by --deadline (target: < 300 MB)."""
     rows, c, latency = args.memory_rows, args.concurrency or 100, _latency(args, 50)
-    path = make_input(rows, short=True)
+    extra: tuple[str, ...] = ("--deadline", args.deadline)
+    if args.order:
+        extra += ("--order", args.order)
+    if args.prompts == "doc-qa":
+        documents = args.documents
+        path = make_doc_qa_input(rows, documents)
+        extra += ("--system", DOC_QA_SYSTEM, "--template", DOC_QA_TEMPLATE)
+        what = f"document-QA input ({documents:,} documents of 1,600+ tokens, shuffled)"
+    else:
+        path = make_input(rows, short=True)
+        what = "input (short prompts)"
+    if args.order:
+        what += f", --order {args.order}"
+    if args.tree:
+        what += f", batchrunner from {args.tree} ({_commit(args.tree)})"
+    tag = f"-memory-{args.prompts}{'-' + args.order if args.order else ''}"
     with Server(args.server, latency, args.server_workers) as server:
-        m = run_client("batchrunner", path, rows, c, server, tag="-memory",
-                       extra_args=("--deadline", args.deadline), watch_first_request=True,
-                       sample_rss=True, timeout=args.timeout)
-    m.ok_rows = _checkpointed(RESULTS / f"out-batchrunner-{rows}-c{c}-l{latency:g}-memory.parquet")
+        m = run_client("batchrunner", path, rows, c, server, tag=tag, extra_args=extra,
+                       watch_first_request=True, sample_rss=True, timeout=args.timeout,
+                       tree=args.tree)
+    m.ok_rows = _checkpointed(RESULTS / f"out-batchrunner-{rows}-c{c}-l{latency:g}{tag}.parquet")
     samples = m.extra.get("rss_mb_by_second", [])
     timeline = ", ".join(f"{t:.0f} s: {mb:.0f}" for t, mb in samples[:: max(1, len(samples) // 10)])
     if samples:
@@ -657,8 +739,8 @@ def section_memory(args: argparse.Namespace) -> None:
         timeline += f" (highest sample {most:.0f} MB at {at:.1f} s)"
     verdict = "met" if m.peak_mb < 300 else "NOT met"
     first = f"{m.first_request_s:.1f} s" if m.first_request_s is not None else "never"
-    emit("memory", f"Memory: {rows:,}-row Parquet input, --deadline {args.deadline}, C = {c}, "
-         f"L = {latency:g} ms",
+    emit("memory", f"Memory: {rows:,}-row Parquet {what}, --deadline {args.deadline}, "
+         f"C = {c}, L = {latency:g} ms",
          f"| peak RSS MB | rows done before the deadline | first request after | exit code "
          f"| wall s | server requests |\n|---|---|---|---|---|---|\n"
          f"| {m.peak_mb:,.0f} | {m.ok_rows:,} | {first} | {m.exit_code} | {m.wall_s:.1f} "
@@ -798,6 +880,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="server latency [50; cpu: 0; curve: 200]")
     parser.add_argument("--clients", default=",".join(CLIENTS),
                         help="clients for peers (and curve with --curve-peers) [%(default)s]")
+    parser.add_argument("--tree", type=Path, metavar="PATH",
+                        help="peers, memory: run the batchrunner of this checkout (first on the "
+                             "client's PYTHONPATH) [the one this Python imports]")
     parser.add_argument("--server", choices=("fast", "simulator"), default="fast",
                         help="bench/fastgate.py or the built-in simulator [%(default)s]")
     parser.add_argument("--server-workers", type=int, default=1,
@@ -810,6 +895,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds before a client run is stopped [%(default)s]")
     parser.add_argument("--memory-rows", type=int, default=10_000_000)
     parser.add_argument("--deadline", default="60s", help="memory section --deadline [60s]")
+    parser.add_argument("--prompts", choices=("short", "doc-qa"), default="short",
+                        help="memory section input: short prompts, or questions about long "
+                             "documents (a cacheable prefix a document's rows share) "
+                             "[%(default)s]")
+    parser.add_argument("--documents", type=int, default=2000,
+                        help="--prompts doc-qa: documents [%(default)s]")
+    parser.add_argument("--order", choices=("prefix", "input"),
+                        help="memory section: batchrunner's --order [its default]")
     parser.add_argument("--resume-rows", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]

@@ -114,6 +114,8 @@ def main() -> None:
         "run_user_s": ru_end.ru_utime - ru_ready.ru_utime,
         "run_sys_s": ru_end.ru_stime - ru_ready.ru_stime,
         "peak_rss_mb": _peak_rss_mb(),
+        **({"batchrunner_file": sys.modules["batchrunner"].__file__}
+           if "batchrunner" in sys.modules else {}),
     }))
     sys.exit(code)
 
