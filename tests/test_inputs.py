@@ -481,8 +481,10 @@ def test_iter_records_reads_batches_only_as_rows_are_taken(
     real = pq.ParquetFile.iter_batches
 
     def counting(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        probe = kwargs.get("batch_size") == formats._PROBE_ROWS  # the decoded size measured
         for batch in real(self, *args, **kwargs):
-            pulled.append(batch.num_rows)
+            if not probe:
+                pulled.append(batch.num_rows)
             yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
@@ -587,3 +589,27 @@ def test_bad_json_lines_say_a_whole_phrase_not_one_cut_before_its_position(
         f"input: line 2: not valid JSON ({trailing_comma})",
         "input: line 3: not valid JSON (Unterminated string)",
     ]
+
+
+def test_a_dictionary_encoded_parquet_is_read_in_batches_sized_by_what_it_decodes_to(
+    tmp_path: Path,
+) -> None:
+    """Long documents repeated on many rows take little room in the file and much once read:
+    batches are sized from the decoded rows, not from the file's metadata alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchrunner.inputs.formats import _parquet_batch_rows
+
+    documents = [f"document {d} " + "word " * 10_000 for d in range(20)]  # about 50 KB each
+    table = pa.table({
+        "document": [documents[i % 20] for i in range(4000)],
+        "question": [f"question {i}" for i in range(4000)],
+    })
+    path = tmp_path / "docs.parquet"
+    pq.write_table(table, path, use_dictionary=True)
+    pf = pq.ParquetFile(path)
+    stored = sum(pf.metadata.row_group(i).total_byte_size for i in range(pf.metadata.num_row_groups))
+    assert stored / 4000 < 1000  # the file says under 1 KB a row...
+    rows = _parquet_batch_rows(pf, 8192, 8 << 20)
+    assert rows <= (8 << 20) // 50_000 + 1  # ...but a batch of 8 MB holds about 160 rows

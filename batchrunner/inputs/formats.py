@@ -164,14 +164,36 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise InputError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
 
 
-def _parquet_batch_rows(pf: pq.ParquetFile, cap: int, target_bytes: int) -> int:
-    """Rows per batch so that one batch holds about target_bytes of (uncompressed) data."""
+def _parquet_batch_rows(
+    pf: pq.ParquetFile, cap: int, target_bytes: int, columns: Sequence[str] | None = None
+) -> int:
+    """Rows per batch so that one batch holds about target_bytes of decoded data.
+
+    The file's metadata gives the stored size, which for a dictionary-encoded column (a long
+    document repeated on many rows) is a small part of what it decodes to: the first rows,
+    read and measured, say the decoded size too, and the larger of the two is used.
+    """
     meta = pf.metadata
     if meta.num_rows == 0:
         return cap
     total = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    per_row = max(total / meta.num_rows, 1.0)
+    per_row = max(total / meta.num_rows, 1.0, _decoded_row_bytes(pf, columns))
     return max(64, min(cap, int(target_bytes / per_row)))
+
+
+_PROBE_ROWS = 256
+
+
+def _decoded_row_bytes(pf: pq.ParquetFile, columns: Sequence[str] | None) -> float:
+    """Bytes a row of the file's first rows takes once decoded (0 when it cannot be read:
+    the read that follows says why)."""
+    try:
+        first = next(pf.iter_batches(batch_size=_PROBE_ROWS, columns=columns), None)
+    except (pa.ArrowException, OSError):
+        return 0.0
+    if first is None or first.num_rows == 0:
+        return 0.0
+    return first.nbytes / first.num_rows
 
 
 def _parquet_batches(
@@ -262,7 +284,7 @@ def _record_batches(
     """The record batches `iter_records` turns into rows (Parquet or CSV)."""
     if fmt == "parquet":
         pf = _open_parquet(path)
-        batch_rows = _parquet_batch_rows(pf, _RECORD_BATCH_ROWS, _RECORD_BATCH_BYTES)
+        batch_rows = _parquet_batch_rows(pf, _RECORD_BATCH_ROWS, _RECORD_BATCH_BYTES, wanted)
         return _parquet_batches(path, pf, wanted, batch_rows, limit)
     return _csv_batches(path, all_columns, wanted, limit)
 
