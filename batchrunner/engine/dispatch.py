@@ -94,20 +94,32 @@ class LocalDispatcher:
                 for _ in range(config.concurrency)
             ]
             feeder = asyncio.create_task(self._feed(rows, queue))
-            watchers = [asyncio.create_task(self._watch_stop(workers))]
-            if self.deadline is not None:
-                watchers.append(asyncio.create_task(self._watch_deadline(self.deadline)))
-            for task in (feeder, *workers, *watchers):
-                task.add_done_callback(state.on_task_done)
             try:
-                await asyncio.gather(*workers, return_exceptions=True)
-                if state.crash is not None:
-                    raise state.crash
+                await self._run_tasks(feeder, workers)
             finally:
-                for task in (feeder, *workers, *watchers):
-                    task.cancel()
-                await asyncio.gather(feeder, *workers, *watchers, return_exceptions=True)
                 processor.close()
+
+    async def _run_tasks(
+        self, feeder: asyncio.Task[None], workers: list[asyncio.Task[None]],
+        *others: asyncio.Task[None],
+    ) -> None:
+        """Run the feeder and workers with the stop and deadline watchers until the workers
+        end; a task that raised is the run's crash. Every task is ended on the way out."""
+        state = self.state
+        watchers = [asyncio.create_task(self._watch_stop(workers))]
+        if self.deadline is not None:
+            watchers.append(asyncio.create_task(self._watch_deadline(self.deadline)))
+        tasks = (feeder, *workers, *watchers, *others)
+        for task in tasks:
+            task.add_done_callback(state.on_task_done)
+        try:
+            await asyncio.gather(*workers, return_exceptions=True)
+            if state.crash is not None:
+                raise state.crash
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _feed(self, rows: AsyncIterator[Row], queue: _RowQueue) -> None:
         async for row in rows:
