@@ -8,6 +8,7 @@ where its exit code and its warnings are the point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,193 @@ def test_rows_are_shared_out_and_each_names_its_endpoint(
     shares = {e.endpoint: e.rows for e in report.endpoints}
     assert shares == dict(by)
     no_key_in(tmp_path)
+
+
+def test_two_rate_limited_endpoints_take_about_half_the_time_of_one(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two endpoints each limited to 600 requests a minute: 400 rows at about 1,200 a minute
+    (20 s), where one endpoint's pacing allows at most 600 (40 s); no 429 came back."""
+    rpm, rows = 600, 400
+    a, b = start_gateway(rpm=rpm), start_gateway(rpm=rpm)
+    monkeypatch.setenv("KEY_A", KEY_A)
+    monkeypatch.setenv("KEY_B", KEY_B)
+    source = write_input(tmp_path / "in.jsonl", rows)
+    config = RunConfig(
+        input=source, output=tmp_path / "out.parquet", model="gpt-4o-mini", concurrency=8,
+        endpoints=(Endpoint(a.base_url, "KEY_A", rpm=rpm), Endpoint(b.base_url, "KEY_B", rpm=rpm)),
+    )
+    report = run(config, handle_signals=False)
+    assert report.exit_code == 0
+    assert_every_row_once_ok(rows_of(config.output), rows)
+    per_minute = rows / report.wall_seconds * 60
+    # one endpoint can never exceed its rpm (600); two reach well over 1.5 times that
+    assert per_minute > 1.5 * rpm, per_minute
+    assert per_minute < 2.2 * rpm, per_minute  # and each kept to its own limit
+    for gateway in (a, b):
+        assert gateway.stats.by_status.get(429, 0) == 0, gateway.stats.by_status
+        assert gateway.stats.by_status.get(200, 0) > 0.4 * rows
+
+
+# -- an endpoint that stops answering -----------------------------------------------------
+
+
+def _serve(port: int, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "batchrunner", "gateway", "--port", str(port),
+                             *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    limit = time.monotonic() + 30
+    while time.monotonic() < limit:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the gateway did not start")
+
+
+def test_an_endpoint_killed_mid_run_its_rows_go_to_the_other(tmp_path: Path) -> None:
+    port_a, port_b = free_port(), free_port()
+    a = _serve(port_a, "--latency-ms", "100")
+    b = _serve(port_b, "--latency-ms", "100")
+    url_a, url_b = f"http://127.0.0.1:{port_a}/v1", f"http://127.0.0.1:{port_b}/v1"
+    try:
+        rows = 500
+        source = write_input(tmp_path / "in.jsonl", rows)
+        output = tmp_path / "out.parquet"
+        full = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RU_LLM_API_KEY")}
+        full.update(KEY_A=KEY_A, KEY_B=KEY_B, PYTHONPATH=str(REPO))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batchrunner", "run", "-i", str(source), "-o", str(output),
+             "-m", "gpt-4o-mini", "--concurrency", "4", "--endpoint", url_a, "--api-key-env",
+             "KEY_A", "--endpoint", url_b, "--api-key-env", "KEY_B", "-q"],
+            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        served, limit = 0, time.monotonic() + 60
+        while served < 60 and time.monotonic() < limit:  # a share of the rows went to A
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port_a}/_simulator/stats") as r:
+                    served = int(json.load(r)["requests"])
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        for gateway in (a, b):
+            gateway.kill()
+            gateway.wait()
+    assert proc.returncode == 0, err
+    table = rows_of(output)
+    assert_every_row_once_ok(table, rows)
+    by = Counter(r["endpoint"] for r in table)
+    assert by[url_a] > 20 and by[url_b] > by[url_a], by
+    taken_out = [line for line in err.splitlines() if "taken out" in line]
+    assert len(taken_out) == 1 and url_a in taken_out[0], err
+    no_key_in(tmp_path, out, err)
+
+
+def test_an_endpoint_refusing_its_key_is_taken_out_with_one_warning(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    a = start_gateway(keys=(KEY_A,))  # the key its variable holds is not this one: 401
+    b = start_gateway()
+    source = write_input(tmp_path / "in.jsonl", 120)
+    output = tmp_path / "out.parquet"
+    result = run_cli("run", "-i", str(source), "-o", str(output), "-m", "gpt-4o-mini",
+                     "--concurrency", "4", "--endpoint", a.base_url, "--api-key-env", "BAD",
+                     "--endpoint", b.base_url, "--api-key-env", "KEY_B",
+                     env={"BAD": BAD_KEY, "KEY_B": KEY_B})
+    assert result.returncode == 0, result.stderr
+    table = rows_of(output)
+    assert_every_row_once_ok(table, 120)
+    assert {r["endpoint"] for r in table} == {b.base_url}
+    taken_out = [line for line in result.stderr.splitlines() if "taken out" in line]
+    assert len(taken_out) == 1 and a.base_url in taken_out[0], result.stderr
+    assert "refused" in taken_out[0]
+    assert a.stats.by_status.get(401, 0) >= 1
+    no_key_in(tmp_path, result.stdout, result.stderr)
+
+
+def test_every_endpoint_down_is_an_outage_exit_3_with_the_rows_pending(tmp_path: Path) -> None:
+    urls = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]  # nobody listens
+    source = write_input(tmp_path / "in.jsonl", 30)
+    output = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    result = run_cli("run", "-i", str(source), "-o", str(output), "-m", "gpt-4o-mini", "-q",
+                     "--endpoint", urls[0], "--api-key-env", "KEY_A", "--endpoint", urls[1],
+                     "--api-key-env", "KEY_B", "--summary-json", str(summary),
+                     env={"KEY_A": KEY_A, "KEY_B": KEY_B})
+    assert result.returncode == 3, result.stderr
+    assert "every endpoint is out" in result.stderr
+    figures = json.loads(summary.read_text())
+    assert figures["pending"] == 30 and figures["failed"] == 0
+    no_key_in(tmp_path, result.stdout, result.stderr)
+
+
+def test_every_key_refused_is_exit_4(tmp_path: Path, start_gateway: Any) -> None:
+    a, b = start_gateway(keys=(KEY_A,)), start_gateway(keys=(KEY_B,))
+    source = write_input(tmp_path / "in.jsonl", 30)
+    output = tmp_path / "out.parquet"
+    summary = tmp_path / "summary.json"
+    result = run_cli("run", "-i", str(source), "-o", str(output), "-m", "gpt-4o-mini", "-q",
+                     "--endpoint", a.base_url, "--api-key-env", "BAD",
+                     "--endpoint", b.base_url, "--api-key-env", "BAD",
+                     "--summary-json", str(summary), env={"BAD": BAD_KEY})
+    assert result.returncode == 4, result.stderr
+    assert json.loads(summary.read_text())["pending"] == 30
+    no_key_in(tmp_path, result.stdout, result.stderr)
+
+
+# -- pre-flight ---------------------------------------------------------------------------
+
+
+def _lists_only(models: list[str]) -> Any:
+    """A gateway that lists `models` and answers chat completions for them."""
+
+    def handler(request: Request) -> Reply:
+        if request.method == "GET" and request.path.endswith("/models"):
+            return Reply(json={"object": "list",
+                               "data": [{"id": m, "object": "model"} for m in models]})
+        body = request.json()
+        if body["model"] not in models:
+            return Reply(status=404, json={"error": {"message": "no such model",
+                                                     "code": "model_not_found"}})
+        return Reply(json=complete({k: v for k, v in body.items() if k != "stream_options"}))
+
+    return handler
+
+
+def test_a_model_one_endpoint_lacks_goes_only_to_those_that_list_it(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = start_gateway()  # lists every model of the simulator
+    monkeypatch.setenv("KEY_A", KEY_A)
+    monkeypatch.setenv("KEY_B", KEY_B)
+    with scripted_server(_lists_only(["gpt-4o-mini"])) as a:
+        source = write_input(tmp_path / "in.jsonl", 60, models=["gpt-4o-mini", "gpt-4o"])
+        config = RunConfig(
+            input=source, output=tmp_path / "out.parquet", concurrency=2,
+            endpoints=(Endpoint(a.base_url, "KEY_A"), Endpoint(b.base_url, "KEY_B")),
+        )
+        report = run(config, handle_signals=False)
+        sent_to_a = [r.json()["model"] for r in a.requests if r.method == "POST"]
+    assert report.exit_code == 0
+    table = rows_of(config.output)
+    assert_every_row_once_ok(table, 60)
+    assert {r["endpoint"] for r in table if r["model"] == "gpt-4o"} == {b.base_url}
+    assert sent_to_a and set(sent_to_a) == {"gpt-4o-mini"}
+
+
+def test_a_model_no_endpoint_lists_is_exit_2_before_anything_is_sent(tmp_path: Path) -> None:
+    with scripted_server(_lists_only(["gpt-4o-mini"])) as a, \
+            scripted_server(_lists_only(["gpt-4o"])) as b:
+        source = write_input(tmp_path / "in.jsonl", 10)
+        result = run_cli("run", "-i", str(source), "-o", str(tmp_path / "out.parquet"),
+                         "-m", "gpt-4o-mni", "--endpoint", a.base_url, "--api-key-env", "KEY_A",
+                         "--endpoint", b.base_url, "--api-key-env", "KEY_B",
+                         env={"KEY_A": KEY_A, "KEY_B": KEY_B})
+        posts = [r for s in (a, b) for r in s.requests if r.method == "POST"]
+    assert result.returncode == 2, result.stderr
+    assert "not one any endpoint lists" in result.stderr and "gpt-4o-mini" in result.stderr
+    assert posts == []

@@ -336,7 +336,7 @@ class FleetDispatcher(LocalDispatcher):
         accepts = self._accepts(lane)
         while True:
             await lane.back.wait()
-            if stop_event.is_set():
+            if stop_event.is_set() or self._rows.over:
                 return
             row = await self._rows.get(accepts, self._on_idle)
             if row is None:
@@ -390,6 +390,9 @@ class FleetDispatcher(LocalDispatcher):
                     self._retried.add(held.row.index)
                     self._rows.put_back(held.row)
                     again = True
+        if not again:  # the rows are over: workers waiting for a cool-down end too
+            for lane in self.lanes:
+                lane.back.set()
         return again
 
     # -- taking an endpoint out, and back -------------------------------------------------
