@@ -27,7 +27,6 @@ from scripted_server import Reply, Request, scripted_server
 
 from batchrunner import RunConfig, run
 from batchrunner.config.endpoints import Endpoint
-from batchrunner.simulator import complete
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_A = "sk-ru-endpoint-a-4f1e9d2c7b"
@@ -256,7 +255,12 @@ def _lists_only(models: list[str]) -> Any:
         if body["model"] not in models:
             return Reply(status=404, json={"error": {"message": "no such model",
                                                      "code": "model_not_found"}})
-        return Reply(json=complete({k: v for k, v in body.items() if k != "stream_options"}))
+        return Reply(json={
+            "id": "c", "object": "chat.completion", "created": 1, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        })
 
     return handler
 
@@ -279,7 +283,8 @@ def test_a_model_one_endpoint_lacks_goes_only_to_those_that_list_it(
     table = rows_of(config.output)
     assert_every_row_once_ok(table, 60)
     assert {r["endpoint"] for r in table if r["model"] == "gpt-4o"} == {b.base_url}
-    assert sent_to_a and set(sent_to_a) == {"gpt-4o-mini"}
+    assert set(sent_to_a) == {"gpt-4o-mini"}
+    assert sum(r["endpoint"] == a.base_url for r in table) > 5  # A took its share
 
 
 def test_a_model_no_endpoint_lists_is_exit_2_before_anything_is_sent(tmp_path: Path) -> None:
@@ -294,3 +299,40 @@ def test_a_model_no_endpoint_lists_is_exit_2_before_anything_is_sent(tmp_path: P
     assert result.returncode == 2, result.stderr
     assert "not one any endpoint lists" in result.stderr and "gpt-4o-mini" in result.stderr
     assert posts == []
+
+
+def test_an_endpoint_taken_out_is_tried_again_after_the_cool_down(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from batchrunner.engine import fleet
+
+    monkeypatch.setattr(fleet, "COOL_DOWN_SECONDS", 1.0)
+    refused = {"left": 2}  # the first two requests: 401, the rest answered
+    answer = _lists_only(["gpt-4o-mini"])
+
+    def handler(request: Request) -> Reply:
+        if refused["left"] and request.method == "POST":
+            refused["left"] -= 1
+            return Reply(status=401, json={"error": {"message": "bad key",
+                                                     "code": "invalid_api_key"}})
+        return answer(request)
+
+    b = start_gateway(latency_ms=40)
+    monkeypatch.setenv("KEY_A", KEY_A)
+    monkeypatch.setenv("KEY_B", KEY_B)
+    with scripted_server(handler) as a:
+        source = write_input(tmp_path / "in.jsonl", 300)
+        config = RunConfig(
+            input=source, output=tmp_path / "out.parquet", model="gpt-4o-mini", concurrency=2,
+            endpoints=(Endpoint(a.base_url, "KEY_A"), Endpoint(b.base_url, "KEY_B")),
+        )
+        with caplog.at_level("INFO", logger="batchrunner"):
+            report = run(config, handle_signals=False)
+    assert report.exit_code == 0
+    table = rows_of(config.output)
+    assert_every_row_once_ok(table, 300)
+    assert sum(r["endpoint"] == a.base_url for r in table) > 20  # back in rotation
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warnings if "taken out" in w]) == 1, warnings
+    assert any("back in rotation" in r.getMessage() for r in caplog.records)

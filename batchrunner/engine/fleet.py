@@ -70,13 +70,13 @@ class Fleet:
         keys: Sequence[str],
         *,
         clock: Clock = SYSTEM_CLOCK,
-        cool_down: float = COOL_DOWN_SECONDS,
+        cool_down: float | None = None,
     ) -> None:
         assert len(endpoints) == len(keys) and endpoints
         self.endpoints = tuple(endpoints)
         self._keys = tuple(keys)
         self.clock = clock
-        self.cool_down = cool_down
+        self.cool_down = COOL_DOWN_SECONDS if cool_down is None else cool_down
         #: per endpoint, the model ids its GET /models lists (None: not asked, or no list)
         self.models: list[frozenset[str] | None] = [None] * len(self.endpoints)
 
