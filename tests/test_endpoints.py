@@ -336,3 +336,33 @@ def test_an_endpoint_taken_out_is_tried_again_after_the_cool_down(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len([w for w in warnings if "taken out" in w]) == 1, warnings
     assert any("back in rotation" in r.getMessage() for r in caplog.records)
+
+
+# -- the Ray engine -----------------------------------------------------------------------
+
+
+def test_two_endpoints_on_ray_each_actor_with_its_endpoint(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optional import require
+
+    ray = require("ray", "test-ray", "the Ray engine's tests")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance of another test module is running")
+    a, b = start_gateway(), start_gateway()
+    monkeypatch.setenv("KEY_A", KEY_A)  # set before the run starts Ray: its workers inherit it
+    monkeypatch.setenv("KEY_B", KEY_B)
+    source = write_input(tmp_path / "in.jsonl", 120)
+    config = RunConfig(
+        input=source, output=tmp_path / "out.parquet", model="gpt-4o-mini", concurrency=4,
+        engine="ray", ray_actors=2,
+        endpoints=(Endpoint(a.base_url, "KEY_A"), Endpoint(b.base_url, "KEY_B")),
+    )
+    report = run(config, handle_signals=False)
+    assert report.exit_code == 0
+    table = rows_of(config.output)
+    assert_every_row_once_ok(table, 120)
+    by = Counter(r["endpoint"] for r in table)
+    assert set(by) == {a.base_url, b.base_url}, by
+    assert a.stats.by_status.get(200, 0) == by[a.base_url]
+    assert b.stats.by_status.get(200, 0) == by[b.base_url]

@@ -156,6 +156,7 @@ def _block_config(settings: WorkerSettings, max_cost: float | None) -> RunConfig
         deadline=None,  # the driver's, handed over as seconds left
         base_url=settings.base_url,
         api_key_env=settings.key_env,
+        endpoints=(),  # this actor's one endpoint: the base URL and key variable above
         local=False,
         cache=None,  # the driver reads and writes the response cache
     )
