@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,10 @@ def test_rows_are_shared_out_and_each_names_its_endpoint(
     assert a.stats.by_status.get(200, 0) + b.stats.by_status.get(200, 0) == 200
     shares = {e.endpoint: e.rows for e in report.endpoints}
     assert shares == dict(by)
+    summary = run_cli("summary", str(config.output), "--by", "endpoint", "--format", "json",
+                      env={})
+    assert summary.returncode == 0, summary.stderr
+    assert summary.stdout.count(a.base_url) and summary.stdout.count(b.base_url)
     no_key_in(tmp_path)
 
 
@@ -207,6 +212,8 @@ def test_an_endpoint_refusing_its_key_is_taken_out_with_one_warning(
     taken_out = [line for line in result.stderr.splitlines() if "taken out" in line]
     assert len(taken_out) == 1 and a.base_url in taken_out[0], result.stderr
     assert "refused" in taken_out[0]
+    assert "endpoints (rows answered this session" in result.stderr  # the final summary
+    assert re.search(rf"{re.escape(b.base_url)}\s+120 rows", result.stderr), result.stderr
     assert a.stats.by_status.get(401, 0) >= 1
     no_key_in(tmp_path, result.stdout, result.stderr)
 
