@@ -373,3 +373,28 @@ def test_two_endpoints_on_ray_each_actor_with_its_endpoint(
     assert set(by) == {a.base_url, b.base_url}, by
     assert a.stats.by_status.get(200, 0) == by[a.base_url]
     assert b.stats.by_status.get(200, 0) == by[b.base_url]
+
+
+# -- the run's limits over all endpoints ---------------------------------------------------
+
+
+def test_the_budget_covers_every_endpoint_together(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-cost over two endpoints: the run stops at the budget (exit 5), having spent no
+    more than it in all, both endpoints having sent."""
+    a, b = start_gateway(latency_ms=5), start_gateway(latency_ms=5)
+    monkeypatch.setenv("KEY_A", KEY_A)
+    monkeypatch.setenv("KEY_B", KEY_B)
+    source = write_input(tmp_path / "in.jsonl", 400)
+    budget = 0.03
+    config = RunConfig(
+        input=source, output=tmp_path / "out.parquet", model="gpt-4o", concurrency=4,
+        max_cost=budget, params={"max_tokens": 50},
+        endpoints=(Endpoint(a.base_url, "KEY_A"), Endpoint(b.base_url, "KEY_B")),
+    )
+    report = run(config, handle_signals=False)
+    assert report.exit_code == 5, report.message
+    assert 0 < report.cost_usd <= budget
+    assert 20 < report.ok < 400
+    assert a.stats.requests > 0 and b.stats.requests > 0
