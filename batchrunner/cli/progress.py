@@ -142,7 +142,7 @@ class ProgressDisplay:
                f"({report.cache_hits:,} rows)" if report.cache_hits else ""),
             f"  wall time {_duration(report.wall_seconds)}",
         ]
-        lines[3:3] = endpoint_lines(report)
+        lines.extend(endpoint_lines(report))
         cached = cache_line(report, self.config)
         if cached:
             lines.insert(3, cached)
