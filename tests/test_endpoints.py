@@ -398,3 +398,25 @@ def test_the_budget_covers_every_endpoint_together(
     assert 0 < report.cost_usd <= budget
     assert 20 < report.ok < 400
     assert a.stats.requests > 0 and b.stats.requests > 0
+
+
+def test_one_response_cache_serves_every_endpoint(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is keyed by the run's endpoints together: answers any of them gave serve the
+    same job again, whichever endpoint a row would go to, in whatever order they are named."""
+    a, b = start_gateway(), start_gateway()
+    monkeypatch.setenv("KEY_A", KEY_A)
+    monkeypatch.setenv("KEY_B", KEY_B)
+    source = write_input(tmp_path / "in.jsonl", 80)
+    ends = (Endpoint(a.base_url, "KEY_A"), Endpoint(b.base_url, "KEY_B"))
+    cache = tmp_path / "cache.sqlite"
+    first = run(RunConfig(input=source, output=tmp_path / "one.parquet", model="gpt-4o-mini",
+                          endpoints=ends, cache=cache), handle_signals=False)
+    assert first.exit_code == 0 and first.cache_hits == 0
+    sent = a.stats.requests + b.stats.requests
+    again = run(RunConfig(input=source, output=tmp_path / "two.parquet", model="gpt-4o-mini",
+                          endpoints=ends[::-1], cache=cache), handle_signals=False)
+    assert again.exit_code == 0 and again.cache_hits == 80
+    assert a.stats.requests + b.stats.requests == sent  # nothing sent the second time
+    no_key_in(tmp_path)
