@@ -420,3 +420,41 @@ def test_one_response_cache_serves_every_endpoint(
     assert again.exit_code == 0 and again.cache_hits == 80
     assert a.stats.requests + b.stats.requests == sent  # nothing sent the second time
     no_key_in(tmp_path)
+
+
+# -- the shared queue, without a network ---------------------------------------------------
+
+
+def test_the_shared_queue_routes_by_model_and_ends_when_nothing_can_come_back() -> None:
+    import asyncio
+
+    from batchrunner.engine.fleet import SharedRows
+    from batchrunner.results import Row
+
+    def row(i: int, model: str) -> Row:
+        return Row(index=i, id=f"r{i}", body={"model": model, "messages": []})
+
+    async def main() -> None:
+        rows = SharedRows(4, wake_all=True)
+        await rows.put(row(0, "only-a"))
+        await rows.put(row(1, "any"))
+        only_b = lambda model: model != "only-a"  # noqa: E731
+        taken = await rows.get(only_b, lambda: False)
+        assert taken is not None and taken.index == 1  # B skips the row it may not send
+        rows.put_back(taken)  # given back: first in line again
+        first = await rows.get(lambda model: True, lambda: False)
+        assert first is not None and first.index == 1
+        rows.end()
+        waiting = asyncio.ensure_future(rows.get(only_b, lambda: False))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # row 1 is being sent: it may come back
+        rows.done()
+        rows.done()  # nothing in flight; row 0 still waits for an endpoint that takes it
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        last = await rows.get(lambda model: True, lambda: False)
+        assert last is not None and last.index == 0
+        rows.done()
+        assert await waiting is None  # fed, empty, nothing in flight: over
+
+    asyncio.run(main())
