@@ -10,6 +10,8 @@ same whichever dispatcher sends. The implementations:
   from a bounded queue to a `RowProcessor` (bounded concurrency, pacing, retries);
 - `engine/ray/driver.py`'s `RayDispatcher`: blocks of rows to Ray actors, each of which runs
   a `LocalDispatcher` of its own over its block and returns the results.
+- `engine/fleet.py`'s `FleetDispatcher`: a `LocalDispatcher` over several endpoints, each
+  with its own workers and `RowProcessor`, taking rows from one shared queue.
 """
 
 from __future__ import annotations
