@@ -458,3 +458,21 @@ def test_the_shared_queue_routes_by_model_and_ends_when_nothing_can_come_back() 
         assert await waiting is None  # fed, empty, nothing in flight: over
 
     asyncio.run(main())
+
+
+def test_two_keys_at_one_gateway_are_two_endpoints_one_refused(
+    tmp_path: Path, start_gateway: Any
+) -> None:
+    """`--api-key-env KEY_A --api-key-env BAD` without --endpoint: two endpoints at one base
+    URL; the refused key's is taken out, named by its variable (never its value)."""
+    gw = start_gateway(keys=(KEY_A,))
+    source = write_input(tmp_path / "in.jsonl", 40)
+    result = run_cli("run", "-i", str(source), "-o", str(tmp_path / "out.parquet"),
+                     "-m", "gpt-4o-mini", "--base-url", gw.base_url,
+                     "--api-key-env", "KEY_A", "--api-key-env", "BAD",
+                     env={"KEY_A": KEY_A, "BAD": BAD_KEY})
+    assert result.returncode == 0, result.stderr
+    assert_every_row_once_ok(rows_of(tmp_path / "out.parquet"), 40)
+    taken_out = [line for line in result.stderr.splitlines() if "taken out" in line]
+    assert len(taken_out) == 1 and "(key $BAD)" in taken_out[0], result.stderr
+    no_key_in(tmp_path, result.stdout, result.stderr)

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +156,7 @@ class Lane:
     def __init__(self, endpoint: Endpoint, processor: RowProcessor, clock: Clock) -> None:
         self.endpoint = endpoint
         self.name = endpoint.name
+        self.label = self.name  # in messages; with its key's variable where names repeat
         self.processor = processor
         self.clock = clock
         self.concurrency = endpoint.concurrency or 1
@@ -286,6 +287,10 @@ class FleetDispatcher(LocalDispatcher):
                 lane.models = models
                 lane.new_outage()
                 self.lanes.append(lane)
+            names = Counter(lane.name for lane in self.lanes)
+            for lane in self.lanes:
+                if names[lane.name] > 1 and lane.endpoint.api_key_env:
+                    lane.label = f"{lane.name} (key ${lane.endpoint.api_key_env})"
             self._known = frozenset().union(*(m for m in fleet.models if m is not None))
             total = sum(lane.concurrency for lane in self.lanes)
             state.gate.limit = config.checkpoint_every + total  # every endpoint's in flight
@@ -415,11 +420,11 @@ class FleetDispatcher(LocalDispatcher):
             self._all_out()
             return
         if lane.warned:
-            log.info("endpoint %s taken out again: %s", lane.name, lane.cause)
+            log.info("endpoint %s taken out again: %s", lane.label, lane.cause)
         else:
             lane.warned = True
             log.warning("endpoint %s taken out of rotation: %s; its rows go to the other "
-                        "endpoints; tried again in %g s", lane.name, lane.cause,
+                        "endpoints; tried again in %g s", lane.label, lane.cause,
                         self.fleet.cool_down)
         timer = asyncio.create_task(self._cool_down(lane))
         timer.add_done_callback(state.on_task_done)
@@ -433,13 +438,13 @@ class FleetDispatcher(LocalDispatcher):
         lane.out = lane.refused = False
         lane.processor.stop_event.clear()
         lane.back.set()
-        log.info("endpoint %s back in rotation", lane.name)
+        log.info("endpoint %s back in rotation", lane.label)
 
     def _all_out(self) -> None:
         """Every endpoint is out: the run stops, its rows pending (exit 4 if every endpoint
         refused its key, else exit 3)."""
         state = self.state
-        causes = "; ".join(f"{lane.name}: {lane.cause}" for lane in self.lanes)
+        causes = "; ".join(f"{lane.label}: {lane.cause}" for lane in self.lanes)
         if all(lane.refused for lane in self.lanes):
             state.refused(AuthRefused(f"every endpoint refused its key: {causes}"))
             return
