@@ -476,3 +476,27 @@ def test_two_keys_at_one_gateway_are_two_endpoints_one_refused(
     taken_out = [line for line in result.stderr.splitlines() if "taken out" in line]
     assert len(taken_out) == 1 and "(key $BAD)" in taken_out[0], result.stderr
     no_key_in(tmp_path, result.stdout, result.stderr)
+
+
+def test_a_sweep_and_a_deadline_over_several_endpoints(
+    tmp_path: Path, start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = start_gateway(latency_ms=5), start_gateway(latency_ms=5)
+    monkeypatch.setenv("KEY_A", KEY_A)
+    monkeypatch.setenv("KEY_B", KEY_B)
+    ends = (Endpoint(a.base_url, "KEY_A"), Endpoint(b.base_url, "KEY_B"))
+    source = write_input(tmp_path / "in.jsonl", 30)
+    sweep = RunConfig(input=source, output=tmp_path / "sweep.parquet",
+                      models=("gpt-4o-mini", "gpt-4o"), endpoints=ends, concurrency=2)
+    report = run(sweep, handle_signals=False)
+    assert report.exit_code == 0
+    table = rows_of(sweep.output)
+    assert Counter(r["model"] for r in table) == {"gpt-4o-mini": 30, "gpt-4o": 30}
+    assert {r["endpoint"] for r in table} == {a.base_url, b.base_url}
+    # the deadline stops every endpoint: 60 requests a minute each, 2 s
+    slow = (Endpoint(a.base_url, "KEY_A", rpm=60), Endpoint(b.base_url, "KEY_B", rpm=60))
+    late = RunConfig(input=source, output=tmp_path / "late.parquet", model="gpt-4o-mini",
+                     endpoints=slow, deadline="2s", concurrency=2)
+    stopped = run(late, handle_signals=False)
+    assert stopped.exit_code == 5 and stopped.reason == "deadline"
+    assert 0 < stopped.ok < 30
