@@ -142,6 +142,7 @@ class ProgressDisplay:
                f"({report.cache_hits:,} rows)" if report.cache_hits else ""),
             f"  wall time {_duration(report.wall_seconds)}",
         ]
+        lines.extend(endpoint_lines(report))
         cached = cache_line(report, self.config)
         if cached:
             lines.insert(3, cached)
@@ -158,6 +159,19 @@ class ProgressDisplay:
             lines.append("  most frequent errors (rows, error):")
             lines.extend(render_errors(report.errors, indent="    "))
         print("\n".join(lines), file=self.stream, flush=True)
+
+
+def endpoint_lines(report: RunReport) -> list[str]:
+    """A run of several endpoints: the rows, tokens and cost each answered this session."""
+    if not report.endpoints:
+        return []
+    width = max(len(e.endpoint) for e in report.endpoints)
+    lines = ["  endpoints (rows answered this session, tokens, cost):"]
+    for e in report.endpoints:
+        failed = f" ({e.failed:,} failed)" if e.failed else ""
+        lines.append(f"    {e.endpoint:<{width}}  {e.rows:>9,} rows{failed}  "
+                     f"{e.total_tokens:>12,} tokens  ${e.cost_usd:,.4f}")
+    return lines
 
 
 def cache_line(report: RunReport, config: RunConfig) -> str | None:

@@ -364,8 +364,8 @@ def resolve_api_key(api_key_env: str | None, environ: dict[str, str] | None = No
     environ = os.environ if environ is None else environ
     if len(key_env_names(api_key_env)) > 1:
         raise UsageError(
-            f"--api-key-env {api_key_env}: several keys are shared out among the actors of "
-            "--engine ray; the local engine uses one key"
+            f"--api-key-env {api_key_env}: several keys are several endpoints of a run "
+            "(docs/run.md, several endpoints); this command uses one key: name one variable"
         )
     names = (api_key_env,) if api_key_env else API_KEY_ENVS
     for name in names:

@@ -10,6 +10,8 @@ same whichever dispatcher sends. The implementations:
   from a bounded queue to a `RowProcessor` (bounded concurrency, pacing, retries);
 - `engine/ray/driver.py`'s `RayDispatcher`: blocks of rows to Ray actors, each of which runs
   a `LocalDispatcher` of its own over its block and returns the results.
+- `engine/fleet.py`'s `FleetDispatcher`: a `LocalDispatcher` over several endpoints, each
+  with its own workers and `RowProcessor`, taking rows from one shared queue.
 """
 
 from __future__ import annotations
@@ -100,20 +102,32 @@ class LocalDispatcher:
                 for _ in range(config.concurrency)
             ]
             feeder = asyncio.create_task(self._feed(rows, queue))
-            watchers = [asyncio.create_task(self._watch_stop(workers))]
-            if self.deadline is not None:
-                watchers.append(asyncio.create_task(self._watch_deadline(self.deadline)))
-            for task in (feeder, *workers, *watchers):
-                task.add_done_callback(state.on_task_done)
             try:
-                await asyncio.gather(*workers, return_exceptions=True)
-                if state.crash is not None:
-                    raise state.crash
+                await self._run_tasks(feeder, workers)
             finally:
-                for task in (feeder, *workers, *watchers):
-                    task.cancel()
-                await asyncio.gather(feeder, *workers, *watchers, return_exceptions=True)
                 processor.close()
+
+    async def _run_tasks(
+        self, feeder: asyncio.Task[None], workers: list[asyncio.Task[None]],
+        *others: asyncio.Task[None],
+    ) -> None:
+        """Run the feeder and workers with the stop and deadline watchers until the workers
+        end; a task that raised is the run's crash. Every task is ended on the way out."""
+        state = self.state
+        watchers = [asyncio.create_task(self._watch_stop(workers))]
+        if self.deadline is not None:
+            watchers.append(asyncio.create_task(self._watch_deadline(self.deadline)))
+        tasks = (feeder, *workers, *watchers, *others)
+        for task in tasks:
+            task.add_done_callback(state.on_task_done)
+        try:
+            await asyncio.gather(*workers, return_exceptions=True)
+            if state.crash is not None:
+                raise state.crash
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _feed(self, rows: AsyncIterator[Row], queue: _RowQueue) -> None:
         async for row in rows:

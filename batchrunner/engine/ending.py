@@ -21,6 +21,7 @@ from batchrunner.engine.state import (
     EXIT_OK,
     EXIT_ROW_ERRORS,
     EXIT_STOPPED,
+    EndpointFigures,
     RunReport,
     Tally,
 )
@@ -136,6 +137,10 @@ class _Finisher:
             reused_cost_usd=self.tally.reused_cost_usd,
             timed_out_after_sending=self.tally.timed_out_after_sending,
             input_changed=input_changed,
+            endpoints=tuple(
+                EndpointFigures.of(name, part)
+                for name, part in sorted(self.tally.by_endpoint.items())
+            ),
         )
         if self.config.summary_json is not None:
             summary = report.to_dict()

@@ -11,9 +11,16 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 
-from batchrunner.config.settings import RunConfig, resolve_api_key, resolve_base_url
+from batchrunner.config.endpoints import Endpoint
+from batchrunner.config.settings import (
+    RunConfig,
+    key_env_names,
+    resolve_api_key,
+    resolve_base_url,
+    resolve_endpoints,
+)
 
-__all__ = ["endpoint", "local_gateway", "run_endpoint"]
+__all__ = ["endpoint", "local_gateway", "run_endpoint", "run_endpoints"]
 
 
 @contextlib.asynccontextmanager
@@ -46,3 +53,24 @@ async def endpoint(
 def run_endpoint(config: RunConfig) -> contextlib.AbstractAsyncContextManager[tuple[str, str]]:
     """`endpoint` for a run's config (`local`, `base_url`, `api_key_env`)."""
     return endpoint(config.local, config.base_url, config.api_key_env)
+
+
+def run_endpoints(config: RunConfig) -> tuple[RunConfig, tuple[Endpoint, ...]]:
+    """The endpoints a run sends to, and its config for them.
+
+    One endpoint (`--local`, or one base URL and one key: the ordinary run): the config as it
+    is and no endpoints (`run_endpoint` serves it). A single
+    declared endpoint (`--endpoint URL`, or `endpoints` of one entry) becomes the run's base
+    URL, key variable and limits. Several (declared, or several key variables on one base
+    URL): every one, resolved (`resolve_endpoints`: each key variable must be set).
+    """
+    if config.local or (not config.endpoints and len(key_env_names(config.api_key_env)) <= 1):
+        return config, ()
+    endpoints = resolve_endpoints(config)
+    if len(endpoints) > 1:
+        return config, endpoints
+    one = endpoints[0]
+    return config.replace(
+        endpoints=(), base_url=one.base_url, api_key_env=one.api_key_env, rpm=one.rpm,
+        tpm=one.tpm, concurrency=one.concurrency,
+    ), ()

@@ -26,6 +26,7 @@ from batchrunner.engine import preflight
 from batchrunner.engine.dispatch import Dispatcher, LocalDispatcher
 from batchrunner.engine.ending import Ending, finish, input_state, use_totals
 from batchrunner.engine.feed import pending_rows, rows_to_send
+from batchrunner.engine.fleet import Fleet
 from batchrunner.engine.order import PrefixOrder
 from batchrunner.engine.recorder import Recorder, ResultCallback
 from batchrunner.engine.shared import RunState
@@ -73,7 +74,10 @@ class Run:
         control: RunControl,
         on_start: StartCallback | None = None,
         dispatcher: DispatcherFactory | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
+        """`fleet`: a run of several endpoints (`fleet.py`): its pre-flight asks each, its
+        dispatcher shares the rows out, its response cache serves them all with one key."""
         self.state = RunState.for_run(config, base_url, control)
         if config.json_schema is not None:
             self.state.schema = load_schema(config.json_schema)
@@ -83,6 +87,9 @@ class Run:
         self._dispatcher = dispatcher or (
             lambda state, deadline: LocalDispatcher(state, api_key, deadline)
         )
+        self._fleet = fleet
+        if fleet is not None:  # several endpoints: the fleet makes the dispatcher
+            self._dispatcher = fleet
         self.ending = Ending()
 
     def __repr__(self) -> str:
@@ -116,6 +123,8 @@ class Run:
         if config.preflight and not _finished_before(config.output):
             await self._check_models(builder)
         key_url = "batchrunner:local" if config.local else state.base_url  # --local: any port
+        if self._fleet is not None:
+            key_url = self._fleet.cache_url
         state.cache = CacheSession.open(config.cache, config.cache_mode, key_url)
         if state.cache is not None:
             state.cache.schema = state.schema  # a hit of a structured run must pass it too
@@ -174,6 +183,9 @@ class Run:
     async def _check_models(self, builder: RequestBuilder) -> None:
         """The pre-flight: the run's models against GET /models, before anything is sent."""
         state = self.state
+        if self._fleet is not None:
+            await self._fleet.check_models(state.config, _run_models(state.config, builder))
+            return
         note = await check_models(state.config, builder, state.base_url, self._api_key)
         if note is not None:
             log.debug("pre-flight: %s", note)

@@ -190,12 +190,22 @@ class Outage(Generic[R]):
     they stay pending and running the same command again sends them.
     """
 
-    def __init__(self, base_url: str, *, limit: int = OUTAGE_ROWS, clock: Clock = SYSTEM_CLOCK):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limit: int = OUTAGE_ROWS,
+        clock: Clock = SYSTEM_CLOCK,
+        windows: tuple[float, float] | None = None,
+    ):
+        """`windows`: the unreachable windows before and after a first answer (seconds), by
+        default UNREACHABLE_SECONDS_AT_START and UNREACHABLE_SECONDS."""
         parts = urlsplit(base_url)
         host = parts.netloc.rpartition("@")[2]  # never a user:password
         self.url = f"{parts.scheme}://{host}{parts.path}" if host else base_url
         self.limit = limit
         self.clock = clock
+        self._windows = windows or (UNREACHABLE_SECONDS_AT_START, UNREACHABLE_SECONDS)
         self.tripped = False
         self.cause: str | None = None  # the one line saying why, once tripped
         self.dropped = 0  # rows given no result because of the outage
@@ -242,7 +252,7 @@ class Outage(Generic[R]):
         return max(0.0, self._since + self._window() - self.clock.monotonic())
 
     def _window(self) -> float:
-        return UNREACHABLE_SECONDS if self._answered_once else UNREACHABLE_SECONDS_AT_START
+        return self._windows[1] if self._answered_once else self._windows[0]
 
     # -- rows ----------------------------------------------------------------------------
 

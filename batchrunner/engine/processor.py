@@ -15,11 +15,12 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from batchrunner.answers.structured import ReaskStopped, ask_until_valid, names_function
-from batchrunner.engine.preflight import FailureKey
+from batchrunner.engine.preflight import FailureKey, Outage
 from batchrunner.engine.shared import RunState
 from batchrunner.engine.state import EXIT_STOPPED, Abandon
 from batchrunner.errors import (
@@ -73,11 +74,30 @@ class Sent:
 class RowProcessor:
     """Sends rows to one endpoint: its client and pacer, the run's budget, gate and stops."""
 
-    def __init__(self, state: RunState, client: Client, pacer: Pacer) -> None:
+    def __init__(
+        self,
+        state: RunState,
+        client: Client,
+        pacer: Pacer,
+        *,
+        outage: Outage[Any] | None = None,
+        stop_event: asyncio.Event | None = None,
+        on_outage: Callable[[], None] | None = None,
+        on_refused: Callable[[AuthRefused], None] | None = None,
+    ) -> None:
+        """One endpoint's processor. By default its outage watch is the run's, the run's stop
+        ends its retries, an outage stops the run and a refused key stops it (exit 4); a run
+        of several endpoints (`fleet.py`) gives each endpoint its own watch, a stop of its own
+        (set when the run stops or the endpoint is taken out) and callbacks that take the
+        endpoint out instead."""
         self.state = state
         self.config = state.config
         self.client = client
         self.pacer = pacer
+        self.outage = state.outage if outage is None else outage
+        self.stop_event = state.stop_event if stop_event is None else stop_event
+        self._on_outage = state.stop_for_outage if on_outage is None else on_outage
+        self._on_refused = state.refused if on_refused is None else on_refused
         self._outage_timer: asyncio.TimerHandle | None = None  # the unreachable window's end
 
     def close(self) -> None:
@@ -101,11 +121,11 @@ class RowProcessor:
 
         async def send() -> Answer:
             nonlocal attempts, started, reserved, no_answer
-            if self.state.stop_event.is_set():
+            if self.stop_event.is_set():
                 raise Abandon()
             reserved = await self._reserve_budget(model, prompt_bound, completion_bound)
             await self.state.gate.admit()  # at most one checkpoint interval waits to be durable
-            if self.state.stop_event.is_set():
+            if self.stop_event.is_set():
                 if self.state.budget is not None:
                     self.state.budget.settle(reserved, 0.0)
                 raise Abandon()
@@ -142,7 +162,7 @@ class RowProcessor:
                 except ReaskStopped as stopped:  # answers paid for are kept, as a failed re-ask
                     checked = stopped.result
                     if isinstance(stopped.cause, AuthRefused):
-                        self.state.refused(stopped.cause)
+                        self._on_refused(stopped.cause)
                 result = dataclasses.replace(checked, attempts=attempts)  # a failed re-ask's too
                 return Sent(result)
             answer = await call_with_retries(
@@ -153,7 +173,7 @@ class RowProcessor:
         except Abandon:
             return None
         except AuthRefused as exc:
-            self.state.refused(exc)
+            self._on_refused(exc)
             return None
         except RequestError as exc:
             failed = Result(
@@ -186,15 +206,15 @@ class RowProcessor:
                     slot.failed()
                 raise
             self.state.tally.sent += 1
-            self.state.outage.answered()
+            self.outage.answered()
             slot.succeeded(answer.usage.total_tokens, answer.rate_headers)
             return answer
 
     def _attempt_failed(self, exc: BaseException) -> None:
         """Count a failed attempt: sent or not, timed out after sending, the gateway reached."""
         if isinstance(exc, GatewayUnreachable):  # never reached the gateway: not sent
-            if self.state.outage.unreachable(exc):
-                self.state.stop_for_outage()
+            if self.outage.unreachable(exc):
+                self._on_outage()
             elif self._outage_timer is None:
                 self._check_outage_later()
             return
@@ -205,7 +225,7 @@ class RowProcessor:
             return
         self.state.tally.sent += 1  # an answer, a connection lost after sending, or cut off at a stop
         if getattr(exc, "http_status", None) is not None or isinstance(exc, AuthRefused):
-            self.state.outage.answered()
+            self.outage.answered()
 
     def _ok_result(self, row: Row, answer: Answer, attempts: int, reserved: float) -> Result:
         usage = answer.usage
@@ -277,12 +297,12 @@ class RowProcessor:
         row waiting out a backoff), and a gateway that refused everything for the whole window
         is unreachable then."""
         self._outage_timer = None
-        delay = self.state.outage.seconds_to_check()
-        if delay is None or self.state.stop_event.is_set():
+        delay = self.outage.seconds_to_check()
+        if delay is None or self.stop_event.is_set():
             return
         if delay <= 0:  # the window is over: it trips now, or at the next attempt's failure
-            if self.state.outage.check():
-                self.state.stop_for_outage()
+            if self.outage.check():
+                self._on_outage()
             return
         loop = asyncio.get_running_loop()
         self._outage_timer = loop.call_later(max(delay, 0.05), self._check_outage_later)
@@ -291,7 +311,7 @@ class RowProcessor:
         """tenacity's sleep: cut short when the run is stopping."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self.state.stop_event.wait()
+                await self.stop_event.wait()
 
 
 def _below_one_request(

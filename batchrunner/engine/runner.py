@@ -1,8 +1,9 @@
 """Where a run starts: `arun` and `run`, the choice of engine, the checks made before sending.
 
 `arun` runs a job: object-store inputs and outputs staged, `--engine ray` sent to the Ray
-driver (`ray/`), every other run to `execution.Run` (with the local dispatcher) against its endpoint (`endpoint.py`: the
-configured gateway, or the simulator of `--local`). `check_job` and `list_models` are what
+driver (`ray/`), every other run to `execution.Run`: with the local dispatcher against its
+endpoint (`endpoint.py`: the configured gateway, or the simulator of `--local`), or, when it
+names several endpoints, with the dispatcher of `fleet.py` over them all. `check_job` and `list_models` are what
 `validate`, `estimate` and `models` share with it.
 """
 
@@ -21,14 +22,15 @@ from typing import Any
 
 from batchrunner.answers.structured import load_schema
 from batchrunner.config.pricing import PriceTable
-from batchrunner.config.settings import RunConfig
-from batchrunner.engine.endpoint import endpoint, run_endpoint
+from batchrunner.config.settings import RunConfig, resolve_api_key
+from batchrunner.engine.endpoint import endpoint, run_endpoint, run_endpoints
 from batchrunner.engine.execution import (
     ResultCallback,
     Run,
     StartCallback,
     _check_scoring,
 )
+from batchrunner.engine.fleet import Fleet
 from batchrunner.engine.state import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -80,6 +82,12 @@ async def arun(
         )
 
         return await arun_on_ray(config, on_result=on_result, control=control)
+    config, several = run_endpoints(config)
+    if several:  # rows shared out among them (fleet.py)
+        keys = [resolve_api_key(e.api_key_env) for e in several]
+        fleet = Fleet(several, keys)
+        return await Run(config, several[0].base_url, keys[0], on_result, control, on_start,
+                         fleet=fleet).execute()
     async with run_endpoint(config) as (base_url, key):  # --local: the simulator's (local.py)
         return await Run(config, base_url, key, on_result, control, on_start).execute()
 

@@ -17,7 +17,7 @@ from typing import Any
 from batchrunner.results import Result
 from batchrunner.store.failures import ErrorCount
 
-__all__ = ["Abandon", "RunControl", "RunReport", "Tally"]
+__all__ = ["Abandon", "EndpointFigures", "RunControl", "RunReport", "Tally"]
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_AUTH, EXIT_STOPPED = 0, 1, 4, 5
 EXIT_SYSTEMATIC = 3  # every answered row failed the same way, or the gateway is down
@@ -42,6 +42,8 @@ class Tally:
     started: float = dataclasses.field(default_factory=time.monotonic)
     cache_hits: int = 0
     reused_cost_usd: float = 0.0
+    #: a run of several endpoints: this session's figures per endpoint that answered
+    by_endpoint: dict[str, Tally] = dataclasses.field(default_factory=dict)
 
     @property
     def done(self) -> int:
@@ -54,7 +56,15 @@ class Tally:
         return time.monotonic() - self.started
 
     def add(self, result: Result) -> None:
-        """Count one result."""
+        """Count one result (and under its endpoint, in a run of several)."""
+        self._count(result)
+        if result.endpoint is not None:
+            part = self.by_endpoint.get(result.endpoint)
+            if part is None:
+                part = self.by_endpoint[result.endpoint] = Tally()
+            part._count(result)
+
+    def _count(self, result: Result) -> None:
         if result.ok:
             self.ok += 1
         else:
@@ -69,6 +79,26 @@ class Tally:
             self.reused_cost_usd += result.cost_usd or 0.0
         else:
             self.cost_usd += result.cost_usd or 0.0
+
+
+@dataclass(frozen=True)
+class EndpointFigures:
+    """One endpoint's share of a run of several: the rows it answered this session, their
+    tokens and cost."""
+
+    endpoint: str
+    ok: int
+    failed: int
+    total_tokens: int
+    cost_usd: float
+
+    @classmethod
+    def of(cls, endpoint: str, tally: Tally) -> EndpointFigures:
+        return cls(endpoint, tally.ok, tally.failed, tally.total_tokens, tally.cost_usd)
+
+    @property
+    def rows(self) -> int:
+        return self.ok + self.failed
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,7 @@ class RunReport:
     reused_cost_usd: float = 0.0  # what they cost when first paid (not in cost_usd)
     timed_out_after_sending: int = 0  # attempts that timed out once sent: the gateway may bill
     input_changed: bool = False  # the input's size or mtime differ at the end from the start
+    endpoints: tuple[EndpointFigures, ...] = ()  # a run of several endpoints: each one's share
 
     @property
     def pending(self) -> int:

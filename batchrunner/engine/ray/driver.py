@@ -9,8 +9,9 @@ the results, which the driver records and checkpoints as they come. Only finishe
 a retry of its block (Ray restarts the actor and runs the call again) and a killed driver,
 run again, repeats at most the blocks that were in flight.
 
-Limits are shared out so the totals hold: the concurrency is divided among the actors; each
-key's rpm and tpm among the actors that use it; the budget is handed out block by block from
+Limits are shared out so the totals hold: the concurrency is divided among the actors; the
+actors are given the run's endpoints in turn (several keys on one base URL are several
+endpoints), each endpoint's rpm and tpm divided among the actors that use it; the budget is handed out block by block from
 what is left, never more in all than remains.
 """
 
@@ -26,7 +27,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from batchrunner.config.settings import RunConfig, key_env_names, resolve_api_key
+from batchrunner.config.endpoints import Endpoint
+from batchrunner.config.settings import RunConfig, resolve_api_key, resolve_endpoints
 from batchrunner.engine.endpoint import local_gateway
 from batchrunner.engine.execution import ResultCallback, Run
 from batchrunner.engine.ray.worker import BlockOutcome, BlockWorker, WorkerSettings
@@ -72,10 +74,12 @@ async def arun_on_ray(
     """`engine.arun` on a Ray cluster: `config.ray_address`, else RAY_ADDRESS, else local."""
     ray = _import_ray()
     control = control or RunControl()
-    names = key_env_names(config.api_key_env)
+    endpoints: tuple[Endpoint, ...] = ()
     if not config.local:
-        for name in names or (None,):
-            resolve_api_key(name)  # a missing key is a usage error before anything starts
+        # every endpoint's key variable must be set: a usage error before anything starts
+        endpoints = resolve_endpoints(config)
+        for e in endpoints:
+            resolve_api_key(e.api_key_env)
     started_here = not ray.is_initialized()
     if started_here:
         with _signal_handlers_kept():
@@ -87,16 +91,14 @@ async def arun_on_ray(
             )
 
     def on_ray(state: RunState, deadline: Deadline | None) -> RayDispatcher:
-        return RayDispatcher(state, ray, deadline)
+        return RayDispatcher(state, ray, deadline, endpoints)
 
     try:
         if config.local:
             async with local_gateway() as (base_url, _key):  # the driver holds no key
                 return await Run(config, base_url, "", on_result, control,
                                  dispatcher=on_ray).execute()
-        from batchrunner.config.settings import resolve_base_url
-
-        base_url = resolve_base_url(config.base_url)
+        base_url = endpoints[0].base_url
         return await Run(config, base_url, "", on_result, control, dispatcher=on_ray).execute()
     finally:
         if started_here:
@@ -123,7 +125,12 @@ class RayDispatcher:
 
     row_by_row = False  # a block's answers come back together
 
-    def __init__(self, state: RunState, ray: Any, deadline: Deadline | None) -> None:
+    def __init__(
+        self, state: RunState, ray: Any, deadline: Deadline | None,
+        endpoints: tuple[Endpoint, ...] = (),
+    ) -> None:
+        """`endpoints`: the run's (resolved: limits filled); none: the run's base URL with
+        the default key variables (`--local`: the simulator's)."""
         self.state = state
         self.config = state.config
         self.base_url = state.base_url
@@ -133,6 +140,7 @@ class RayDispatcher:
         self.tally = state.tally
         self.deadline = deadline
         self._ray = ray
+        self.endpoints = endpoints or (Endpoint(state.base_url),)
 
     async def dispatch(self, rows: AsyncIterator[Row], recorder: Recorder) -> None:
         actors = self._start_actors()
@@ -154,31 +162,46 @@ class RayDispatcher:
         return max(1, min(wanted, config.concurrency))  # each actor has a request in flight
 
     def _start_actors(self) -> list[Any]:
+        """Actors given endpoints in turn, each with its share of its endpoint's limits.
+
+        Several key variables on one base URL (`--api-key-env KEY_A,KEY_B`) are several
+        endpoints too (`resolve_endpoints`): each key's rpm and tpm are divided among the
+        actors that use it. The concurrency is the run's, divided among all actors, unless
+        the endpoints declare their own: then each endpoint's among its actors.
+        """
         config = self.config
         count = self._actor_count()
-        names: tuple[str | None, ...] = key_env_names(config.api_key_env) or (None,)
-        if config.local:
-            names = (None,)
-        keys = [names[i % len(names)] for i in range(count)]
-        sharing = collections.Counter(keys)
+        endpoints = self.endpoints
+        chosen = [i % len(endpoints) for i in range(count)]
+        sharing = collections.Counter(chosen)
+        own_concurrency = any(e.concurrency is not None for e in config.endpoints)
+        several = len(endpoints) > 1
         remote = self._ray.remote(BlockWorker).options(
             num_cpus=0.5, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
             max_concurrency=4,  # `stop` must get through while `process` runs
         )
         actors = []
-        for i, key_env in enumerate(keys):
-            share = sharing[key_env]
+        for i, which in enumerate(chosen):
+            endpoint, share = endpoints[which], sharing[which]
+            rpm = config.rpm if endpoint.rpm is None else endpoint.rpm
+            tpm = config.tpm if endpoint.tpm is None else endpoint.tpm
+            if own_concurrency and endpoint.concurrency is not None:
+                nth = chosen[:i].count(which)
+                concurrency = endpoint.concurrency // share + (nth < endpoint.concurrency % share)
+            else:
+                concurrency = config.concurrency // count + (i < config.concurrency % count)
             settings = WorkerSettings(
                 config=config,
-                base_url=self.base_url,
-                key_env=key_env,
+                base_url=endpoint.base_url,
+                key_env=None if config.local else endpoint.api_key_env,
                 local=config.local,
-                concurrency=config.concurrency // count + (i < config.concurrency % count),
-                rpm=None if config.rpm is None else config.rpm / share,
-                tpm=None if config.tpm is None else config.tpm / share,
+                concurrency=max(1, concurrency),
+                rpm=None if rpm is None else rpm / share,
+                tpm=None if tpm is None else tpm / share,
+                endpoint=endpoint.name if several else None,
             )
             actors.append(remote.remote(settings))
-        log.info("ray: %d actors, %d key(s)", count, len(sharing))
+        log.info("ray: %d actors, %d endpoint(s)", count, len(sharing))
         return actors
 
     # -- blocks ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ no key ever travels through Ray (its object store, its task arguments or its log
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -58,6 +59,7 @@ class WorkerSettings:
     concurrency: int
     rpm: float | None
     tpm: float | None
+    endpoint: str | None = None  # a run of several endpoints: the name its results carry
 
 
 class BlockWorker:
@@ -110,6 +112,8 @@ class BlockWorker:
         if run.crash is not None:
             raise run.crash
         results = collected.results
+        if settings.endpoint is not None:
+            results = [dataclasses.replace(r, endpoint=settings.endpoint) for r in results]
         cost = sum(r.cost_usd or 0.0 for r in results)
         code, reason, message = _ending(run, kept)
         return results, BlockOutcome(code, reason, message, run.tally.sent, cost)
@@ -152,6 +156,7 @@ def _block_config(settings: WorkerSettings, max_cost: float | None) -> RunConfig
         deadline=None,  # the driver's, handed over as seconds left
         base_url=settings.base_url,
         api_key_env=settings.key_env,
+        endpoints=(),  # this actor's one endpoint: the base URL and key variable above
         local=False,
         cache=None,  # the driver reads and writes the response cache
     )
