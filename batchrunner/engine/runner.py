@@ -81,7 +81,13 @@ async def arun(
 
         return await arun_on_ray(config, on_result=on_result, control=control)
     async with run_endpoint(config) as (base_url, key):  # --local: the simulator's (local.py)
-        return await Run(config, base_url, key, on_result, control, on_start).execute()
+        dispatcher = None
+        if config.engine == "batch":  # the provider's Batch API
+            from batchrunner.engine.batch import batch_dispatcher
+
+            dispatcher = batch_dispatcher(key)
+        return await Run(config, base_url, key, on_result, control, on_start,
+                         dispatcher=dispatcher).execute()
 
 
 def run(
