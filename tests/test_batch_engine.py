@@ -156,7 +156,8 @@ def test_a_sigkill_at_any_step_then_the_same_command_pays_nothing_twice(
     gw = start_gateway(batch_seconds=0.6)
     source = write_input(tmp_path / "in.jsonl", 20)
     reference = finish(command(source, tmp_path / "ref.parquet", gw.base_url,
-                               "--batch-max-requests", "8"))
+                               "--batch-max-requests", "8",
+                               "--summary-json", str(tmp_path / "ref.json")))
     assert reference.returncode == 0, reference.stderr
     uninterrupted = gw.stats.batches_created
     gw.stats.reset()
@@ -166,9 +167,12 @@ def test_a_sigkill_at_any_step_then_the_same_command_pays_nothing_twice(
     if step == "read":
         assert any(p.stat().st_size > 0 for p in
                    checkpoint_dir(tmp_path / "out.parquet").glob("part-*.arrows"))
-    again = finish(cmd)
+    again = finish([*cmd, "--summary-json", str(tmp_path / "out.json")])
     assert again.returncode == 0, again.stderr
     assert gw.stats.batches_created == uninterrupted
+    # no answer kept twice: the run's own sums are the uninterrupted run's
+    ref, out = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ref", "out"))
+    assert (out["total_tokens"], out["cost_usd"]) == (ref["total_tokens"], ref["cost_usd"])
     same_answers(table(tmp_path / "out.parquet"), table(tmp_path / "ref.parquet"))
     assert all(r["status"] == "ok" and r["attempts"] == 1 for r in table(tmp_path / "out.parquet"))
 
