@@ -1,7 +1,8 @@
 """Where a run starts: `arun` and `run`, the choice of engine, the checks made before sending.
 
 `arun` runs a job: object-store inputs and outputs staged, `--engine ray` sent to the Ray
-driver (`ray/`), every other run to `execution.Run` (with the local dispatcher) against its endpoint (`endpoint.py`: the
+driver (`ray/`), every other run to `execution.Run` (with the local dispatcher, or with
+`--engine batch` the Batch API's, `batch/`) against its endpoint (`endpoint.py`: the
 configured gateway, or the simulator of `--local`). `check_job` and `list_models` are what
 `validate`, `estimate` and `models` share with it.
 """
