@@ -324,3 +324,17 @@ def test_the_key_is_in_no_file_metadata_or_log(
         listed = json.loads(answer.read())["data"]
     assert len(listed) == 2 and all(b["metadata"]["batchrunner_output"] for b in listed)
     assert KEY not in json.dumps(listed)
+
+
+def test_the_deadline_stops_the_waiting_and_the_next_run_collects(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    gw = start_gateway(batch_seconds=4)
+    source = write_input(tmp_path / "in.jsonl", 6)
+    cmd = command(source, tmp_path / "out.parquet", gw.base_url)
+    stopped = finish([*cmd, "--deadline", "1s"])
+    assert stopped.returncode == 5, stopped.stderr
+    assert "1 batch is pending at the gateway" in stopped.stderr
+    again = finish(cmd)
+    assert again.returncode == 0, again.stderr
+    assert gw.stats.batches_created == 1 and len(table(tmp_path / "out.parquet")) == 6
