@@ -287,14 +287,23 @@ class BatchDispatcher:
         if expected is None:
             expected = np.zeros(len(held), dtype=bool)
         reader = LineReader(state, held, expected, entry.batch_id or "", recorder)
+        started = time.monotonic()
+        every = max(1, self.config.checkpoint_every)
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if file_id:
                 async with contextlib.aclosing(api.lines(file_id)) as lines:
+                    read = 0
                     async for line in lines:
                         reader.read(orjson.loads(line))
+                        read += 1
+                        if read % every == 0:
+                            await asyncio.sleep(0)  # the flusher writes as lines are read
         again = reader.finish(entry.status or "failed")
         if not await recorder.durable():
             return  # a checkpoint write failed: the batch stays to collect (exit 74)
+        log.info("batch %s (%s): %s lines read into the checkpoint in %.1f s",
+                 entry.batch_id, entry.status, f"{int(reader.seen.sum()):,}",
+                 time.monotonic() - started)
         if state.budget is not None:
             reserved = self._reserved.pop(entry.number, None)
             if reserved is not None:

@@ -48,8 +48,7 @@ class LineReader:
         self.max_attempts = state.config.max_attempts
         self.seen = np.zeros(len(rows), dtype=bool)
         self.again = np.zeros(len(rows), dtype=bool)
-        order = np.argsort(rows.index, kind="stable")
-        self._sorted, self._order = rows.index[order], order
+        self._positions = {str(index): k for k, index in enumerate(rows.index.tolist())}
         self._ids = rows.ids.to_pylist()
         self._models = rows.model.to_pylist()
         self._input_hashes = rows.input_hash.to_pylist()
@@ -57,14 +56,7 @@ class LineReader:
         self.answered = 0  # lines the gateway answered (ok or not)
 
     def _position(self, custom_id: Any) -> int | None:
-        try:
-            index = int(custom_id)
-        except (TypeError, ValueError):
-            return None
-        k = int(np.searchsorted(self._sorted, index))
-        if k < len(self._sorted) and self._sorted[k] == index:
-            return int(self._order[k])
-        return None
+        return self._positions.get(custom_id) if isinstance(custom_id, str) else None
 
     def read(self, line: Any) -> None:
         """One line of the output or error file."""
