@@ -338,3 +338,41 @@ def test_the_deadline_stops_the_waiting_and_the_next_run_collects(
     again = finish(cmd)
     assert again.returncode == 0, again.stderr
     assert gw.stats.batches_created == 1 and len(table(tmp_path / "out.parquet")) == 6
+
+
+def test_a_sweep_and_the_response_cache_work_as_online(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    gw = start_gateway(batch_seconds=0.2)
+    source = write_input(tmp_path / "in.jsonl", 6)
+    cache = ["--cache", str(tmp_path / "cache.sqlite")]
+    sweep = ["-m", "gpt-4o", "--batch-max-requests", "5"]
+    online_cmd = command(source, tmp_path / "online.parquet", gw.base_url, *sweep)
+    online = finish(online_cmd[:online_cmd.index("--engine")] + sweep[:2] + cache)
+    assert online.returncode == 0, online.stderr
+    batch = finish(command(source, tmp_path / "batch.parquet", gw.base_url, *sweep))
+    assert batch.returncode == 0, batch.stderr
+    assert gw.stats.batches_created == 3  # 12 rows (6 x 2 models), 5 a file
+    rows = table(tmp_path / "batch.parquet")
+    assert [(r["id"], r["model"]) for r in rows][:2] == [("q000", MODEL), ("q000", "gpt-4o")]
+    same_answers(rows, table(tmp_path / "online.parquet"))
+    # hits are served locally: nothing submitted
+    hits = finish(command(source, tmp_path / "hits.parquet", gw.base_url, *sweep, *cache))
+    assert hits.returncode == 0, hits.stderr
+    assert gw.stats.batches_created == 3
+    assert all(r["cache_hit"] for r in table(tmp_path / "hits.parquet"))
+    # --restart discards the ledger with the checkpoint: everything is submitted again
+    restarted = finish(command(source, tmp_path / "batch.parquet", gw.base_url, *sweep,
+                               "--restart"))
+    assert restarted.returncode == 0, restarted.stderr
+    assert gw.stats.batches_created == 6
+
+
+def test_json_schema_is_refused_with_the_batch_engine(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}))
+    source = write_input(tmp_path / "in.jsonl", 2)
+    done = finish(command(source, tmp_path / "out.parquet", "http://127.0.0.1:9/v1",
+                          "--json-schema", str(schema)))
+    assert done.returncode == 2 and "--json-schema is not supported with --engine batch" \
+        in done.stderr and "Traceback" not in done.stderr

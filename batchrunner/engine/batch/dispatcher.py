@@ -123,6 +123,10 @@ class BatchDispatcher:
             async for row in rows:
                 if state.stop_event.is_set():
                     break
+                if self.deadline is not None and self.deadline.passed:
+                    log.warning("deadline reached: no new batches are submitted")
+                    state.control.stop("deadline", EXIT_STOPPED)
+                    break
                 if claims and claims.take(row):
                     continue
                 if state.cache is not None:
@@ -298,7 +302,7 @@ class BatchDispatcher:
                         read += 1
                         if read % every == 0:
                             await asyncio.sleep(0)  # the flusher writes as lines are read
-        again = reader.finish(entry.status or "failed")
+        again = reader.finish(entry.status or "failed", _batch_errors(batch))
         if not await recorder.durable():
             return  # a checkpoint write failed: the batch stays to collect (exit 74)
         log.info("batch %s (%s): %s lines read into the checkpoint in %.1f s",
@@ -336,3 +340,14 @@ class BatchDispatcher:
     def _say_pending(self) -> None:
         unfinished = self.ledger.unfinished()
         self.state.pending_batches = len(unfinished)
+
+
+def _batch_errors(batch: dict[str, Any]) -> str | None:
+    """The first of a failed batch's `errors` (why the gateway refused its file), as text."""
+    errors = batch.get("errors")
+    data = errors.get("data") if isinstance(errors, dict) else None
+    if not data or not isinstance(data[0], dict):
+        return None
+    first = data[0]
+    line = f" (line {first['line']})" if first.get("line") is not None else ""
+    return f"{first.get('message') or first.get('code')}{line}"

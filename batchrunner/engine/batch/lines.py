@@ -77,16 +77,18 @@ class LineReader:
             return
         self._keep(k, result)
 
-    def finish(self, status: str) -> np.ndarray:
-        """The rows with no line in either file: sent again, or failed after the last attempt.
-        Returns which lines go into a following batch."""
+    def finish(self, status: str, why: str | None = None) -> np.ndarray:
+        """The rows with no line in either file: sent again, or failed after the last attempt
+        (`why`: the failed batch's first error). Returns which lines go into a following batch."""
         missing = self.expected & ~self.seen
+        text = f"the batch ended ({status}) without an answer for this row"
+        if why:
+            text += f": {why}"
         for k in np.flatnonzero(missing):
             if int(self.rows.attempt[k]) < self.max_attempts:
                 self.again[k] = True
             else:
-                self._keep(k, self._error(
-                    k, f"the batch ended ({status}) without an answer for this row", None))
+                self._keep(k, self._error(k, text, None))
         return self.again
 
     # -- results ---------------------------------------------------------------------------
