@@ -244,6 +244,7 @@ class BatchDispatcher:
                     if entry.state in ("written", "uploaded"):
                         await self._submit(api, entry)
             if self._waiting():
+                self.ledger.save()  # the statuses and counts `status` shows
                 self._progress(self._waiting())
                 await self._pause()
 
