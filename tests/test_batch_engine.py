@@ -215,6 +215,11 @@ def test_a_row_out_of_attempts_is_an_error_row_as_online(
     assert all(r["status"] == "error" and r["attempts"] == 2 for r in rows)
     assert all(r["error"].startswith(("HTTP 500: ", "HTTP 503: ")) for r in rows)
     assert all(r["http_status"] in (500, 503) for r in rows)
+    healthy = start_gateway(batch_seconds=0.1)
+    again = finish(command(source, tmp_path / "out.parquet", healthy.base_url, "--retry-failed"))
+    assert again.returncode == 0, again.stderr
+    assert healthy.stats.batches_created == 1
+    assert all(r["status"] == "ok" for r in table(tmp_path / "out.parquet"))
 
 
 def test_a_gateway_without_the_batch_api_is_a_usage_error_before_any_upload(
