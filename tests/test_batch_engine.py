@@ -110,6 +110,14 @@ def killed_at(step: str, cmd: list[str]) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+def get(gw: Any, path: str) -> Any:
+    """GET a Batch API path of the simulator, as a client would."""
+    request = urllib.request.Request(f"{gw.base_url}{path}",
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request) as answer:
+        return json.loads(answer.read())
+
+
 def table(output: Path) -> list[dict[str, Any]]:
     return pq.read_table(output).to_pylist()
 
@@ -270,12 +278,17 @@ def test_sigint_while_waiting_leaves_the_batches_and_the_next_run_collects_them(
 def test_cancel_keeps_what_the_batches_finished(
     tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
 ) -> None:
-    gw = start_gateway(batch_seconds=4)
+    gw = start_gateway(batch_seconds=10)
     source = write_input(tmp_path / "in.jsonl", 40)
     cmd = command(source, tmp_path / "out.parquet", gw.base_url)
     killed = killed_at("submitted", cmd)
     assert killed.returncode == -signal.SIGKILL
-    time.sleep(1.6)  # some lines answered
+    (entry,) = read_ledger(checkpoint_dir(tmp_path / "out.parquet"))
+    limit = time.monotonic() + 30
+    while time.monotonic() < limit:  # some lines answered, not all
+        if get(gw, f"/batches/{entry.batch_id}")["request_counts"]["completed"] >= 2:
+            break
+        time.sleep(0.05)
     cancel = finish([sys.executable, "-m", "batchrunner", "cancel",
                      str(tmp_path / "out.parquet")])
     assert cancel.returncode == 0, cancel.stderr
@@ -323,10 +336,7 @@ def test_the_key_is_in_no_file_metadata_or_log(
     for path in [*kept, *directory.iterdir()]:
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
-    request = urllib.request.Request(f"{gw.base_url}/batches?limit=100",
-                                     headers={"Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(request) as answer:
-        listed = json.loads(answer.read())["data"]
+    listed = get(gw, "/batches?limit=100")["data"]
     assert len(listed) == 2 and all(b["metadata"]["batchrunner_output"] for b in listed)
     assert KEY not in json.dumps(listed)
 
@@ -334,10 +344,10 @@ def test_the_key_is_in_no_file_metadata_or_log(
 def test_the_deadline_stops_the_waiting_and_the_next_run_collects(
     tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
 ) -> None:
-    gw = start_gateway(batch_seconds=4)
+    gw = start_gateway(batch_seconds=8)
     source = write_input(tmp_path / "in.jsonl", 6)
     cmd = command(source, tmp_path / "out.parquet", gw.base_url)
-    stopped = finish([*cmd, "--deadline", "1s"])
+    stopped = finish([*cmd, "--deadline", "4s"])
     assert stopped.returncode == 5, stopped.stderr
     assert "1 batch is pending at the gateway" in stopped.stderr
     again = finish(cmd)
