@@ -391,3 +391,26 @@ def test_json_schema_is_refused_with_the_batch_engine(tmp_path: Path) -> None:
                           "--json-schema", str(schema)))
     assert done.returncode == 2 and "--json-schema is not supported with --engine batch" \
         in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_row_edited_while_its_batch_runs_gets_the_answer_to_its_new_request(
+    tmp_path: Path, start_gateway  # type: ignore[no-untyped-def]
+) -> None:
+    from batchrunner.simulator import complete
+
+    gw = start_gateway(batch_seconds=0.5)
+    source = write_input(tmp_path / "in.jsonl", 6)
+    cmd = command(source, tmp_path / "out.parquet", gw.base_url)
+    assert killed_at("submitted", cmd).returncode == -signal.SIGKILL
+    lines = source.read_text().splitlines()
+    lines[2] = json.dumps({"id": "q002", "prompt": "Name a fruit instead."})
+    source.write_text("\n".join(lines) + "\n")
+    again = finish(cmd)
+    assert again.returncode == 0, again.stderr
+    assert gw.stats.batches_created == 2  # the first one collected, the edited row in a new one
+    rows = table(tmp_path / "out.parquet")
+    expected = complete({"model": MODEL, "messages": [
+        {"role": "user", "content": "Name a fruit instead."}]})
+    assert rows[2]["content"] == expected.texts[0]
+    assert rows[2]["batch_id"] != rows[0]["batch_id"]
+    assert [r["id"] for r in rows] == [f"q{i:03d}" for i in range(6)]
