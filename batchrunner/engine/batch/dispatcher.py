@@ -276,6 +276,11 @@ class BatchDispatcher:
         if seen == self._last_seen or now < self._next_line:
             return
         self._last_seen, self._next_line = seen, now + PROGRESS_SECONDS
+        if self.config.log_format == "json":  # as the CLI's progress lines are
+            log.info("batches", extra={"fields": {
+                "batches": len(waiting), "statuses": statuses, "requests": total,
+                "done": done, "failed": failed}})
+            return
         log.info("batches: %d waiting (%s), %s/%s requests done, %s failed",
                  len(waiting), ", ".join(statuses), f"{done:,}", f"{total:,}", f"{failed:,}")
 
