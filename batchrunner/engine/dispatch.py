@@ -10,6 +10,8 @@ same whichever dispatcher sends. The implementations:
   from a bounded queue to a `RowProcessor` (bounded concurrency, pacing, retries);
 - `engine/ray/driver.py`'s `RayDispatcher`: blocks of rows to Ray actors, each of which runs
   a `LocalDispatcher` of its own over its block and returns the results.
+- `engine/batch/dispatcher.py`'s `BatchDispatcher`: the rows as the provider's Batch API
+  request files, submitted as batches, polled, and their answer lines recorded.
 """
 
 from __future__ import annotations
