@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shlex
 import sys
@@ -100,15 +101,20 @@ def status(output: Path | str, fmt: str) -> None:
     """
     from batchrunner.cli.progress import plural
     from batchrunner.inputs.storage import local_view
+    from batchrunner.store.batches import read_ledger
     from batchrunner.store.checkpoint import read_status
     from batchrunner.store.failures import render_errors
+    from batchrunner.store.layout import checkpoint_dir
 
     _crash_folder(output)
     state = read_status(local_view(output))
+    batches = read_ledger(checkpoint_dir(Path(state.output)))
     if fmt == "json":
         data = {k: getattr(state, k) for k in state.__dataclass_fields__}
         data.update(output=str(state.output), pending=state.pending,
                     errors=[e.to_dict() for e in state.errors])
+        if batches:
+            data["batches"] = [dataclasses.asdict(entry) for entry in batches]
         click.echo(json.dumps(data, indent=2))
         return
     phase = "running" if state.live else ("finished" if state.finished else "stopped")
@@ -138,6 +144,41 @@ def status(output: Path | str, fmt: str) -> None:
     if state.errors:
         click.echo("  most frequent errors (rows, error):")
         click.echo("\n".join(render_errors(state.errors, indent="    ")))
+    if batches:
+        click.echo("  batches (--engine batch; state in this output, last status seen):")
+        for entry in batches:
+            counts = entry.counts
+            done = counts.get("completed", 0) + counts.get("failed", 0)
+            click.echo(f"    {entry.batch_id or '-':<34} {entry.state:<10} "
+                       f"{entry.status or '-':<11} {done:,}/{entry.rows:,} requests, "
+                       f"{counts.get('failed', 0):,} failed")
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--base-url", help="The gateway [the one the run used, from its checkpoint].")
+@click.option("--api-key-env", metavar="NAME", help="Variable holding the key.")
+def cancel(output: Path, base_url: str | None, api_key_env: str | None) -> None:
+    """Cancel OUTPUT's pending Batch API batches (--engine batch).
+
+    What they finished is kept: running the same `run` command again collects it and sends
+    the rows they never answered in a new batch (do not run it if you want none sent).
+
+    \b
+    Examples:
+      batchrunner cancel out/nightly.parquet
+    """
+    from batchrunner.engine.batch.cancel import cancel_batches
+
+    _crash_folder(output, api_key_env)
+    cancelled = asyncio.run(cancel_batches(output, base_url=base_url, api_key_env=api_key_env))
+    if not cancelled:
+        click.echo(f"{output}: no pending batch")
+        return
+    for batch in cancelled:
+        click.echo(f"{batch['batch_id']}: {batch['status']}, {batch['completed']:,} of "
+                   f"{batch['total']:,} requests answered before the cancel (kept)")
+    click.echo("run the same command again to collect what they finished")
 
 
 @main.command()

@@ -225,6 +225,9 @@ def _check_combinations(config: RunConfig) -> None:
         if config.ray_address or config.ray_actors is not None:
             raise UsageError("--ray-address and --ray-actors apply to --engine ray, "
                              "not --engine batch")
+        if config.json_schema is not None:
+            raise UsageError("--json-schema is not supported with --engine batch yet (its "
+                             "re-asks would need a following batch): run it online")
 
 
 def resolved_key_names(config: RunConfig) -> tuple[str | None, ...]:

@@ -12,6 +12,8 @@ same whichever dispatcher sends. The implementations:
   a `LocalDispatcher` of its own over its block and returns the results.
 - `engine/fleet.py`'s `FleetDispatcher`: a `LocalDispatcher` over several endpoints, each
   with its own workers and `RowProcessor`, taking rows from one shared queue.
+- `engine/batch/dispatcher.py`'s `BatchDispatcher`: the rows as the provider's Batch API
+  request files, submitted as batches, polled, and their answer lines recorded.
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ from batchrunner.store.checkpoint import Checkpoint
 from batchrunner.store.durability import replaced_atomically
 from batchrunner.store.scored import score_results
 
-__all__ = ["Ending", "input_state", "stop_message", "use_totals", "write_summary_json"]
+__all__ = [
+    "Ending", "input_state", "pending_batches_note", "stop_message", "use_totals",
+    "write_summary_json",
+]
 
 log = logging.getLogger("batchrunner.engine.runner")
 
@@ -115,6 +118,8 @@ class _Finisher:
                     f"; {pending:,} row{'s' if pending != 1 else ''} with no answer stay pending:"
                     " run the same command again once the gateway is back"
                 )
+            if self.state.pending_batches:
+                message += "; " + pending_batches_note(self.state.pending_batches)
         input_changed = self._input_changed()
         report = RunReport(
             exit_code=code,
@@ -202,6 +207,13 @@ def write_summary_json(path: Path, report: RunReport | dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def pending_batches_note(count: int) -> str:
+    """What a run stopped while its Batch API batches run says of them."""
+    batches = "1 batch is" if count == 1 else f"{count:,} batches are"
+    return (f"{batches} pending at the gateway (paid for either way): run the same command "
+            "again to collect them")
 
 
 def stop_message(reason: str, auth_error: AuthRefused | None) -> str:

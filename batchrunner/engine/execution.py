@@ -3,7 +3,7 @@
 `Run` scans the input, plans the rows (a sweep's slots too), runs the pre-flight, opens the
 response cache and the checkpoint, and then hands the rows still to send (`feed.py`) to a
 dispatcher (`dispatch.py`: the seam; the local one by default, the Ray one from
-`ray/driver.py`) with the recorder (`recorder.py`) that keeps what comes back. When every
+`ray/driver.py`, the Batch API's from `batch/dispatcher.py`) with the recorder (`recorder.py`) that keeps what comes back. When every
 row has a result the output is assembled (`ending.py`). The parts share one `RunState`
 (`shared.py`). Memory is proportional to the concurrency, not to the input. The entry points
 (`arun`, `run`) and the choice of engine are in `runner.py`.

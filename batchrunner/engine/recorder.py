@@ -181,6 +181,19 @@ class Recorder:
         if self.on_result is not None:
             self.on_result(result, state.tally)
 
+    async def durable(self) -> bool:
+        """Wait until every result recorded so far is in the checkpoint (a write is asked for
+        at once); False when a checkpoint write failed. For a dispatcher that must know its
+        answers are kept before it takes the next step (the Batch API's ledger)."""
+        if self.writer is None:
+            return True
+        self._flush.set()
+        while self.state.gate.undurable > 0:
+            if self.writer.fault is not None or self.state.crash is not None:
+                return False
+            await asyncio.sleep(0.01)
+        return self.writer.fault is None
+
     # -- the checkpoint ------------------------------------------------------------------
 
     @contextlib.asynccontextmanager

@@ -2,8 +2,9 @@
 
 `arun` runs a job: object-store inputs and outputs staged, `--engine ray` sent to the Ray
 driver (`ray/`), every other run to `execution.Run`: with the local dispatcher against its
-endpoint (`endpoint.py`: the configured gateway, or the simulator of `--local`), or, when it
-names several endpoints, with the dispatcher of `fleet.py` over them all. `check_job` and `list_models` are what
+endpoint (`endpoint.py`: the configured gateway, or the simulator of `--local`); with
+`--engine batch`, the Batch API's (`batch/`); when it names several endpoints, with the
+dispatcher of `fleet.py` over them all. `check_job` and `list_models` are what
 `validate`, `estimate` and `models` share with it.
 """
 
@@ -89,7 +90,13 @@ async def arun(
         return await Run(config, several[0].base_url, keys[0], on_result, control, on_start,
                          fleet=fleet).execute()
     async with run_endpoint(config) as (base_url, key):  # --local: the simulator's (local.py)
-        return await Run(config, base_url, key, on_result, control, on_start).execute()
+        dispatcher = None
+        if config.engine == "batch":  # the provider's Batch API
+            from batchrunner.engine.batch import batch_dispatcher
+
+            dispatcher = batch_dispatcher(key)
+        return await Run(config, base_url, key, on_result, control, on_start,
+                         dispatcher=dispatcher).execute()
 
 
 def run(

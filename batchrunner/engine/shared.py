@@ -51,6 +51,7 @@ class RunState:
     budget_note: str | None = None  # why the budget bought nothing, where it did not
     feed_error: UsageError | None = None  # the input broke part-way
     warned: set[str] = field(default_factory=set)  # warnings said once a run
+    pending_batches: int = 0  # --engine batch: batches left at the gateway as the run ends
 
     @classmethod
     def for_run(cls, config: RunConfig, base_url: str, control: RunControl) -> RunState:

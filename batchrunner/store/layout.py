@@ -13,6 +13,9 @@ The one module that knows what the folder beside an output holds, and the one pl
         storage-fault      4 KiB reserved for the record of a failed write (durability.py
                            owns it and its name)
         crash.log          the traceback of a bug in the command (cli/crash.py)
+        batches.json       --engine batch: the ledger of the output's batches (store/batches.py)
+        batch-00001.jsonl  --engine batch: a request file, until its batch is collected
+        batch-00001.rows.arrow  the rows of that file's lines (index, id, hashes)
 
 Everything that reads a checkpoint (resume, `status`, `summary`, the viewer, object-store
 staging) finds these files through this module.
@@ -39,6 +42,9 @@ __all__ = [
     "SEGMENT_GLOB",
     "Manifest",
     "UntrustedCheckpoint",
+    "batch_ledger_path",
+    "batch_request_path",
+    "batch_rows_path",
     "checkpoint_dir",
     "compaction_path",
     "has_manifest",
@@ -63,6 +69,7 @@ CRASH_LOG = "crash.log"
 SEGMENT_GLOB = "part-*.arrows"
 COMPACTION_GLOB = "compact-*.tmp"
 MANIFEST_VERSION = 1
+BATCH_LEDGER = "batches.json"
 
 # What a checkpoint folder may hold before its manifest is written: the lock (taken first),
 # the crash log of a bug in the command, the reserved fault record.
@@ -92,6 +99,21 @@ def is_checkpoint_dir(folder: Path) -> bool:
 def has_manifest(directory: Path) -> bool:
     """True when the folder holds a manifest (a checkpoint, trusted or not)."""
     return (directory / MANIFEST).is_file()
+
+
+def batch_ledger_path(directory: Path) -> Path:
+    """The ledger of the output's Batch API batches (`--engine batch`)."""
+    return directory / BATCH_LEDGER
+
+
+def batch_request_path(directory: Path, number: int) -> Path:
+    """The Batch API request file numbered `number`."""
+    return directory / f"batch-{number:05d}.jsonl"
+
+
+def batch_rows_path(directory: Path, number: int) -> Path:
+    """The rows of request file `number`, line by line."""
+    return directory / f"batch-{number:05d}.rows.arrow"
 
 
 def segment_path(directory: Path, number: int) -> Path:

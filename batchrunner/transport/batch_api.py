@@ -27,7 +27,12 @@ from typing import Any
 
 import aiohttp
 
-from batchrunner.errors import InvalidResponse, PermanentError, RetryableError, UsageError
+from batchrunner.errors import (
+    InvalidResponse,
+    PermanentError,
+    RetryableError,
+    UsageError,
+)
 from batchrunner.transport.client import Client
 from batchrunner.transport.retry import call_with_retries
 

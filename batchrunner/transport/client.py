@@ -53,7 +53,7 @@ from batchrunner.transport.completions import (
 from batchrunner.transport.openfiles import ensure_room_for
 from batchrunner.transport.sse import _read_stream
 
-__all__ = ["MAX_RETRY_AFTER", "Client", "parse_retry_after"]
+__all__ = ["MAX_RETRY_AFTER", "Client", "error_for_status", "parse_retry_after"]
 
 MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is taken as this
 IDLE_SECONDS = 4.0  # an idle connection older than this is closed rather than reused
@@ -412,8 +412,18 @@ async def _error_for(response: aiohttp.ClientResponse) -> RequestError | AuthRef
     except (aiohttp.ClientError, asyncio.TimeoutError):
         raw = b""
     message = _error_message(raw) or _status_text(response, raw)
+    if 300 <= status < 400 and response.headers.get("Location"):
+        message += f" (redirected to {response.headers['Location']}: use that as the base URL)"
+    return error_for_status(status, message, raw, response.headers)
+
+
+def error_for_status(
+    status: int, message: str, raw: bytes = b"", headers: Mapping[str, str] | None = None
+) -> RequestError | AuthRefused:
+    """The error class and text (`HTTP 400: message`) of a non-200 answer, online or in a
+    Batch API output line; `raw` is its body (for the error code)."""
     text = f"HTTP {status}: {message}"
-    headers = response.headers
+    headers = headers or {}
     if status in (401, 403):
         return AuthRefused(text, http_status=status)
     if status == 429:
@@ -422,8 +432,6 @@ async def _error_for(response: aiohttp.ClientResponse) -> RequestError | AuthRef
         )
     if status >= 500 or status in _RETRYABLE_4XX:
         return ServerError(text, http_status=status, retry_after=parse_retry_after(headers))
-    if 300 <= status < 400 and headers.get("Location"):
-        text += f" (redirected to {headers['Location']}: use that as the base URL)"
     return PermanentError(text, http_status=status, code=_error_code(raw))
 
 

@@ -18,7 +18,7 @@ import orjson
 from batchrunner.errors import InvalidResponse, ServerError
 from batchrunner.results import Usage
 
-__all__ = ["Answer"]
+__all__ = ["Answer", "answer_of"]
 
 _SHOWN_BYTES = 60  # of a body that is not what was expected, in an error message
 
@@ -111,6 +111,15 @@ def _parse_completion(raw: bytes, response: aiohttp.ClientResponse, started: flo
     except ValueError:
         what = _what_came(response.content_type, raw)
         raise InvalidResponse(f"answer is not JSON ({what})", http_status=status) from None
+    return answer_of(payload, status, latency_ms, response.headers)
+
+
+def answer_of(
+    payload: Any, status: int, latency_ms: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Answer:
+    """The Answer a chat completion's parsed JSON body holds (a Batch API output line's
+    `response.body` too); the errors the online client raises for a body that holds none."""
     choices = payload.get("choices") if isinstance(payload, dict) else None
     if not isinstance(choices, list) or not choices:
         error = _error_object_message(payload)
@@ -141,8 +150,8 @@ def _parse_completion(raw: bytes, response: aiohttp.ClientResponse, started: flo
         response_id=payload.get("id"),
         usage=Usage.from_json(usage if isinstance(usage, dict) else None),
         http_status=status,
-        latency_ms=latency_ms,
-        rate_headers=_rate_headers(response.headers),
+        latency_ms=latency_ms,  # type: ignore[arg-type]
+        rate_headers=_rate_headers(headers) if headers else {},
         refusal=refusal if isinstance(refusal, str) else None,
         choices_tool_calls=tuple(tool_calls) if any(tool_calls) else None,
         logprobs=logprobs,
