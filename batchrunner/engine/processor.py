@@ -237,26 +237,8 @@ class RowProcessor:
         if usage.completion_tokens is not None:
             # A slow-moving mean of completion length, for tpm estimates without max_tokens.
             self.state.completion_guess += 0.05 * (usage.completion_tokens - self.state.completion_guess)
-        return Result(
-            index=row.index,
-            id=row.id,
-            status="ok",
-            model=row.model,
-            content=answer.content,
-            choices=answer.choices,
-            finish_reason=answer.finish_reason,
-            response_model=answer.response_model,
-            usage=usage,
-            cost_usd=cost,
-            attempts=attempts,
-            latency_ms=answer.latency_ms,
-            ttft_ms=answer.ttft_ms,
-            http_status=answer.http_status,
-            response_id=answer.response_id,
-            refusal=answer.refusal,
-            tool_calls=answer.tool_calls,
-            logprobs=answer.logprobs,
-            choices_tool_calls=answer.choices_tool_calls,
+        return answer.result(
+            index=row.index, id=row.id, model=row.model, cost_usd=cost, attempts=attempts
         )
 
     async def _reserve_budget(

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from batchrunner.errors import InvalidResponse, ServerError
-from batchrunner.results import Usage
+from batchrunner.results import Result, Usage
 
 __all__ = ["Answer", "answer_of"]
 
@@ -51,6 +51,34 @@ class Answer:
     def tool_calls(self) -> str | None:
         """The first choice's tool calls as JSON text."""
         return self.choices_tool_calls[0] if self.choices_tool_calls else None
+
+    def result(
+        self, *, index: int, id: str, model: str | None, cost_usd: float | None,
+        attempts: int, batch_id: str | None = None,
+    ) -> Result:
+        """The ok Result of the row this answers, the whole answer kept."""
+        return Result(
+            index=index,
+            id=id,
+            status="ok",
+            model=model,
+            content=self.content,
+            choices=self.choices,
+            finish_reason=self.finish_reason,
+            response_model=self.response_model,
+            usage=self.usage,
+            cost_usd=cost_usd,
+            attempts=attempts,
+            latency_ms=self.latency_ms,
+            ttft_ms=self.ttft_ms,
+            http_status=self.http_status,
+            response_id=self.response_id,
+            refusal=self.refusal,
+            tool_calls=self.tool_calls,
+            logprobs=self.logprobs,
+            choices_tool_calls=self.choices_tool_calls,
+            batch_id=batch_id,
+        )
 
 
 def _what_came(content_type: str | None, raw: bytes, size: int | None = None) -> str:

@@ -132,23 +132,7 @@ class LineReader:
             model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens or 0,
             batch=True,
         )
-        return Result(
-            index=int(self.rows.index[k]),
-            id=self._ids[k],
-            status="ok",
-            model=model,
-            content=answer.content,
-            choices=answer.choices,
-            finish_reason=answer.finish_reason,
-            response_model=answer.response_model,
-            usage=usage,
-            cost_usd=cost,
-            attempts=int(self.rows.attempt[k]),
-            http_status=answer.http_status,
-            response_id=answer.response_id,
-            refusal=answer.refusal,
-            tool_calls=answer.tool_calls,
-            logprobs=answer.logprobs,
-            choices_tool_calls=answer.choices_tool_calls,
-            batch_id=self.batch_id,
+        return answer.result(
+            index=int(self.rows.index[k]), id=self._ids[k], model=model, cost_usd=cost,
+            attempts=int(self.rows.attempt[k]), batch_id=self.batch_id,
         )
